@@ -1,0 +1,55 @@
+"""Which format is this? Decided from file contents (magic bytes, config.json), never from file names."""
+from __future__ import annotations
+
+import json
+import zipfile
+from pathlib import Path
+
+from .errors import CheckpointError
+
+NATIVE, SAFETENSORS, GGUF = "native-pth", "safetensors", "gguf"
+HF_MINIMIND, HF_LLAMA, HF_QWEN3, HF_QWEN3_MOE = "hf-minimind", "hf-llama", "hf-qwen3", "hf-qwen3-moe"
+_HF_KINDS = {"minimind": HF_MINIMIND, "llama": HF_LLAMA, "qwen3": HF_QWEN3, "qwen3_moe": HF_QWEN3_MOE}
+_LFS = b"version https://git-lfs"
+
+
+def sniff_file(path: Path) -> str:
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if not head:
+        raise CheckpointError(path, "is empty (0 bytes)")
+    if head.startswith(_LFS):
+        raise CheckpointError(path, "is a Git LFS pointer, not the weights: run `git lfs pull` in that repository "
+                              "(or download the file itself)")
+    if head[:4] == b"GGUF":
+        return GGUF
+    if zipfile.is_zipfile(path) or head[:1] == b"\x80":  # torch.save zip, or a legacy raw pickle
+        return NATIVE
+    if len(head) >= 9 and head[8:9] == b"{":  # safetensors: u64 header length, then JSON
+        return SAFETENSORS
+    raise CheckpointError(path, "is not a model file this tool knows (expected a PyTorch .pth state_dict, "
+                          "safetensors, GGUF, or a Hugging Face model folder)")
+
+
+def detect(path: Path) -> str:
+    """Return one of the format constants above for a file or directory."""
+    if not path.exists():
+        raise CheckpointError(path, "does not exist")
+    if path.is_file():
+        return sniff_file(path)
+    cfg_path = path / "config.json"
+    if not cfg_path.is_file():
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return GGUF
+        raise CheckpointError(path, "is a folder without config.json: not a Hugging Face model folder (for native "
+                              ".pth weights pass the file itself, or --save_dir/--weight)")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(cfg_path, f"is not valid JSON: {exc}") from None
+    model_type = cfg.get("model_type")
+    if model_type not in _HF_KINDS:
+        raise CheckpointError(cfg_path, f"model_type {model_type!r} is not supported (supported: "
+                              f"{', '.join(_HF_KINDS)})")
+    return _HF_KINDS[model_type]

@@ -1,0 +1,165 @@
+"""`load_model` / `load_tokenizer`: one entry point for every checkpoint format of every MiniMind release."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from ..config import MiniMindConfig
+from . import detect as fmt
+from .errors import CheckpointError
+
+log = logging.getLogger("minimind")
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: str | torch.device = "cpu") -> torch.dtype:
+    """None -> fp32 on CPU, bf16 on CUDA/MPS. fp16 is never used on CPU: bf16 is taken instead, with a warning."""
+    device_type = torch.device(device).type
+    if dtype is None or dtype == "auto":
+        return torch.float32 if device_type == "cpu" else (torch.bfloat16 if device_type == "cuda" else torch.float16)
+    if isinstance(dtype, str):
+        if dtype.lower() not in _DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; choose from float32, bfloat16, float16")
+        dtype = _DTYPES[dtype.lower()]
+    if dtype == torch.float16 and device_type == "cpu":
+        log.warning("float16 is slow and poorly supported on CPU: using bfloat16 instead")
+        return torch.bfloat16
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"unsupported dtype {dtype}")
+    return dtype
+
+
+def read_checkpoint(path: str | Path, **config_overrides) -> tuple[MiniMindConfig, dict[str, torch.Tensor]]:
+    """(config, state_dict with our parameter names) for any supported file or folder."""
+    path = Path(path).expanduser()
+    kind = fmt.detect(path)
+    if kind == fmt.NATIVE:
+        from .native import infer_config, read_torch_file
+
+        sd = read_torch_file(path)
+        return infer_config(sd, path, **config_overrides), sd
+    if kind == fmt.SAFETENSORS:
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        from .native import infer_config
+
+        try:
+            sd = load_file(str(path))
+        except (SafetensorError, OSError) as exc:
+            raise CheckpointError(path, f"unreadable safetensors file (truncated or corrupt?): {exc}") from None
+        return infer_config(sd, path, **config_overrides), sd
+    if kind == fmt.GGUF:
+        from .gguf_reader import read_gguf
+
+        return read_gguf(path)
+    from .hf import read_hf_folder
+
+    return read_hf_folder(path, kind)
+
+
+def load_model(path: str | Path | None = None, *, lora: str | Path | None = None,
+               inference_rope_scaling: bool | str = False, dtype: str | torch.dtype | None = None,
+               device: str | torch.device = "cpu", flash_attn: bool = True, **config_overrides):
+    """Load any MiniMind checkpoint (native .pth, HF folder of any flavour, GGUF) ready for inference.
+
+    path: file or folder; None -> the embedded default model (SmolLM2-135M-Instruct).
+    inference_rope_scaling: False (keep the checkpoint's own RoPE), True (standard YaRN x16) or "legacy" (x4).
+    """
+    from ..model import MiniMindForCausalLM
+    from .native import normalize_state_dict
+
+    if path is None:
+        from .default_model import default_model_dir
+
+        path = default_model_dir()
+    config, sd = read_checkpoint(path, **config_overrides)
+    if inference_rope_scaling:
+        config = MiniMindConfig(**{**_ctor_kwargs(config), "inference_rope_scaling": inference_rope_scaling,
+                                   "rope_scaling": None})
+    config.flash_attn = flash_attn
+    torch_dtype = resolve_dtype(dtype, device)
+    with torch.device("meta"):
+        model = MiniMindForCausalLM(config)
+    sd = normalize_state_dict(sd, config)
+    problem = _check_shapes(sd, model)
+    if problem:
+        raise CheckpointError(path, problem)
+    model.load_state_dict({k: v.to(torch_dtype) for k, v in sd.items()}, strict=True, assign=True)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.model.rotary_emb.__init__(config)  # meta-device buffers -> real fp32 frequencies
+    model = model.to(device=device).eval()
+    model.name_or_path = str(path)
+    if lora is not None:
+        from ..model.lora import load_lora
+
+        load_lora(model, lora)  # wraps the square Linears first if needed; rank comes from the file
+    return model
+
+
+def _ctor_kwargs(config: MiniMindConfig) -> dict:
+    import inspect
+
+    names = [p for p in inspect.signature(MiniMindConfig.__init__).parameters if p not in ("self", "kwargs")]
+    return {n: getattr(config, n) for n in names if hasattr(config, n)}
+
+
+def _check_shapes(sd: dict, model) -> str | None:
+    from .native import explain_mismatch
+
+    return explain_mismatch(sd, model)
+
+
+def load_tokenizer(path: str | Path | None = None):
+    """The HF tokenizer of a model folder, tokenizer folder or GGUF file (None -> the default model's)."""
+    if path is None:
+        from .default_model import default_model_dir
+
+        path = default_model_dir()
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise CheckpointError(path, "does not exist (pass --tokenizer DIR with tokenizer.json / tokenizer_config.json)")
+    if path.is_file():
+        if fmt.sniff_file(path) == fmt.GGUF:
+            from .gguf_reader import gguf_tokenizer
+
+            return gguf_tokenizer(path)
+        raise CheckpointError(path, "is a weights file without a tokenizer: pass the tokenizer folder with "
+                              "--tokenizer (for the original layout that is the repository's `model/` folder)")
+    if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            from .gguf_reader import gguf_tokenizer
+
+            return gguf_tokenizer(ggufs[0])
+        raise CheckpointError(path, "has no tokenizer.json / tokenizer_config.json")
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except Exception as exc:  # transformers raises many types here; name the folder and the cause
+        raise CheckpointError(path, f"tokenizer could not be loaded: {type(exc).__name__}: {exc}") from None
+
+
+def check_tokenizer_matches(tokenizer, config: MiniMindConfig, where: str = "tokenizer") -> None:
+    """Refuse a tokenizer/weights pair that cannot be right (vocab overflow, MiniMind2 vs minimind-3 mix)."""
+    size = len(tokenizer)
+    if size > config.vocab_size:
+        raise CheckpointError(where, f"tokenizer has {size} tokens but the model's vocabulary is {config.vocab_size}: "
+                              "they do not belong together")
+    if config.vocab_size != 6400:
+        return
+    v3_tokenizer = tokenizer.convert_tokens_to_ids("<tool_call>") == 21
+    v2_tokenizer = size == 6400 and not v3_tokenizer and tokenizer.convert_tokens_to_ids("<|im_start|>") == 1
+    if config.family == "minimind3" and v2_tokenizer:
+        raise CheckpointError(where, "this is a MiniMind2/2510 tokenizer but the weights are minimind-3 (q/k norm): "
+                              "6391 of 6400 token ids differ between them. Use the minimind-3 tokenizer.")
+    if config.family == "minimind2" and v3_tokenizer:
+        raise CheckpointError(where, "this is a minimind-3 tokenizer but the weights are MiniMind2/2510: 6391 of "
+                              "6400 token ids differ between them. Use the MiniMind2 tokenizer.")

@@ -1,0 +1,98 @@
+"""Building blocks: RMSNorm (both cast orders), SwiGLU MLP, and the two MiniMind MoE flavours."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.activations import ACT2FN
+
+from ..config import MiniMindConfig
+
+
+class RMSNorm(nn.Module):
+    """x * rsqrt(mean(x^2) + eps) computed in fp32.
+
+    fp32_weight=False: weight * norm(x).to(dtype)   (HF Llama/Qwen3, MiniMind2/2510)
+    fp32_weight=True:  (weight * norm(x)).to(dtype) (minimind-3)
+    """
+
+    def __init__(self, dim: int, eps: float, fp32_weight: bool = False):
+        super().__init__()
+        self.eps = eps
+        self.fp32_weight = fp32_weight
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.fp32_weight:
+            return (self.weight * normed).type_as(x)
+        return self.weight * normed.type_as(x)
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: down(act(gate(x)) * up(x))."""
+
+    def __init__(self, config: MiniMindConfig, intermediate_size: int | None = None):
+        super().__init__()
+        width = intermediate_size or config.intermediate_size
+        self.gate_proj = nn.Linear(config.hidden_size, width, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, width, bias=False)
+        self.down_proj = nn.Linear(width, config.hidden_size, bias=False)
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+class MoEGate(nn.Module):
+    """Router weight [num_experts, hidden]; a bare parameter in MiniMind2, a bias-free Linear in minimind-3:
+    both serialise as `mlp.gate.weight` and compute logits = x @ W^T."""
+
+    def __init__(self, hidden_size: int, num_experts: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))
+        nn.init.kaiming_uniform_(self.weight, a=5 ** 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+
+class MoE(nn.Module):
+    """Softmax router -> top-k experts (+ ungated shared experts). Tokens, not sequences, are routed, so a
+    batch of many requests runs each expert once on all the tokens that chose it."""
+
+    def __init__(self, config: MiniMindConfig):
+        super().__init__()
+        self.top_k = config.num_experts_per_tok
+        # MiniMind2 renormalises only when top_k > 1; minimind-3 / Qwen3-MoE always (top-1 weight becomes 1.0).
+        self.renormalize = config.norm_topk_prob and (self.top_k > 1 or config.family == "minimind3")
+        self.gate = MoEGate(config.hidden_size, config.num_experts)
+        self.experts = nn.ModuleList(MLP(config, config.moe_intermediate_size) for _ in range(config.num_experts))
+        if config.n_shared_experts > 0:
+            self.shared_experts = nn.ModuleList(MLP(config) for _ in range(config.n_shared_experts))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])  # [T, H]
+        scores = self.gate(flat).softmax(dim=-1)  # [T, E]
+        weight, index = torch.topk(scores, k=self.top_k, dim=-1, sorted=False)  # [T, k]
+        if self.renormalize:
+            weight = weight / (weight.sum(dim=-1, keepdim=True) + 1e-20)
+        out = torch.zeros_like(flat)
+        # One host sync for the routing table, then one matmul group per expert that has tokens.
+        counts = torch.bincount(index.flatten(), minlength=len(self.experts)).tolist()
+        order = index.flatten().argsort()
+        token_of = order // self.top_k
+        start = 0
+        for e, n in enumerate(counts):
+            if n == 0:
+                continue
+            tokens, slots = token_of[start:start + n], order[start:start + n]
+            start += n
+            y = self.experts[e](flat[tokens]) * weight.flatten()[slots, None]
+            out.index_add_(0, tokens, y.to(out.dtype))
+        if hasattr(self, "shared_experts"):
+            for expert in self.shared_experts:
+                out = out + expert(flat)
+        return out.view(shape)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import zipfile
 from pathlib import Path
 
 from .errors import CheckpointError
@@ -23,7 +22,7 @@ def sniff_file(path: Path) -> str:
                               "(or download the file itself)")
     if head[:4] == b"GGUF":
         return GGUF
-    if zipfile.is_zipfile(path) or head[:1] == b"\x80":  # torch.save zip, or a legacy raw pickle
+    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":  # torch.save zip (maybe truncated), or a raw pickle
         return NATIVE
     if len(head) >= 9 and head[8:9] == b"{":  # safetensors: u64 header length, then JSON
         return SAFETENSORS

@@ -93,7 +93,6 @@ def load_model(path: str | Path | None = None, *, lora: str | Path | None = None
     model.load_state_dict({k: v.to(torch_dtype) for k, v in sd.items()}, strict=True, assign=True)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-    model.model.rotary_emb.__init__(config)  # meta-device buffers -> real fp32 frequencies
     model = model.to(device=device).eval()
     model.name_or_path = str(path)
     if lora is not None:

@@ -9,7 +9,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from ..config import MiniMindConfig
 from .attention import Attention
 from .layers import MLP, MoE, RMSNorm
-from .rope import RotaryEmbedding
+from .rope import RotaryEmbedding, rope_frequencies
 
 
 class DecoderLayer(nn.Module):
@@ -44,10 +44,9 @@ class MiniMindPreTrainedModel(PreTrainedModel):
         elif isinstance(module, RMSNorm):
             nn.init.ones_(module.weight)
         elif isinstance(module, RotaryEmbedding):  # non-persistent buffer lost on meta-device init
-            fresh = RotaryEmbedding(self.config)
-            module.inv_freq = fresh.inv_freq.to(module.inv_freq.device if module.inv_freq.device.type != "meta"
-                                                else "cpu")
-            module.attention_scaling = fresh.attention_scaling
+            inv_freq, module.attention_scaling = rope_frequencies(self.config)
+            device = module.inv_freq.device
+            module.inv_freq = inv_freq.to("cpu" if device.type == "meta" else device)
 
 
 class MiniMindModel(MiniMindPreTrainedModel):

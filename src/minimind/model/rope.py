@@ -58,28 +58,31 @@ def _hf_rope(config: MiniMindConfig, scaling: dict) -> tuple[torch.Tensor, float
     return inv_freq.float(), float(attention_factor)
 
 
+def rope_frequencies(config: MiniMindConfig) -> tuple[torch.Tensor, float]:
+    """(inv_freq [head_dim/2] fp32, attention scaling) for the config's RoPE variant."""
+    dim, base = config.head_dim, config.rope_theta
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2)[: dim // 2].float() / dim))
+    scaling = config.rope_scaling
+    if scaling is None:
+        return inv_freq, 1.0
+    kind = scaling.get("rope_type", scaling.get("type"))
+    # MiniMind applies YaRN only when the table (max_position_embeddings) exceeds the original context.
+    applies = config.max_position_embeddings / scaling.get("original_max_position_embeddings", 2048) > 1.0
+    if kind == "minimind_legacy_yarn":
+        return (minimind_legacy_yarn(inv_freq, dim, scaling) if applies else inv_freq), 1.0
+    if kind == "yarn":
+        return minimind_yarn(inv_freq, dim, base, scaling) if applies else (inv_freq, 1.0)
+    return _hf_rope(config, scaling)
+
+
 class RotaryEmbedding(nn.Module):
     """Maps position ids [B, S] to (cos, sin) [B, S, head_dim] in fp32."""
 
     def __init__(self, config: MiniMindConfig):
         super().__init__()
-        dim, base = config.head_dim, config.rope_theta
-        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2)[: dim // 2].float() / dim))
-        self.attention_scaling = 1.0
-        scaling = config.rope_scaling
-        if scaling is not None:
-            kind = scaling.get("rope_type", scaling.get("type"))
-            # MiniMind applies YaRN only when the table (max_position_embeddings) exceeds the original context.
-            applies = config.max_position_embeddings / scaling.get("original_max_position_embeddings", 2048) > 1.0
-            if kind == "minimind_legacy_yarn":
-                if applies:
-                    inv_freq = minimind_legacy_yarn(inv_freq, dim, scaling)
-            elif kind == "yarn":
-                if applies:
-                    inv_freq, self.attention_scaling = minimind_yarn(inv_freq, dim, base, scaling)
-            else:
-                inv_freq, self.attention_scaling = _hf_rope(config, scaling)
-        # Kept in fp32 even when the model is cast (see _apply), recomputable after meta-device init.
+        with torch.device("cpu"):  # real numbers even when the model is built on the meta device
+            inv_freq, self.attention_scaling = rope_frequencies(config)
+        # Kept in fp32 even when the model is cast (see _apply).
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def _apply(self, fn, recurse=True):

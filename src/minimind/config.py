@@ -237,7 +237,7 @@ def _resolve_rope_scaling(rope_scaling: dict | None, inference_rope_scaling: boo
     kind = scaling.get("rope_type", scaling.get("type"))
     if kind in (None, "default"):
         return None
-    if kind not in ("yarn", "minimind_legacy_yarn", "linear", "dynamic", "llama3", "longrope"):
+    if kind not in ("yarn", "minimind_legacy_yarn", "hf_yarn", "linear", "dynamic", "llama3", "longrope"):
         raise ValueError(f"rope_scaling type {kind!r} is not supported")
     return scaling
 

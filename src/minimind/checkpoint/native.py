@@ -127,8 +127,9 @@ def normalize_state_dict(state_dict: dict, config: MiniMindConfig) -> dict:
     return sd
 
 
-def explain_mismatch(state_dict: dict, model: torch.nn.Module) -> str | None:
-    """A readable reason why `state_dict` does not fit `model`, or None if it does."""
+def explain_mismatch(state_dict: dict, model: torch.nn.Module, hint: bool = True) -> str | None:
+    """A readable reason why `state_dict` does not fit `model`, or None if it does. `hint` adds what a config-less
+    state_dict looks like (only meaningful for native .pth files, whose heads are guessed)."""
     if is_legacy(state_dict):
         return "this state_dict " + LEGACY_MESSAGE
     own = model.state_dict()
@@ -139,6 +140,8 @@ def explain_mismatch(state_dict: dict, model: torch.nn.Module) -> str | None:
     if not (missing or unexpected or wrong):
         return None
     try:
+        if not hint:
+            raise CheckpointError("", "no hint")
         found = infer_config(state_dict)
         hint = (f" The checkpoint looks like {found.era}: hidden {found.hidden_size}, {found.num_hidden_layers} "
                 f"layers, {found.num_key_value_heads} kv heads, head_dim {found.head_dim}, FFN "

@@ -72,6 +72,8 @@ def rope_frequencies(config: MiniMindConfig) -> tuple[torch.Tensor, float]:
         return (minimind_legacy_yarn(inv_freq, dim, scaling) if applies else inv_freq), 1.0
     if kind == "yarn":
         return minimind_yarn(inv_freq, dim, base, scaling) if applies else (inv_freq, 1.0)
+    if kind == "hf_yarn":  # an HF config's YaRN outside the range where MiniMind's formula equals HF's
+        return _hf_rope(config, {**scaling, "rope_type": "yarn"})
     return _hf_rope(config, scaling)
 
 

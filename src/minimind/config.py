@@ -181,7 +181,10 @@ class MiniMindConfig(PretrainedConfig):
     @property
     def era(self) -> str:
         """A human label: 'MiniMind2' / 'minimind-3' (+ ' MoE')."""
-        base = "minimind-3" if self.family == "minimind3" else "MiniMind2"
+        if self.vocab_size != 6400:  # not a MiniMind vocabulary: a Llama/Qwen3-family model such as SmolLM2
+            base = "Qwen3-style" if self.qk_norm else "Llama-style"
+        else:
+            base = "minimind-3" if self.family == "minimind3" else "MiniMind2"
         return base + (" MoE" if self.use_moe else "")
 
     def to_json_file(self, path: str | Path, use_diff: bool = False) -> None:  # noqa: D401 - HF signature

@@ -140,6 +140,9 @@ def load_tokenizer(path: str | Path | None = None):
         raise CheckpointError(path, "has no tokenizer.json / tokenizer_config.json")
     from transformers import AutoTokenizer
 
+    from ..model import register_auto_classes
+
+    register_auto_classes()  # AutoTokenizer reads config.json: model_type "minimind" must be known
     try:
         return AutoTokenizer.from_pretrained(str(path))
     except Exception as exc:  # transformers raises many types here; name the folder and the cause

@@ -26,8 +26,9 @@ def read_torch_file(path: Path) -> dict[str, torch.Tensor]:
     except pickle.UnpicklingError as exc:
         raise CheckpointError(path, "refused to unpickle it: it contains objects other than tensors "
                               f"(a crafted or non-weights pickle). Only plain state_dicts are loaded. ({exc})") from None
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
-        raise CheckpointError(path, f"not a readable PyTorch checkpoint (truncated or corrupt?): {exc}") from None
+    except Exception as exc:  # torch's unpickler raises IndexError/KeyError/RuntimeError/... on garbage
+        raise CheckpointError(path, "not a readable PyTorch checkpoint (truncated or corrupt?): "
+                              f"{type(exc).__name__}: {exc}") from None
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]  # some trainers wrap it
     if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict) and not any(

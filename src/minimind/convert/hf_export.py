@@ -1,0 +1,188 @@
+"""`--to hf`: a folder in the standard architecture each release maps to, loadable without remote code.
+
+| source                      | architecture            | who can serve it                                  |
+|-----------------------------|-------------------------|---------------------------------------------------|
+| MiniMind2 / 2510 dense      | LlamaForCausalLM        | transformers, vLLM, SGLang, llama.cpp converter   |
+| minimind-3 dense            | Qwen3ForCausalLM        | same                                              |
+| minimind-3 MoE              | Qwen3MoeForCausalLM     | same (per-expert tensors: 4.x names, 5.x fuses)   |
+| MiniMind2 MoE (shared exp.) | model_type "minimind"   | this package only (no standard equivalent)        |
+| MiniMind2 MoE, opt-in       | Qwen2MoeForCausalLM     | exact re-expression, see `_qwen2_moe_weights`     |
+
+Parameter names are already HF's, so the weights are written as they are (lm_head omitted when tied).
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from ..config import MiniMindConfig
+from .source import ConvertError, Source, atomic_dir, progress, resolve_export_dtype
+from .tokenizer_files import save_tokenizer
+
+log = logging.getLogger("minimind")
+ARCHS = ("llama", "qwen3", "qwen3_moe", "qwen2_moe", "minimind")
+_CLASS = {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
+          "qwen2_moe": "Qwen2MoeForCausalLM", "minimind": "MiniMindForCausalLM"}
+_DTYPE_NAME = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+
+def choose_arch(config: MiniMindConfig) -> str:
+    """The standard architecture that computes exactly what our model computes (fp32)."""
+    if config.use_moe:
+        if config.n_shared_experts or not config.qk_norm:
+            return "minimind"  # MiniMind2 MoE: top-2 + ungated shared expert, no q/k norm
+        return "qwen3_moe"
+    return "qwen3" if config.qk_norm else "llama"
+
+
+def standard_rope(config: MiniMindConfig, allow_drop: bool = True) -> dict | None:
+    """`rope_scaling` for an HF config: standard YaRN as is; MiniMind's legacy factor-4 formula has no HF
+    equivalent, so it is dropped (the weights were trained without it) with a warning, or refused."""
+    scaling = config.rope_scaling
+    if scaling is None:
+        return None
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind == "minimind_legacy_yarn":
+        msg = ("the checkpoint enables MiniMind's legacy YaRN (factor 4, Oct-Nov 2025 formula), which no standard "
+               "implementation (transformers, vLLM, llama.cpp) has")
+        if not allow_drop:
+            raise ConvertError(msg + ": export to --to hf --arch minimind, or allow dropping it")
+        log.warning("%s: exporting with plain RoPE, as the weights were trained (set rope_scaling yourself for "
+                    "contexts beyond 2048 tokens)", msg)
+        return None
+    out = {k: v for k, v in scaling.items() if k != "type"}
+    out["rope_type"] = kind
+    out["type"] = kind  # transformers < 4.45 and vLLM read `type`
+    return out
+
+
+def renormalizes(config: MiniMindConfig) -> bool:
+    """Whether the top-k weights are renormalised (MiniMind2 does it only for top_k > 1; see model/layers.py)."""
+    return bool(config.norm_topk_prob and (config.num_experts_per_tok > 1 or config.family == "minimind3"))
+
+
+def hf_config_dict(config: MiniMindConfig, arch: str, dtype: torch.dtype, allow_drop_rope: bool = True) -> dict:
+    import transformers
+
+    if arch == "minimind":
+        out = config.to_dict()
+        out.update(architectures=["MiniMindForCausalLM"], model_type="minimind", torch_dtype=_DTYPE_NAME[dtype])
+        return out
+    out = dict(  # noqa: C408 - keyword form mirrors config.json
+        architectures=[_CLASS[arch]], model_type=arch, vocab_size=config.vocab_size,
+        hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_hidden_layers, num_attention_heads=config.num_attention_heads,
+        num_key_value_heads=config.num_key_value_heads, head_dim=config.head_dim, hidden_act=config.hidden_act,
+        max_position_embeddings=config.max_position_embeddings, rms_norm_eps=config.rms_norm_eps,
+        rope_theta=config.rope_theta, rope_scaling=standard_rope(config, allow_drop_rope),
+        tie_word_embeddings=bool(config.tie_word_embeddings), attention_bias=False, attention_dropout=0.0,
+        initializer_range=0.02, use_cache=True, bos_token_id=config.bos_token_id,
+        eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id, torch_dtype=_DTYPE_NAME[dtype],
+        transformers_version=transformers.__version__)
+    if arch == "llama":
+        out.update(mlp_bias=False, pretraining_tp=1)
+    else:
+        out.update(use_sliding_window=False, sliding_window=None, max_window_layers=config.num_hidden_layers)
+    if arch in ("qwen3_moe", "qwen2_moe"):
+        out.update(num_experts=config.num_experts, num_experts_per_tok=config.num_experts_per_tok,
+                   moe_intermediate_size=config.moe_intermediate_size, norm_topk_prob=renormalizes(config),
+                   decoder_sparse_step=1, mlp_only_layers=[], output_router_logits=False,
+                   router_aux_loss_coef=0.001)
+    if arch == "qwen2_moe":
+        # q/k/v biases are always present in transformers 4.x and vLLM's Qwen2-MoE: zeros are written.
+        out.update(qkv_bias=True, shared_expert_intermediate_size=config.intermediate_size * config.n_shared_experts)
+    return out
+
+
+def _check_arch(config: MiniMindConfig, arch: str) -> None:
+    fits = {"llama": not config.use_moe and not config.qk_norm, "qwen3": not config.use_moe and config.qk_norm,
+            "qwen3_moe": config.use_moe and config.qk_norm and not config.n_shared_experts,
+            "qwen2_moe": config.use_moe and not config.qk_norm and config.n_shared_experts > 0,
+            "minimind": True}
+    if arch not in fits:
+        raise ConvertError(f"unknown HF architecture {arch!r}; choose from {', '.join(ARCHS)}")
+    if not fits[arch]:
+        raise ConvertError(f"a {config.era} model ({'MoE' if config.use_moe else 'dense'}, "
+                           f"{'with' if config.qk_norm else 'without'} q/k norm) cannot be expressed as {arch}; "
+                           f"the matching architecture is {choose_arch(config)}")
+
+
+def _qwen2_moe_weights(config: MiniMindConfig, sd: dict) -> dict:
+    """MiniMind2 MoE as Qwen2-MoE, exactly: Qwen2-MoE scales its shared expert by sigmoid(gate(x)); a zero gate
+    gives 0.5, so the shared expert's down_proj is doubled (a power of two: exact). Several shared experts are one
+    wider expert (their gate/up rows and down columns concatenated). Zero q/k/v biases."""
+    out = {}
+    for key, value in sd.items():
+        if ".shared_experts." not in key:
+            out[key] = value
+    kv = config.num_key_value_heads * config.head_dim
+    for i in range(config.num_hidden_layers):
+        p = f"model.layers.{i}."
+        w = sd[p + "self_attn.q_proj.weight"]
+        for name, rows in (("q_proj", config.num_attention_heads * config.head_dim), ("k_proj", kv), ("v_proj", kv)):
+            out[f"{p}self_attn.{name}.bias"] = torch.zeros(rows, dtype=w.dtype)
+        shared = range(config.n_shared_experts)
+        for proj in ("gate_proj", "up_proj"):
+            out[f"{p}mlp.shared_expert.{proj}.weight"] = torch.cat(
+                [sd[f"{p}mlp.shared_experts.{j}.{proj}.weight"] for j in shared], dim=0)
+        out[f"{p}mlp.shared_expert.down_proj.weight"] = torch.cat(
+            [sd[f"{p}mlp.shared_experts.{j}.down_proj.weight"] for j in shared], dim=1) * 2
+        out[f"{p}mlp.shared_expert_gate.weight"] = torch.zeros(1, config.hidden_size, dtype=w.dtype)
+    return out
+
+
+def generation_config(config: MiniMindConfig) -> dict:
+    out = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id,
+           "pad_token_id": config.pad_token_id}
+    if config.vocab_size == 6400:  # MiniMind's own sampling defaults (eval_llm.py of each era)
+        out.update(do_sample=True, temperature=0.85, top_p=0.95 if config.family == "minimind3" else 0.85, top_k=50)
+    return out
+
+
+def export_hf(source: Source, dst: Path, *, dtype=None, arch: str | None = None, force: bool = False,
+              allow_drop_rope: bool = True, show_progress: bool = True) -> Path:
+    """Write an HF folder (config.json, generation_config.json, model.safetensors, tokenizer files)."""
+    from safetensors.torch import save_file
+
+    config = source.config
+    arch = arch or choose_arch(config)
+    _check_arch(config, arch)
+    torch_dtype = resolve_export_dtype(dtype, source)
+    cfg = hf_config_dict(config, arch, torch_dtype, allow_drop_rope)
+    sd = _qwen2_moe_weights(config, source.state_dict) if arch == "qwen2_moe" else source.state_dict
+    if source.tokenizer is None:
+        log.warning("no tokenizer given: the HF folder will have weights and config only (pass --tokenizer DIR)")
+    with atomic_dir(Path(dst), force) as tmp:
+        tensors = {}
+        with progress(f"Converting to {_CLASS[arch]} ({_DTYPE_NAME[torch_dtype]})", len(sd) + 1,
+                      show_progress) as advance:
+            for key, value in sd.items():
+                # clone: tied/shared storage is refused by safetensors, and a view must not alias the source
+                tensors[key] = value.to(torch_dtype).contiguous().clone()
+                advance()
+            save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            advance()
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
+        (tmp / "generation_config.json").write_text(json.dumps(generation_config(config), indent=2) + "\n")
+        if source.tokenizer is not None:
+            save_tokenizer(source.tokenizer, tmp)
+        if arch == "minimind":
+            (tmp / "README.md").write_text(_MINIMIND_README.format(era=config.era))
+    return Path(dst)
+
+
+_MINIMIND_README = """# {era} (model_type: minimind)
+
+This MoE model (top-k routed experts plus an ungated shared expert) has no standard Hugging Face architecture.
+
+- Load it with the `minimind` package: `minimind chat THIS_FOLDER`, `minimind serve THIS_FOLDER`, or
+  `minimind.load_model("THIS_FOLDER")`. No remote code is involved.
+- vLLM / SGLang / plain transformers: they do not know `model_type: minimind` and will refuse this folder.
+  Re-export with `minimind convert SRC DST --to hf --arch qwen2_moe`: an exact re-expression as
+  Qwen2MoeForCausalLM (zero shared-expert gate, doubled shared down_proj, zero q/k/v biases) that they serve.
+- GGUF / llama.cpp: `minimind convert THIS_FOLDER out.gguf --to gguf` writes llama.cpp's `bailingmoe`
+  architecture, whose MoE block is exactly this one.
+"""

@@ -1,0 +1,53 @@
+"""`--to native`: the original project's `.pth` (a plain fp16 state_dict, original key names, no config).
+
+The original `MiniMindForCausalLM` ties lm_head to the embedding and saves both keys; we write both too (one
+shared storage), so `model.load_state_dict(torch.load(path))` works in the original code of every era.
+A `.pth` carries no config: the original scripts rebuild it from --hidden_size/--num_hidden_layers/--use_moe,
+we infer it from the shapes. Models whose shapes cannot say everything (e.g. SmolLM2: 9 heads, theta 1e5)
+are refused: export those with --to hf.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .source import ConvertError, Source, atomic_file, resolve_export_dtype
+
+_CHECKED = ("family", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+            "head_dim", "intermediate_size", "rms_norm_eps", "rope_theta", "use_moe", "num_experts",
+            "num_experts_per_tok", "n_shared_experts", "moe_intermediate_size", "tie_word_embeddings", "qk_norm",
+            "hidden_act")  # not rms_norm_fp32_weight: HF Qwen3 vs minimind-3 cast order differs only in fp16/bf16
+
+
+def native_state_dict(source: Source, dtype=torch.float16) -> dict[str, torch.Tensor]:
+    sd = {k: v.to(dtype).contiguous() for k, v in source.state_dict.items()}
+    if source.config.tie_word_embeddings:
+        sd["lm_head.weight"] = sd["model.embed_tokens.weight"]  # same storage: saved once by torch.save
+    return sd
+
+
+def check_representable(source: Source, sd: dict[str, torch.Tensor]) -> None:
+    """Refuse when re-reading the .pth would infer a different architecture than the source has."""
+    from ..checkpoint.native import infer_config
+
+    found = infer_config(sd, "export")
+    diff = [(k, getattr(source.config, k), getattr(found, k)) for k in _CHECKED
+            if getattr(source.config, k) != getattr(found, k)]
+    scaling = source.config.rope_scaling or {}
+    if scaling and scaling.get("rope_type", scaling.get("type")) not in ("yarn", "minimind_legacy_yarn"):
+        diff.append(("rope_scaling", scaling, None))  # YaRN is an inference flag in the original, not stored
+    if diff:
+        shown = ", ".join(f"{k}: model {a!r} vs inferred {b!r}" for k, a, b in diff[:4])
+        raise ConvertError(f"a config-less .pth cannot describe this model ({shown}); the original code would build "
+                           "the wrong architecture from it. Use --to hf (config.json travels with the weights).")
+
+
+def export_native(source: Source, dst: Path, *, dtype=None, force: bool = False) -> Path:
+    """Write `dst` (.pth). dtype None/"auto" -> float16, the original's format."""
+    torch_dtype = torch.float16 if dtype in (None, "auto") else resolve_export_dtype(dtype, source)
+    sd = native_state_dict(source, torch_dtype)
+    check_representable(source, sd)
+    with atomic_file(Path(dst), force) as tmp:
+        torch.save(sd, tmp)
+    return Path(dst)

@@ -1,0 +1,150 @@
+"""`--to ollama`: the GGUF plus a Modelfile whose Go-template TEMPLATE reproduces the model's chat template.
+
+Ollama renders TEMPLATE with Go's text/template over {.Messages (Role, Content, Thinking, ToolCalls), .Tools,
+.Think, .IsThinkSet} and the functions `json`, `slice`, `index`, `eq`, ... (no arithmetic, no string ops). Each
+release's Jinja template is rewritten by hand below; they render the same text for the same conversation, with
+two unavoidable differences: JSON of tool definitions/arguments is Go's compact form (Jinja's `tojson` puts spaces
+after `,` and `:`), and minimind-3 history turns take the reasoning from `.Thinking` (Ollama strips think blocks
+from `.Content` itself) instead of splitting the content on `</think>`.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+# No `{{-` trim markers anywhere: every byte between actions is meant (the templates have no cosmetic whitespace).
+from .source import ConvertError, Source, atomic_dir
+
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+
+# {{ $last }}: whether this is the final message; {{ $prev }}: the previous message's role (Go has no `sub`).
+_LOOP_HEAD = ('{{ $prev := "" }}{{ range $i, $m := .Messages }}'
+              '{{ $last := eq (len (slice $.Messages $i)) 1 }}'
+              '{{ $next := "" }}{{ if not $last }}{{ $next = (index (slice $.Messages $i) 1).Role }}{{ end }}')
+_LOOP_TAIL = '{{ $prev = .Role }}{{ end }}'
+_FIRST_IS_SYSTEM = 'and .Messages (eq (index .Messages 0).Role "system")'
+
+_TOOLS_BLOCK = (
+    f'{IM_START}system\n{{{{ if {_FIRST_IS_SYSTEM} }}}}{{{{ (index .Messages 0).Content }}}}\n\n{{{{ end }}}}'
+    '# Tools\n\nYou may call one or more functions to assist with the user query.\n\n'
+    'You are provided with function signatures within <tools></tools> XML tags:\n<tools>'
+    '{{ range .Tools }}\n{{ json . }}{{ end }}\n</tools>\n\n'
+    'For each function call, return a json object with function name and arguments within '
+    '<tool_call></tool_call> XML tags:\n<tool_call>\n{"name": <function-name>, "arguments": <args-json-object>}\n'
+    f'</tool_call>{IM_END}\n')
+
+_TOOL_CALLS = ('{{ range $j, $tc := .ToolCalls }}{{ if or (and (eq $j 0) $m.Content) (gt $j 0) }}\n{{ end }}'
+               '<tool_call>\n{"name": "{{ .Function.Name }}", "arguments": {{ json .Function.Arguments }}}\n'
+               '</tool_call>{{ end }}')
+
+_TOOL_RESULT = (f'{{{{ else if eq .Role "tool" }}}}{{{{ if ne $prev "tool" }}}}{IM_START}user{{{{ end }}}}'
+                '\n<tool_response>\n{{ .Content }}\n</tool_response>'
+                f'{{{{ if ne $next "tool" }}}}{IM_END}\n{{{{ end }}}}')
+
+_USER = (f'{{{{ if or (eq .Role "user") (and (eq .Role "system") (ne $i 0)) }}}}'
+         f'{IM_START}{{{{ .Role }}}}\n{{{{ .Content }}}}{IM_END}\n')
+
+
+def _system(default: str | None) -> str:
+    """The leading system block: the first message if it is a system one, else the default (if any)."""
+    fallback = f'{{{{ else }}}}{IM_START}system\n{default}{IM_END}\n' if default is not None else ""
+    return (f'{{{{ if {_FIRST_IS_SYSTEM} }}}}{IM_START}system\n{{{{ (index .Messages 0).Content }}}}{IM_END}\n'
+            f'{fallback}{{{{ end }}}}')
+
+
+def minimind2_template() -> str:
+    """MiniMind2: default system prompt; every user turn opens the assistant turn; no tools, no think."""
+    return (_system("You are a helpful assistant") + '{{ range .Messages }}'
+            f'{{{{ if eq .Role "user" }}}}{IM_START}user\n{{{{ .Content }}}}{IM_END}\n{IM_START}assistant\n'
+            f'{{{{ else if eq .Role "assistant" }}}}{{{{ .Content }}}}{IM_END}\n{{{{ end }}}}{{{{ end }}}}')
+
+
+def qwen_style_template(era: str) -> str:
+    """2510 (default system prompt, empty think block only when thinking is switched off) and minimind-3 (no
+    default system prompt, every assistant turn carries a think block, `<think>\\n` opens when thinking is on)."""
+    v3 = era == "minimind3"
+    head = '{{ if .Tools }}' + _TOOLS_BLOCK + '{{ else }}' + _system(None if v3 else "You are a helpful assistant")
+    head += '{{ end }}'
+    think_hist = '<think>\n{{ .Thinking }}\n</think>\n\n' if v3 else ''
+    assistant = (f'{{{{ else if eq .Role "assistant" }}}}{IM_START}assistant\n{think_hist}{{{{ .Content }}}}'
+                 f'{_TOOL_CALLS}{IM_END}\n')
+    gen_think = ('{{ if $.Think }}<think>\n{{ else }}<think>\n\n</think>\n\n{{ end }}' if v3 else
+                 '{{ if and $.IsThinkSet (not $.Think) }}<think>\n\n</think>\n\n{{ end }}')
+    gen = f'{{{{ if and $last (ne .Role "assistant") }}}}{IM_START}assistant\n{gen_think}{{{{ end }}}}'
+    return head + _LOOP_HEAD + _USER + assistant + _TOOL_RESULT + '{{ end }}' + gen + _LOOP_TAIL
+
+
+def chatml_template(default_system: str | None) -> str:
+    """Plain ChatML (the default SmolLM2 model): optional default system prompt, every role as is."""
+    fallback = (f'{{{{ if not (and .Messages (eq (index .Messages 0).Role "system")) }}}}{IM_START}system\n'
+                f'{default_system}{IM_END}\n{{{{ end }}}}') if default_system is not None else ""
+    return (fallback + _LOOP_HEAD + f'{IM_START}{{{{ .Role }}}}\n{{{{ .Content }}}}{IM_END}\n'
+            f'{{{{ if and $last (ne .Role "assistant") }}}}{IM_START}assistant\n{{{{ end }}}}' + _LOOP_TAIL)
+
+
+def detect_template_era(chat_template: str | None) -> str:
+    """Which hand-written TEMPLATE matches this Jinja chat template."""
+    if not chat_template:
+        raise ConvertError("the tokenizer has no chat template: an Ollama model needs one (use a chat tokenizer)")
+    if "open_thinking" in chat_template:
+        return "minimind3"
+    if "enable_thinking" in chat_template and "# Tools" in chat_template:
+        return "2510"
+    if "You are a helpful assistant" in chat_template and "tools" not in chat_template:
+        return "minimind2"
+    if IM_START in chat_template and "tools" not in chat_template:
+        return "chatml"
+    raise ConvertError("unrecognised chat template: no Ollama TEMPLATE is known for it; write one by hand "
+                       "(https://github.com/ollama/ollama/blob/main/docs/template.md)")
+
+
+def go_template(chat_template: str) -> str:
+    era = detect_template_era(chat_template)
+    if era == "minimind2":
+        return minimind2_template()
+    if era in ("2510", "minimind3"):
+        return qwen_style_template(era)
+    m = re.search(r"<\|im_start\|>system\\n(.*?)<\|im_end\|>", chat_template) or re.search(
+        r"<\|im_start\|>system\n(.*?)<\|im_end\|>", chat_template)
+    return chatml_template(m.group(1) if m else None)
+
+
+def modelfile(gguf_name: str, source: Source) -> str:
+    from .hf_export import generation_config
+
+    template = go_template(getattr(source.tokenizer, "chat_template", None))
+    if '"""' in template:
+        raise ConvertError('the TEMPLATE contains """, which a Modelfile cannot quote')
+    gen = generation_config(source.config)
+    lines = [f"FROM ./{gguf_name}", f'TEMPLATE """{template}"""', f'PARAMETER stop "{IM_END}"',
+             f'PARAMETER stop "{IM_START}"', f"PARAMETER num_ctx {min(source.config.max_position_embeddings, 8192)}",
+             "PARAMETER repeat_penalty 1"]
+    if "temperature" in gen:
+        lines += [f"PARAMETER temperature {gen['temperature']}", f"PARAMETER top_p {gen['top_p']}",
+                  f"PARAMETER top_k {gen['top_k']}"]
+    return "\n".join(lines) + "\n"
+
+
+def export_ollama(source: Source, dst: Path, *, outtype: str = "f16", name: str | None = None,
+                  force: bool = False, show_progress: bool = True) -> Path:
+    """Folder with `model.gguf`, `Modelfile` and `README.txt` (the `ollama create` command)."""
+    from .gguf_export import export_gguf
+
+    name = name or re.sub(r"[^a-z0-9._-]+", "-", source.name.lower()).strip("-") or "minimind"
+    text = modelfile("model.gguf", source)  # fails early on an unknown template, before the slow GGUF
+    with atomic_dir(Path(dst), force) as tmp:
+        export_gguf(source, tmp / "model.gguf", outtype=outtype, force=True, show_progress=show_progress)
+        (tmp / "Modelfile").write_text(text)
+        (tmp / "README.txt").write_text(_README.format(name=name, dst=Path(dst).resolve()))
+    return Path(dst)
+
+
+_README = """Ollama model folder. To register and run it:
+
+    cd {dst}
+    ollama create {name} -f Modelfile
+    ollama run {name}
+
+Thinking (minimind-3): `ollama run {name} --think`, or `"think": true` in the API request.
+"""
+

@@ -18,7 +18,7 @@ $(BIN)/.installed: pyproject.toml
 # llama.cpp (via llama-cpp-python) is the independent check of our GGUF files. It compiles from source unless
 # pip has the wheel cached, so the attempt is capped; without it those tests skip and say why.
 $(BIN)/.test-extras: $(BIN)/.installed
-	timeout 1500 $(BIN)/pip install -q "llama-cpp-python>=0.3.16" \
+	timeout 1500 $(BIN)/pip install -q "llama-cpp-python==0.3.36" \
 		|| echo "note: llama-cpp-python not installed: llama.cpp checks will be skipped"
 	touch $@
 

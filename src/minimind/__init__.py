@@ -14,6 +14,8 @@ _LAZY = {
     "load_model": "minimind.checkpoint.loader",
     "load_tokenizer": "minimind.checkpoint.loader",
     "lora": "minimind.model.lora",
+    "LLM": "minimind.engine",
+    "SamplingParams": "minimind.engine",
 }
 
 __all__ = [*_LAZY, "__version__"]

@@ -1,0 +1,353 @@
+"""`minimind bench`: our engine against transformers `generate` and llama.cpp, side by side in one run.
+
+For each model and dtype it measures prefill tokens/s (a 256-token prompt), batch-1 decode tokens/s
+(128 tokens), aggregate throughput and mean TTFT at 1/8/32 concurrent sequences, and peak RSS. Every
+(model, implementation, dtype) runs in its own subprocess so peak RSS is its own. Prints a table, writes
+JSON and a PNG chart. Timings are best-of-N wall clock: the machine is shared, so quote ratios.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+MODELS = {"small": "minimind2-small", "base": "minimind2", "default": None}  # None = the embedded model
+LLAMA_TYPES = {"fp32": "f32", "bf16": "f16", "int8": "q8_0"}  # matched precision for llama.cpp
+SHARED_TOKENIZER = Path(__file__).resolve().parents[3].parent / "shared" / "minimind-tokenizers" / "minimind2"
+
+
+# ---------------------------------------------------------------- workers (one subprocess each)
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
+    import random
+
+    rng = random.Random(seed)
+    return [[rng.randrange(3, vocab) for _ in range(length)] for _ in range(n)]
+
+
+def worker_ours(a: dict) -> dict:
+    from minimind.engine import LLM, SamplingParams
+
+    kw = {"quantization": "int8"} if a["dtype"] == "int8" else {"quantization": "dynamic"} \
+        if a["dtype"] == "dynamic" else {"dtype": {"fp32": "float32", "bf16": "bfloat16"}[a["dtype"]]}
+    conc = max(a["concurrency"])
+    llm = LLM(a["model"], max_num_seqs=conc, max_model_len=max(a["prompt_len"], 32) + a["decode_tokens"] + 8,
+              threads=a["threads"], max_num_batched_tokens=max(512, a["prompt_len"]), compile=a["compile"], **kw)
+    vocab = llm.config.vocab_size
+    one = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+    full = SamplingParams(temperature=0, max_tokens=a["decode_tokens"], ignore_eos=True)
+    llm.generate(_prompts(1, 32, vocab, 0), SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))
+    res = {"kv_cache_mb": llm.kv.nbytes / 2**20, "weights_mb": llm.runner.weight_bytes / 2**20}
+    best = 0.0
+    for r in range(a["repeats"]):  # fresh random prompts: no prefix-cache hits
+        out = llm.generate(_prompts(1, a["prompt_len"], vocab, 100 + r), one)[0]
+        best = max(best, a["prompt_len"] / (out.metrics["first_token"] - out.metrics["arrival"]))
+    res["prefill_tps"] = best
+    best = 0.0
+    for r in range(a["repeats"]):
+        out = llm.generate(_prompts(1, 32, vocab, 200 + r), full)[0]
+        best = max(best, (a["decode_tokens"] - 1) / (out.metrics["finished"] - out.metrics["first_token"]))
+    res["decode_tps"] = best
+    for n in a["concurrency"]:
+        outs = llm.generate(_prompts(n, 32, vocab, 300 + n), full)
+        start = min(o.metrics["arrival"] for o in outs)
+        wall = max(o.metrics["finished"] for o in outs) - start
+        res[f"agg_tps@{n}"] = n * a["decode_tokens"] / wall
+        res[f"ttft_ms@{n}"] = 1000 * sum(o.metrics["first_token"] - o.metrics["arrival"] for o in outs) / n
+    res["peak_rss_mb"] = _rss_mb()
+    if a.get("chat_turns"):
+        del llm
+        res.update(chat_ttft(a, kw, vocab))
+    return res
+
+
+def chat_ttft(a: dict, kw: dict, vocab: int) -> dict:
+    """TTFT of turn 1 and turn N of a chat (20-token user turns, 32-token replies), prefix cache on and off."""
+    from minimind.engine import LLM, SamplingParams
+
+    turns, out = a["chat_turns"], {}
+    reply = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
+    for caching in (True, False):
+        llm = LLM(a["model"], max_num_seqs=2, max_model_len=turns * 60 + 64, threads=a["threads"],
+                  enable_prefix_caching=caching, **kw)
+        conversation, ttft = [], []
+        for t, user in enumerate(_prompts(turns, 20, vocab, 400)):
+            prompt = conversation + user
+            o = llm.generate(prompt, reply)[0]
+            ttft.append(1000 * (o.metrics["first_token"] - o.metrics["arrival"]))
+            conversation = prompt + o.outputs[0].token_ids
+        tag = "cached" if caching else "uncached"
+        out[f"chat_ttft_ms_turn1_{tag}"], out[f"chat_ttft_ms_turn{turns}_{tag}"] = ttft[0], ttft[-1]
+    return out
+
+
+def worker_hf(a: dict) -> dict:
+    import torch
+
+    from minimind import load_model
+
+    torch.set_num_threads(a["threads"])
+    dtype = {"fp32": "float32", "bf16": "bfloat16"}.get(a["dtype"], "float32")
+    model = load_model(a["model"], dtype=dtype)
+    if a["dtype"] in ("int8", "dynamic"):  # the seeds' path: torch.ao dynamic quantization of every Linear
+        model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+    vocab = model.config.vocab_size
+
+    def run(prompts, new):
+        ids = torch.tensor(prompts)
+        t = time.perf_counter()
+        with torch.no_grad():
+            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
+                           do_sample=False, pad_token_id=0)
+        return time.perf_counter() - t
+
+    run(_prompts(1, 32, vocab, 0), 8)
+    res = {"prefill_tps": max(a["prompt_len"] / run(_prompts(1, a["prompt_len"], vocab, 100 + r), 1)
+                              for r in range(a["repeats"]))}
+    p = _prompts(1, 32, vocab, 200)
+    res["decode_tps"] = max((a["decode_tokens"] - 1) / (run(p, a["decode_tokens"]) - run(p, 1))
+                            for _ in range(a["repeats"]))
+    for n in a["peer_concurrency"]:
+        p = _prompts(n, 32, vocab, 300 + n)
+        ttft = run(p, 1)
+        res[f"agg_tps@{n}"] = n * a["decode_tokens"] / run(p, a["decode_tokens"])
+        res[f"ttft_ms@{n}"] = 1000 * ttft
+    res["peak_rss_mb"] = _rss_mb()
+    return res
+
+
+def worker_llamacpp(a: dict) -> dict:
+    import numpy as np
+    from llama_cpp import Llama
+
+    llm = Llama(a["gguf"], n_ctx=a["prompt_len"] + a["decode_tokens"] + 16, n_batch=512, n_threads=a["threads"],
+                n_threads_batch=a["threads"], verbose=False)
+    vocab = llm.n_vocab()
+
+    def prefill(prompt):
+        llm.reset()
+        t = time.perf_counter()
+        llm.eval(prompt)
+        return time.perf_counter() - t
+
+    res = {"prefill_tps": max(a["prompt_len"] / prefill(p) for p in _prompts(a["repeats"], a["prompt_len"], vocab, 100))}
+    best = 0.0
+    for p in _prompts(a["repeats"], 32, vocab, 200):
+        prefill(p)
+        t = time.perf_counter()
+        for _ in range(a["decode_tokens"] - 1):
+            llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
+        best = max(best, (a["decode_tokens"] - 1) / (time.perf_counter() - t))
+    res["decode_tps"] = best
+    res["peak_rss_mb"] = _rss_mb()
+    return res
+
+
+WORKERS = {"minimind": worker_ours, "transformers": worker_hf, "llama.cpp": worker_llamacpp}
+
+
+# ---------------------------------------------------------------- orchestration
+def _prepare_model(name: str, workdir: Path, tokenizer: Path | None) -> tuple[str, str]:
+    """-> (label, path). Random-weight presets are saved once so every worker loads identical weights."""
+    if name == "default":
+        from minimind.checkpoint.default_model import default_model_dir
+
+        return "SmolLM2-135M (default)", str(default_model_dir())
+    if name not in MODELS:  # a checkpoint path
+        return Path(name).name, name
+    import torch
+
+    from minimind.config import MiniMindConfig
+    from minimind.model import MiniMindForCausalLM
+
+    folder = workdir / name
+    torch.manual_seed(0)
+    MiniMindForCausalLM(MiniMindConfig.from_preset(MODELS[name])).save_pretrained(folder)
+    if tokenizer is not None:
+        for f in tokenizer.iterdir():
+            if f.is_file():
+                shutil.copy(f, folder / f.name)
+    return f"{MODELS[name]} (random)", str(folder)
+
+
+def _gguf(path: str, dtype: str, workdir: Path, note: list) -> str | None:
+    out = workdir / f"{Path(path).name}-{LLAMA_TYPES[dtype]}.gguf"
+    if out.exists():
+        return str(out)
+    try:
+        from minimind.convert import export_gguf
+
+        return str(export_gguf(path, out, outtype=LLAMA_TYPES[dtype], show_progress=False))
+    except Exception as exc:  # noqa: BLE001 - no tokenizer for a random preset, or the exporter refused
+        note.append(f"llama.cpp skipped for {Path(path).name} {dtype}: GGUF export failed ({exc})")
+        return None
+
+
+def _spawn(kind: str, args: dict) -> dict:
+    cmd = [sys.executable, "-m", "minimind.apps.bench", "--worker", kind, json.dumps(args)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        return {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def machine() -> dict:
+    import torch
+
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
+            "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def run(args) -> dict:
+    have_llama = _has_llama_cpp()
+    notes = [] if have_llama else [("llama.cpp peer skipped: llama-cpp-python is not installed "
+                                    "(pip install 'minimind[bench]' or pip install llama-cpp-python)")]
+    tokenizer = Path(args.tokenizer) if args.tokenizer else (SHARED_TOKENIZER if SHARED_TOKENIZER.is_dir() else None)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="minimind-bench-") as tmp:
+        for name in args.models:
+            label, path = _prepare_model(name, Path(tmp), tokenizer)
+            for dtype in args.dtypes:
+                base = {"model": path, "dtype": dtype, "threads": args.threads, "prompt_len": args.prompt_len,
+                        "decode_tokens": args.decode_tokens, "concurrency": args.concurrency,
+                        "repeats": args.repeats, "peer_concurrency": args.peer_concurrency,
+                        "compile": args.compile, "chat_turns": args.chat_turns}
+                impls = ["minimind"] + (["transformers"] if "transformers" in args.peers else [])
+                if have_llama and "llama.cpp" in args.peers and dtype in LLAMA_TYPES:
+                    gguf = _gguf(path, dtype, Path(tmp), notes)
+                    if gguf:
+                        impls.append("llama.cpp")
+                        base["gguf"] = gguf
+                for impl in impls:
+                    print(f"  {label} {dtype} {impl} ...", file=sys.stderr, flush=True)
+                    rows.append({"model": label, "dtype": dtype, "impl": impl, **_spawn(impl, base)})
+    return {"machine": machine(), "args": vars(args), "notes": notes, "results": rows}
+
+
+def _has_llama_cpp() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("llama_cpp") is not None
+
+
+# ---------------------------------------------------------------- reporting
+def _fmt(value, digits=0) -> str:
+    return "-" if value is None else f"{value:,.{digits}f}"
+
+
+def print_table(report: dict) -> None:
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    conc = report["args"]["concurrency"]
+    table = Table(title="minimind bench (tokens/s; higher is better; best of "
+                        f"{report['args']['repeats']}, threads={report['args']['threads']})")
+    for col in ["model", "dtype", "impl", "prefill", "decode b1", "x HF", "x llama.cpp",
+                *[f"agg@{n}" for n in conc], *[f"TTFT@{n} ms" for n in conc], "peak RSS MB"]:
+        table.add_column(col, justify="left" if col in ("model", "dtype", "impl") else "right")
+    rows = report["results"]
+    for r in rows:
+        peers = {p["impl"]: p for p in rows if p["model"] == r["model"] and p["dtype"] == r["dtype"]}
+        ratio = {k: (r.get("decode_tps") / peers[k]["decode_tps"]) if r.get("decode_tps") and k in peers
+                 and peers[k].get("decode_tps") and r["impl"] == "minimind" else None
+                 for k in ("transformers", "llama.cpp")}
+        if "error" in r:
+            table.add_row(r["model"], r["dtype"], r["impl"], f"[red]{r['error'][:60]}")
+            continue
+        table.add_row(r["model"], r["dtype"], r["impl"], _fmt(r.get("prefill_tps")), _fmt(r.get("decode_tps")),
+                      _fmt(ratio["transformers"], 2), _fmt(ratio["llama.cpp"], 2),
+                      *[_fmt(r.get(f"agg_tps@{n}")) for n in conc], *[_fmt(r.get(f"ttft_ms@{n}")) for n in conc],
+                      _fmt(r.get("peak_rss_mb")))
+    console = Console(width=max(Console().width, 200))
+    console.print(table)
+    turns = report["args"].get("chat_turns")
+    for r in rows:
+        if r.get(f"chat_ttft_ms_turn{turns}_cached") is not None:
+            console.print(f"{r['model']} {r['dtype']}: {turns}-turn chat TTFT turn 1 -> turn {turns}: "
+                          f"{r['chat_ttft_ms_turn1_cached']:.0f} -> {r[f'chat_ttft_ms_turn{turns}_cached']:.0f} ms "
+                          f"with prefix cache, {r['chat_ttft_ms_turn1_uncached']:.0f} -> "
+                          f"{r[f'chat_ttft_ms_turn{turns}_uncached']:.0f} ms without")
+    for note in report["notes"]:
+        console.print(f"[yellow]note:[/] {escape(note)}")
+
+
+def draw_chart(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in report["results"] if "error" not in r]
+    groups = list(dict.fromkeys((r["model"], r["dtype"]) for r in rows))
+    impls = list(dict.fromkeys(r["impl"] for r in rows))
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
+    width = 0.8 / max(len(impls), 1)
+    for ax, key, title in ((axes[0], "decode_tps", "batch-1 decode (tokens/s)"),
+                           (axes[1], "prefill_tps", "prefill, 256-token prompt (tokens/s)")):
+        for i, impl in enumerate(impls):
+            vals = [next((r.get(key) or 0 for r in rows if (r["model"], r["dtype"]) == g and r["impl"] == impl), 0)
+                    for g in groups]
+            ax.bar([x + i * width for x in range(len(groups))], vals, width, label=impl)
+        ax.set_xticks([x + width * (len(impls) - 1) / 2 for x in range(len(groups))])
+        ax.set_xticklabels([f"{m.split(' ')[0]}\n{d}" for m, d in groups], fontsize=8)
+        ax.set_title(title)
+        ax.legend()
+    fig.suptitle(f"minimind bench on {report['machine']['cpu']} ({report['machine']['cores']} cores)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="minimind bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", default="small,base,default", help="comma list of small, base, default, or paths")
+    p.add_argument("--dtypes", default="fp32,bf16,int8", help="comma list of fp32, bf16, int8, dynamic")
+    p.add_argument("--peers", default="transformers,llama.cpp", help="comma list (empty for none)")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--prompt-len", type=int, default=256)
+    p.add_argument("--decode-tokens", type=int, default=128)
+    p.add_argument("--concurrency", default="1,8,32")
+    p.add_argument("--peer-concurrency", default="1,8", help="concurrency levels for transformers (slow)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--compile", action="store_true", help="torch.compile our decode step")
+    p.add_argument("--chat-turns", type=int, default=10, help="multi-turn TTFT with/without prefix cache (0 = off)")
+    p.add_argument("--tokenizer", help="tokenizer folder for the random-weight presets (needed for the GGUF)")
+    p.add_argument("--json", default="bench.json")
+    p.add_argument("--png", default="bench.png")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--worker"]:
+        print(json.dumps(WORKERS[argv[1]](json.loads(argv[2]))))
+        return 0
+    args = build_parser().parse_args(argv)
+    args.models = [m for m in args.models.split(",") if m]
+    args.dtypes = [d for d in args.dtypes.split(",") if d]
+    args.peers = [p for p in args.peers.split(",") if p]
+    args.concurrency = [int(c) for c in args.concurrency.split(",")]
+    args.peer_concurrency = [int(c) for c in args.peer_concurrency.split(",") if c]
+    report = run(args)
+    print_table(report)
+    Path(args.json).write_text(json.dumps(report, indent=2))
+    draw_chart(report, Path(args.png))
+    print(f"wrote {args.json} and {args.png}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,307 @@
+"""LLM: the engine's public face. `generate` for offline batches, `add_request / step / abort /
+has_unfinished` as the step core, `stream` iterators, and an optional background thread that owns the
+model while other threads (server handlers, UIs) submit through a thread-safe inbox.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+import uuid
+
+import torch
+
+from .kv_cache import KVCache, SlotManager
+from .model_runner import ModelRunner
+from .quant import native_bf16
+from .request import Request, RequestStream
+from .sampling import SamplingParams, new_seed
+from .scheduler import Scheduler
+from .sequence import RequestOutput, Sequence, Status, TokenLogprob, TopLogprob
+
+log = logging.getLogger("minimind")
+
+
+class LLM:
+    """Continuous-batching generation over a preallocated slot KV cache.
+
+    model_or_path: a MiniMindForCausalLM, a checkpoint path, or None for the embedded default model.
+    dtype: "float32" / "bfloat16" (None keeps the model's). quantization: None, "int8" (weight-only,
+    per-channel, bf16 activations) or "dynamic" (torch.ao quantize_dynamic, the seeds' path).
+    max_model_len / max_num_seqs size the KV cache once; more requests wait in a queue.
+    """
+
+    def __init__(self, model_or_path=None, *, tokenizer=None, dtype=None, quantization: str | None = None,
+                 max_model_len: int | None = None, max_num_seqs: int = 8, max_num_batched_tokens: int = 512,
+                 enable_prefix_caching: bool = True, threads: int | None = None, compile: bool = False,
+                 draft_model=None, num_speculative_tokens: int = 4, decode_mkldnn: bool | None = None,
+                 kv_dtype=None):
+        from ..checkpoint.errors import CheckpointError
+        from ..checkpoint.loader import load_model, load_tokenizer, resolve_dtype
+
+        if threads:
+            torch.set_num_threads(threads)
+        if isinstance(model_or_path, torch.nn.Module):
+            model = model_or_path
+        else:
+            model = load_model(model_or_path, dtype="float32" if quantization else dtype)
+            if tokenizer is None:
+                try:
+                    tokenizer = load_tokenizer(model_or_path)
+                except CheckpointError as exc:  # weights without tokenizer files still serve token-id prompts
+                    log.warning("no tokenizer (%s): only token-id prompts will work", exc)
+        if isinstance(tokenizer, str):
+            tokenizer = load_tokenizer(tokenizer)
+        self.tokenizer = tokenizer
+        model_dtype = next(model.parameters()).dtype
+        act_dtype = resolve_dtype(dtype) if dtype is not None else model_dtype
+        if quantization == "int8" and dtype is None:
+            act_dtype = torch.bfloat16
+        if quantization == "dynamic":
+            act_dtype = torch.float32
+        self.dtype, self.quantization = act_dtype, quantization
+        self.config = cfg = model.config
+        model = model.eval()
+        self.max_model_len = min(max_model_len or 2048, cfg.max_position_embeddings)
+        self.max_num_seqs = max_num_seqs
+        # KV holds the activation dtype's values; bf16 ones may be stored as fp32 (kv_dtype="float32") because
+        # the CPU attention kernels run several times faster in fp32 (docs/benchmarks.md).
+        if kv_dtype is None:  # without AVX512-BF16, bf16 attention is emulated and several times slower
+            kv_dtype = act_dtype if act_dtype == torch.float32 or native_bf16() else torch.float32
+        self.kv_dtype = resolve_dtype(kv_dtype)
+        self.kv = KVCache(cfg.num_hidden_layers, max_num_seqs, cfg.num_key_value_heads, self.max_model_len,
+                          cfg.head_dim, self.kv_dtype)
+        self.runner = ModelRunner(model, self.kv, act_dtype, quantization)
+        self.scheduler = Scheduler(SlotManager(max_num_seqs, enable_prefix_caching), self.kv, max_num_batched_tokens)
+        # oneDNN's bf16 GEMV streams weights at half the speed of the plain kernel: turn it off for decode steps.
+        self.decode_mkldnn = decode_mkldnn if decode_mkldnn is not None else act_dtype != torch.bfloat16
+        self.eos_token_ids = _eos_ids(cfg, tokenizer)
+        self.speculator = None
+        if draft_model is not None:
+            from .spec import Speculator
+
+            self.speculator = Speculator(self, draft_model, num_speculative_tokens)
+        if compile:
+            self.runner.compile()
+        self._requests: dict[str, Request] = {}
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._wakeup = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._error: BaseException | None = None
+
+    # ---------------------------------------------------------------- requests (any thread)
+    def encode(self, prompt) -> list[int]:
+        """str -> token ids; list of {"role", "content"} messages -> chat template + ids; list[int] as is."""
+        if isinstance(prompt, (list, tuple)) and prompt and isinstance(prompt[0], dict):
+            if self.tokenizer is None:
+                raise ValueError("chat messages need a tokenizer")
+            from ..chat.template import render_prompt
+
+            prompt = render_prompt(self.tokenizer, list(prompt))
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("text prompts need a tokenizer; pass token ids or LLM(..., tokenizer=...)")
+            return list(self.tokenizer.encode(prompt, add_special_tokens=False))
+        return [int(t) for t in prompt]
+
+    def add_request(self, prompt, params: SamplingParams | None = None, request_id: str | None = None) -> str:
+        """Queue a prompt (text, chat messages or token ids); returns its request id. Thread-safe."""
+        return self._submit(prompt, params, request_id, stream=False).request_id
+
+    def _submit(self, prompt, params: SamplingParams | None, request_id: str | None, stream: bool) -> Request:
+        params = params or SamplingParams()
+        ids = self.encode(prompt)
+        if not ids:
+            raise ValueError("empty prompt")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"prompt has {len(ids)} tokens; max_model_len is {self.max_model_len}")
+        if max(ids) >= self.config.vocab_size or min(ids) < 0:
+            raise ValueError(f"token id out of range for vocabulary of {self.config.vocab_size}")
+        request_id = request_id or uuid.uuid4().hex
+        base_seed = params.seed if params.seed is not None else new_seed()
+        seqs = [Sequence(request_id, i, ids, params, base_seed + i, self.eos_token_ids, self.tokenizer)
+                for i in range(params.n)]
+        for sibling in seqs[1:]:
+            sibling.wait_for = seqs[0]
+        req = Request(request_id, ids, seqs, queue.Queue() if stream else None, {"arrival": time.perf_counter()})
+        self._inbox.put(("add", req))
+        with self._wakeup:
+            self._wakeup.notify()
+        return req
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request; its slot is freed at the next step. Thread-safe."""
+        self._inbox.put(("abort", request_id))
+        with self._wakeup:
+            self._wakeup.notify()
+
+    def has_unfinished(self) -> bool:
+        return not self._inbox.empty() or self.scheduler.has_unfinished()
+
+    # ---------------------------------------------------------------- the step (model-owning thread)
+    def step(self) -> list[RequestOutput]:
+        """Admit new requests, run one batched forward, sample, and return what changed."""
+        if self._thread is not None and threading.current_thread() is not self._thread:
+            raise RuntimeError("the background loop owns the model: use stream()/generate() instead of step()")
+        touched: dict[str, Request] = {}
+        self._drain_inbox(touched)
+        batch = self.scheduler.schedule()
+        if batch:
+            if self.speculator is not None and self.speculator.applies(batch):
+                results = self.speculator.step(batch)
+            else:
+                results = self._run(batch)
+            now = time.perf_counter()
+            for seq, tokens in results:
+                req = self._requests[seq.request_id]
+                req.metrics.setdefault("first_token", now)
+                for token, logprob in tokens:
+                    if seq.is_finished:
+                        break
+                    if logprob is not None:
+                        seq.logprobs.append(logprob)
+                    seq.append_token(token, self.max_model_len)
+                if seq.is_finished:
+                    self.scheduler.finish(seq)
+                touched[seq.request_id] = req
+        return self._emit(touched)
+
+    def _run(self, batch):
+        """One forward + sample; -> [(seq, [(token, TokenLogprob | None)])]."""
+        inputs, seqs = self.runner.prepare(batch)
+        for chunk in batch.prefill:
+            chunk.seq.num_computed += chunk.length
+        for seq in batch.decode:
+            seq.num_computed += 1
+        use_mkldnn = self.decode_mkldnn or bool(batch.prefill)  # oneDNN is the fast GEMM for prompt chunks
+        previous = torch.backends.mkldnn.enabled
+        torch.backends.mkldnn.enabled = use_mkldnn
+        try:
+            logits = self.runner.forward(inputs)
+        finally:
+            torch.backends.mkldnn.enabled = previous
+        if not seqs:
+            return []
+        tokens, chosen, top_ids, top_lp = self.runner.sample(logits, seqs)
+        tokens = tokens.tolist()
+        logprobs = [None] * len(seqs)
+        if chosen is not None:
+            chosen = chosen.tolist()
+            top_ids = top_ids.tolist() if top_ids is not None else None
+            top_lp = top_lp.tolist() if top_lp is not None else None
+            for i, seq in enumerate(seqs):
+                k = seq.params.logprobs
+                if k is None:
+                    continue
+                top = [TopLogprob(t, v) for t, v in zip(top_ids[i][:k], top_lp[i][:k])] if k and top_ids else []
+                logprobs[i] = TokenLogprob(tokens[i], chosen[i], top)
+        return [(seq, [(tok, lp)]) for seq, tok, lp in zip(seqs, tokens, logprobs)]
+
+    def _drain_inbox(self, touched: dict) -> None:
+        while True:
+            try:
+                kind, item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "add":
+                self._requests[item.request_id] = item
+                for seq in item.seqs:
+                    self.scheduler.add(seq)
+            elif kind == "abort" and item in self._requests:
+                req = self._requests[item]
+                for seq in req.seqs:
+                    if not seq.is_finished:
+                        seq.abort()
+                        self.scheduler.finish(seq)
+                touched[item] = req
+
+    def _emit(self, touched: dict) -> list[RequestOutput]:
+        outputs = []
+        now = time.perf_counter()
+        for request_id, req in touched.items():
+            if req.finished:
+                req.metrics["finished"] = now
+                del self._requests[request_id]
+            out = req.output()
+            if req.stream is not None:
+                req.stream.put(out)
+            outputs.append(out)
+        return outputs
+
+    # ---------------------------------------------------------------- convenience loops
+    def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
+        """Offline batch: every prompt runs to completion; outputs in input order."""
+        single = isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts
+                                              and isinstance(prompts[0], (dict, int)))
+        prompts = [prompts] if single else list(prompts)
+        plist = params if isinstance(params, list) else [params] * len(prompts)
+        if self._thread is not None:
+            streams = [self.stream(p, sp) for p, sp in zip(prompts, plist)]
+            return [s.result() for s in streams]
+        ids = [self.add_request(p, sp) for p, sp in zip(prompts, plist)]
+        final: dict[str, RequestOutput] = {}
+        while len(final) < len(ids):
+            for out in self.step():
+                if out.finished:
+                    final[out.request_id] = out
+        return [final[i] for i in ids]
+
+    def stream(self, prompt, params: SamplingParams | None = None, request_id: str | None = None) -> RequestStream:
+        """Iterator of RequestOutput updates (use .outputs[i].delta_text) for one request."""
+        req = self._submit(prompt, params, request_id, stream=True)
+        return RequestStream(self, req.request_id, req.stream)
+
+    # ---------------------------------------------------------------- background loop
+    def start(self) -> LLM:
+        """Run steps on a background thread that owns the model; other threads use stream()/generate()."""
+        if self._thread is None:
+            self._stopping = False
+            self._thread = threading.Thread(target=self._loop, name="minimind-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def shutdown(self) -> None:
+        thread, self._stopping = self._thread, True
+        with self._wakeup:
+            self._wakeup.notify_all()
+        if thread is not None:
+            thread.join()
+        self._thread = None
+
+    def _loop(self) -> None:
+        while not self._stopping:
+            with self._wakeup:
+                while not self._stopping and not self.has_unfinished():
+                    self._wakeup.wait()
+            if self._stopping:
+                return
+            try:
+                self.step()
+            except BaseException as exc:  # surface it to every waiting stream instead of dying silently
+                log.exception("engine step failed")
+                self._error = exc
+                for req in list(self._requests.values()):
+                    if req.stream is not None:
+                        req.stream.put(exc)
+                self._requests.clear()
+                self.scheduler.waiting.clear()
+                for seq in list(self.scheduler.running):
+                    seq.status = Status.FINISHED
+                    self.scheduler.finish(seq)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.shutdown()
+
+
+def _eos_ids(cfg, tokenizer) -> set[int]:
+    ids = set()
+    eos = cfg.eos_token_id
+    ids.update(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids

@@ -1,0 +1,275 @@
+"""ModelRunner: one fused forward over a mixed batch (decode tokens + prompt chunks) on the slot KV cache.
+
+It reuses the model's own modules (norms, MoE, rotary frequencies) and weights, fused per layer into one
+q|k|v and one gate|up matrix, so the math equals MiniMindForCausalLM.forward. Linear layers see every token
+of the step at once; attention runs once for all decode rows (masked to each row's length) and once per
+prompt chunk. There is no host sync inside the layers (MoE routing excepted).
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..model.rope import rotate_half
+from .kv_cache import KVCache
+from .quant import make_linear
+from .sampling import SamplingBatch, sample
+from .scheduler import Batch
+
+
+@dataclass
+class StepInputs:
+    ids: torch.Tensor  # [N] token ids: decode rows first, then prompt chunks
+    cos: torch.Tensor  # [N, 1, D] fp32
+    sin: torch.Tensor
+    write_idx: torch.Tensor  # [N * H_kv] rows of KVCache.k_rows
+    num_decode: int
+    decode_slots: torch.Tensor | slice  # slice when the decode slots are contiguous (no gather)
+    decode_len: int  # keys attended by the longest decode row
+    decode_mask: torch.Tensor | None  # [B_d, 1, 1, decode_len] additive, None when all rows are equally long
+    chunks: list[tuple[int, int, int, int, torch.Tensor | None]]  # (row0, n, slot, pos0, mask [n, pos0+n])
+    sample_rows: torch.Tensor  # [R] rows whose logits are sampled
+
+
+class LayerWeights:
+    def __init__(self, layer, quantization: str | None, dtype: torch.dtype):
+        attn = layer.self_attn
+        self.ln1, self.ln2 = _cast(layer.input_layernorm, dtype), _cast(layer.post_attention_layernorm, dtype)
+        self.q_norm, self.k_norm = _cast(getattr(attn, "q_norm", None), dtype), _cast(getattr(attn, "k_norm", None), dtype)
+        wqkv = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
+        self.qkv = make_linear(wqkv, quantization, dtype)
+        self.o = make_linear(attn.o_proj.weight, quantization, dtype)
+        mlp = layer.mlp
+        if hasattr(mlp, "gate_proj"):  # dense SwiGLU
+            self.gate_up = make_linear(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]), quantization, dtype)
+            self.down = make_linear(mlp.down_proj.weight, quantization, dtype)
+            self.act, self.moe = mlp.act_fn, None
+        else:  # MoE: the model's module routes the step's tokens per expert
+            self.gate_up = None
+            self.moe = _cast(mlp, dtype)  # not quantized: experts stay in the activation dtype
+
+
+class ModelRunner:
+    def __init__(self, model, kv: KVCache, dtype: torch.dtype, quantization: str | None = None):
+        cfg = model.config
+        self.config, self.kv, self.dtype = cfg, kv, dtype
+        self.kv_dtype = kv.k.dtype  # may be fp32 under bf16 weights: CPU attention kernels are faster in fp32
+        self.num_heads, self.num_kv_heads, self.head_dim = (cfg.num_attention_heads, cfg.num_key_value_heads,
+                                                            cfg.head_dim)
+        self.scale = self.head_dim ** -0.5
+        self.gqa = self.num_heads != self.num_kv_heads
+        inner = model.model
+        self.embed = inner.embed_tokens.weight.detach().to(dtype)
+        self.layers = [LayerWeights(layer, quantization, dtype) for layer in inner.layers]
+        self.norm = _cast(inner.norm, dtype)
+        self.lm_head = make_linear(model.lm_head.weight, quantization, dtype)
+        positions = torch.arange(kv.max_len)[None]
+        with torch.no_grad():
+            cos, sin = inner.rotary_emb(positions)  # [1, T, D] fp32, same values the model computes
+        self.cos_table, self.sin_table = cos[0], sin[0]
+        self.vocab_size = cfg.vocab_size
+
+    @property
+    def weight_bytes(self) -> int:
+        total = self.embed.numel() * self.embed.element_size() + getattr(self.lm_head, "nbytes", 0)
+        for lw in self.layers:
+            parts = [lw.qkv, lw.o] + ([lw.gate_up, lw.down] if lw.gate_up is not None else [])
+            total += sum(getattr(p, "nbytes", 0) for p in parts)
+            if lw.moe is not None:
+                total += sum(p.numel() * p.element_size() for p in lw.moe.parameters())
+        return total
+
+    # ---------------------------------------------------------------- batch -> tensors
+    def prepare(self, batch: Batch) -> tuple[StepInputs, list]:
+        """Tensors for one step and the sequences that get a token, in sample_rows order."""
+        decode = sorted(batch.decode, key=lambda s: s.slot)
+        ids = [s.output_token_ids[-1] if s.output_token_ids else s.prompt_token_ids[-1] for s in decode]
+        pos = [s.num_computed for s in decode]
+        slots = [s.slot for s in decode]
+        sample_rows, sampled = list(range(len(decode))), list(decode)
+        chunks = []
+        for c in batch.prefill:
+            row0 = len(ids)
+            ids += c.token_ids
+            pos += range(c.start, c.start + c.length)
+            slots += [c.seq.slot] * c.length
+            mask = None
+            if c.start > 0 and c.length > 1:  # causal mask aligned bottom-right: query i sees keys <= start + i
+                q = torch.arange(c.start, c.start + c.length)[:, None]
+                mask = torch.zeros(c.length, c.start + c.length, dtype=self.kv_dtype)
+                mask.masked_fill_(torch.arange(c.start + c.length)[None, :] > q, torch.finfo(self.kv_dtype).min)
+            chunks.append((row0, c.length, c.seq.slot, c.start, mask))
+            for r in c.sample_rows:
+                sample_rows.append(row0 + r)
+                sampled.append(c.seq)
+        pos_t, slots_t = torch.tensor(pos), torch.tensor(slots)
+        nd = len(decode)
+        decode_slots, decode_len, decode_mask = slice(0, 0), 0, None
+        if nd:
+            lens = [p + 1 for p in pos[:nd]]
+            decode_len = max(lens)
+            s0 = slots[0]
+            contiguous = slots[:nd] == list(range(s0, s0 + nd))
+            decode_slots = slice(s0, s0 + nd) if contiguous else slots_t[:nd]
+            if min(lens) != decode_len:
+                lens_t = torch.tensor(lens)[:, None]
+                decode_mask = torch.zeros(nd, 1, 1, decode_len, dtype=self.kv_dtype)
+                decode_mask[:, 0, 0].masked_fill_(torch.arange(decode_len)[None, :] >= lens_t,
+                                                  torch.finfo(self.kv_dtype).min)
+        inputs = StepInputs(
+            ids=torch.tensor(ids), cos=self.cos_table[pos_t][:, None], sin=self.sin_table[pos_t][:, None],
+            write_idx=self.kv.write_index(slots_t, pos_t), num_decode=nd, decode_slots=decode_slots,
+            decode_len=decode_len, decode_mask=decode_mask, chunks=chunks, sample_rows=torch.tensor(sample_rows, dtype=torch.long))
+        return inputs, sampled
+
+    # ---------------------------------------------------------------- forward
+    def compile(self) -> None:
+        """torch.compile the decode-only step (dynamic batch and KV length). Costs minutes of compile time
+        on 2 cores; see docs/benchmarks.md for whether it pays."""
+        self._compiled_decode = torch.compile(self._decode_forward, dynamic=True)
+
+    @torch.no_grad()
+    def forward(self, inp: StepInputs) -> torch.Tensor:
+        """-> logits [R, V] fp32 for inp.sample_rows."""
+        if not inp.chunks and getattr(self, "_compiled_decode", None) is not None:
+            slots = inp.decode_slots
+            if isinstance(slots, slice):
+                slots = torch.arange(slots.start, slots.stop)
+            mask = inp.decode_mask
+            if mask is None:
+                mask = torch.zeros(inp.num_decode, 1, 1, inp.decode_len, dtype=self.kv_dtype)
+            return self._compiled_decode(inp.ids, inp.cos, inp.sin, inp.write_idx, slots, mask)
+        h = F.embedding(inp.ids, self.embed)  # [N, H]
+        for layer_idx, lw in enumerate(self.layers):
+            h = h + lw.o(self._attention(layer_idx, lw, _rms_norm(lw.ln1, h), inp))
+            x = _rms_norm(lw.ln2, h)
+            if lw.moe is not None:
+                h = h + lw.moe(x)
+            else:
+                gate, up = lw.gate_up(x).chunk(2, dim=-1)
+                h = h + lw.down(lw.act(gate) * up)
+        h = _rms_norm(self.norm, h[inp.sample_rows])
+        return self.lm_head(h).float()
+
+    def _project_qkv(self, lw: LayerWeights, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """x [N, H] -> q [N, Hq, D], k [N, H_kv, D] (RoPE applied), v [N, H_kv * D]."""
+        n, hq, hkv, d = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
+        qkv = lw.qkv(x)  # [N, (Hq + 2 H_kv) * D]
+        if lw.q_norm is None:  # q and k heads are adjacent: one RoPE call for both
+            qk = _rope(qkv[:, :(hq + hkv) * d].view(n, hq + hkv, d), cos, sin)
+            q, k = qk[:, :hq], qk[:, hq:]
+        else:  # per-head norm before RoPE (minimind-3, Qwen3)
+            q = lw.q_norm(qkv[:, :hq * d].view(n, hq, d))
+            k = lw.k_norm(qkv[:, hq * d:(hq + hkv) * d].view(n, hkv, d))
+            q, k = _rope(q, cos, sin), _rope(k, cos, sin)
+        return q, k, qkv[:, (hq + hkv) * d:]
+
+    def _decode_forward(self, ids, cos, sin, write_idx, slots, mask) -> torch.Tensor:
+        """Decode rows only, tensors only (what torch.compile sees): ids [B], slots [B], mask [B, 1, 1, L]."""
+        n, hq, hkv, d = ids.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
+        length = mask.shape[-1]
+        h = F.embedding(ids, self.embed)
+        for layer_idx, lw in enumerate(self.layers):
+            q, k, v = self._project_qkv(lw, _rms_norm(lw.ln1, h), cos, sin)
+            self.kv.k_rows[layer_idx].index_copy_(0, write_idx, k.reshape(n * hkv, d).to(self.kv_dtype))
+            self.kv.v_rows[layer_idx].index_copy_(0, write_idx, v.reshape(n * hkv, d).to(self.kv_dtype))
+            keys = self.kv.k[layer_idx][slots, :, :length]
+            values = self.kv.v[layer_idx][slots, :, :length]
+            o = F.scaled_dot_product_attention(q[:, :, None].to(self.kv_dtype), keys, values, attn_mask=mask, scale=self.scale,
+                                               enable_gqa=self.gqa)
+            h = h + lw.o(o.reshape(n, hq * d).to(self.dtype))
+            x = _rms_norm(lw.ln2, h)
+            if lw.moe is not None:
+                h = h + lw.moe(x)
+            else:
+                gate, up = lw.gate_up(x).chunk(2, dim=-1)
+                h = h + lw.down(lw.act(gate) * up)
+        return self.lm_head(_rms_norm(self.norm, h)).float()
+
+    def _attention(self, layer_idx: int, lw: LayerWeights, x: torch.Tensor, inp: StepInputs) -> torch.Tensor:
+        n, hq, hkv, d = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
+        q, k, v = self._project_qkv(lw, x, inp.cos, inp.sin)
+        self.kv.k_rows[layer_idx].index_copy_(0, inp.write_idx, k.reshape(n * hkv, d).to(self.kv_dtype))
+        self.kv.v_rows[layer_idx].index_copy_(0, inp.write_idx, v.reshape(n * hkv, d).to(self.kv_dtype))
+        k_cache, v_cache = self.kv.k[layer_idx], self.kv.v[layer_idx]  # [slots, H_kv, T, D]
+        out = torch.empty(n, hq * d, dtype=x.dtype)
+        nd = inp.num_decode
+        if nd:
+            keys = k_cache[inp.decode_slots, :, :inp.decode_len]  # [B_d, H_kv, L, D]
+            values = v_cache[inp.decode_slots, :, :inp.decode_len]
+            o = F.scaled_dot_product_attention(q[:nd, :, None].to(self.kv_dtype), keys, values, attn_mask=inp.decode_mask,
+                                               scale=self.scale, enable_gqa=self.gqa)  # [B_d, H, 1, D]
+            out[:nd] = o.reshape(nd, hq * d)
+        for row0, length, slot, pos0, mask in inp.chunks:
+            qc = q[row0:row0 + length].transpose(0, 1)[None].to(self.kv_dtype)  # [1, H, n, D]
+            keys = k_cache[slot:slot + 1, :, :pos0 + length]
+            values = v_cache[slot:slot + 1, :, :pos0 + length]
+            o = F.scaled_dot_product_attention(qc, keys, values, attn_mask=mask, is_causal=mask is None and length > 1,
+                                               scale=self.scale, enable_gqa=self.gqa)
+            out[row0:row0 + length] = o[0].transpose(0, 1).reshape(length, hq * d)
+        return out
+
+    # ---------------------------------------------------------------- sampling
+    def sample(self, logits: torch.Tensor, seqs: list):
+        return sample(logits, build_sampling_batch(seqs, logits.shape[-1]))
+
+
+def _cast(module, dtype: torch.dtype):
+    """The runner's own copy of a small module in the activation dtype (the caller's model is not touched)."""
+    if module is None:
+        return None
+    if all(p.dtype == dtype for p in module.parameters()):
+        return module
+    return copy.deepcopy(module).to(dtype)
+
+
+def _rms_norm(norm, x: torch.Tensor) -> torch.Tensor:
+    """The model's RMSNorm (fp32 statistics, its weight cast order) with the fused aten kernel."""
+    if x.dtype == torch.float32 and norm.weight.dtype == torch.float32:
+        return F.rms_norm(x, (x.shape[-1],), norm.weight, norm.eps)
+    normed = F.rms_norm(x.float(), (x.shape[-1],), eps=norm.eps)
+    if norm.fp32_weight:
+        return (norm.weight.float() * normed).to(x.dtype)
+    return norm.weight * normed.to(x.dtype)
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [N, H, D]; cos/sin [N, 1, D] fp32; computed in fp32 like model.rope.apply_rotary."""
+    xf = x.float()
+    return (xf * cos + rotate_half(xf) * sin).to(x.dtype)
+
+
+def build_sampling_batch(seqs: list, vocab: int) -> SamplingBatch:
+    params = [s.params for s in seqs]
+    b = len(seqs)
+    batch = SamplingBatch(
+        temperature=torch.tensor([p.temperature for p in params], dtype=torch.float32),
+        top_k=torch.tensor([p.top_k for p in params]) if any(p.top_k for p in params) else None,
+        top_p=torch.tensor([p.top_p for p in params]) if any(p.top_p < 1 for p in params) else None,
+        min_p=torch.tensor([p.min_p for p in params]) if any(p.min_p > 0 for p in params) else None,
+        seeds=torch.tensor([s.seed for s in seqs], dtype=torch.int64),
+        steps=torch.tensor([len(s.output_token_ids) for s in seqs], dtype=torch.int64))
+    if any(p.needs_penalties for p in params):
+        batch.repetition = torch.tensor([p.repetition_penalty for p in params])
+        batch.presence = torch.tensor([p.presence_penalty for p in params])
+        batch.frequency = torch.tensor([p.frequency_penalty for p in params])
+        batch.seen = torch.zeros(b, vocab, dtype=torch.bool)
+        batch.counts = torch.zeros(b, vocab)
+        for i, s in enumerate(seqs):  # only rows that asked for penalties
+            if s.params.needs_penalties:
+                batch.seen[i, torch.tensor(s.token_ids)] = True
+                if s.output_token_ids:
+                    out = torch.tensor(s.output_token_ids)
+                    batch.counts[i].index_add_(0, out, torch.ones(len(out)))
+    if any(p.logit_bias for p in params):
+        batch.bias = torch.zeros(b, vocab)
+        for i, p in enumerate(params):
+            for token, value in (p.logit_bias or {}).items():
+                if 0 <= int(token) < vocab:
+                    batch.bias[i, int(token)] = float(value)
+    wanted = [p.logprobs for p in params if p.logprobs is not None]
+    batch.num_logprobs = max(wanted) if wanted else None
+    return batch

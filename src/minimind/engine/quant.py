@@ -1,0 +1,84 @@
+"""Linear layers for the runner: dense (fp32/bf16), int8 weight-only (per output channel) and the seeds'
+`torch.ao.quantization.quantize_dynamic` path. Each is a callable x [N, in] -> [N, out].
+
+int8 weight-only keeps activations in bf16 and stores W as int8 with one bf16 scale per output row;
+`aten._weight_int8pack_mm` dequantizes inside the kernel, so a decode step streams a quarter of the fp32 bytes.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+# Without AVX512-BF16 (e.g. AVX2-only CPUs) bf16 GEMMs are emulated: about 7x slower than fp32 for prompt
+# chunks and batched decode. There, from this many rows on, weights are upcast per call and fp32 GEMM runs.
+UPCAST_ROWS = 8
+INT8_DEQUANT_ROWS = 64  # the int8 GEMV kernel wins below this many rows, dequantize + fp32 GEMM above
+
+
+def native_bf16() -> bool:
+    check = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
+    return bool(check and check())
+
+
+class DenseLinear:
+    def __init__(self, weight: torch.Tensor):
+        self.weight = weight.contiguous()  # [out, in]
+        self.upcast = weight.dtype != torch.float32 and not native_bf16()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.upcast and x.shape[0] >= UPCAST_ROWS:
+            return F.linear(x.float(), self.weight.float()).to(x.dtype)
+        return F.linear(x, self.weight)
+
+    @property
+    def nbytes(self) -> int:
+        return self.weight.numel() * self.weight.element_size()
+
+
+class Int8Linear:
+    def __init__(self, weight: torch.Tensor, act_dtype: torch.dtype = torch.bfloat16):
+        w = weight.detach().float()
+        scale = w.abs().amax(dim=1).clamp(min=1e-8) / 127.0  # [out]
+        self.qweight = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
+        self.scales = scale.to(act_dtype)
+        self.act_dtype = act_dtype
+        self.upcast = not native_bf16()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.upcast and x.shape[0] >= INT8_DEQUANT_ROWS:  # the int8 kernel is a GEMV: dequantize for GEMMs
+            return F.linear(x.float(), self.dequantize()).to(self.act_dtype)
+        return torch.ops.aten._weight_int8pack_mm(x.to(self.act_dtype), self.qweight, self.scales)
+
+    def dequantize(self) -> torch.Tensor:
+        return self.qweight.float() * self.scales.float()[:, None]
+
+    @property
+    def nbytes(self) -> int:
+        return self.qweight.numel() + self.scales.numel() * self.scales.element_size()
+
+
+class DynamicInt8Linear:
+    """torch.ao dynamic quantization of a plain Linear (int8 weights, activations quantized per call)."""
+
+    def __init__(self, weight: torch.Tensor):
+        lin = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+        lin.weight.data = weight.detach().float()
+        self.module = torch.ao.quantization.quantize_dynamic(torch.nn.Sequential(lin), {torch.nn.Linear},
+                                                             dtype=torch.qint8)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module(x.float())
+
+    @property
+    def nbytes(self) -> int:
+        return self.module[0].weight().numel()
+
+
+def make_linear(weight: torch.Tensor, quantization: str | None, act_dtype: torch.dtype):
+    if quantization is None:
+        return DenseLinear(weight.to(act_dtype))
+    if quantization == "int8":
+        return Int8Linear(weight, act_dtype)
+    if quantization == "dynamic":
+        return DynamicInt8Linear(weight)
+    raise ValueError(f"unknown quantization {quantization!r}; choose from int8, dynamic")

@@ -1,0 +1,54 @@
+"""A request (one prompt, n completions) and the iterator that streams its outputs to a caller thread."""
+from __future__ import annotations
+
+import queue
+from dataclasses import dataclass, field
+
+from .sequence import RequestOutput, Sequence
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt_token_ids: list[int]
+    seqs: list[Sequence]
+    stream: queue.Queue | None
+    metrics: dict = field(default_factory=dict)
+
+    @property
+    def finished(self) -> bool:
+        return all(s.is_finished for s in self.seqs)
+
+    def output(self) -> RequestOutput:
+        return RequestOutput(self.request_id, self.prompt_token_ids, [s.output() for s in self.seqs], self.finished,
+                             self.seqs[0].num_cached, dict(self.metrics))
+
+
+class RequestStream:
+    """Iterates a request's RequestOutput updates; drives the engine itself when no background loop runs."""
+
+    def __init__(self, llm, request_id: str, q: queue.Queue):
+        self.llm, self.request_id, self._queue = llm, request_id, q
+        self.final: RequestOutput | None = None
+
+    def __iter__(self):
+        while self.final is None:
+            try:
+                item = self._queue.get(timeout=0.05) if self.llm._thread else self._queue.get_nowait()
+            except queue.Empty:
+                if self.llm._thread is None:
+                    self.llm.step()
+                continue
+            if isinstance(item, BaseException):
+                raise RuntimeError("engine step failed") from item  # noqa: TRY004 - re-raised across threads
+            if item.finished:
+                self.final = item
+            yield item
+
+    def result(self) -> RequestOutput:
+        for _ in self:
+            pass
+        return self.final
+
+    def abort(self) -> None:
+        self.llm.abort(self.request_id)

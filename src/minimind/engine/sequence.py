@@ -1,0 +1,161 @@
+"""Sequence (one completion being generated) and the outputs handed back to callers.
+
+The scheduler and runner see only token ids; text (incremental detokenization, stop strings) is kept
+here per sequence, so a stop string that spans several tokens is found as soon as its last byte arrives.
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from itertools import count
+
+from .sampling import SamplingParams
+
+
+class Status(enum.Enum):
+    WAITING = 0
+    RUNNING = 1
+    FINISHED = 2
+
+
+@dataclass
+class TopLogprob:
+    token_id: int
+    logprob: float
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: list[TopLogprob] = field(default_factory=list)
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | None while running
+    stop_reason: int | str | None = None  # the stop token id or stop string that ended it
+    logprobs: list[TokenLogprob] | None = None
+    delta_text: str = ""  # new text since the previous output of this request (streaming)
+    delta_token_ids: list[int] = field(default_factory=list)
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    metrics: dict = field(default_factory=dict)  # arrival / first_token / finished times (perf_counter)
+
+
+def _make_detokenizer(tokenizer, skip_special_tokens: bool):
+    from ..chat.detok import IncrementalDetokenizer
+
+    return IncrementalDetokenizer(tokenizer, skip_special_tokens=skip_special_tokens)
+
+
+class Sequence:
+    _ids = count()
+
+    def __init__(self, request_id: str, index: int, prompt_token_ids: list[int], params: SamplingParams,
+                 seed: int, eos_token_ids: set[int], tokenizer=None):
+        self.seq_id = next(Sequence._ids)
+        self.request_id = request_id
+        self.index = index  # position among the request's n completions
+        self.prompt_token_ids = prompt_token_ids
+        self.output_token_ids: list[int] = []
+        self.params = params
+        self.seed = seed
+        self.status = Status.WAITING
+        self.slot: int | None = None
+        self.num_computed = 0  # tokens whose KV is in the slot
+        self.num_cached = 0  # prompt tokens taken from the prefix cache
+        self.wait_for: Sequence | None = None  # n > 1: let the first sibling fill the shared prompt KV first
+        self.finish_reason: str | None = None
+        self.stop_reason: int | str | None = None
+        self.logprobs: list[TokenLogprob] | None = [] if params.logprobs is not None else None
+        self.stop_ids = set(params.stop_token_ids or ()) | (set() if params.ignore_eos else eos_token_ids)
+        self.text = ""
+        self._emitted_text = 0  # chars of self.text already handed out as deltas
+        self._emitted_tokens = 0
+        self._holdback = max((len(s) for s in params.stop_list), default=1) - 1
+        self._detok = _make_detokenizer(tokenizer, params.skip_special_tokens) if tokenizer is not None else None
+
+    # ---------------------------------------------------------------- counters
+    @property
+    def token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    def __len__(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def in_prefill(self) -> bool:
+        return self.num_computed < len(self.prompt_token_ids)
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status == Status.FINISHED
+
+    # ---------------------------------------------------------------- postprocess
+    def append_token(self, token_id: int, max_len: int) -> None:
+        """Record a sampled token, update the text and decide whether the sequence is done."""
+        self.output_token_ids.append(token_id)
+        if token_id in self.stop_ids:
+            self._finish("stop", token_id)
+            return
+        if self._detok is not None:
+            self._add_text(self._detok.push(token_id))
+            if self.is_finished:
+                return
+        if self.params.max_tokens is not None and len(self.output_token_ids) >= self.params.max_tokens or len(self) >= max_len:
+            self._finish("length")
+
+    def _add_text(self, piece: str) -> None:
+        if not piece:
+            return
+        start = max(0, len(self.text) - self._holdback)  # a stop string may begin in older text
+        self.text += piece
+        for stop in self.params.stop_list:
+            at = self.text.find(stop, start)
+            if at >= 0:
+                end = at + len(stop) if self.params.include_stop_str_in_output else at
+                self.text = self.text[:end]
+                self._finish("stop", stop)
+                return
+
+    def _finish(self, reason: str, stop_reason: int | str | None = None) -> None:
+        if self._detok is not None and not isinstance(stop_reason, str):  # a stop string truncated the text
+            self.text += self._detok.flush()
+        self.status = Status.FINISHED
+        self.finish_reason = reason
+        self.stop_reason = stop_reason
+
+    def abort(self) -> None:
+        self._finish("abort")
+
+    def output(self, delta: bool = True) -> CompletionOutput:
+        """Snapshot; delta fields cover what is new since the previous call (text held back while it could
+        still turn into a stop string)."""
+        upto = len(self.text) if self.is_finished else max(self._emitted_text, len(self.text) - self._holdback)
+        out = CompletionOutput(self.index, self.text[:upto] if not self.is_finished else self.text,
+                               list(self.output_token_ids), self.finish_reason, self.stop_reason,
+                               list(self.logprobs) if self.logprobs is not None else None)
+        if delta:
+            out.delta_text = self.text[self._emitted_text:upto]
+            out.delta_token_ids = self.output_token_ids[self._emitted_tokens:]
+            self._emitted_text, self._emitted_tokens = upto, len(self.output_token_ids)
+        return out

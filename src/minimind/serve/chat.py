@@ -1,0 +1,132 @@
+"""POST /v1/chat/completions: prompt from the checkpoint's own chat template, streamed or whole answers with
+reasoning_content and tool_calls split out of the text (chat_parse.py)."""
+from __future__ import annotations
+
+import time
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from .chat_parse import ChatOutputParser, collect
+from .context import SSE_DONE, ServingContext, sse, stream_error, watch_disconnect
+from .errors import APIError
+from .formatting import chat_logprob_entries, finish_reason, usage
+from .params import chat_prompt, check_prompt, resolve_max_tokens, sampling_params
+from .protocol import ChatCompletionRequest, random_id
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def prepare_chat(ctx: ServingContext, req: ChatCompletionRequest):
+    """Everything that can fail with a 4xx, done before the response starts."""
+    model_id, engine = ctx.engine_for(req.model)
+    if req.stream_options is not None and not req.stream:
+        raise APIError(400, "stream_options can only be set when stream is true", param="stream_options")
+    if req.top_logprobs and not req.logprobs:
+        raise APIError(400, "top_logprobs requires logprobs to be true", param="top_logprobs")
+    text, ids = chat_prompt(engine.tokenizer, req)
+    check_prompt(ids, engine.llm.config.vocab_size, "messages")
+    requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    max_tokens = resolve_max_tokens(requested, len(ids), engine.max_model_len, "messages")
+    logprobs = (req.top_logprobs or 0) if req.logprobs else None
+    params = sampling_params(req, max_tokens=max_tokens, vocab_size=engine.llm.config.vocab_size, logprobs=logprobs)
+    if req.response_format is not None and req.response_format.type != "text":
+        if ctx.guided is None:
+            raise APIError(400, "response_format needs constrained decoding: install the `serve` extra "
+                                "(llguidance)", param="response_format")
+        ctx.guided.attach(engine, params, req.response_format)
+    parse = {"started_in_think": text.rstrip(" ").endswith(("<think>", "<think>\n")),
+             "parse_tools": bool(req.tools) and req.tool_choice != "none"}
+    return model_id, engine, ids, params, parse
+
+
+async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest, raw: Request):
+    model_id, engine, ids, params, parse = prepare_chat(ctx, req)
+    handle = engine.submit(ids, params, random_id("chatcmpl"))
+    if req.stream:
+        return StreamingResponse(_stream(ctx, engine, req, handle, model_id, parse, raw),
+                                 media_type="text/event-stream", headers=SSE_HEADERS)
+    watcher = watch_disconnect(raw, handle)
+    try:
+        final = await handle.result()
+    finally:
+        watcher.cancel()
+        handle.abort()
+    token_text = ctx.token_text(engine)
+    choices, completion_tokens = [], 0
+    for o in final.outputs:
+        p = ChatOutputParser(**parse)
+        reasoning, content, calls = collect(p.feed(o.text) + p.finish())
+        completion_tokens += len(o.token_ids)
+        message = {"role": "assistant", "content": content if (content or not calls) else None,
+                   "reasoning_content": reasoning or None,
+                   "tool_calls": [{k: v for k, v in c.items() if k != "index"} for c in calls]}
+        lp = None
+        if params.logprobs is not None:
+            lp = {"content": chat_logprob_entries(token_text, o.logprobs or [], params.logprobs)}
+        choices.append({"index": o.index, "message": message, "logprobs": lp,
+                        "finish_reason": finish_reason(o.finish_reason, bool(calls)), "stop_reason": o.stop_reason})
+    body = {"id": handle.request_id, "object": "chat.completion", "created": int(time.time()), "model": model_id,
+            "choices": choices, "usage": usage(len(ids), completion_tokens, final.num_cached_tokens),
+            "system_fingerprint": None}
+    return JSONResponse(body)
+
+
+async def _stream(ctx, engine, req, handle, model_id, parse, raw):
+    created = int(time.time())
+    n = req.n
+    opts = req.stream_options
+    include_usage = bool(opts and opts.include_usage)
+    continuous = bool(opts and opts.continuous_usage_stats)
+    parsers = [ChatOutputParser(**parse) for _ in range(n)]
+    sent_lp = [0] * n
+    token_text = ctx.token_text(engine)
+    top_n = (req.top_logprobs or 0) if req.logprobs else None
+    prompt_tokens, generated = len(handle.prompt_token_ids), [0] * n
+
+    def chunk(index, delta, logprobs=None, finish=None):
+        c = {"id": handle.request_id, "object": "chat.completion.chunk", "created": created, "model": model_id,
+             "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]}
+        if include_usage:
+            c["usage"] = usage(prompt_tokens, sum(generated)) if continuous else None
+        return sse(c)
+
+    watcher = watch_disconnect(raw, handle)
+    try:
+        for i in range(n):
+            yield chunk(i, {"role": "assistant", "content": ""})
+        cached = 0
+        async for out in handle:
+            cached = out.num_cached_tokens
+            for o in out.outputs:
+                i = o.index
+                generated[i] = len(o.token_ids)
+                events = parsers[i].feed(o.delta_text) if o.delta_text else []
+                if o.finished:
+                    events += parsers[i].finish()
+                lp = None
+                if top_n is not None and o.logprobs is not None and len(o.logprobs) > sent_lp[i] and (events or o.finished):
+                    lp = {"content": chat_logprob_entries(token_text, o.logprobs[sent_lp[i]:], top_n)}
+                    sent_lp[i] = len(o.logprobs)
+                delta: dict = {}
+                for kind, value in events:
+                    if kind == "tool_call":
+                        delta.setdefault("tool_calls", []).append(value)
+                    else:
+                        key = "reasoning_content" if kind == "reasoning" else "content"
+                        delta[key] = delta.get(key, "") + value
+                if delta or lp:
+                    yield chunk(i, delta, lp)
+                if o.finished:
+                    reason = finish_reason(o.finish_reason, parsers[i].num_tool_calls > 0)
+                    yield chunk(i, {}, None, reason)
+        if include_usage:
+            final = {"id": handle.request_id, "object": "chat.completion.chunk", "created": created,
+                     "model": model_id, "choices": [], "usage": usage(prompt_tokens, sum(generated), cached)}
+            yield sse(final)
+    except Exception as exc:  # noqa: BLE001 - headers are out: report any failure in-band
+        yield stream_error(exc)
+    finally:
+        watcher.cancel()
+        handle.abort()  # no-op once finished; frees the slot when the client went away mid-stream
+    yield SSE_DONE

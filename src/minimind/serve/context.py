@@ -1,0 +1,72 @@
+"""ServingContext: everything a handler needs (served engines, tokenizer, auth), passed explicitly, never global."""
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass, field
+
+from fastapi import Request
+
+from .engine_client import AsyncEngine, RequestHandle
+from .errors import APIError, error_body
+from .formatting import TokenText
+
+
+@dataclass
+class ServingContext:
+    engines: dict[str, AsyncEngine]  # served model id -> engine; the first is the base model
+    api_key: str | None = None
+    metrics: object | None = None
+    guided: object | None = None  # GuidedDecoding when a grammar library is installed
+    token_texts: dict[int, TokenText] = field(default_factory=dict)
+
+    @property
+    def base_model(self) -> str:
+        return next(iter(self.engines))
+
+    def engine_for(self, model: str | None) -> tuple[str, AsyncEngine]:
+        if model is None or model == "":
+            return self.base_model, self.engines[self.base_model]
+        if model not in self.engines:
+            served = ", ".join(f"`{m}`" for m in self.engines)
+            raise APIError(404, f"The model `{model}` does not exist. Served models: {served}.", param="model",
+                           code="model_not_found")
+        return model, self.engines[model]
+
+    def token_text(self, engine: AsyncEngine) -> TokenText:
+        key = id(engine.tokenizer)
+        if key not in self.token_texts:
+            self.token_texts[key] = TokenText(engine.tokenizer)
+        return self.token_texts[key]
+
+
+def sse(obj) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+SSE_DONE = "data: [DONE]\n\n"
+
+
+def stream_error(exc: BaseException) -> str:
+    """An error after the 200 headers went out: an SSE error event (vLLM's shape), then the caller sends [DONE]."""
+    if isinstance(exc, APIError):
+        return sse(exc.body())
+    return sse(error_body(500, f"{type(exc).__name__}: {exc}"))
+
+
+async def _wait_disconnect(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+def watch_disconnect(request: Request, handle: RequestHandle) -> asyncio.Task:
+    """Abort the request (freeing its KV slot at the next engine step) as soon as the client goes away, even
+    while it still waits in the queue and nothing is being sent to it."""
+
+    async def watch():
+        await _wait_disconnect(request)
+        handle.abort()
+
+    return asyncio.create_task(watch())

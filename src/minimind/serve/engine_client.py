@@ -1,0 +1,196 @@
+"""AsyncEngine: the bridge between asyncio handlers and the engine's step loop.
+
+One thread owns the model and calls `LLM.step()` (continuous batching across every request); handlers submit
+token ids through the engine's thread-safe `add_request` and read their own asyncio.Queue, which the engine
+thread fills with `loop.call_soon_threadsafe`. No handler ever blocks the event loop or touches the model, and
+no handler polls. We drive `step()` ourselves instead of `LLM.start()` because the engine's own loop delivers into
+blocking `queue.Queue`s, which an event loop could only read by parking one thread per request.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from ..engine import LLM, RequestOutput, SamplingParams
+from .errors import APIError
+
+log = logging.getLogger("minimind.serve")
+
+
+class EngineDead(RuntimeError):
+    pass
+
+
+@dataclass
+class _Stream:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+    arrival: float = field(default_factory=time.perf_counter)
+
+
+class RequestHandle:
+    """Async iterator of one request's RequestOutput updates; `abort()` frees its slot at the next step."""
+
+    def __init__(self, engine: AsyncEngine, request_id: str, prompt_token_ids: list[int], stream: _Stream):
+        self.engine, self.request_id, self.prompt_token_ids = engine, request_id, prompt_token_ids
+        self._stream = stream
+        self.final: RequestOutput | None = None
+
+    def __aiter__(self):
+        return self._iter()
+
+    async def _iter(self):
+        while self.final is None:
+            item = await self._stream.queue.get()
+            if isinstance(item, BaseException):
+                raise EngineDead(f"engine step failed: {type(item).__name__}: {item}") from item
+            if item.finished:
+                self.final = item
+            yield item
+
+    async def result(self) -> RequestOutput:
+        async for _ in self:
+            pass
+        return self.final
+
+    def abort(self) -> None:
+        if self.final is None:
+            self.engine.abort(self.request_id)
+
+
+class AsyncEngine:
+    """Wraps an LLM (not started) for one served model id. max_queue bounds waiting requests (429 beyond it)."""
+
+    def __init__(self, llm: LLM, *, max_queue: int = 256):
+        if llm._thread is not None:
+            raise ValueError("pass an LLM whose background loop is not started: AsyncEngine drives step() itself")
+        self.llm, self.max_queue = llm, max_queue
+        self.tokenizer, self.max_model_len = llm.tokenizer, llm.max_model_len
+        self._streams: dict[str, _Stream] = {}
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self.accepting = True
+        self.error: BaseException | None = None
+        self.step_hooks: list = []  # callables(outputs) run on the engine thread after each step (metrics)
+
+    # ---------------------------------------------------------------- lifecycle
+    def start(self) -> AsyncEngine:
+        if self._thread is None:
+            self._stopping, self.accepting = False, True
+            self._thread = threading.Thread(target=self._loop, name="minimind-serve-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    async def drain(self, timeout: float = 30.0) -> None:
+        """Graceful shutdown: refuse new requests, let running ones finish (up to timeout), then stop."""
+        self.accepting = False
+        deadline = time.monotonic() + timeout
+        while self._streams and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        self.shutdown()
+
+    def shutdown(self) -> None:
+        self.accepting = False
+        with self._lock:
+            pending = list(self._streams)
+        for rid in pending:
+            self.llm.abort(rid)
+        deadline = time.monotonic() + 5
+        while self._thread is not None and self._streams and time.monotonic() < deadline:
+            self._wake.set()
+            time.sleep(0.01)
+        self._stopping = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        self._thread = None
+
+    # ---------------------------------------------------------------- requests (event-loop side)
+    @property
+    def num_active(self) -> int:
+        return len(self._streams)
+
+    def stats(self) -> dict:
+        sched = self.llm.scheduler
+        slots = sched.slots
+        return {"running": len(sched.running), "waiting": len(sched.waiting), "active": len(self._streams),
+                "slots_total": slots.num_slots, "slots_free": slots.num_free,
+                "kv_usage": 1 - slots.num_free / max(slots.num_slots, 1)}
+
+    def submit(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None) -> RequestHandle:
+        if not self.accepting:
+            raise APIError(503, "the server is shutting down", code="shutting_down")
+        capacity = self.llm.max_num_seqs + self.max_queue
+        if len(self._streams) >= capacity:
+            raise APIError(429, f"server busy: {len(self._streams)} requests in flight (limit {capacity}); retry later",
+                           code="queue_full", headers={"Retry-After": "1"})
+        if self._thread is None:
+            self.start()
+        request_id = request_id or uuid.uuid4().hex
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        with self._lock:  # registered before the engine can emit anything for it
+            self._streams[request_id] = stream
+        try:
+            self.llm.add_request(prompt_token_ids, params, request_id)
+        except BaseException:
+            with self._lock:
+                self._streams.pop(request_id, None)
+            raise
+        self._wake.set()
+        return RequestHandle(self, request_id, prompt_token_ids, stream)
+
+    def abort(self, request_id: str) -> None:
+        self.llm.abort(request_id)
+        self._wake.set()
+
+    # ---------------------------------------------------------------- engine thread
+    def _loop(self) -> None:
+        while not self._stopping:
+            self._wake.clear()
+            if not self.llm.has_unfinished():
+                self._wake.wait(0.5)
+                continue
+            try:
+                outputs = self.llm.step()
+                self.error = None
+            except BaseException as exc:  # fail the requests in flight, keep serving the next ones
+                log.exception("engine step failed")
+                self.error = exc
+                self._fail_all(exc)
+                continue
+            for hook in self.step_hooks:
+                try:
+                    hook(outputs)
+                except Exception:  # metrics must never take the engine down
+                    log.exception("step hook failed")
+            for out in outputs:
+                self._deliver(out)
+
+    def _deliver(self, out: RequestOutput) -> None:
+        with self._lock:
+            stream = self._streams.pop(out.request_id, None) if out.finished else self._streams.get(out.request_id)
+        if stream is not None:
+            try:
+                stream.loop.call_soon_threadsafe(stream.queue.put_nowait, out)
+            except RuntimeError:  # the event loop is closed (shutdown): nobody is listening any more
+                pass
+
+    def _fail_all(self, exc: BaseException) -> None:
+        with self._lock:
+            streams, self._streams = dict(self._streams), {}
+        for rid, stream in streams.items():
+            self.llm.abort(rid)
+            try:
+                stream.loop.call_soon_threadsafe(stream.queue.put_nowait, exc)
+            except RuntimeError:
+                pass
+        try:  # the aborts are applied (and the slots released) at the start of the next step
+            self.llm.step()
+        except BaseException:
+            log.exception("engine cleanup after a failed step also failed")

@@ -1,0 +1,63 @@
+"""Token text and logprob shapes of the OpenAI API (chat: `content[]` entries; completions: parallel lists)."""
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+
+class TokenText:
+    """id -> the text of that token alone (what vLLM reports as `token`), cached per tokenizer."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.text = lru_cache(maxsize=65536)(self._decode)
+
+    def _decode(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+
+def _finite(x: float) -> float:
+    # JSON has no -inf; a masked-out top token would otherwise break the response
+    return x if math.isfinite(x) else -9999.0
+
+
+def chat_logprob_entries(token_text: TokenText, logprobs, top_n: int) -> list[dict]:
+    out = []
+    for lp in logprobs:
+        tok = token_text.text(lp.token_id)
+        entry = {"token": tok, "logprob": _finite(lp.logprob), "bytes": list(tok.encode("utf-8")), "top_logprobs": []}
+        for top in lp.top[:top_n]:
+            t = token_text.text(top.token_id)
+            entry["top_logprobs"].append({"token": t, "logprob": _finite(top.logprob), "bytes": list(t.encode("utf-8"))})
+        out.append(entry)
+    return out
+
+
+def completion_logprobs(token_text: TokenText, logprobs, top_n: int, offset0: int = 0) -> dict:
+    tokens, token_lps, tops, offsets = [], [], [], []
+    offset = offset0
+    for lp in logprobs:
+        tok = token_text.text(lp.token_id)
+        tokens.append(tok)
+        token_lps.append(_finite(lp.logprob))
+        top = {}
+        for t in lp.top[:top_n]:
+            top.setdefault(token_text.text(t.token_id), _finite(t.logprob))
+        tops.append(top if top_n else None)
+        offsets.append(offset)
+        offset += len(tok)
+    return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
+
+
+def usage(prompt_tokens: int, completion_tokens: int, cached: int = 0) -> dict:
+    u = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+         "total_tokens": prompt_tokens + completion_tokens}
+    if cached:
+        u["prompt_tokens_details"] = {"cached_tokens": cached}
+    return u
+
+
+def finish_reason(reason: str | None, has_tool_calls: bool = False) -> str | None:
+    if reason == "stop" and has_tool_calls:
+        return "tool_calls"
+    return reason

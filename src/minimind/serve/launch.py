@@ -1,0 +1,100 @@
+"""Command line of `minimind serve`: the seeds' model flags (shared with `minimind chat`), server flags, uvicorn."""
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import os
+import sys
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from ..apps.chat import build_parser as chat_parser
+
+    p = argparse.ArgumentParser(prog="minimind serve", description="OpenAI-compatible API server (default "
+                                "127.0.0.1:8000): /v1/chat/completions, /v1/completions, /v1/models, /chat, ...",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    # The model flags are `minimind chat`'s own actions (one definition, same names and help).
+    model = p.add_argument_group("model (same flags as `minimind chat` and the original eval_llm.py)")
+    chat = chat_parser()
+    source = next(g for g in chat._action_groups if g.title and g.title.startswith("model"))
+    for action in source._group_actions:
+        model._add_action(action)
+    srv = p.add_argument_group("server")
+    srv.add_argument("--host", default="127.0.0.1", help="bind address (0.0.0.0 exposes the server to the network)")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--api-key", default=os.environ.get("MINIMIND_API_KEY"),
+                     help="require `Authorization: Bearer KEY` (env MINIMIND_API_KEY)")
+    srv.add_argument("--served-model-name", default=None, help="model id clients send (default: the weight name)")
+    srv.add_argument("--lora", action="append", default=[], metavar="NAME=PATH",
+                     help="serve a LoRA adapter as its own model id NAME (repeatable)")
+    srv.add_argument("--max-queue", type=int, default=256, help="requests waiting beyond the running ones; more get 429")
+    srv.add_argument("--drain-timeout", type=float, default=30.0, help="seconds running requests get at shutdown")
+    srv.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    eng = p.add_argument_group("engine")
+    eng.add_argument("--max-num-seqs", type=int, default=8, help="sequences decoded together (KV slots)")
+    eng.add_argument("--max-model-len", type=int, default=None, help="context per sequence (default: 2048 or the "
+                     "model's own limit)")
+    eng.add_argument("--max-num-batched-tokens", type=int, default=512, help="tokens per step (prompt chunking)")
+    eng.add_argument("--quantization", default=None, choices=("int8", "dynamic"), help="weight quantization")
+    eng.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    eng.add_argument("--no-prefix-caching", action="store_true", help="do not reuse KV of shared prompt prefixes")
+    return p
+
+
+def parse_lora(specs: list[str]) -> dict[str, str]:
+    out = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--lora takes NAME=PATH, got {spec!r}")
+        out[name] = path
+    return out
+
+
+def load_engines(args: argparse.Namespace) -> dict:
+    """{model id: LLM}: the base model (with --lora_weight merged if given), then one engine per --lora adapter."""
+    from ..apps.chat import resolve_source
+    from ..chat.session import _load
+    from ..engine import LLM
+    from ..model.lora import load_lora, merge_lora, resolve_lora_path
+
+    source = resolve_source(args)
+    model, tokenizer = _load(source, args, "cpu")
+    adapters = parse_lora(args.lora)
+    pristine = copy.deepcopy(model) if adapters else None
+    merge_lora(model)  # the engine fuses plain weights: an adapter must be folded in to take effect
+    kwargs = {"tokenizer": tokenizer, "dtype": None if args.dtype == "auto" else args.dtype,
+              "quantization": args.quantization, "max_model_len": args.max_model_len,
+              "max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens,
+              "enable_prefix_caching": not args.no_prefix_caching, "threads": args.threads}
+    name = args.served_model_name or str(source.get("weight") or "minimind")
+    engines = {name: LLM(model, **kwargs)}
+    for adapter, path in adapters.items():
+        variant = copy.deepcopy(pristine)
+        load_lora(variant, resolve_lora_path(path, args.save_dir, variant.config.hidden_size, bool(args.use_moe)))
+        engines[adapter] = LLM(merge_lora(variant), **kwargs)
+    return engines
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    try:
+        engines = load_engines(args)
+    except Exception as exc:  # one clear line, as `minimind chat` does (MINIMIND_DEBUG=1 shows the traceback)
+        if os.environ.get("MINIMIND_DEBUG"):
+            raise
+        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 1
+    import uvicorn
+
+    from .openai_server import create_app
+
+    app = create_app(engines, api_key=args.api_key, max_queue=args.max_queue, drain_timeout=args.drain_timeout)
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
+        logging.getLogger("minimind.serve").warning("listening on %s without --api-key", args.host)
+    print(f"serving {', '.join(engines)} on http://{args.host}:{args.port}/v1", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
+                timeout_graceful_shutdown=args.drain_timeout + 5)
+    return 0

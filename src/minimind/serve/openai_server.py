@@ -1,0 +1,192 @@
+"""`minimind serve`: an OpenAI-compatible HTTP API over the continuous-batching engine.
+
+create_app(engine) builds the FastAPI app around engines it is given (no module globals); main(argv) loads the
+checkpoint with the same flags as `minimind chat` and runs uvicorn on 127.0.0.1 by default.
+"""
+from __future__ import annotations
+
+import hmac
+import time
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+
+from ..chat.template import render_prompt
+from .chat import create_chat_completion
+from .completions import create_completion
+from .context import ServingContext
+from .engine_client import AsyncEngine
+from .errors import APIError, error_body, install_handlers
+from .params import message_dicts, open_thinking_of, sampling_params
+from .protocol import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    ErrorResponse,
+    ModelCard,
+    ModelList,
+    SimpleChatRequest,
+    SimpleChatResponse,
+    TokenizeRequest,
+    TokenizeResponse,
+    random_id,
+)
+
+PUBLIC_PATHS = ("/health", "/metrics", "/docs", "/redoc", "/openapi.json", "/docs/oauth2-redirect")
+ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 429, 500, 503)}
+
+
+def _as_engines(engine, served_model_name: str | None, max_queue: int) -> dict[str, AsyncEngine]:
+    def wrap(e):
+        return e if isinstance(e, AsyncEngine) else AsyncEngine(e, max_queue=max_queue)
+
+    if isinstance(engine, dict):
+        return {name: wrap(e) for name, e in engine.items()}
+    return {served_model_name or "minimind": wrap(engine)}
+
+
+def create_app(engine, *, served_model_name: str | None = None, api_key: str | None = None, max_queue: int = 256,
+               guided=None, metrics: bool = True, drain_timeout: float = 30.0) -> FastAPI:
+    """engine: an LLM (not started), an AsyncEngine, or {model id: either} (the first is the base model; LoRA
+    adapters are further ids). guided: a GuidedDecoding for response_format (None = try llguidance)."""
+    engines = _as_engines(engine, served_model_name, max_queue)
+    if guided is None:
+        from .guided import GuidedDecoding
+
+        guided = GuidedDecoding.create()
+    from .metrics import CONTENT_TYPE_LATEST, ServerMetrics
+
+    ctx = ServingContext(engines, api_key=api_key, metrics=ServerMetrics() if metrics else None,
+                         guided=guided or None)
+    if ctx.metrics is not None:
+        for name, e in engines.items():
+            ctx.metrics.attach(name, e)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        for e in engines.values():
+            e.start()
+        yield
+        for e in engines.values():  # graceful: running requests finish, new ones get 503
+            e.accepting = False
+        for e in engines.values():
+            await e.drain(drain_timeout)
+
+    app = FastAPI(title="minimind serve", version="1", lifespan=lifespan,
+                  description="OpenAI-compatible API for MiniMind checkpoints")
+    app.state.ctx = ctx
+    install_handlers(app)
+
+    @app.middleware("http")
+    async def auth_and_count(request: Request, call_next):
+        path = request.url.path
+        if ctx.api_key and request.method != "OPTIONS" and not path.startswith(PUBLIC_PATHS):
+            header = request.headers.get("authorization", "")
+            token = header[7:].strip() if header.lower().startswith("bearer ") else request.headers.get("x-api-key", "")
+            if not hmac.compare_digest(token.encode(), ctx.api_key.encode()):
+                return JSONResponse(error_body(401, "invalid or missing API key (send `Authorization: Bearer KEY`)",
+                                               None, "invalid_api_key"), status_code=401,
+                                    headers={"WWW-Authenticate": "Bearer"})
+        response = await call_next(request)
+        if ctx.metrics is not None:
+            route = request.scope.get("route")
+            ctx.metrics.http_requests.labels(request.method, getattr(route, "path", "other"),
+                                             str(response.status_code)).inc()
+        return response
+
+    @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=ERRORS)
+    async def chat_completions(req: ChatCompletionRequest, raw: Request):
+        """Chat completion; with `stream: true` an SSE stream of chat.completion.chunk objects ending in [DONE]."""
+        return await create_chat_completion(ctx, req, raw)
+
+    @app.post("/v1/completions", response_model=CompletionResponse, responses=ERRORS)
+    async def completions(req: CompletionRequest, raw: Request):
+        return await create_completion(ctx, req, raw)
+
+    @app.get("/v1/models", response_model=ModelList)
+    async def models():
+        base = ctx.base_model
+        return ModelList(data=[ModelCard(id=name, root=name, parent=None if name == base else base,
+                                         max_model_len=e.max_model_len) for name, e in engines.items()])
+
+    @app.get("/v1/models/{model_id}", response_model=ModelCard, responses=ERRORS)
+    async def model_card(model_id: str):
+        name, e = ctx.engine_for(model_id)
+        return ModelCard(id=name, root=name, max_model_len=e.max_model_len)
+
+    @app.get("/health")
+    async def health():
+        dead = [n for n, e in engines.items() if e.error is not None or not e.accepting]
+        if dead:
+            return JSONResponse({"status": "unavailable", "models": dead}, status_code=503)
+        return {"status": "ok"}
+
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus():
+        if ctx.metrics is None:
+            raise APIError(404, "metrics are disabled")
+        return Response(ctx.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.post("/tokenize", response_model=TokenizeResponse, responses=ERRORS)
+    async def tokenize(req: TokenizeRequest):
+        _, e = ctx.engine_for(req.model)
+        if (req.prompt is None) == (req.messages is None):
+            raise APIError(400, "give exactly one of `prompt` or `messages`", param="prompt")
+        if req.messages is not None:
+            try:
+                text = render_prompt(e.tokenizer, message_dicts(req.messages), open_thinking=open_thinking_of(req),
+                                     add_generation_prompt=req.add_generation_prompt)
+            except Exception as exc:  # noqa: BLE001 - jinja/template errors of user input
+                raise APIError(400, f"messages could not be rendered: {exc}", param="messages") from None
+        else:
+            text = req.prompt
+        ids = list(e.tokenizer.encode(text, add_special_tokens=req.add_special_tokens))
+        return TokenizeResponse(count=len(ids), max_model_len=e.max_model_len, tokens=ids)
+
+    @app.post("/detokenize", response_model=DetokenizeResponse, responses=ERRORS)
+    async def detokenize(req: DetokenizeRequest):
+        _, e = ctx.engine_for(req.model)
+        vocab = e.llm.config.vocab_size
+        if any(not 0 <= t < vocab for t in req.tokens):
+            raise APIError(400, f"token ids must be in [0, {vocab})", param="tokens")
+        return DetokenizeResponse(prompt=e.tokenizer.decode(req.tokens))
+
+    @app.post("/chat", response_model=SimpleChatResponse, responses=ERRORS)
+    async def simple_chat(req: SimpleChatRequest, raw: Request):
+        """The seeds' minimal endpoint: {messages, max_tokens, temperature} -> {"response": text}."""
+        full = ChatCompletionRequest(messages=req.messages, max_tokens=req.max_tokens, temperature=req.temperature)
+        _, e = ctx.engine_for(None)
+        from .params import chat_prompt, check_prompt, resolve_max_tokens
+
+        _, ids = chat_prompt(e.tokenizer, full)
+        check_prompt(ids, e.llm.config.vocab_size, "messages")
+        max_tokens = min(req.max_tokens, max(1, e.max_model_len - len(ids)))  # the seeds never errored on length
+        resolve_max_tokens(None, len(ids), e.max_model_len, "messages")
+        params = sampling_params(full, max_tokens=max_tokens, vocab_size=e.llm.config.vocab_size, logprobs=None)
+        handle = e.submit(ids, params, random_id("chat"))
+        from .context import watch_disconnect
+
+        watcher = watch_disconnect(raw, handle)
+        try:
+            final = await handle.result()
+        finally:
+            watcher.cancel()
+            handle.abort()
+        from .chat_parse import ChatOutputParser, collect
+
+        parser = ChatOutputParser()
+        _, content, _ = collect(parser.feed(final.outputs[0].text) + parser.finish())
+        return SimpleChatResponse(response=content)
+
+    app.state.started = time.time()
+    return app
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .launch import main as launch_main
+
+    return launch_main(argv)

@@ -1,0 +1,125 @@
+"""Request -> (prompt token ids, SamplingParams), with the checks that must answer 400 before generation starts."""
+from __future__ import annotations
+
+from ..chat.template import render_prompt
+from ..engine import SamplingParams
+from .errors import APIError, context_overflow
+from .protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, SamplingFields
+
+
+def message_dicts(messages: list[ChatMessage]) -> list[dict]:
+    """OpenAI messages -> the dicts MiniMind's chat templates read (text parts joined; `developer` = system)."""
+    out = []
+    for m in messages:
+        content = m.content
+        if isinstance(content, list):
+            content = "".join(part.text or "" for part in content if part.type == "text")
+        d = {"role": "system" if m.role == "developer" else m.role, "content": content or ""}
+        if m.tool_calls:
+            d["tool_calls"] = [{"id": c.id, "type": "function",
+                                "function": {"name": c.function.name, "arguments": c.function.arguments}}
+                               for c in m.tool_calls]
+        if m.reasoning_content is not None:
+            d["reasoning_content"] = m.reasoning_content
+        if m.tool_call_id:
+            d["tool_call_id"] = m.tool_call_id
+        if m.name:
+            d["name"] = m.name
+        out.append(d)
+    return out
+
+
+def open_thinking_of(req) -> bool | None:
+    """chat_template_kwargs.open_thinking / enable_thinking (the names minimind-3 / 2510 read), or the original
+    server's top-level `open_thinking`. None = the template's own default."""
+    kwargs = req.chat_template_kwargs or {}
+    for key in ("open_thinking", "enable_thinking"):
+        if key in kwargs and kwargs[key] is not None:
+            return bool(kwargs[key])
+    return getattr(req, "open_thinking", None)
+
+
+def chat_prompt(tokenizer, req: ChatCompletionRequest) -> tuple[str, list[int]]:
+    tools = None
+    if req.tools and req.tool_choice != "none":
+        tools = [t.model_dump(exclude_none=True) for t in req.tools]
+    try:
+        text = render_prompt(tokenizer, message_dicts(req.messages), tools=tools,
+                             open_thinking=open_thinking_of(req), add_generation_prompt=req.add_generation_prompt)
+    except ValueError as exc:
+        raise APIError(400, str(exc), param="messages") from None
+    except Exception as exc:  # noqa: BLE001 - jinja errors from a message the template cannot render
+        raise APIError(400, f"messages could not be rendered by the chat template: {exc}", param="messages") from None
+    return text, list(tokenizer.encode(text, add_special_tokens=False))
+
+
+def completion_prompts(tokenizer, req: CompletionRequest) -> list[list[int]]:
+    """`prompt` may be a string, a list of strings, token ids, or a list of token-id lists."""
+    p = req.prompt
+    if isinstance(p, str):
+        p = [p]
+    if not p:
+        raise APIError(400, "prompt must not be empty", param="prompt")
+    if all(isinstance(x, int) for x in p):
+        return [list(p)]
+    prompts = []
+    for item in p:
+        ids = list(tokenizer.encode(item, add_special_tokens=False)) if isinstance(item, str) else list(item)
+        prompts.append(ids)
+    return prompts
+
+
+def check_prompt(ids: list[int], vocab_size: int, what: str) -> None:
+    if not ids:
+        raise APIError(400, f"the {what} is empty after tokenization", param=what)
+    if min(ids) < 0 or max(ids) >= vocab_size:
+        raise APIError(400, f"token id out of range for the vocabulary of {vocab_size}", param=what)
+
+
+def resolve_max_tokens(requested: int | None, prompt_len: int, max_model_len: int, what: str) -> int:
+    """vLLM's rule: no max_tokens = the rest of the context; too many = 400 naming both numbers."""
+    if prompt_len >= max_model_len:
+        raise context_overflow(max_model_len, prompt_len, requested, what)
+    if requested is None:
+        return max_model_len - prompt_len
+    if prompt_len + requested > max_model_len:
+        raise context_overflow(max_model_len, prompt_len, requested, what)
+    return requested
+
+
+def sampling_params(req: SamplingFields, *, max_tokens: int, vocab_size: int, logprobs: int | None,
+                    defaults: dict | None = None) -> SamplingParams:
+    d = defaults or {}
+
+    def pick(name, fallback):
+        value = getattr(req, name)
+        return d.get(name, fallback) if value is None else value
+
+    bias = None
+    if req.logit_bias:
+        bias = {}
+        for key, value in req.logit_bias.items():
+            try:
+                token = int(key)
+            except ValueError:
+                raise APIError(400, f"logit_bias keys must be token ids, got {key!r}", param="logit_bias") from None
+            if not 0 <= token < vocab_size:
+                raise APIError(400, f"logit_bias token id {token} is outside the vocabulary of {vocab_size}",
+                               param="logit_bias")
+            if not -100 <= value <= 100:
+                raise APIError(400, f"logit_bias values must be in [-100, 100], got {value}", param="logit_bias")
+            bias[token] = float(value)
+    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    try:
+        return SamplingParams(
+            n=req.n, max_tokens=max_tokens, temperature=float(pick("temperature", 1.0)),
+            top_p=float(pick("top_p", 1.0)), top_k=int(pick("top_k", 0)), min_p=float(pick("min_p", 0.0)),
+            repetition_penalty=float(pick("repetition_penalty", 1.0)),
+            presence_penalty=float(pick("presence_penalty", 0.0)),
+            frequency_penalty=float(pick("frequency_penalty", 0.0)), logit_bias=bias,
+            seed=None if req.seed is None else req.seed & 0x7FFFFFFF, stop=[s for s in stop if s] or None,
+            stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos,
+            include_stop_str_in_output=req.include_stop_str_in_output, logprobs=logprobs,
+            skip_special_tokens=req.skip_special_tokens)
+    except ValueError as exc:
+        raise APIError(400, str(exc), param=str(exc).split(" ", 1)[0]) from None

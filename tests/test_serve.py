@@ -1,0 +1,270 @@
+"""`minimind serve` against the official openai client: a real uvicorn server on 127.0.0.1 (random free port)
+serving a tiny random model with the real minimind-3 tokenizer. A second served id ("scripted") replays a fixed
+reply, so tool calls and reasoning can be checked although a random model never writes them."""
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+import torch
+
+from conftest import tiny_model, tokenizer_dir
+
+openai = pytest.importorskip("openai")
+pytest.importorskip("fastapi")
+uvicorn = pytest.importorskip("uvicorn")
+
+MSG = [{"role": "user", "content": "你好"}]
+
+
+@contextlib.contextmanager
+def serve(app):
+    """Run `app` on 127.0.0.1:<free port> in a thread; yields the base URL; stops (gracefully) on exit."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+def script(llm, tokenizer, text_holder: dict):
+    """Make `llm` emit text_holder["text"] token by token (then eos), whatever the logits say."""
+    original = llm.runner.sample
+
+    def sample(logits, seqs):
+        tokens, *rest = original(logits, seqs)
+        ids = tokenizer.encode(text_holder["text"], add_special_tokens=False) + [tokenizer.eos_token_id]
+        forced = [ids[min(len(s.output_token_ids), len(ids) - 1)] for s in seqs]
+        return (torch.tensor(forced, dtype=tokens.dtype), *rest)
+
+    llm.runner.sample = sample
+
+
+def wait_idle(engine, timeout: float = 20.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        s = engine.stats()
+        if s["active"] == 0 and s["slots_free"] == s["slots_total"] and not engine.llm.has_unfinished():
+            return s
+        time.sleep(0.05)
+    raise AssertionError(f"engine not idle: {engine.stats()}")
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(tokenizer_dir("minimind-3")))
+
+
+@pytest.fixture(scope="module")
+def server(tokenizer):
+    from minimind.engine import LLM
+    from minimind.serve import create_app
+
+    llm = LLM(tiny_model("minimind3", vocab_size=6400), tokenizer=tokenizer, max_num_seqs=4, max_model_len=512)
+    scripted = LLM(tiny_model("minimind3", vocab_size=6400, seed=1), tokenizer=tokenizer, max_num_seqs=2,
+                   max_model_len=512)
+    holder = {"text": "hello"}
+    script(scripted, tokenizer, holder)
+    app = create_app({"tiny": llm, "scripted": scripted})
+    with serve(app) as url:
+        yield {"url": url, "app": app, "holder": holder, "engine": app.state.ctx.engines["tiny"]}
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server["url"] + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def test_chat_non_stream_usage_and_logprobs(client, tokenizer):
+    from minimind.chat.template import render_prompt
+
+    r = client.chat.completions.create(model="tiny", messages=MSG, max_tokens=8, temperature=0, logprobs=True,
+                                       top_logprobs=3)
+    choice = r.choices[0]
+    assert r.object == "chat.completion" and r.id.startswith("chatcmpl-") and r.model == "tiny"
+    assert choice.finish_reason in ("length", "stop") and choice.message.role == "assistant"
+    prompt_ids = tokenizer.encode(render_prompt(tokenizer, MSG, open_thinking=None), add_special_tokens=False)
+    assert r.usage.prompt_tokens == len(prompt_ids)
+    assert r.usage.completion_tokens == len(choice.logprobs.content) <= 8
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    assert all(len(e.top_logprobs) == 3 and e.logprob <= 0 for e in choice.logprobs.content)
+    # greedy: the chosen token is the most likely one
+    assert all(e.top_logprobs[0].logprob == pytest.approx(e.logprob) for e in choice.logprobs.content)
+
+
+def test_chat_stream_matches_non_stream(client):
+    kwargs = {"model": "tiny", "messages": MSG, "max_tokens": 12, "temperature": 0}
+    whole = client.chat.completions.create(**kwargs)
+    chunks = list(client.chat.completions.create(**kwargs, stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert {c.id for c in chunks} == {chunks[0].id} and all(c.object == "chat.completion.chunk" for c in chunks)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    finals = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finals == [whole.choices[0].finish_reason]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    assert all(c.usage is None for c in chunks[:-1])
+
+
+def test_sse_framing_and_done(server):
+    body = {"model": "tiny", "messages": MSG, "max_tokens": 4, "stream": True}
+    with httpx.stream("POST", server["url"] + "/v1/chat/completions", json=body, timeout=60) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events = [line for line in r.iter_lines() if line]
+    assert all(e.startswith("data: ") for e in events) and events[-1] == "data: [DONE]"
+    assert "usage" not in json.loads(events[1][6:])  # no usage unless asked for
+
+
+def test_completions_n_echo_and_stream(client):
+    r = client.completions.create(model="tiny", prompt="hello", max_tokens=6, n=2, seed=3, temperature=1.0,
+                                  logprobs=2, echo=True)
+    assert [c.index for c in r.choices] == [0, 1] and all(c.text.startswith("hello") for c in r.choices)
+    assert r.usage.completion_tokens == sum(len(c.logprobs.tokens) for c in r.choices)
+    parts = {0: "", 1: ""}
+    for chunk in client.completions.create(model="tiny", prompt=["a", "b"], max_tokens=5, temperature=0, stream=True):
+        for c in chunk.choices:
+            parts[c.index] = parts.get(c.index, "") + c.text
+    whole = client.completions.create(model="tiny", prompt=["a", "b"], max_tokens=5, temperature=0)
+    assert [parts[i] for i in range(2)] == [c.text for c in whole.choices]
+
+
+def test_seed_reproducible_and_n(client):
+    kwargs = {"model": "tiny", "messages": MSG, "max_tokens": 10, "temperature": 1.0, "seed": 1234, "n": 3}
+    a, b = client.chat.completions.create(**kwargs), client.chat.completions.create(**kwargs)
+    assert [c.message.content for c in a.choices] == [c.message.content for c in b.choices]
+    assert [c.index for c in a.choices] == [0, 1, 2]
+    assert len({c.message.content for c in a.choices}) > 1  # n samples, not one copied
+
+
+def test_stop_string_and_max_completion_tokens(client):
+    base = client.completions.create(model="tiny", prompt="x", max_tokens=12, temperature=0).choices[0].text
+    stop = base[3:5]
+    assert stop and base.find(stop) >= 1
+    r = client.completions.create(model="tiny", prompt="x", max_tokens=12, temperature=0, stop=[stop])
+    assert r.choices[0].text == base[:base.find(stop)] and r.choices[0].finish_reason == "stop"
+    r = client.chat.completions.create(model="tiny", messages=MSG, max_completion_tokens=3, temperature=0)
+    assert r.usage.completion_tokens == 3 and r.choices[0].finish_reason == "length"
+
+
+def test_sampling_fields_accepted(client):
+    r = client.chat.completions.create(model="tiny", messages=MSG, max_tokens=5, temperature=0.7, top_p=0.9,
+                                       presence_penalty=0.5, frequency_penalty=0.5, logit_bias={"100": 100},
+                                       user="u", extra_body={"top_k": 20, "min_p": 0.05, "repetition_penalty": 1.1})
+    assert r.usage.completion_tokens >= 1
+    forced = client.completions.create(model="tiny", prompt="x", max_tokens=4, temperature=1.0,
+                                       logit_bias={"100": 100}, logprobs=0)
+    assert all(t == forced.choices[0].logprobs.tokens[0] for t in forced.choices[0].logprobs.tokens)
+
+
+def test_reasoning_and_tools_round_trip(client, server):
+    holder = server["holder"]
+    holder["text"] = "<think>\nweigh it\n</think>\n\nParis"
+    r = client.chat.completions.create(model="scripted", messages=MSG, max_tokens=40)
+    msg = r.choices[0].message
+    assert msg.model_extra["reasoning_content"] == "weigh it" and msg.content == "Paris"
+    chunks = list(client.chat.completions.create(model="scripted", messages=MSG, max_tokens=40, stream=True))
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    assert "".join(d.model_extra.get("reasoning_content") or "" for d in deltas) == "weigh it"
+    assert "".join(d.content or "" for d in deltas) == "Paris"
+
+    holder["text"] = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}}}}]
+    r = client.chat.completions.create(model="scripted", messages=MSG, tools=tools, max_tokens=60)
+    call = r.choices[0].message.tool_calls[0]
+    assert r.choices[0].finish_reason == "tool_calls" and call.function.name == "get_weather"
+    assert json.loads(call.function.arguments) == {"city": "Paris"} and call.id.startswith("call_")
+    chunks = list(client.chat.completions.create(model="scripted", messages=MSG, tools=tools, max_tokens=60,
+                                                 stream=True))
+    streamed = [tc for c in chunks if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
+    assert [(t.index, t.function.name) for t in streamed] == [(0, "get_weather")]
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    # the tool result goes back in; the template renders it and the model answers
+    holder["text"] = "It is sunny."
+    history = MSG + [{"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+                     {"role": "tool", "tool_call_id": call.id, "content": '{"weather": "sunny"}'}]
+    r = client.chat.completions.create(model="scripted", messages=history, tools=tools, max_tokens=20)
+    assert r.choices[0].message.content == "It is sunny." and r.choices[0].finish_reason == "stop"
+
+
+def test_open_thinking_starts_inside_think(client, server):
+    server["holder"]["text"] = "mull\n</think>\n\nok"
+    r = client.chat.completions.create(model="scripted", messages=MSG, max_tokens=20,
+                                       extra_body={"chat_template_kwargs": {"open_thinking": True}})
+    assert r.choices[0].message.model_extra["reasoning_content"] == "mull" and r.choices[0].message.content == "ok"
+
+
+def test_models_health_tokenize_detokenize_chat_metrics(server, tokenizer):
+    url = server["url"]
+    models = httpx.get(url + "/v1/models").json()
+    assert [m["id"] for m in models["data"]] == ["tiny", "scripted"] and models["object"] == "list"
+    assert httpx.get(url + "/health").json() == {"status": "ok"}
+    tok = httpx.post(url + "/tokenize", json={"prompt": "你好 world"}).json()
+    assert tok["tokens"] == tokenizer.encode("你好 world", add_special_tokens=False) and tok["count"] == len(tok["tokens"])
+    assert httpx.post(url + "/detokenize", json={"tokens": tok["tokens"]}).json() == {"prompt": "你好 world"}
+    seed_chat = httpx.post(url + "/chat", json={"messages": MSG, "max_tokens": 5, "temperature": 0}, timeout=60)
+    assert seed_chat.status_code == 200 and isinstance(seed_chat.json()["response"], str)
+    text = httpx.get(url + "/metrics").text
+    for name in ("minimind_time_to_first_token_seconds_bucket", "minimind_e2e_request_latency_seconds_count",
+                 "minimind_generation_tokens_total", "minimind_num_requests_waiting", "minimind_kv_cache_usage_perc",
+                 "minimind_http_requests_total"):
+        assert name in text
+    assert httpx.get(url + "/docs").status_code == 200
+
+
+def test_client_disconnect_frees_slot(server):
+    engine = server["engine"]
+    body = {"model": "tiny", "messages": MSG, "max_tokens": 150, "stream": True, "ignore_eos": True}
+    with httpx.stream("POST", server["url"] + "/v1/chat/completions", json=body, timeout=60) as r:
+        lines = r.iter_lines()
+        for _ in range(4):
+            next(lines)
+    s = wait_idle(engine)
+    assert s["running"] == 0
+
+
+SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 8}, "ok": {"type": "boolean"},
+                                           "n": {"type": "integer", "minimum": 0, "maximum": 99}},
+          "required": ["name", "ok", "n"], "additionalProperties": False}
+
+
+def test_response_format_json_schema(client):
+    pytest.importorskip("llguidance")
+    jsonschema = pytest.importorskip("jsonschema")
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": SCHEMA}}
+    for seed in (1, 2, 3):
+        r = client.chat.completions.create(model="tiny", messages=MSG, max_tokens=80, temperature=1.0, seed=seed,
+                                           response_format=fmt)
+        assert r.choices[0].finish_reason == "stop", r.choices[0].message.content
+        jsonschema.validate(json.loads(r.choices[0].message.content), SCHEMA)
+    chunks = client.chat.completions.create(model="tiny", messages=MSG, max_tokens=80, temperature=0, stream=True,
+                                            response_format=fmt)
+    jsonschema.validate(json.loads("".join(c.choices[0].delta.content or "" for c in chunks if c.choices)), SCHEMA)
+    r = client.chat.completions.create(model="tiny", messages=MSG, max_tokens=60, temperature=0,
+                                       response_format={"type": "json_object"})
+    text = r.choices[0].message.content
+    assert text.startswith("{") and (r.choices[0].finish_reason == "length" or isinstance(json.loads(text), dict))
+
+
+def test_response_format_bad_schema(server):
+    pytest.importorskip("llguidance")
+    r = httpx.post(server["url"] + "/v1/chat/completions", timeout=30, json={
+        "messages": MSG, "response_format": {"type": "json_schema", "json_schema": {"name": "x"}}})
+    assert r.status_code == 400 and r.json()["error"]["param"].startswith("response_format")

@@ -1,0 +1,79 @@
+"""The streaming reasoning / tool-call splitter agrees with chat/template.py's whole-text parsers however the text
+is chunked; and the `minimind serve` command line parses the seeds' model flags."""
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from minimind.chat.template import parse_tool_calls, split_reasoning
+from minimind.serve.chat_parse import ChatOutputParser, collect
+
+CASES = ["<think>\nhmm\n</think>\n\nHello", " hello world", "<think>abc", "a <tool_c", "<thi", "plain\n\ntext\n",
+         'x<tool_call>{"name": "f", "arguments": {"a": 1}}</tool_call>\n<tool_call>{"name":"g"}</tool_call>',
+         "<tool_call>bad</tool_call> tail", "<think>\nplan\n</think>\n\n<tool_call>\n{\"name\": \"f\"}\n</tool_call>"]
+
+
+def run(text: str, think: bool, sizes: random.Random | None) -> tuple:
+    p = ChatOutputParser(started_in_think=think, parse_tools=True)
+    events, i = [], 0
+    while i < len(text):
+        j = len(text) if sizes is None else i + sizes.randint(1, 5)
+        events += p.feed(text[i:j])
+        i = j
+    reasoning, content, calls = collect(events + p.finish())
+    return reasoning, content, [c["function"] for c in calls], [c["index"] for c in calls]
+
+
+@pytest.mark.parametrize("text", CASES)
+@pytest.mark.parametrize("think", [False, True])
+def test_streaming_split_matches_whole_text_parsers(text, think):
+    whole = run(text, think, None)
+    rng = random.Random(0)
+    for _ in range(30):
+        assert run(text, think, rng) == whole
+    reasoning, content = split_reasoning(text, started_in_think=think)
+    content, calls = parse_tool_calls(content)
+    assert whole[:3] == (reasoning, content, calls)
+    assert whole[3] == list(range(len(calls)))
+
+
+def test_tools_off_keeps_tags_as_text():
+    p = ChatOutputParser(parse_tools=False)
+    assert collect(p.feed('<tool_call>{"name": "f"}</tool_call>') + p.finish())[1] == '<tool_call>{"name": "f"}</tool_call>'
+
+
+def test_cli_flags():
+    from minimind.serve.launch import build_parser, parse_lora
+
+    args = build_parser().parse_args(["--load_from", "model", "--weight", "full_sft", "--hidden_size", "512",
+                                      "--lora", "id=out/lora/lora_identity_512.pth", "--port", "9000"])
+    assert args.host == "127.0.0.1" and args.port == 9000 and args.weight == "full_sft" and args.hidden_size == 512
+    assert parse_lora(args.lora) == {"id": "out/lora/lora_identity_512.pth"}
+    with pytest.raises(ValueError):
+        parse_lora(["nopath"])
+
+
+def test_lora_adapters_become_model_ids(tmp_path):
+    import torch
+
+    from conftest import tiny_model, tokenizer_dir
+    from minimind.engine import SamplingParams
+    from minimind.model.lora import apply_lora, lora_layers, save_lora
+    from minimind.serve.launch import build_parser, load_engines
+
+    tok = tokenizer_dir("minimind2")
+    model = tiny_model(vocab_size=6400, hidden_size=64)
+    torch.save(model.state_dict(), tmp_path / "full_sft_64.pth")
+    apply_lora(model, rank=4)
+    for layer in lora_layers(model).values():
+        torch.nn.init.normal_(layer.lora.B.weight, std=1.0)
+    save_lora(model, tmp_path / "lora_x_64.pth")
+    args = build_parser().parse_args(["--load_from", str(tok), "--save_dir", str(tmp_path), "--weight", "full_sft",
+                                      "--hidden_size", "64", "--lora", f"x={tmp_path / 'lora_x_64.pth'}",
+                                      "--max-model-len", "64", "--max-num-seqs", "1"])
+    engines = load_engines(args)
+    assert list(engines) == ["full_sft", "x"]
+    greedy = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    base, adapted = (engines[k].generate([[5, 6, 7]], greedy)[0].outputs[0].token_ids for k in ("full_sft", "x"))
+    assert base != adapted  # the adapter is folded into that engine's weights, not ignored

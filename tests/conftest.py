@@ -1,10 +1,17 @@
 """Shared test helpers: tiny random models of every era and the path to ../shared."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-import pytest
-import torch
+# Tiny models gain nothing from a second thread, and on a shared 2-core machine every OpenMP region stalls
+# while a neighbour holds a core (tests ran 10-25x slower). Subprocesses started by tests inherit this.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 TOKENIZERS = SHARED / "minimind-tokenizers"

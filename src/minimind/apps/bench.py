@@ -26,6 +26,13 @@ SHARED_TOKENIZER = Path(__file__).resolve().parents[3].parent / "shared" / "mini
 
 # ---------------------------------------------------------------- workers (one subprocess each)
 def _rss_mb() -> float:
+    """Peak RSS of this process. VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec, so a worker would
+    report the orchestrator's peak whenever that is larger."""
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 

@@ -31,10 +31,13 @@ class ChatSession:
     """Builds each prompt (template or bos + text), streams the answer, keeps the last `historys` turns."""
 
     def __init__(self, model, tokenizer, settings: GenerationSettings, info, *, system: str | None = None,
-                 historys: int = 0, open_thinking: bool | None = None, pretrain: bool = False, show_speed: bool = True):
+                 historys: int = 0, open_thinking: bool | None = None, pretrain: bool = False, show_speed: bool = True,
+                 llm=None):
         self.model, self.tokenizer, self.settings, self.info = model, tokenizer, settings, info
+        self.llm = llm  # the engine: its prefix cache keeps the conversation's KV between turns
         self.system, self.historys, self.open_thinking = system, max(historys, 0), open_thinking
         self.pretrain, self.show_speed = pretrain, show_speed
+        self._stream = None
         self.turns: list[tuple[str, str]] = []
 
     def prompt_text(self, question: str) -> str:
@@ -60,7 +63,9 @@ class ChatSession:
         count, stopped = 0, False
         start = first = last = perf_counter()
         try:
-            for token in stream_generate(self.model, self.tokenizer, ids, self.settings):
+            tokens = self._engine_tokens(ids) if self.llm is not None else stream_generate(
+                self.model, self.tokenizer, ids, self.settings)
+            for token in tokens:
                 last = perf_counter()
                 first = last if count == 0 else first
                 count += 1
@@ -82,10 +87,27 @@ class ChatSession:
             prefill = (first if count else end) - start
             self.info.print(speed_line(len(ids), prefill, max(count - 1, 0), last - first if count else 0.0),
                             style="dim", markup=False, highlight=False)
+        if stopped and self.llm is not None and self._stream is not None:
+            self._stream.abort()
         reply = "".join(pieces)
         if not self.pretrain:
             self.turns.append((question, split_reasoning(reply, started_in_think=bool(self.open_thinking))[1]))
         return reply
+
+
+    def _engine_tokens(self, ids: list[int]):
+        """Token ids of one answer from the engine, as they come (stop tokens are not yielded)."""
+        from ..engine import SamplingParams
+
+        st = self.settings
+        params = SamplingParams(max_tokens=st.max_new_tokens, temperature=st.temperature, top_p=st.top_p,
+                                top_k=st.top_k, repetition_penalty=st.repetition_penalty, seed=st.seed,
+                                stop_token_ids=sorted(st.stop_ids))
+        self._stream = self.llm.stream(ids, params)
+        for update in self._stream:
+            for token in update.outputs[0].delta_token_ids:
+                if token not in st.stop_ids:
+                    yield token
 
 
 def _load(source: dict, args: argparse.Namespace, device: str):
@@ -146,9 +168,14 @@ def run(args: argparse.Namespace) -> int:
                                   top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed,
                                   stop_ids=stop_token_ids(tokenizer, model))
     open_thinking = None if args.open_thinking is None else bool(args.open_thinking)
+    llm = None
+    if device == "cpu":  # the engine (preallocated KV, prefix cache across turns) is the CPU fast path
+        from ..engine import LLM
+
+        llm = LLM(model, tokenizer=tokenizer, max_num_seqs=1, max_model_len=min(cfg.max_position_embeddings, 4096))
     session = ChatSession(model, tokenizer, settings, info, system=args.system, historys=args.historys,
                           open_thinking=open_thinking, pretrain="pretrain" in source["weight"],
-                          show_speed=bool(args.show_speed))
+                          show_speed=bool(args.show_speed), llm=llm)
     name = "embedded default model (SmolLM2-135M-Instruct)" if source["model"] is None else str(source["model"])
     params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()) / 1e6
     info.print(f"[bold cyan]MiniMind chat[/] {name} [dim]| {getattr(cfg, 'era', cfg.model_type)}, {params:.2f}M "

@@ -1,0 +1,95 @@
+"""`minimind web`: Streamlit (default) or Gradio chat in the browser, on 127.0.0.1 unless told otherwise.
+
+In-process engine on any checkpoint (the same model flags as `minimind chat`; default: the embedded model), or
+`--api-base URL`: a thin client of `minimind serve` or any OpenAI-compatible server. Needs `pip install minimind[web]`.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+SOURCE_FLAGS = ("--load_from", "--save_dir", "--weight", "--lora_weight", "--hidden_size", "--use_moe", "--model",
+                "--tokenizer")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .chat import build_parser as chat_parser
+
+    p = argparse.ArgumentParser(prog="minimind web", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--ui", choices=("streamlit", "gradio"), default="streamlit", help="which web UI")
+    src = p.add_argument_group("model (as in `minimind chat`)")
+    for action in chat_parser()._actions:  # reuse the chat command's model-source flags, not a copy of them
+        if any(flag in SOURCE_FLAGS for flag in action.option_strings):
+            src._add_action(action)
+    src.add_argument("--api-base", default=None, metavar="URL",
+                     help="use a running OpenAI-compatible server (e.g. http://127.0.0.1:8000/v1) instead of a "
+                          "local model")
+    src.add_argument("--api-key", default=None, help="API key for --api-base (default: $OPENAI_API_KEY)")
+    net = p.add_argument_group("network")
+    net.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 exposes the UI to your network)")
+    net.add_argument("--port", type=int, default=None, help="port (default: 8501 for Streamlit, 7860 for Gradio)")
+    net.add_argument("--share", action="store_true", help="Gradio only: a public *.gradio.live link")
+    return p
+
+
+def backend_config(args: argparse.Namespace):
+    from ..web.backend import BackendConfig
+
+    if args.api_base:
+        return BackendConfig(api_base=args.api_base, api_key=args.api_key)
+    from .chat import resolve_source
+
+    src = resolve_source(args)
+    lora = None
+    if args.lora_weight not in (None, "", "None", "none"):
+        from ..model.lora import resolve_lora_path
+
+        lora = resolve_lora_path(args.lora_weight, args.save_dir, args.hidden_size or 512, bool(args.use_moe))
+    as_str = lambda p: None if p is None else str(p)
+    return BackendConfig(model=as_str(src["model"]), tokenizer=as_str(src["tokenizer"]), lora=lora)
+
+
+def streamlit_command(args: argparse.Namespace) -> list[str]:
+    app = Path(__file__).resolve().parents[1] / "web" / "streamlit_app.py"
+    return [sys.executable, "-m", "streamlit", "run", str(app), "--server.address", args.host,
+            "--server.port", str(args.port or 8501), "--server.headless", "true",
+            "--browser.gatherUsageStats", "false", "--global.developmentMode", "false",
+            "--client.toolbarMode", "minimal"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.share and args.ui != "gradio":
+        print("error: --share is a Gradio option (use --ui gradio)", file=sys.stderr)
+        return 2
+    try:
+        config = backend_config(args)
+    except (ValueError, OSError) as exc:
+        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 1
+    if args.ui == "streamlit":
+        from ..web.backend import CONFIG_ENV
+
+        env = {**os.environ, CONFIG_ENV: config.to_env()}
+        try:
+            return subprocess.call(streamlit_command(args), env=env)
+        except KeyboardInterrupt:
+            return 130
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        print("error: the Gradio UI needs `pip install minimind[web]`", file=sys.stderr)
+        return 1
+    from ..web.backend import make_backend
+    from ..web.gradio_app import launch
+
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    try:
+        launch(make_backend(config), host=args.host, port=args.port or 7860, share=args.share)
+    except KeyboardInterrupt:
+        return 130
+    return 0

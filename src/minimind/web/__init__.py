@@ -1,0 +1,1 @@
+"""Web chat demos (`minimind web`): one chat backend shared by a Streamlit and a Gradio UI (extra `minimind[web]`)."""

@@ -1,0 +1,193 @@
+"""One small chat backend for both web UIs: the in-process engine or any OpenAI-compatible server.
+
+`Backend.stream(messages, settings)` yields text deltas; `chat_stream` turns them into `Reply` snapshots
+(reasoning split from the answer, token count and tokens/s) that the UIs render.
+"""
+from __future__ import annotations
+
+import html
+import json
+import os
+import re
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+
+from ..chat.template import parse_tool_calls, split_reasoning
+
+CONFIG_ENV = "MINIMIND_WEB_CONFIG"  # JSON of BackendConfig, how `minimind web` hands its flags to the UI process
+
+
+@dataclass
+class Settings:
+    """What the sliders and boxes set, per answer."""
+
+    system: str = ""
+    history_turns: int = 2  # previous (question, answer) pairs sent with the question, 0-10
+    temperature: float = 0.85
+    top_p: float = 0.85
+    max_tokens: int = 512
+    model: str | None = None  # API mode: model / LoRA adapter id from /v1/models
+
+
+@dataclass
+class Reply:
+    """A snapshot of the answer so far."""
+
+    reasoning: str = ""
+    content: str = ""
+    tool_calls: list[dict] = field(default_factory=list)
+    tokens: int = 0
+    seconds: float = 0.0
+    done: bool = False
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+    def speed_text(self) -> str:
+        return f"{self.tokens} tokens · {self.tokens_per_s:.1f} tokens/s"
+
+
+@dataclass
+class BackendConfig:
+    model: str | None = None  # checkpoint path; None = the embedded default model
+    tokenizer: str | None = None
+    lora: str | None = None
+    api_base: str | None = None  # set: thin client of an OpenAI-compatible server
+    api_key: str | None = None
+
+    def to_env(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_env(cls) -> BackendConfig:
+        raw = os.environ.get(CONFIG_ENV)
+        return cls(**json.loads(raw)) if raw else cls()
+
+
+def build_messages(history: list[dict], question: str, settings: Settings) -> list[dict]:
+    """System prompt + the last `history_turns` (user, assistant) pairs of `history` + the new question."""
+    turns = max(0, min(int(settings.history_turns), 10))
+    pairs: list[list[dict]] = []
+    for m in history:
+        if m.get("role") not in ("user", "assistant") or not isinstance(m.get("content"), str):
+            continue
+        if m["role"] == "user" or not pairs:
+            pairs.append([])
+        pairs[-1].append({"role": m["role"], "content": m["content"]})
+    kept = [m for pair in (pairs[-turns:] if turns else []) for m in pair]
+    system = [{"role": "system", "content": settings.system}] if settings.system.strip() else []
+    return [*system, *kept, {"role": "user", "content": question}]
+
+
+class Backend:
+    """Yields (text delta, tokens in this delta) for one answer."""
+
+    def stream(self, messages: list[dict], settings: Settings) -> Iterator[tuple[str, int]]:
+        raise NotImplementedError
+
+    def models(self) -> list[str]:
+        return []
+
+
+class EngineBackend(Backend):
+    """In-process engine (`minimind.LLM`) on a background thread, shared by every browser session."""
+
+    def __init__(self, model=None, tokenizer=None, lora=None, **llm_kwargs):
+        from ..engine import LLM
+
+        if lora:
+            from ..checkpoint.loader import load_model, load_tokenizer
+
+            tok = load_tokenizer(tokenizer or model)
+            model, tokenizer = load_model(model, lora=lora), tok
+        self.llm = LLM(model, tokenizer=tokenizer, **llm_kwargs).start()
+
+    def stream(self, messages, settings):
+        from ..engine import SamplingParams
+
+        params = SamplingParams(max_tokens=int(settings.max_tokens), temperature=float(settings.temperature),
+                                top_p=max(float(settings.top_p), 1e-6))
+        stream = self.llm.stream(messages, params)
+        try:
+            for out in stream:
+                o = out.outputs[0]
+                yield o.delta_text, len(o.delta_token_ids)
+        finally:
+            if stream.final is None:  # the user stopped or the page went away: free the slot
+                stream.abort()
+
+    def close(self):
+        self.llm.shutdown()
+
+
+class OpenAIBackend(Backend):
+    """Thin client of `minimind serve` or any OpenAI-compatible server (streaming chat completions)."""
+
+    def __init__(self, api_base: str, api_key: str | None = None):
+        from openai import OpenAI
+
+        self.client = OpenAI(base_url=api_base, api_key=api_key or os.environ.get("OPENAI_API_KEY") or "none")
+
+    def models(self):
+        try:
+            return [m.id for m in self.client.models.list().data]
+        except Exception:  # noqa: BLE001 - a picker without choices is fine
+            return []
+
+    def stream(self, messages, settings):
+        model = settings.model or (self.models() or ["default"])[0]
+        chunks = self.client.chat.completions.create(
+            model=model, messages=messages, stream=True, stream_options={"include_usage": True},
+            temperature=float(settings.temperature), top_p=float(settings.top_p), max_tokens=int(settings.max_tokens))
+        counted = 0
+        try:
+            for chunk in chunks:
+                if chunk.choices:
+                    delta = chunk.choices[0].delta
+                    text = (getattr(delta, "reasoning_content", None) or "")
+                    text = f"<think>{text}</think>" if text else ""  # servers that split reasoning themselves
+                    text += delta.content or ""
+                    if text:
+                        counted += 1
+                        yield text, 1  # about a token per chunk, corrected by the usage chunk
+                elif chunk.usage is not None:
+                    yield "", chunk.usage.completion_tokens - counted
+        finally:
+            chunks.close()
+
+
+def make_backend(config: BackendConfig) -> Backend:
+    if config.api_base:
+        return OpenAIBackend(config.api_base, config.api_key)
+    return EngineBackend(config.model, tokenizer=config.tokenizer, lora=config.lora)
+
+
+def chat_stream(backend: Backend, messages: list[dict], settings: Settings) -> Iterator[Reply]:
+    """Reply snapshots while the answer streams; the last one has done=True and the speed."""
+    text, tokens, start = "", 0, time.perf_counter()
+    reply = Reply()
+    for delta, n in backend.stream(messages, settings):
+        text, tokens = text + delta, tokens + n
+        reply = _reply(text, tokens, time.perf_counter() - start)
+        yield reply
+    reply = _reply(text, tokens, time.perf_counter() - start)
+    reply.done = True
+    yield reply
+
+
+def _reply(text: str, tokens: int, seconds: float) -> Reply:
+    text = text.replace("</think><think>", "")  # API reasoning deltas glued back together
+    reasoning, content = split_reasoning(text)
+    content, calls = parse_tool_calls(content)
+    return Reply(reasoning, content, calls, tokens, seconds)
+
+
+_CODE = re.compile(r"(```.*?(?:```|$)|`[^`\n]*`)", re.DOTALL)
+
+
+def escape_html(text: str) -> str:
+    """Markdown-safe: HTML outside code spans/blocks is escaped, so `<script>` shows as text, never runs."""
+    parts = _CODE.split(text)
+    return "".join(p if i % 2 else html.escape(p, quote=False) for i, p in enumerate(parts))

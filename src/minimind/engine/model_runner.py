@@ -145,12 +145,7 @@ class ModelRunner:
         h = F.embedding(inp.ids, self.embed)  # [N, H]
         for layer_idx, lw in enumerate(self.layers):
             h = h + lw.o(self._attention(layer_idx, lw, _rms_norm(lw.ln1, h), inp))
-            x = _rms_norm(lw.ln2, h)
-            if lw.moe is not None:
-                h = h + lw.moe(x)
-            else:
-                gate, up = lw.gate_up(x).chunk(2, dim=-1)
-                h = h + lw.down(lw.act(gate) * up)
+            h = h + _ffn(lw, _rms_norm(lw.ln2, h))
         h = _rms_norm(self.norm, h[inp.sample_rows])
         return self.lm_head(h).float()
 
@@ -181,12 +176,7 @@ class ModelRunner:
             o = F.scaled_dot_product_attention(q[:, :, None].to(self.kv_dtype), keys, values, attn_mask=mask, scale=self.scale,
                                                enable_gqa=self.gqa)
             h = h + lw.o(o.reshape(n, hq * d).to(self.dtype))
-            x = _rms_norm(lw.ln2, h)
-            if lw.moe is not None:
-                h = h + lw.moe(x)
-            else:
-                gate, up = lw.gate_up(x).chunk(2, dim=-1)
-                h = h + lw.down(lw.act(gate) * up)
+            h = h + _ffn(lw, _rms_norm(lw.ln2, h))
         return self.lm_head(_rms_norm(self.norm, h)).float()
 
     def _attention(self, layer_idx: int, lw: LayerWeights, x: torch.Tensor, inp: StepInputs) -> torch.Tensor:
@@ -273,3 +263,11 @@ def build_sampling_batch(seqs: list, vocab: int) -> SamplingBatch:
     wanted = [p.logprobs for p in params if p.logprobs is not None]
     batch.num_logprobs = max(wanted) if wanted else None
     return batch
+
+
+def _ffn(lw, x: torch.Tensor) -> torch.Tensor:
+    """The block's feed-forward: MoE, or SwiGLU with the fused gate|up weight. x [N, H] -> [N, H]."""
+    if lw.moe is not None:
+        return lw.moe(x)
+    gate, up = lw.gate_up(x).chunk(2, dim=-1)
+    return lw.down(lw.act(gate) * up)

@@ -8,7 +8,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from .chat_parse import ChatOutputParser, collect
-from .context import SSE_DONE, ServingContext, sse, stream_error, watch_disconnect
+from .context import SSE_DONE, ServingContext, final_output, sse, stream_error, watch_disconnect
 from .errors import APIError
 from .formatting import chat_logprob_entries, finish_reason, usage
 from .params import chat_prompt, check_prompt, resolve_max_tokens, sampling_params
@@ -46,12 +46,7 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
     if req.stream:
         return StreamingResponse(_stream(ctx, engine, req, handle, model_id, parse, raw),
                                  media_type="text/event-stream", headers=SSE_HEADERS)
-    watcher = watch_disconnect(raw, handle)
-    try:
-        final = await handle.result()
-    finally:
-        watcher.cancel()
-        handle.abort()
+    final = await final_output(raw, handle)
     token_text = ctx.token_text(engine)
     choices, completion_tokens = [], 0
     for o in final.outputs:

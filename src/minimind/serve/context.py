@@ -70,3 +70,13 @@ def watch_disconnect(request: Request, handle: RequestHandle) -> asyncio.Task:
         handle.abort()
 
     return asyncio.create_task(watch())
+
+
+async def final_output(request: Request, handle: RequestHandle):
+    """Wait for a non-streamed request's final output; a client that leaves aborts it, and so does any error."""
+    watcher = watch_disconnect(request, handle)
+    try:
+        return await handle.result()
+    finally:
+        watcher.cancel()
+        handle.abort()

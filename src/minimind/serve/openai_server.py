@@ -168,14 +168,9 @@ def create_app(engine, *, served_model_name: str | None = None, api_key: str | N
         resolve_max_tokens(None, len(ids), e.max_model_len, "messages")
         params = sampling_params(full, max_tokens=max_tokens, vocab_size=e.llm.config.vocab_size, logprobs=None)
         handle = e.submit(ids, params, random_id("chat"))
-        from .context import watch_disconnect
+        from .context import final_output
 
-        watcher = watch_disconnect(raw, handle)
-        try:
-            final = await handle.result()
-        finally:
-            watcher.cancel()
-            handle.abort()
+        final = await final_output(raw, handle)
         from .chat_parse import ChatOutputParser, collect
 
         parser = ChatOutputParser()

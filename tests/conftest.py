@@ -8,8 +8,8 @@ from pathlib import Path
 # while a neighbour holds a core (tests ran 10-25x slower). Subprocesses started by tests inherit this.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 

@@ -187,11 +187,11 @@ class MiniMindConfig(PretrainedConfig):
             base = "minimind-3" if self.family == "minimind3" else "MiniMind2"
         return base + (" MoE" if self.use_moe else "")
 
-    def to_json_file(self, path: str | Path, use_diff: bool = False) -> None:  # noqa: D401 - HF signature
+    def to_json_file(self, path: str | Path, use_diff: bool = False) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2, ensure_ascii=False, default=str) + "\n")
 
     @classmethod
-    def from_json_file(cls, path: str | Path) -> "MiniMindConfig":
+    def from_json_file(cls, path: str | Path) -> MiniMindConfig:
         data = json.loads(Path(path).read_text())
         data.pop("model_type", None)
         return cls(**data)
@@ -206,7 +206,7 @@ class MiniMindConfig(PretrainedConfig):
         return out
 
     @classmethod
-    def from_preset(cls, name: str, **overrides: Any) -> "MiniMindConfig":
+    def from_preset(cls, name: str, **overrides: Any) -> MiniMindConfig:
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
         return cls(**{**PRESETS[name], **overrides})

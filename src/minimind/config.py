@@ -205,6 +205,10 @@ class MiniMindConfig(PretrainedConfig):
             out.pop(key, None)
         return out
 
+    def ctor_kwargs(self) -> dict[str, Any]:
+        """The constructor arguments that rebuild this config (to derive a modified copy)."""
+        return {n: getattr(self, n) for n in _signature_fields() if hasattr(self, n)}
+
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> MiniMindConfig:
         if name not in PRESETS:

@@ -85,7 +85,7 @@ def load_model(path: str | Path | None = None, *, lora: str | Path | None = None
         path = default_model_dir()
     config, sd = read_checkpoint(path, **config_overrides)
     if inference_rope_scaling:
-        config = MiniMindConfig(**{**_ctor_kwargs(config), "inference_rope_scaling": inference_rope_scaling,
+        config = MiniMindConfig(**{**config.ctor_kwargs(), "inference_rope_scaling": inference_rope_scaling,
                                    "rope_scaling": None})
     config.flash_attn = flash_attn
     torch_dtype = resolve_dtype(dtype, device)
@@ -105,13 +105,6 @@ def load_model(path: str | Path | None = None, *, lora: str | Path | None = None
 
         load_lora(model, lora)  # wraps the square Linears first if needed; rank comes from the file
     return model
-
-
-def _ctor_kwargs(config: MiniMindConfig) -> dict:
-    import inspect
-
-    names = [p for p in inspect.signature(MiniMindConfig.__init__).parameters if p not in ("self", "kwargs")]
-    return {n: getattr(config, n) for n in names if hasattr(config, n)}
 
 
 def _check_shapes(sd: dict, model) -> str | None:

@@ -30,13 +30,15 @@ class LLM:
     dtype: "float32" / "bfloat16" (None keeps the model's). quantization: None, "int8" (weight-only,
     per-channel, bf16 activations) or "dynamic" (torch.ao quantize_dynamic, the seeds' path).
     max_model_len / max_num_seqs size the KV cache once; more requests wait in a queue.
+    fused: decode-only steps of dense models on CPU run as one C call (engine/fused.py, built at first use);
+    False, or no C compiler, keeps every step on the torch path.
     """
 
     def __init__(self, model_or_path=None, *, tokenizer=None, dtype=None, quantization: str | None = None,
                  max_model_len: int | None = None, max_num_seqs: int = 8, max_num_batched_tokens: int = 512,
                  enable_prefix_caching: bool = True, threads: int | None = None, compile: bool = False,
                  draft_model=None, num_speculative_tokens: int = 4, decode_mkldnn: bool | None = None,
-                 kv_dtype=None):
+                 kv_dtype=None, fused: bool = True):
         from ..checkpoint.errors import CheckpointError
         from ..checkpoint.loader import load_model, load_tokenizer, resolve_dtype
 
@@ -68,7 +70,8 @@ class LLM:
         # KV holds the activation dtype's values; bf16 ones may be stored as fp32 (kv_dtype="float32") because
         # the CPU attention kernels run several times faster in fp32 (docs/benchmarks.md).
         if kv_dtype is None:  # without AVX512-BF16, bf16 attention is emulated and several times slower
-            kv_dtype = act_dtype if act_dtype == torch.float32 or native_bf16() else torch.float32
+            native = act_dtype == torch.float32 or (native_bf16() and not (fused and not compile))
+            kv_dtype = act_dtype if native else torch.float32  # the fused decode kernel keeps KV in fp32
         self.kv_dtype = resolve_dtype(kv_dtype)
         self.kv = KVCache(cfg.num_hidden_layers, max_num_seqs, cfg.num_key_value_heads, self.max_model_len,
                           cfg.head_dim, self.kv_dtype)
@@ -84,6 +87,10 @@ class LLM:
             self.speculator = Speculator(self, draft_model, num_speculative_tokens)
         if compile:
             self.runner.compile()
+        elif fused and torch.device(getattr(model, "device", "cpu")).type == "cpu":
+            why = self.runner.enable_fused()
+            if why:
+                log.info("decode steps use the torch path (fused kernel: %s)", why)
         self._requests: dict[str, Request] = {}
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._wakeup = threading.Condition()

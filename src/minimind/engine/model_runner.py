@@ -8,7 +8,7 @@ prompt chunk. There is no host sync inside the layers (MoE routing excepted).
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -23,15 +23,18 @@ from .scheduler import Batch
 @dataclass
 class StepInputs:
     ids: torch.Tensor  # [N] token ids: decode rows first, then prompt chunks
-    cos: torch.Tensor  # [N, 1, D] fp32
-    sin: torch.Tensor
-    write_idx: torch.Tensor  # [N * H_kv] rows of KVCache.k_rows
+    positions: torch.Tensor  # [N] position of each row's token
+    slots: torch.Tensor  # [N] KV slot of each row
     num_decode: int
-    decode_slots: torch.Tensor | slice  # slice when the decode slots are contiguous (no gather)
-    decode_len: int  # keys attended by the longest decode row
-    decode_mask: torch.Tensor | None  # [B_d, 1, 1, decode_len] additive, None when all rows are equally long
-    chunks: list[tuple[int, int, int, int, torch.Tensor | None]]  # (row0, n, slot, pos0, mask [n, pos0+n])
-    sample_rows: torch.Tensor  # [R] rows whose logits are sampled
+    sample_rows: torch.Tensor | None = None  # [R] rows whose logits are sampled (None: every row, in order)
+    # torch path only (a decode-only step on the fused kernel needs none of these)
+    cos: torch.Tensor | None = None  # [N, 1, D] fp32
+    sin: torch.Tensor | None = None
+    write_idx: torch.Tensor | None = None  # [N * H_kv] rows of KVCache.k_rows
+    decode_slots: torch.Tensor | slice = field(default_factory=lambda: slice(0, 0))  # slice when the decode slots are contiguous (no gather)
+    decode_len: int = 0  # keys attended by the longest decode row
+    decode_mask: torch.Tensor | None = None  # [B_d, 1, 1, decode_len] additive, None when all rows are equally long
+    chunks: list = field(default_factory=list)  # (row0, n, slot, pos0, mask [n, pos0+n])
 
 
 class LayerWeights:
@@ -71,6 +74,19 @@ class ModelRunner:
             cos, sin = inner.rotary_emb(positions)  # [1, T, D] fp32, same values the model computes
         self.cos_table, self.sin_table = cos[0], sin[0]
         self.vocab_size = cfg.vocab_size
+        self.fused = None
+
+    def enable_fused(self) -> str | None:
+        """Route decode-only steps through the fused C kernel. -> None, or why it stays on the torch path."""
+        from .fused import FusedDecoder, unsupported_reason
+
+        reason = unsupported_reason(self)
+        if reason is None:
+            try:
+                self.fused = FusedDecoder(self)
+            except (OSError, ValueError) as exc:
+                reason = str(exc)
+        return reason
 
     @property
     def weight_bytes(self) -> int:
@@ -89,6 +105,9 @@ class ModelRunner:
         ids = [s.output_token_ids[-1] if s.output_token_ids else s.prompt_token_ids[-1] for s in decode]
         pos = [s.num_computed for s in decode]
         slots = [s.slot for s in decode]
+        if not batch.prefill and self.fused is not None:  # the fused kernel needs ids, positions, slots only
+            ids_t, pos_t, slots_t = torch.tensor([ids, pos, slots])
+            return StepInputs(ids=ids_t, positions=pos_t, slots=slots_t, num_decode=len(decode)), decode
         sample_rows, sampled = list(range(len(decode))), list(decode)
         chunks = []
         for c in batch.prefill:
@@ -122,7 +141,8 @@ class ModelRunner:
         inputs = StepInputs(
             ids=torch.tensor(ids), cos=self.cos_table[pos_t][:, None], sin=self.sin_table[pos_t][:, None],
             write_idx=self.kv.write_index(slots_t, pos_t), num_decode=nd, decode_slots=decode_slots,
-            decode_len=decode_len, decode_mask=decode_mask, chunks=chunks, sample_rows=torch.tensor(sample_rows, dtype=torch.long))
+            decode_len=decode_len, decode_mask=decode_mask, chunks=chunks,
+            sample_rows=torch.tensor(sample_rows, dtype=torch.long), positions=pos_t, slots=slots_t)
         return inputs, sampled
 
     # ---------------------------------------------------------------- forward
@@ -131,9 +151,14 @@ class ModelRunner:
         on 2 cores; see docs/benchmarks.md for whether it pays."""
         self._compiled_decode = torch.compile(self._decode_forward, dynamic=True)
 
-    @torch.no_grad()
     def forward(self, inp: StepInputs) -> torch.Tensor:
         """-> logits [R, V] fp32 for inp.sample_rows."""
+        if not inp.chunks and self.fused is not None:  # decode rows only: one C call (engine/fused.py)
+            return self.fused(inp.ids, inp.slots, inp.positions)
+        return self._forward_torch(inp)
+
+    @torch.no_grad()
+    def _forward_torch(self, inp: StepInputs) -> torch.Tensor:
         if not inp.chunks and getattr(self, "_compiled_decode", None) is not None:
             slots = inp.decode_slots
             if isinstance(slots, slice):
@@ -204,6 +229,8 @@ class ModelRunner:
 
     # ---------------------------------------------------------------- sampling
     def sample(self, logits: torch.Tensor, seqs: list):
+        if all(s.params.is_plain_greedy for s in seqs):  # the common chat/bench case: skip building the batch
+            return logits.argmax(dim=-1), None, None, None
         return sample(logits, build_sampling_batch(seqs, logits.shape[-1]))
 
 

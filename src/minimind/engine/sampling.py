@@ -58,6 +58,11 @@ class SamplingParams:
         return self.temperature == 0
 
     @property
+    def is_plain_greedy(self) -> bool:
+        """argmax of the raw logits is the whole sampler: no penalties, bias or logprobs."""
+        return self.temperature == 0 and not self.needs_penalties and not self.logit_bias and self.logprobs is None
+
+    @property
     def needs_penalties(self) -> bool:
         return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 

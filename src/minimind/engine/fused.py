@@ -1,0 +1,183 @@
+"""The fused C decode step (kernels/decode.c): build it once per machine, describe the runner's weights to it.
+
+Decode-only steps of dense models go through one C call instead of ~250 torch ops per token; prompt chunks,
+MoE models and anything the kernel does not cover keep the torch path. The shared library is compiled at
+first use with the system C compiler (`$CC`, else cc/gcc; -O3 -march=native -fopenmp) into the minimind
+cache and reused; without a compiler the engine runs the torch path and says so once.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("minimind")
+SOURCE = Path(__file__).with_name("kernels") / "decode.c"
+W_F32, W_BF16, W_I8 = 0, 1, 2
+P = ctypes.c_void_p
+
+
+class Mat(ctypes.Structure):
+    _fields_ = [("w", P), ("scale", P), ("type", ctypes.c_int64), ("rows", ctypes.c_int64),
+                ("cols", ctypes.c_int64)]
+
+
+class Layer(ctypes.Structure):
+    _fields_ = [("ln1", P), ("ln2", P), ("q_norm", P), ("k_norm", P), ("qkv", Mat), ("o", Mat),
+                ("gate_up", Mat), ("down", Mat), ("k_cache", P), ("v_cache", P)]
+
+
+class Model(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_int64) for name in ("n_layers", "hidden", "n_heads", "n_kv_heads", "head_dim",
+                                                    "inter", "vocab", "max_len")] + [
+        ("eps", ctypes.c_double), ("layers", P), ("embed", Mat), ("norm", P), ("lm_head", Mat)]
+
+
+def _cache_dir() -> Path:
+    home = os.environ.get("MINIMIND_HOME")
+    base = Path(home) if home else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "minimind"
+    return base / "kernels"
+
+
+def _compiler() -> str | None:
+    for cc in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if cc and shutil.which(cc):
+            return shutil.which(cc)
+    return None
+
+
+def _openmp_flags() -> list[str]:
+    # torch's wheel ships libgomp with the system soname (libgomp.so.1); torch is imported first, so the loader
+    # binds our library to that same runtime: one OpenMP thread pool per process, not two.
+    return ["-fopenmp", "-lm"]
+
+
+def build(verbose: bool = False) -> Path:
+    """Compile kernels/decode.c for this CPU (cached by source, compiler and flags) -> path of the .so."""
+    cc = _compiler()
+    if cc is None:
+        raise OSError("no C compiler found (set $CC or install gcc)")
+    flags = ["-O3", "-march=native", "-fPIC", "-shared"] + _openmp_flags()
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(source + cc.encode() + " ".join(flags).encode() + sys.platform.encode()).hexdigest()[:16]
+    out = _cache_dir() / f"decode-{key}.so"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:  # build beside the target, publish atomically
+        tmp_so = Path(tmp) / out.name
+        cmd = [cc, str(SOURCE), "-o", str(tmp_so), *flags]
+        run = subprocess.run(cmd, check=False, capture_output=True, text=True)
+        if run.returncode != 0:
+            raise OSError(f"compiling {SOURCE.name} failed: {' '.join(cmd)}\n{run.stderr.strip()[-2000:]}")
+        os.replace(tmp_so, out)
+    if verbose:
+        log.info("built %s", out)
+    return out
+
+
+_LIB: dict[str, ctypes.CDLL] = {}  # path -> loaded library (a process loads a given .so once anyway)
+
+
+def load_library() -> ctypes.CDLL:
+    path = str(build())
+    if path not in _LIB:
+        lib = ctypes.CDLL(path)
+        lib.minimind_decode.restype = ctypes.c_int
+        lib.minimind_decode.argtypes = [ctypes.POINTER(Model), ctypes.c_int64, P, P, P, P, P, P, ctypes.c_int]
+        _LIB[path] = lib
+    return _LIB[path]
+
+
+def unsupported_reason(runner) -> str | None:
+    """Why the fused kernel cannot run this runner's model, or None when it can."""
+    cfg = runner.config
+    if any(lw.moe is not None for lw in runner.layers):
+        return "MoE layers"
+    if runner.kv_dtype != torch.float32:
+        return "KV cache is not fp32"
+    if getattr(cfg, "hidden_act", "silu") != "silu":
+        return f"activation {cfg.hidden_act}"
+    if runner.embed.dtype not in (torch.float32, torch.bfloat16):
+        return f"embedding dtype {runner.embed.dtype}"
+    for lw in runner.layers:
+        for lin in (lw.qkv, lw.o, lw.gate_up, lw.down):
+            if _mat_parts(lin) is None:
+                return f"{type(lin).__name__} weights"
+    if _mat_parts(runner.lm_head) is None:
+        return f"{type(runner.lm_head).__name__} lm_head"
+    return None
+
+
+def _mat_parts(lin):
+    """(weight tensor, fp32 scales or None, type code) for linears the kernel reads, else None."""
+    weight = getattr(lin, "weight", None)
+    if weight is not None and weight.dtype in (torch.float32, torch.bfloat16) and weight.is_contiguous():
+        return weight, None, W_F32 if weight.dtype == torch.float32 else W_BF16
+    qweight = getattr(lin, "qweight", None)
+    if qweight is not None and qweight.dtype == torch.int8:
+        return qweight, lin.scales.float().contiguous(), W_I8
+    return None
+
+
+class FusedDecoder:
+    """Holds the ctypes description of a runner's weights and KV cache; call with decode rows -> logits."""
+
+    def __init__(self, runner):
+        self.lib = load_library()
+        cfg, kv = runner.config, runner.kv
+        self._keep: list[torch.Tensor] = []  # every tensor the C side points into stays alive here
+        eps = {float(n.eps) for lw in runner.layers for n in (lw.ln1, lw.ln2, lw.q_norm, lw.k_norm) if n is not None}
+        if len(eps) != 1:
+            raise ValueError(f"norms with different eps {sorted(eps)}")
+        layers = (Layer * len(runner.layers))()
+        for i, lw in enumerate(runner.layers):
+            layers[i] = Layer(self._vec(lw.ln1), self._vec(lw.ln2), self._vec(lw.q_norm), self._vec(lw.k_norm),
+                              self._mat(lw.qkv), self._mat(lw.o), self._mat(lw.gate_up), self._mat(lw.down),
+                              kv.k[i].data_ptr(), kv.v[i].data_ptr())
+        self._layers = layers
+        inter = runner.layers[0].down.weight.shape[1] if hasattr(runner.layers[0].down, "weight") else \
+            runner.layers[0].down.qweight.shape[1]
+        self.vocab = cfg.vocab_size
+        self.model = Model(len(runner.layers), cfg.hidden_size, runner.num_heads, runner.num_kv_heads,
+                           runner.head_dim, inter, cfg.vocab_size, kv.max_len, eps.pop(),
+                           ctypes.cast(layers, P), self._mat_tensor(runner.embed), self._vec(runner.norm),
+                           self._mat(runner.lm_head))
+        self.cos, self.sin = runner.cos_table, runner.sin_table  # [T, D] fp32
+
+    def _vec(self, norm) -> int | None:
+        if norm is None:
+            return None
+        w = norm.weight.detach().float().contiguous()
+        self._keep.append(w)
+        return w.data_ptr()
+
+    def _mat_tensor(self, w: torch.Tensor) -> Mat:
+        w = w.contiguous()
+        self._keep.append(w)
+        return Mat(w.data_ptr(), None, W_F32 if w.dtype == torch.float32 else W_BF16, w.shape[0], w.shape[1])
+
+    def _mat(self, lin) -> Mat:
+        w, scales, code = _mat_parts(lin)
+        self._keep += [w] + ([scales] if scales is not None else [])
+        return Mat(w.data_ptr(), None if scales is None else scales.data_ptr(), code, w.shape[0], w.shape[1])
+
+    def __call__(self, ids: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """ids, slots, positions: [B] int64 (one new token per row) -> logits [B, V] fp32."""
+        ids, slots, positions = (t.to(torch.int64).contiguous() for t in (ids, slots, positions))
+        cos, sin = self.cos[positions].contiguous(), self.sin[positions].contiguous()
+        logits = torch.empty(ids.shape[0], self.vocab, dtype=torch.float32)
+        status = self.lib.minimind_decode(ctypes.byref(self.model), ids.shape[0], ids.data_ptr(), slots.data_ptr(),
+                                          positions.data_ptr(), cos.data_ptr(), sin.data_ptr(), logits.data_ptr(),
+                                          torch.get_num_threads())
+        if status != 0:
+            raise MemoryError("fused decode step could not allocate its scratch buffers")
+        return logits

@@ -1,0 +1,120 @@
+"""The fused C decode step (engine/fused.py) against the model's own forward on the same weights and KV.
+
+For each weight format the reference is MiniMindForCausalLM in fp32 holding exactly the values the kernel
+reads (bf16-rounded, or int8 x scale dequantized), fed a DynamicCache with the same keys/values the slot
+cache holds. Rows use different slots (not contiguous), positions and batch sizes around the kernel's tile
+widths; a hidden size that is not a multiple of 8 takes the scalar tails.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from conftest import tiny_model
+from minimind.engine import LLM, SamplingParams
+from minimind.engine.fused import unsupported_reason
+
+
+def _needs_kernel(llm: LLM) -> None:
+    if llm.runner.fused is None:
+        pytest.skip(f"fused kernel unavailable here: {unsupported_reason(llm.runner) or 'no C compiler'}")
+
+
+def _reference_model(model, llm: LLM, weights: str):
+    """fp32 copy of `model` holding the runner's weight values."""
+    ref = copy.deepcopy(model).float()
+    if weights == "fp32":
+        return ref
+    ref = copy.deepcopy(model).to(torch.bfloat16).float()  # embedding, norms and (bf16) weights as stored
+    if weights == "bf16":
+        return ref
+    runner, cfg = llm.runner, model.config
+    q_rows, kv_rows = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+    with torch.no_grad():
+        for layer, lw in zip(ref.model.layers, runner.layers):
+            attn, mlp = layer.self_attn, layer.mlp
+            q, k, v = lw.qkv.dequantize().split([q_rows, kv_rows, kv_rows])
+            attn.q_proj.weight.copy_(q), attn.k_proj.weight.copy_(k), attn.v_proj.weight.copy_(v)
+            attn.o_proj.weight.copy_(lw.o.dequantize())
+            gate, up = lw.gate_up.dequantize().chunk(2)
+            mlp.gate_proj.weight.copy_(gate), mlp.up_proj.weight.copy_(up)
+            mlp.down_proj.weight.copy_(lw.down.dequantize())
+        ref.lm_head.weight = torch.nn.Parameter(runner.lm_head.dequantize())  # unties: embedding stays bf16
+    return ref
+
+
+def _reference_logits(ref, llm: LLM, token: int, slot: int, pos: int) -> torch.Tensor:
+    cache = DynamicCache(config=ref.config)
+    for layer in range(ref.config.num_hidden_layers):
+        cache.update(llm.kv.k[layer, slot, :, :pos][None].clone(), llm.kv.v[layer, slot, :, :pos][None].clone(), layer)
+    with torch.no_grad():
+        out = ref(torch.tensor([[token]]), position_ids=torch.tensor([[pos]]), past_key_values=cache)
+    return out.logits[0, -1].float()
+
+
+CASES = [("minimind2", {}), ("minimind3", {}), ("minimind2", {"hidden_size": 40, "num_attention_heads": 4})]
+
+
+@pytest.mark.parametrize("weights", ["fp32", "bf16", "int8"])
+@pytest.mark.parametrize("family,overrides", CASES, ids=["minimind2", "minimind3-qk-norm", "hidden40-tails"])
+def test_fused_step_equals_model_forward(family, overrides, weights):
+    model = tiny_model(family, vocab_size=300, **overrides)
+    kwargs = {"fp32": {}, "bf16": {"dtype": "bfloat16"}, "int8": {"quantization": "int8"}}[weights]
+    llm = LLM(model, max_num_seqs=8, max_model_len=48, **kwargs)
+    _needs_kernel(llm)
+    ref = _reference_model(model, llm, weights)
+    gen = torch.Generator().manual_seed(1)
+    llm.kv.k.normal_(generator=gen), llm.kv.v.normal_(generator=gen)  # any cache content must be attended right
+    for rows in (1, 2, 3, 5, 8):
+        slots = torch.randperm(8, generator=gen)[:rows]
+        positions = torch.randint(0, 47, (rows,), generator=gen)
+        ids = torch.randint(0, 300, (rows,), generator=gen)
+        logits = llm.runner.fused(ids, slots, positions)
+        for b in range(rows):
+            expect = _reference_logits(ref, llm, int(ids[b]), int(slots[b]), int(positions[b]))
+            torch.testing.assert_close(logits[b], expect, rtol=1e-4, atol=2e-4, msg=f"{rows} rows, row {b}")
+            # the kernel wrote this row's new key/value at its position; the reference computed the same
+            cache = DynamicCache(config=ref.config)
+            with torch.no_grad():
+                ref(torch.tensor([[int(ids[b])]]), position_ids=positions[b].view(1, 1), past_key_values=cache)
+            for got, want in ((llm.kv.k, cache.layers[0].keys), (llm.kv.v, cache.layers[0].values)):
+                torch.testing.assert_close(got[0, slots[b], :, positions[b]], want[0, :, 0],
+                                           rtol=1e-4, atol=1e-5)
+
+
+def test_engine_uses_fused_kernel_and_matches_torch_path():
+    """Whole generations, fused vs the torch path: greedy tokens and logprobs agree (fp32)."""
+    model = tiny_model(vocab_size=256)
+    prompts = [[5, 6, 7], list(range(10, 47)), [9], list(range(100, 120)), [3, 1, 4, 1, 5, 9, 2, 6]]
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=2)
+    fused = LLM(model, max_num_seqs=4, max_model_len=96)
+    _needs_kernel(fused)
+    plain = LLM(model, max_num_seqs=4, max_model_len=96, fused=False)
+    assert plain.runner.fused is None
+    for a, b in zip(fused.generate(prompts, params), plain.generate(prompts, params)):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        for x, y in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
+            assert x.logprob == pytest.approx(y.logprob, abs=1e-4)
+
+
+def test_moe_and_compile_stay_on_torch_path():
+    llm = LLM(tiny_model("minimind3", use_moe=True, vocab_size=256), max_num_seqs=2, max_model_len=32)
+    assert llm.runner.fused is None and unsupported_reason(llm.runner) == "MoE layers"
+
+
+def test_missing_compiler_falls_back(monkeypatch, tmp_path):
+    """No C compiler: the engine says why and runs the torch path."""
+    from minimind.engine import fused
+
+    monkeypatch.setenv("MINIMIND_HOME", str(tmp_path))  # nothing cached there
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    monkeypatch.setattr(fused.shutil, "which", lambda name: None)
+    with pytest.raises(OSError, match="no C compiler"):
+        fused.build()
+    llm = LLM(tiny_model(vocab_size=256), max_num_seqs=2, max_model_len=32)
+    assert llm.runner.fused is None
+    out = llm.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))[0]
+    assert len(out.outputs[0].token_ids) == 3

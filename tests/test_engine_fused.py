@@ -55,21 +55,23 @@ def _reference_logits(ref, llm: LLM, token: int, slot: int, pos: int) -> torch.T
     return out.logits[0, -1].float()
 
 
-CASES = [("minimind2", {}), ("minimind3", {}), ("minimind2", {"hidden_size": 40, "num_attention_heads": 4})]
+CASES = [("minimind2", {}), ("minimind3", {}), ("minimind2", {"hidden_size": 40, "num_attention_heads": 4}),
+         ("minimind2", {"hidden_size": 192, "num_attention_heads": 2, "num_key_value_heads": 1})]
 
 
 @pytest.mark.parametrize("weights", ["fp32", "bf16", "int8"])
-@pytest.mark.parametrize("family,overrides", CASES, ids=["minimind2", "minimind3-qk-norm", "hidden40-tails"])
+@pytest.mark.parametrize("family,overrides", CASES, ids=["minimind2", "minimind3-qk-norm", "hidden40-tails",
+                                                             "head-dim96"])
 def test_fused_step_equals_model_forward(family, overrides, weights):
     model = tiny_model(family, vocab_size=300, **overrides)
     kwargs = {"fp32": {}, "bf16": {"dtype": "bfloat16"}, "int8": {"quantization": "int8"}}[weights]
-    llm = LLM(model, max_num_seqs=8, max_model_len=48, **kwargs)
+    llm = LLM(model, max_num_seqs=20, max_model_len=48, **kwargs)
     _needs_kernel(llm)
     ref = _reference_model(model, llm, weights)
     gen = torch.Generator().manual_seed(1)
     llm.kv.k.normal_(generator=gen), llm.kv.v.normal_(generator=gen)  # any cache content must be attended right
-    for rows in (1, 2, 3, 5, 8):
-        slots = torch.randperm(8, generator=gen)[:rows]
+    for rows in (1, 2, 3, 5, 8, 13, 17):  # dot-product tiles below 12 rows, packed GEMM panels from 12
+        slots = torch.randperm(20, generator=gen)[:rows]
         positions = torch.randint(0, 47, (rows,), generator=gen)
         ids = torch.randint(0, 300, (rows,), generator=gen)
         logits = llm.runner.fused(ids, slots, positions)

@@ -268,3 +268,49 @@ def test_response_format_bad_schema(server):
     r = httpx.post(server["url"] + "/v1/chat/completions", timeout=30, json={
         "messages": MSG, "response_format": {"type": "json_schema", "json_schema": {"name": "x"}}})
     assert r.status_code == 400 and r.json()["error"]["param"].startswith("response_format")
+
+
+def test_lora_adapters_are_model_ids_sharing_one_engine(tokenizer):
+    """Two adapters and the base model over HTTP at once: /v1/models lists all three, concurrent requests share
+    one engine, and each answer equals the text of that adapter's LoRALinear forward greedy tokens."""
+    import copy
+    from concurrent.futures import ThreadPoolExecutor
+
+    from minimind.engine import LLM
+    from minimind.model.lora import apply_lora, load_lora, lora_layers
+    from minimind.serve import create_app
+
+    base = tiny_model("minimind3", vocab_size=6400)
+    adapters = {}
+    for name, seed in (("alpha", 1), ("beta", 2)):
+        shadow = apply_lora(copy.deepcopy(base), 4)
+        gen = torch.Generator().manual_seed(seed)
+        adapters[name] = {f"{n}.lora.{ab}.weight": 0.3 * torch.randn(getattr(m.lora, ab).weight.shape, generator=gen)
+                          for n, m in lora_layers(shadow).items() for ab in ("A", "B")}
+    refs = {"tiny": base, **{n: load_lora(copy.deepcopy(base), sd).eval() for n, sd in adapters.items()}}
+    llm = LLM(base, tokenizer=tokenizer, max_num_seqs=4, max_model_len=128, lora_adapters=adapters)
+    prompt = [5, 6, 7, 8]
+
+    def expected(model):
+        ids = list(prompt)
+        with torch.no_grad():
+            for _ in range(6):
+                ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+        return ids[len(prompt):]
+
+    with serve(create_app({"tiny": llm})) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        assert [m.id for m in client.models.list().data] == ["tiny", "alpha", "beta"]
+
+        def ask(model_id):
+            out = client.completions.create(model=model_id, prompt=prompt, max_tokens=6, temperature=0,
+                                            extra_body={"ignore_eos": True})
+            return model_id, out.choices[0].text
+
+        with ThreadPoolExecutor(6) as pool:
+            results = list(pool.map(ask, ["alpha", "tiny", "beta", "alpha", "beta", "tiny"]))
+    texts = {}
+    for model_id, text in results:
+        assert text == tokenizer.decode(expected(refs[model_id]), skip_special_tokens=True), model_id
+        texts.setdefault(model_id, set()).add(text)
+    assert len({t for v in texts.values() for t in v}) == 3  # three different weights, three different answers

@@ -73,7 +73,15 @@ def test_lora_adapters_become_model_ids(tmp_path):
                                       "--hidden_size", "64", "--lora", f"x={tmp_path / 'lora_x_64.pth'}",
                                       "--max-model-len", "64", "--max-num-seqs", "1"])
     engines = load_engines(args)
-    assert list(engines) == ["full_sft", "x"]
+    assert list(engines) == ["full_sft"] and list(engines["full_sft"].lora_names) == ["x"]  # one shared engine
+    from minimind.serve.openai_server import _as_engines
+
+    assert list(_as_engines(engines, None, 8)) == ["full_sft", "x"]  # the adapter is a served model id
     greedy = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
-    base, adapted = (engines[k].generate([[5, 6, 7]], greedy)[0].outputs[0].token_ids for k in ("full_sft", "x"))
-    assert base != adapted  # the adapter is folded into that engine's weights, not ignored
+    llm = engines["full_sft"]
+    base, adapted = (llm.generate([[5, 6, 7]], greedy, lora=a)[0].outputs[0].token_ids for a in (None, "x"))
+    ids = [5, 6, 7]
+    with torch.no_grad():  # reference: the LoRALinear forward W x + B A x of the model the file was saved from
+        for _ in range(8):
+            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+    assert adapted == ids[3:] and base != adapted

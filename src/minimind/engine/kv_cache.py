@@ -53,6 +53,7 @@ class SlotManager:
         self.enable_prefix_caching = enable_prefix_caching
         self.owner: list = [None] * num_slots  # running Sequence per slot
         self.cached: list[list[int]] = [[] for _ in range(num_slots)]  # free slots: token ids with valid KV
+        self.cached_lora = [-1] * num_slots  # the adapter that computed a free slot's KV (LoRA changes K and V)
         self.last_used = [-1] * num_slots
         self.clock = 0
 
@@ -60,9 +61,12 @@ class SlotManager:
     def num_free(self) -> int:
         return self.owner.count(None)
 
-    def _content(self, slot: int) -> list[int]:
+    def _content(self, slot: int, lora: int = -1) -> list[int]:
+        """Token ids whose KV the slot holds, as computed with adapter `lora` (else nothing reusable)."""
         seq = self.owner[slot]
-        return self.cached[slot] if seq is None else seq.token_ids[:seq.num_computed]
+        if seq is None:
+            return self.cached[slot] if self.cached_lora[slot] == lora else []
+        return seq.token_ids[:seq.num_computed] if seq.lora == lora else []
 
     def allocate(self, seq) -> tuple[int, int, int | None]:
         """-> (slot, number of prompt tokens already valid, slot to copy them from or None)."""
@@ -74,7 +78,7 @@ class SlotManager:
         best_busy, best_busy_len = None, 0
         if self.enable_prefix_caching and limit > 0:
             for s in range(self.num_slots):
-                n = min(common_prefix_len(self._content(s), prompt), limit)
+                n = min(common_prefix_len(self._content(s, seq.lora), prompt), limit)
                 if self.owner[s] is None and n > best_free_len:
                     best_free, best_free_len = s, n
                 elif self.owner[s] is not None and n > best_busy_len:
@@ -96,5 +100,6 @@ class SlotManager:
         slot = seq.slot
         self.owner[slot] = None
         self.cached[slot] = seq.token_ids[:seq.num_computed] if self.enable_prefix_caching else []
+        self.cached_lora[slot] = seq.lora
         self.clock += 1
         self.last_used[slot] = self.clock

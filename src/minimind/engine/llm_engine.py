@@ -32,13 +32,15 @@ class LLM:
     max_model_len / max_num_seqs size the KV cache once; more requests wait in a queue.
     fused: decode-only steps of dense models on CPU run as one C call (engine/fused.py, built at first use);
     False, or no C compiler, keeps every step on the torch path.
+    lora_adapters: {name: LoRA file or state_dict}; a request picks one with `lora=name` and requests for
+    different adapters share batches (an unmerged LoRA already in the model is served merged).
     """
 
     def __init__(self, model_or_path=None, *, tokenizer=None, dtype=None, quantization: str | None = None,
                  max_model_len: int | None = None, max_num_seqs: int = 8, max_num_batched_tokens: int = 512,
                  enable_prefix_caching: bool = True, threads: int | None = None, compile: bool = False,
                  draft_model=None, num_speculative_tokens: int = 4, decode_mkldnn: bool | None = None,
-                 kv_dtype=None, fused: bool = True):
+                 kv_dtype=None, fused: bool = True, lora_adapters: dict | None = None):
         from ..checkpoint.errors import CheckpointError
         from ..checkpoint.loader import load_model, load_tokenizer, resolve_dtype
 
@@ -85,6 +87,11 @@ class LLM:
             from .spec import Speculator
 
             self.speculator = Speculator(self, draft_model, num_speculative_tokens)
+        self.lora_names: dict[str, int] = {}
+        for name, source in (lora_adapters or {}).items():
+            from ..model.lora import read_adapter
+
+            self.lora_names[name] = self.runner.lora.add(read_adapter(model, source)[1])
         if compile:
             self.runner.compile()
         elif fused and torch.device(getattr(model, "device", "cpu")).type == "cpu":
@@ -113,12 +120,17 @@ class LLM:
             return list(self.tokenizer.encode(prompt, add_special_tokens=False))
         return [int(t) for t in prompt]
 
-    def add_request(self, prompt, params: SamplingParams | None = None, request_id: str | None = None) -> str:
-        """Queue a prompt (text, chat messages or token ids); returns its request id. Thread-safe."""
-        return self._submit(prompt, params, request_id, stream=False).request_id
+    def add_request(self, prompt, params: SamplingParams | None = None, request_id: str | None = None,
+                    lora: str | None = None) -> str:
+        """Queue a prompt (text, chat messages or token ids); returns its request id. Thread-safe.
+        lora: the name of one of `lora_adapters` (None = the base model)."""
+        return self._submit(prompt, params, request_id, stream=False, lora=lora).request_id
 
-    def _submit(self, prompt, params: SamplingParams | None, request_id: str | None, stream: bool) -> Request:
+    def _submit(self, prompt, params: SamplingParams | None, request_id: str | None, stream: bool,
+                lora: str | None = None) -> Request:
         params = params or SamplingParams()
+        if lora is not None and lora not in self.lora_names:
+            raise ValueError(f"unknown LoRA adapter {lora!r}; loaded: {sorted(self.lora_names) or 'none'}")
         ids = self.encode(prompt)
         if not ids:
             raise ValueError("empty prompt")
@@ -132,6 +144,9 @@ class LLM:
                 for i in range(params.n)]
         for sibling in seqs[1:]:
             sibling.wait_for = seqs[0]
+        if lora is not None:
+            for seq in seqs:
+                seq.lora = self.lora_names[lora]
         req = Request(request_id, ids, seqs, queue.Queue() if stream else None, {"arrival": time.perf_counter()})
         self._inbox.put(("add", req))
         with self._wakeup:
@@ -238,16 +253,19 @@ class LLM:
         return outputs
 
     # ---------------------------------------------------------------- convenience loops
-    def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
-        """Offline batch: every prompt runs to completion; outputs in input order."""
+    def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None,
+                 lora: str | list[str | None] | None = None) -> list[RequestOutput]:
+        """Offline batch: every prompt runs to completion; outputs in input order. lora: one adapter name for
+        all prompts or one per prompt (None = base model)."""
         single = isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts
                                               and isinstance(prompts[0], (dict, int)))
         prompts = [prompts] if single else list(prompts)
         plist = params if isinstance(params, list) else [params] * len(prompts)
+        loras = lora if isinstance(lora, list) else [lora] * len(prompts)
         if self._thread is not None:
-            streams = [self.stream(p, sp) for p, sp in zip(prompts, plist)]
+            streams = [self.stream(p, sp, lora=a) for p, sp, a in zip(prompts, plist, loras)]
             return [s.result() for s in streams]
-        ids = [self.add_request(p, sp) for p, sp in zip(prompts, plist)]
+        ids = [self.add_request(p, sp, lora=a) for p, sp, a in zip(prompts, plist, loras)]
         final: dict[str, RequestOutput] = {}
         while len(final) < len(ids):
             for out in self.step():
@@ -255,9 +273,10 @@ class LLM:
                     final[out.request_id] = out
         return [final[i] for i in ids]
 
-    def stream(self, prompt, params: SamplingParams | None = None, request_id: str | None = None) -> RequestStream:
+    def stream(self, prompt, params: SamplingParams | None = None, request_id: str | None = None,
+               lora: str | None = None) -> RequestStream:
         """Iterator of RequestOutput updates (use .outputs[i].delta_text) for one request."""
-        req = self._submit(prompt, params, request_id, stream=True)
+        req = self._submit(prompt, params, request_id, stream=True, lora=lora)
         return RequestStream(self, req.request_id, req.stream)
 
     # ---------------------------------------------------------------- background loop

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from ..model.rope import rotate_half
 from .kv_cache import KVCache
+from .lora_rows import RowLoRA
 from .quant import make_linear
 from .sampling import SamplingBatch, sample
 from .scheduler import Batch
@@ -35,6 +36,7 @@ class StepInputs:
     decode_len: int = 0  # keys attended by the longest decode row
     decode_mask: torch.Tensor | None = None  # [B_d, 1, 1, decode_len] additive, None when all rows are equally long
     chunks: list = field(default_factory=list)  # (row0, n, slot, pos0, mask [n, pos0+n])
+    lora_groups: list = field(default_factory=list)  # [(adapter index, rows [n])]: rows that use a LoRA adapter
 
 
 class LayerWeights:
@@ -42,13 +44,13 @@ class LayerWeights:
         attn = layer.self_attn
         self.ln1, self.ln2 = _cast(layer.input_layernorm, dtype), _cast(layer.post_attention_layernorm, dtype)
         self.q_norm, self.k_norm = _cast(getattr(attn, "q_norm", None), dtype), _cast(getattr(attn, "k_norm", None), dtype)
-        wqkv = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
+        wqkv = torch.cat([_weight(attn.q_proj), _weight(attn.k_proj), _weight(attn.v_proj)])
         self.qkv = make_linear(wqkv, quantization, dtype)
-        self.o = make_linear(attn.o_proj.weight, quantization, dtype)
+        self.o = make_linear(_weight(attn.o_proj), quantization, dtype)
         mlp = layer.mlp
         if hasattr(mlp, "gate_proj"):  # dense SwiGLU
-            self.gate_up = make_linear(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]), quantization, dtype)
-            self.down = make_linear(mlp.down_proj.weight, quantization, dtype)
+            self.gate_up = make_linear(torch.cat([_weight(mlp.gate_proj), _weight(mlp.up_proj)]), quantization, dtype)
+            self.down = make_linear(_weight(mlp.down_proj), quantization, dtype)
             self.act, self.moe = mlp.act_fn, None
         else:  # MoE: the model's module routes the step's tokens per expert
             self.gate_up = None
@@ -75,6 +77,7 @@ class ModelRunner:
         self.cos_table, self.sin_table = cos[0], sin[0]
         self.vocab_size = cfg.vocab_size
         self.fused = None
+        self.lora = RowLoRA(cfg, dtype)
 
     def enable_fused(self) -> str | None:
         """Route decode-only steps through the fused C kernel. -> None, or why it stays on the torch path."""
@@ -105,13 +108,20 @@ class ModelRunner:
         ids = [s.output_token_ids[-1] if s.output_token_ids else s.prompt_token_ids[-1] for s in decode]
         pos = [s.num_computed for s in decode]
         slots = [s.slot for s in decode]
-        if not batch.prefill and self.fused is not None:  # the fused kernel needs ids, positions, slots only
+        plain = all(s.lora < 0 for s in decode)
+        if not batch.prefill and self.fused is not None and plain:  # the fused kernel needs ids, positions, slots
             ids_t, pos_t, slots_t = torch.tensor([ids, pos, slots])
             return StepInputs(ids=ids_t, positions=pos_t, slots=slots_t, num_decode=len(decode)), decode
         sample_rows, sampled = list(range(len(decode))), list(decode)
         chunks = []
+        adapter_rows: dict[int, list[int]] = {}
+        for i, s in enumerate(decode):
+            if s.lora >= 0:
+                adapter_rows.setdefault(s.lora, []).append(i)
         for c in batch.prefill:
             row0 = len(ids)
+            if c.seq.lora >= 0:
+                adapter_rows.setdefault(c.seq.lora, []).extend(range(row0, row0 + c.length))
             ids += c.token_ids
             pos += range(c.start, c.start + c.length)
             slots += [c.seq.slot] * c.length
@@ -142,7 +152,8 @@ class ModelRunner:
             ids=torch.tensor(ids), cos=self.cos_table[pos_t][:, None], sin=self.sin_table[pos_t][:, None],
             write_idx=self.kv.write_index(slots_t, pos_t), num_decode=nd, decode_slots=decode_slots,
             decode_len=decode_len, decode_mask=decode_mask, chunks=chunks,
-            sample_rows=torch.tensor(sample_rows, dtype=torch.long), positions=pos_t, slots=slots_t)
+            sample_rows=torch.tensor(sample_rows, dtype=torch.long), positions=pos_t, slots=slots_t,
+            lora_groups=[(a, torch.tensor(rows)) for a, rows in adapter_rows.items()])
         return inputs, sampled
 
     # ---------------------------------------------------------------- forward
@@ -153,13 +164,13 @@ class ModelRunner:
 
     def forward(self, inp: StepInputs) -> torch.Tensor:
         """-> logits [R, V] fp32 for inp.sample_rows."""
-        if not inp.chunks and self.fused is not None:  # decode rows only: one C call (engine/fused.py)
+        if not inp.chunks and not inp.lora_groups and self.fused is not None:  # one C call (engine/fused.py)
             return self.fused(inp.ids, inp.slots, inp.positions)
         return self._forward_torch(inp)
 
     @torch.no_grad()
     def _forward_torch(self, inp: StepInputs) -> torch.Tensor:
-        if not inp.chunks and getattr(self, "_compiled_decode", None) is not None:
+        if not inp.chunks and not inp.lora_groups and getattr(self, "_compiled_decode", None) is not None:
             slots = inp.decode_slots
             if isinstance(slots, slice):
                 slots = torch.arange(slots.start, slots.stop)
@@ -168,16 +179,20 @@ class ModelRunner:
                 mask = torch.zeros(inp.num_decode, 1, 1, inp.decode_len, dtype=self.kv_dtype)
             return self._compiled_decode(inp.ids, inp.cos, inp.sin, inp.write_idx, slots, mask)
         h = F.embedding(inp.ids, self.embed)  # [N, H]
+        groups = inp.lora_groups
         for layer_idx, lw in enumerate(self.layers):
-            h = h + lw.o(self._attention(layer_idx, lw, _rms_norm(lw.ln1, h), inp))
-            h = h + _ffn(lw, _rms_norm(lw.ln2, h))
+            a = self._attention(layer_idx, lw, _rms_norm(lw.ln1, h), inp)
+            h = h + self.lora.apply(lw.o(a), a, layer_idx, "o", groups)
+            extra = (lambda name, y, x, i=layer_idx: self.lora.apply(y, x, i, name, groups)) if groups else None
+            h = h + _ffn(lw, _rms_norm(lw.ln2, h), extra)
         h = _rms_norm(self.norm, h[inp.sample_rows])
         return self.lm_head(h).float()
 
-    def _project_qkv(self, lw: LayerWeights, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    def _project_qkv(self, lw: LayerWeights, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                     layer_idx: int = 0, groups=()):
         """x [N, H] -> q [N, Hq, D], k [N, H_kv, D] (RoPE applied), v [N, H_kv * D]."""
         n, hq, hkv, d = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
-        qkv = lw.qkv(x)  # [N, (Hq + 2 H_kv) * D]
+        qkv = self.lora.apply(lw.qkv(x), x, layer_idx, "qkv", groups)  # [N, (Hq + 2 H_kv) * D]
         if lw.q_norm is None:  # q and k heads are adjacent: one RoPE call for both
             qk = _rope(qkv[:, :(hq + hkv) * d].view(n, hq + hkv, d), cos, sin)
             q, k = qk[:, :hq], qk[:, hq:]
@@ -206,7 +221,7 @@ class ModelRunner:
 
     def _attention(self, layer_idx: int, lw: LayerWeights, x: torch.Tensor, inp: StepInputs) -> torch.Tensor:
         n, hq, hkv, d = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
-        q, k, v = self._project_qkv(lw, x, inp.cos, inp.sin)
+        q, k, v = self._project_qkv(lw, x, inp.cos, inp.sin, layer_idx, inp.lora_groups)
         self.kv.k_rows[layer_idx].index_copy_(0, inp.write_idx, k.reshape(n * hkv, d).to(self.kv_dtype))
         self.kv.v_rows[layer_idx].index_copy_(0, inp.write_idx, v.reshape(n * hkv, d).to(self.kv_dtype))
         k_cache, v_cache = self.kv.k[layer_idx], self.kv.v[layer_idx]  # [slots, H_kv, T, D]
@@ -292,9 +307,20 @@ def build_sampling_batch(seqs: list, vocab: int) -> SamplingBatch:
     return batch
 
 
-def _ffn(lw, x: torch.Tensor) -> torch.Tensor:
-    """The block's feed-forward: MoE, or SwiGLU with the fused gate|up weight. x [N, H] -> [N, H]."""
+def _ffn(lw, x: torch.Tensor, extra=None) -> torch.Tensor:
+    """The block's feed-forward: MoE, or SwiGLU with the fused gate|up weight. x [N, H] -> [N, H].
+    extra(matrix name, y, x) -> y adds per-row LoRA outputs."""
     if lw.moe is not None:
         return lw.moe(x)
-    gate, up = lw.gate_up(x).chunk(2, dim=-1)
-    return lw.down(lw.act(gate) * up)
+    gate_up = lw.gate_up(x)
+    if extra is not None:
+        gate_up = extra("gate_up", gate_up, x)
+    gate, up = gate_up.chunk(2, dim=-1)
+    a = lw.act(gate) * up
+    return lw.down(a) if extra is None else extra("down", lw.down(a), a)
+
+
+def _weight(linear) -> torch.Tensor:
+    """A projection's weight as the model's forward applies it: an unmerged LoRALinear counts W + B A."""
+    merged = getattr(linear, "merged_weight", None)
+    return merged() if merged is not None else linear.weight

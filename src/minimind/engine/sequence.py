@@ -65,6 +65,7 @@ def _make_detokenizer(tokenizer, skip_special_tokens: bool):
 
 class Sequence:
     _ids = count()
+    lora = -1  # index of the LoRA adapter this sequence runs with (ModelRunner.lora), -1 = the base model
 
     def __init__(self, request_id: str, index: int, prompt_token_ids: list[int], params: SamplingParams,
                  seed: int, eos_token_ids: set[int], tokenizer=None):

@@ -150,12 +150,12 @@ def _read(source, model: nn.Module) -> tuple[str, dict[str, torch.Tensor]]:
     return str(path), read_torch_file(path)
 
 
-def load_lora(model: nn.Module, path_or_state_dict) -> nn.Module:
-    """Load an original LoRA file (any era) into `model`, applying LoRA first if needed.
+def read_adapter(model: nn.Module, path_or_state_dict) -> tuple[int, dict[str, dict[str, torch.Tensor]]]:
+    """Read and check an original LoRA file (any era) against `model` without changing it.
 
-    Safe (weights-only) load; `module.`/`_orig_mod.` prefixes stripped; rank read from the A shapes; tensors cast
-    to each layer's dtype/device. The adapter must cover exactly the model's square Linears with fitting shapes,
-    otherwise a CheckpointError names the file and what does not fit (nothing in the model is changed then).
+    -> (rank, {layer name: {"A": [r, in], "B": [out, r]}}). Safe (weights-only) load; `module.`/`_orig_mod.`
+    prefixes stripped. The adapter must cover exactly the model's square Linears with fitting shapes, otherwise a
+    CheckpointError names the file and what does not fit.
     """
     where, raw = _read(path_or_state_dict, model)
     sd = strip_prefixes(raw)
@@ -181,8 +181,7 @@ def load_lora(model: nn.Module, path_or_state_dict) -> nn.Module:
     if len(ranks) != 1 or any(p["A"].dim() != 2 or p["B"].dim() != 2 for p in pairs.values()):
         raise CheckpointError(where, f"inconsistent adapter shapes (ranks found: {sorted(ranks)})")
     rank = ranks.pop()
-    wrapped = lora_layers(model)
-    targets = wrapped or _square_linears(model)
+    targets = lora_layers(model) or _square_linears(model)
     config = getattr(model, "config", None)
     model_hidden = getattr(config, "hidden_size", None) or next(iter(targets.values())).in_features
     for name, p in sorted(pairs.items()):
@@ -202,6 +201,14 @@ def load_lora(model: nn.Module, path_or_state_dict) -> nn.Module:
             parts.append(f"no adapter for {len(missing)} of the model's {len(targets)} LoRA layers "
                          f"(e.g. {missing[:2]}); a partial adapter would silently give wrong output")
         raise CheckpointError(where, f"rank {rank} adapter does not fit this model: " + "; ".join(parts))
+    return rank, pairs
+
+
+def load_lora(model: nn.Module, path_or_state_dict) -> nn.Module:
+    """Load an original LoRA file (any era) into `model` (checked by read_adapter), applying LoRA first if needed;
+    tensors are cast to each layer's dtype/device. Nothing in the model changes when the file does not fit."""
+    rank, pairs = read_adapter(model, path_or_state_dict)
+    wrapped = lora_layers(model)
     if any(m.merged for m in wrapped.values()):
         raise RuntimeError("the model's LoRA is merged: call unmerge_lora(model) before loading another adapter")
     if not wrapped:

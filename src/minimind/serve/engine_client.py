@@ -123,7 +123,8 @@ class AsyncEngine:
                 "slots_total": slots.num_slots, "slots_free": slots.num_free,
                 "kv_usage": 1 - slots.num_free / max(slots.num_slots, 1)}
 
-    def submit(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None) -> RequestHandle:
+    def submit(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None,
+               lora: str | None = None) -> RequestHandle:
         if not self.accepting:
             raise APIError(503, "the server is shutting down", code="shutting_down")
         capacity = self.llm.max_num_seqs + self.max_queue
@@ -137,7 +138,7 @@ class AsyncEngine:
         with self._lock:  # registered before the engine can emit anything for it
             self._streams[request_id] = stream
         try:
-            self.llm.add_request(prompt_token_ids, params, request_id)
+            self.llm.add_request(prompt_token_ids, params, request_id, lora=lora)
         except BaseException:
             with self._lock:
                 self._streams.pop(request_id, None)
@@ -194,3 +195,23 @@ class AsyncEngine:
             self.llm.step()
         except BaseException:
             log.exception("engine cleanup after a failed step also failed")
+
+
+class AdapterEngine:
+    """The served model id of one LoRA adapter: requests go to the shared AsyncEngine (same thread, batches and
+    KV cache) tagged with the adapter; everything else is the shared engine's."""
+
+    def __init__(self, engine: AsyncEngine, lora: str):
+        self.engine, self.lora = engine, lora
+
+    def submit(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None) -> RequestHandle:
+        return self.engine.submit(prompt_token_ids, params, request_id, lora=self.lora)
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+    def __setattr__(self, name, value):
+        if name in ("engine", "lora"):
+            object.__setattr__(self, name, value)
+        else:  # e.g. `accepting = False` at shutdown applies to the shared engine
+            setattr(self.engine, name, value)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import copy
 import logging
 import os
 import sys
@@ -53,28 +52,26 @@ def parse_lora(specs: list[str]) -> dict[str, str]:
 
 
 def load_engines(args: argparse.Namespace) -> dict:
-    """{model id: LLM}: the base model (with --lora_weight merged if given), then one engine per --lora adapter."""
+    """{model id: LLM}: the base model (with --lora_weight merged if given) carrying every --lora adapter; the
+    server exposes each adapter as its own model id and batches their requests together."""
     from ..apps.chat import resolve_source
     from ..chat.session import _load
     from ..engine import LLM
-    from ..model.lora import load_lora, merge_lora, resolve_lora_path
+    from ..model.lora import merge_lora, resolve_lora_path
 
     source = resolve_source(args)
     model, tokenizer = _load(source, args, "cpu")
-    adapters = parse_lora(args.lora)
-    pristine = copy.deepcopy(model) if adapters else None
-    merge_lora(model)  # the engine fuses plain weights: an adapter must be folded in to take effect
+    merge_lora(model)  # --lora_weight is part of the base model
+    adapters = {name: resolve_lora_path(path, args.save_dir, model.config.hidden_size, bool(args.use_moe))
+                for name, path in parse_lora(args.lora).items()}
     kwargs = {"tokenizer": tokenizer, "dtype": None if args.dtype == "auto" else args.dtype,
               "quantization": args.quantization, "max_model_len": args.max_model_len,
               "max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens,
               "enable_prefix_caching": not args.no_prefix_caching, "threads": args.threads}
     name = args.served_model_name or str(source.get("weight") or "minimind")
-    engines = {name: LLM(model, **kwargs)}
-    for adapter, path in adapters.items():
-        variant = copy.deepcopy(pristine)
-        load_lora(variant, resolve_lora_path(path, args.save_dir, variant.config.hidden_size, bool(args.use_moe)))
-        engines[adapter] = LLM(merge_lora(variant), **kwargs)
-    return engines
+    if name in adapters:
+        raise ValueError(f"--lora name {name!r} is the base model's id; pick another name")
+    return {name: LLM(model, lora_adapters=adapters, **kwargs)}
 
 
 def main(argv: list[str] | None = None) -> int:

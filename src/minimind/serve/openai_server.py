@@ -16,7 +16,7 @@ from ..chat.template import render_prompt
 from .chat import create_chat_completion
 from .completions import create_completion
 from .context import ServingContext
-from .engine_client import AsyncEngine
+from .engine_client import AdapterEngine, AsyncEngine
 from .errors import APIError, error_body, install_handlers
 from .params import message_dicts, open_thinking_of, sampling_params
 from .protocol import (
@@ -45,8 +45,15 @@ def _as_engines(engine, served_model_name: str | None, max_queue: int) -> dict[s
         return e if isinstance(e, AsyncEngine) else AsyncEngine(e, max_queue=max_queue)
 
     if isinstance(engine, dict):
-        return {name: wrap(e) for name, e in engine.items()}
-    return {served_model_name or "minimind": wrap(engine)}
+        engines = {name: wrap(e) for name, e in engine.items()}
+    else:
+        engines = {served_model_name or "minimind": wrap(engine)}
+    for e in list(engines.values()):  # each LoRA adapter loaded in an engine is a model id of its own
+        for adapter in getattr(e.llm, "lora_names", {}):
+            if adapter in engines:
+                raise ValueError(f"LoRA adapter name {adapter!r} is already a served model id")
+            engines[adapter] = AdapterEngine(e, adapter)
+    return engines
 
 
 def create_app(engine, *, served_model_name: str | None = None, api_key: str | None = None, max_queue: int = 256,

@@ -258,6 +258,57 @@ static inline float dot(const float *a, const float *b, int64_t n) {
     return s;
 }
 
+/* softmax(q . keys[j] * scale) over j < len, then the weighted sum of values[j] into o [D]. sc: len floats. */
+static void attend(const float *q, const float *keys, const float *vals, int64_t len, int64_t D, float scale,
+                   float *sc, float *o) {
+    float mx = -INFINITY, sum = 0.f;
+    int64_t j = 0;
+#ifdef __AVX2__
+    if (D % 8 == 0)  /* four keys at a time: independent FMA chains instead of one long one */
+        for (; j + 4 <= len; j += 4) {
+            const float *k0 = keys + j * D;
+            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+            for (int64_t i = 0; i < D; i += 8) {
+                __m256 qv = _mm256_loadu_ps(q + i);
+                a0 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + i), a0);
+                a1 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + D + i), a1);
+                a2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + 2 * D + i), a2);
+                a3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + 3 * D + i), a3);
+            }
+            sc[j] = hsum(a0) * scale, sc[j + 1] = hsum(a1) * scale;
+            sc[j + 2] = hsum(a2) * scale, sc[j + 3] = hsum(a3) * scale;
+        }
+#endif
+    for (; j < len; j++) sc[j] = dot(q, keys + j * D, D) * scale;
+    for (j = 0; j < len; j++) mx = sc[j] > mx ? sc[j] : mx;
+    for (j = 0; j < len; j++) sum += (sc[j] = expf(sc[j] - mx));
+    const float inv = 1.f / sum;
+    int64_t i = 0;
+#ifdef __AVX2__
+    for (; i + 32 <= D; i += 32) {  /* 32 output lanes in registers across all positions */
+        __m256 o0 = _mm256_setzero_ps(), o1 = o0, o2 = o0, o3 = o0;
+        for (j = 0; j < len; j++) {
+            const __m256 p = _mm256_set1_ps(sc[j]);
+            const float *v = vals + j * D + i;
+            o0 = _mm256_fmadd_ps(p, _mm256_loadu_ps(v), o0);
+            o1 = _mm256_fmadd_ps(p, _mm256_loadu_ps(v + 8), o1);
+            o2 = _mm256_fmadd_ps(p, _mm256_loadu_ps(v + 16), o2);
+            o3 = _mm256_fmadd_ps(p, _mm256_loadu_ps(v + 24), o3);
+        }
+        const __m256 s = _mm256_set1_ps(inv);
+        _mm256_storeu_ps(o + i, _mm256_mul_ps(o0, s));
+        _mm256_storeu_ps(o + i + 8, _mm256_mul_ps(o1, s));
+        _mm256_storeu_ps(o + i + 16, _mm256_mul_ps(o2, s));
+        _mm256_storeu_ps(o + i + 24, _mm256_mul_ps(o3, s));
+    }
+#endif
+    for (; i < D; i++) {
+        float acc = 0.f;
+        for (j = 0; j < len; j++) acc += sc[j] * vals[j * D + i];
+        o[i] = acc * inv;
+    }
+}
+
 static void rms_norm(const float *x, const float *w, int64_t n, double eps, float *out) {
     double ss = 0.0;
     for (int64_t i = 0; i < n; i++) ss += (double)x[i] * x[i];
@@ -342,22 +393,10 @@ int minimind_decode(const Model *m, int64_t B, const int64_t *ids, const int64_t
             }
 #pragma omp for schedule(dynamic, 1)
             for (int64_t t = 0; t < B * Hq; t++) {
-                int64_t b = t / Hq, head = t % Hq, g = head / group, len = pos[b] + 1;
-                const float *q = qkv + b * QKV + head * D;
-                const float *keys = L->k_cache + (slots[b] * Hkv + g) * T * D;
-                const float *vals = L->v_cache + (slots[b] * Hkv + g) * T * D;
-                float mx = -INFINITY, sum = 0.f;
-                for (int64_t j = 0; j < len; j++) {
-                    sc[j] = dot(q, keys + j * D, D) * scale;
-                    mx = sc[j] > mx ? sc[j] : mx;
-                }
-                for (int64_t j = 0; j < len; j++) sum += (sc[j] = expf(sc[j] - mx));
-                float *o = att + b * Hq * D + head * D;
-                for (int64_t i = 0; i < D; i++) o[i] = 0.f;
-                for (int64_t j = 0; j < len; j++) {
-                    const float p = sc[j] / sum, *v = vals + j * D;
-                    for (int64_t i = 0; i < D; i++) o[i] += p * v[i];
-                }
+                int64_t b = t / Hq, head = t % Hq, g = head / group;
+                attend(qkv + b * QKV + head * D, L->k_cache + (slots[b] * Hkv + g) * T * D,
+                       L->v_cache + (slots[b] * Hkv + g) * T * D, pos[b] + 1, D, scale, sc,
+                       att + b * Hq * D + head * D);
             }
             PACK(att, Hq * D, Hq * D);
 #pragma omp for schedule(static)

@@ -194,9 +194,12 @@ def test_cli_gradio_never_shares_unless_asked(monkeypatch, tiny):
     assert main(["--ui", "gradio", "--model", str(model), "--tokenizer", str(tok)]) == 0
     assert main(["--ui", "gradio", "--api-base", "http://127.0.0.1:9/v1", "--share", "--port", "7999"]) == 0
     (cfg, kw), (cfg2, kw2) = seen
-    assert kw == {"host": "127.0.0.1", "port": 7860, "share": False}
+    assert kw == {"host": "127.0.0.1", "port": 7860, "share": False, "lang": "en", "theme": "auto"}
     assert cfg == BackendConfig(model=str(model), tokenizer=str(tok))
-    assert kw2 == {"host": "127.0.0.1", "port": 7999, "share": True} and cfg2.api_base == "http://127.0.0.1:9/v1"
+    assert kw2 == {"host": "127.0.0.1", "port": 7999, "share": True, "lang": "en", "theme": "auto"}
+    assert cfg2.api_base == "http://127.0.0.1:9/v1"
+    assert main(["--ui", "gradio", "--api-base", "http://x/v1", "--lang", "zh", "--theme", "dark"]) == 0
+    assert seen[-1][1]["lang"] == "zh" and seen[-1][1]["theme"] == "dark"
     assert main(["--share"]) == 2  # --share is Gradio only
 
 
@@ -209,13 +212,15 @@ def test_cli_streamlit_command_binds_localhost(monkeypatch, tiny):
     monkeypatch.setattr(subprocess, "call", lambda cmd, env: calls.append((cmd, env)) or 0)
     model, tok = tiny
     assert main(["--model", str(model), "--tokenizer", str(tok), "--port", "8600"]) == 0
-    cmd, env = calls[0]
+    assert main(["--model", str(model), "--tokenizer", str(tok), "--theme", "dark", "--lang", "zh"]) == 0
+    (cmd, env), (cmd2, env2) = calls
     assert cmd[1:4] == ["-m", "streamlit", "run"] and cmd[4].endswith("streamlit_app.py")
     assert cmd[cmd.index("--server.address") + 1] == "127.0.0.1" and cmd[cmd.index("--server.port") + 1] == "8600"
-    assert BackendConfig.from_env.__func__  # the config travels in the environment
     import json
 
-    assert json.loads(env["MINIMIND_WEB_CONFIG"])["model"] == str(model)
+    assert json.loads(env["MINIMIND_WEB_CONFIG"])["model"] == str(model)  # the config travels in the environment
+    assert "--theme.base" not in cmd and env["MINIMIND_WEB_LANG"] == "en"  # auto: the browser decides
+    assert cmd2[cmd2.index("--theme.base") + 1] == "dark" and env2["MINIMIND_WEB_LANG"] == "zh"
 
 
 # ---------------------------------------------------------------- --api-base mode against a real `minimind serve`
@@ -243,9 +248,147 @@ def test_openai_backend_against_minimind_serve(tiny, engine):
         assert at.selectbox(key="model").options == ["tiny", "tiny-lora"]
 
 
-def test_streamlit_chinese_ui_text():
+def test_streamlit_chinese_ui_text(monkeypatch):
     at = _app(ScriptedBackend())
-    at.radio(key="lang").set_value("中文").run()
+    assert at.radio(key="lang").value == "en" and at.slider(key="turns").label == "History turns"
+    at.radio(key="lang").set_value("zh").run()
     assert at.slider(key="turns").label == "历史对话轮数" and at.button(key="clear").label == "清空对话"
     _ask(at, "你好")
     assert at.expander[0].label == "思考过程"
+    monkeypatch.setenv("MINIMIND_WEB_LANG", "zh")  # `minimind web --lang zh` makes Chinese the default
+    at = _app(ScriptedBackend())
+    assert at.radio(key="lang").value == "zh" and at.slider(key="max_tokens").label == "最大生成长度"
+
+
+def _labels(demo) -> set[str]:
+    return {str(getattr(b, "label", None)) for b in demo.blocks.values()} | {
+        str(getattr(b, "placeholder", None)) for b in demo.blocks.values()}
+
+
+def test_gradio_labels_follow_lang():
+    from minimind.web.gradio_app import build_app, make_chat_fn
+    from minimind.web.text import TEXT
+
+    zh, en = _labels(build_app(ScriptedBackend(), "zh")), _labels(build_app(ScriptedBackend(), "en"))
+    for key in ("system", "turns", "temperature", "max_tokens", "settings", "ask"):
+        assert TEXT["zh"][key] in zh and TEXT["zh"][key] not in en, key
+        assert TEXT["en"][key] in en, key
+    final = list(make_chat_fn(ScriptedBackend(), "zh")("q", []))[-1]
+    assert final[0]["metadata"]["title"] == "思考过程"
+    with pytest.raises(ValueError, match="choose from en, zh"):
+        build_app(ScriptedBackend(), "fr")
+
+
+def test_pretrain_note_in_both_uis():
+    """With pretrain weights system prompt and history are not used: both UIs say so (and only then)."""
+    from minimind.web.gradio_app import build_app
+    from minimind.web.text import TEXT
+
+    pretrain = ScriptedBackend()
+    pretrain.pretrain = True
+    assert [i.value for i in _app(pretrain).info] == [TEXT["en"]["pretrain"]]
+    assert len(_app(ScriptedBackend()).info) == 0
+    assert build_app(pretrain, "zh").description == TEXT["zh"]["pretrain"]
+    assert build_app(ScriptedBackend()).description is None
+
+
+# ---------------------------------------------------------------- flags shared with `minimind chat`
+def test_cli_open_thinking_dtype_and_pretrain_reach_config(monkeypatch, tiny, tmp_path, capsys):
+    import shutil
+
+    import minimind.web.backend as backend_mod
+    from minimind.apps.web import build_parser, main
+    from minimind.web import gradio_app
+
+    seen = []
+    monkeypatch.setattr(backend_mod, "make_backend", lambda config: config)
+    monkeypatch.setattr(gradio_app, "launch", lambda backend, **kw: seen.append(backend))
+    model, tok = tiny
+    pretrain = tmp_path / "pretrain_64.pth"
+    shutil.copy(model, pretrain)
+    base = ["--ui", "gradio", "--tokenizer", str(tok)]
+    assert main([*base, "--model", str(model), "--open_thinking", "--dtype", "bfloat16"]) == 0
+    assert main([*base, "--model", str(pretrain), "--open_thinking", "0"]) == 0
+    assert main([*base, "--save_dir", str(tmp_path), "--load_from", str(tok), "--weight", "pretrain"]) == 0
+    sft, pre, seed_layout = seen
+    assert (sft.open_thinking, sft.dtype, sft.pretrain) == (True, "bfloat16", False)
+    assert (pre.open_thinking, pre.dtype, pre.pretrain) == (False, None, True)
+    assert seed_layout.pretrain and seed_layout.model == str(pretrain)  # the original --weight pretrain layout
+    assert main(["--ui", "gradio", "--api-base", "http://x/v1", "--open_thinking"]) == 0
+    assert seen[-1].open_thinking is True and seen[-1].api_base == "http://x/v1"
+    assert main(["--api-base", "http://x/v1", "--dtype", "float32"]) == 1
+    assert "--dtype applies to a local model" in capsys.readouterr().err
+    text = build_parser().format_help()
+    for flag in ("--open_thinking", "--dtype", "--lang", "--theme"):
+        assert flag in text
+
+
+def test_cli_unusable_model_is_one_clear_line(tiny, tmp_path, monkeypatch, capsys):
+    from minimind.apps.web import main
+
+    monkeypatch.chdir(tmp_path)  # no `model/` tokenizer folder of the original layout to fall back on
+    assert main(["--ui", "gradio", "--model", str(tiny[0])]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "--tokenizer" in err and len(err.strip().splitlines()) == 1
+
+
+def test_engine_backend_open_thinking_and_dtype(tiny):
+    """minimind-3's template reads open_thinking: the prompt opens a <think> block, and the reply is reasoning."""
+    import torch
+
+    from minimind.chat.template import render_prompt
+    from minimind.web.backend import make_backend
+
+    model, _ = tiny
+    tok = tokenizer_dir("minimind-3")
+    backend = make_backend(BackendConfig(model=str(model), tokenizer=str(tok), dtype="bfloat16", open_thinking=True))
+    try:
+        assert backend.llm.dtype == torch.bfloat16 and backend.starts_in_think
+        msgs = [{"role": "user", "content": "hi"}]
+        assert backend.prompt(msgs) == render_prompt(backend.llm.tokenizer, msgs, open_thinking=True)
+        assert backend.prompt(msgs).endswith("<think>\n")
+        last = list(chat_stream(backend, msgs, Settings(max_tokens=4, temperature=0.0)))[-1]
+        assert last.reasoning and not last.content  # no </think> in 4 random tokens: all of it is reasoning
+    finally:
+        backend.close()
+
+
+def test_engine_backend_pretrain_prompt_is_bos_plus_question(tiny):
+    """Pretrain weights (as `minimind chat`): bos + the question; system prompt and history are not sent."""
+    from minimind.engine import SamplingParams
+    from minimind.web.backend import make_backend
+
+    model, tok = tiny
+    backend = make_backend(BackendConfig(model=str(model), tokenizer=str(tok), pretrain=True))
+    try:
+        llm = backend.llm
+        msgs = build_messages([{"role": "user", "content": "q0"}, {"role": "assistant", "content": "a0"}],
+                              "Once upon a time", Settings(system="be brief"))
+        assert backend.pretrain and backend.prompt(msgs) == llm.tokenizer.bos_token + "Once upon a time"
+        last = list(chat_stream(backend, msgs, Settings(max_tokens=6, temperature=0.0)))[-1]
+        # independent: the engine on bos + text directly, not through the web backend
+        ids = [llm.tokenizer.bos_token_id, *llm.tokenizer.encode("Once upon a time", add_special_tokens=False)]
+        direct = llm.generate(ids, SamplingParams(max_tokens=6, temperature=0.0,
+                                                  stop_token_ids=backend._stop_ids))[0].outputs[0]
+        assert last.content == direct.text and last.tokens == len(direct.token_ids)
+    finally:
+        backend.close()
+
+
+def test_closing_an_answer_aborts_the_engine_request(tiny):
+    """The stop buttons close the answer's stream; the in-process engine must then abort the request at once.
+
+    The engine runs without its background loop here, so it advances only while the answer is read: an answer
+    closed without an abort would stay unfinished for ever (the test cannot pass by the answer ending by itself).
+    """
+    model, tok = tiny
+    backend = EngineBackend(str(model), tokenizer=str(tok), max_model_len=512, max_num_seqs=1)
+    llm = backend.llm
+    llm.shutdown()
+    replies = chat_stream(backend, [{"role": "user", "content": "你好"}], Settings(max_tokens=400, temperature=0.0))
+    next(replies), next(replies)
+    assert llm.has_unfinished() and llm.scheduler.slots.num_free == 0
+    replies.close()
+    outs = llm.step()  # applies the abort
+    assert [o.outputs[0].finish_reason for o in outs] == ["abort"]
+    assert not llm.has_unfinished() and llm.scheduler.slots.num_free == 1

@@ -1,7 +1,9 @@
 """`minimind web`: Streamlit (default) or Gradio chat in the browser, on 127.0.0.1 unless told otherwise.
 
-In-process engine on any checkpoint (the same model flags as `minimind chat`; default: the embedded model), or
-`--api-base URL`: a thin client of `minimind serve` or any OpenAI-compatible server. Needs `pip install minimind[web]`.
+In-process engine on any checkpoint (the same model flags as `minimind chat`, plus its --dtype and --open_thinking;
+default: the embedded model; pretrain* weights get bos + text as in chat), or `--api-base URL`: a thin client of
+`minimind serve` or any OpenAI-compatible server. `--lang` and `--theme` apply to both UIs.
+Needs `pip install minimind[web]`.
 """
 from __future__ import annotations
 
@@ -12,19 +14,24 @@ import sys
 from pathlib import Path
 
 SOURCE_FLAGS = ("--load_from", "--save_dir", "--weight", "--lora_weight", "--hidden_size", "--use_moe", "--model",
-                "--tokenizer")
+                "--tokenizer", "--dtype")
+GENERATION_FLAGS = ("--open_thinking",)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from ..web.text import TEXT
     from .chat import build_parser as chat_parser
 
     p = argparse.ArgumentParser(prog="minimind web", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--ui", choices=("streamlit", "gradio"), default="streamlit", help="which web UI")
     src = p.add_argument_group("model (as in `minimind chat`)")
-    for action in chat_parser()._actions:  # reuse the chat command's model-source flags, not a copy of them
+    gen = p.add_argument_group("generation (as in `minimind chat`; temperature, top_p, max tokens are sliders)")
+    for action in chat_parser()._actions:  # reuse the chat command's flags, not a copy of them
         if any(flag in SOURCE_FLAGS for flag in action.option_strings):
             src._add_action(action)
+        elif any(flag in GENERATION_FLAGS for flag in action.option_strings):
+            gen._add_action(action)
     src.add_argument("--api-base", default=None, metavar="URL",
                      help="use a running OpenAI-compatible server (e.g. http://127.0.0.1:8000/v1) instead of a "
                           "local model")
@@ -33,14 +40,22 @@ def build_parser() -> argparse.ArgumentParser:
     net.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 exposes the UI to your network)")
     net.add_argument("--port", type=int, default=None, help="port (default: 8501 for Streamlit, 7860 for Gradio)")
     net.add_argument("--share", action="store_true", help="Gradio only: a public *.gradio.live link")
+    look = p.add_argument_group("look")
+    look.add_argument("--lang", choices=tuple(TEXT), default="en",
+                      help="UI language, both UIs (Streamlit also has a switch in its sidebar)")
+    look.add_argument("--theme", choices=("auto", "dark", "light"), default="auto",
+                      help="colour scheme, both UIs; auto follows the browser's setting")
     return p
 
 
 def backend_config(args: argparse.Namespace):
     from ..web.backend import BackendConfig
 
+    open_thinking = None if args.open_thinking is None else bool(args.open_thinking)
     if args.api_base:
-        return BackendConfig(api_base=args.api_base, api_key=args.api_key)
+        if args.dtype != "auto":
+            raise ValueError("--dtype applies to a local model; the server behind --api-base chose its own")
+        return BackendConfig(api_base=args.api_base, api_key=args.api_key, open_thinking=open_thinking)
     from .chat import resolve_source
 
     src = resolve_source(args)
@@ -50,7 +65,12 @@ def backend_config(args: argparse.Namespace):
 
         lora = resolve_lora_path(args.lora_weight, args.save_dir, args.hidden_size or 512, bool(args.use_moe))
     as_str = lambda p: None if p is None else str(p)
-    return BackendConfig(model=as_str(src["model"]), tokenizer=as_str(src["tokenizer"]), lora=lora)
+    from ..chat.template import is_pretrain_weight
+
+    pretrain = is_pretrain_weight(src["weight"])  # the same rule as `minimind chat`: bos + text, no template
+    return BackendConfig(model=as_str(src["model"]), tokenizer=as_str(src["tokenizer"]), lora=lora,
+                         dtype=None if args.dtype == "auto" else args.dtype, open_thinking=open_thinking,
+                         pretrain=pretrain)
 
 
 def streamlit_command(args: argparse.Namespace) -> list[str]:
@@ -58,7 +78,9 @@ def streamlit_command(args: argparse.Namespace) -> list[str]:
     return [sys.executable, "-m", "streamlit", "run", str(app), "--server.address", args.host,
             "--server.port", str(args.port or 8501), "--server.headless", "true",
             "--browser.gatherUsageStats", "false", "--global.developmentMode", "false",
-            "--client.toolbarMode", "minimal"]
+            "--client.toolbarMode", "minimal",
+            # auto: no base theme, so Streamlit follows the browser's light/dark preference
+            *(["--theme.base", args.theme] if args.theme != "auto" else [])]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,8 +95,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if args.ui == "streamlit":
         from ..web.backend import CONFIG_ENV
+        from ..web.text import LANG_ENV
 
-        env = {**os.environ, CONFIG_ENV: config.to_env()}
+        env = {**os.environ, CONFIG_ENV: config.to_env(), LANG_ENV: args.lang}
         try:
             return subprocess.call(streamlit_command(args), env=env)
         except KeyboardInterrupt:
@@ -89,7 +112,14 @@ def main(argv: list[str] | None = None) -> int:
 
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     try:
-        launch(make_backend(config), host=args.host, port=args.port or 7860, share=args.share)
+        backend = make_backend(config)
+    except (ValueError, OSError) as exc:  # an unusable checkpoint or tokenizer: one line, as `minimind chat`
+        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    try:
+        launch(backend, host=args.host, port=args.port or 7860, share=args.share, lang=args.lang, theme=args.theme)
     except KeyboardInterrupt:
         return 130
     return 0

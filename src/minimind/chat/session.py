@@ -7,7 +7,7 @@ from time import perf_counter
 
 from .detok import IncrementalDetokenizer
 from .generate import GenerationSettings, stop_token_ids, stream_generate
-from .template import pretrain_prompt, render_prompt, split_reasoning
+from .template import is_pretrain_weight, pretrain_prompt, render_prompt, split_reasoning
 
 # The original eval_llm.py's auto-test questions, and an English set for the (English) default model.
 QUESTIONS_ZH = ["你有什么特长？", "为什么天空是蓝色的", "请用Python写一个计算斐波那契数列的函数",
@@ -174,7 +174,7 @@ def run(args: argparse.Namespace) -> int:
 
         llm = LLM(model, tokenizer=tokenizer, max_num_seqs=1, max_model_len=min(cfg.max_position_embeddings, 4096))
     session = ChatSession(model, tokenizer, settings, info, system=args.system, historys=args.historys,
-                          open_thinking=open_thinking, pretrain="pretrain" in source["weight"],
+                          open_thinking=open_thinking, pretrain=is_pretrain_weight(source["weight"]),
                           show_speed=bool(args.show_speed), llm=llm)
     name = "embedded default model (SmolLM2-135M-Instruct)" if source["model"] is None else str(source["model"])
     params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()) / 1e6

@@ -33,6 +33,11 @@ def render_prompt(tokenizer, messages: list[dict], *, tools: list[dict] | None =
                                          add_generation_prompt=add_generation_prompt, **kwargs)
 
 
+def is_pretrain_weight(weight) -> bool:
+    """The original scripts' rule: `pretrain*` weights are not chat-tuned and get pretrain_prompt."""
+    return "pretrain" in str(weight or "")
+
+
 def pretrain_prompt(tokenizer, text: str) -> str:
     """Pretrained (not chat-tuned) weights saw `bos + text` during training, never the template."""
     return (tokenizer.bos_token or "") + text

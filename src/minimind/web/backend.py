@@ -11,6 +11,7 @@ import os
 import re
 import time
 from collections.abc import Iterator
+from contextlib import closing
 from dataclasses import asdict, dataclass, field
 
 from ..chat.template import parse_tool_calls, split_reasoning
@@ -54,6 +55,9 @@ class BackendConfig:
     model: str | None = None  # checkpoint path; None = the embedded default model
     tokenizer: str | None = None
     lora: str | None = None
+    dtype: str | None = None  # "float32" / "bfloat16" / "float16"; None = the loader's default for the device
+    open_thinking: bool | None = None  # as `minimind chat --open_thinking`; None = the chat template's default
+    pretrain: bool = False  # pretrain weights: bos + the question, never the chat template (as `minimind chat`)
     api_base: str | None = None  # set: thin client of an OpenAI-compatible server
     api_key: str | None = None
 
@@ -82,7 +86,13 @@ def build_messages(history: list[dict], question: str, settings: Settings) -> li
 
 
 class Backend:
-    """Yields (text delta, tokens in this delta) for one answer."""
+    """Yields (text delta, tokens in this delta) for one answer.
+
+    Closing the generator early (the UI's stop button, a page that went away) must end the answer at its source.
+    """
+
+    pretrain = False  # the UIs say that system prompt and history are not used
+    starts_in_think = False  # the prompt opened a <think> block: the reply starts inside the reasoning
 
     def stream(self, messages: list[dict], settings: Settings) -> Iterator[tuple[str, int]]:
         raise NotImplementedError
@@ -94,22 +104,41 @@ class Backend:
 class EngineBackend(Backend):
     """In-process engine (`minimind.LLM`) on a background thread, shared by every browser session."""
 
-    def __init__(self, model=None, tokenizer=None, lora=None, **llm_kwargs):
+    def __init__(self, model=None, tokenizer=None, lora=None, *, dtype=None, open_thinking=None, pretrain=False,
+                 **llm_kwargs):
+        from ..chat.generate import stop_token_ids
         from ..engine import LLM
 
         if lora:
             from ..checkpoint.loader import load_model, load_tokenizer
 
             tok = load_tokenizer(tokenizer or model)
-            model, tokenizer = load_model(model, lora=lora), tok
-        self.llm = LLM(model, tokenizer=tokenizer, **llm_kwargs).start()
+            model, tokenizer = load_model(model, lora=lora, dtype=dtype), tok
+        self.llm = LLM(model, tokenizer=tokenizer, dtype=dtype, **llm_kwargs)
+        if self.llm.tokenizer is None:  # a chat needs text in and out, not token ids
+            raise ValueError(f"{model} has no tokenizer: pass --tokenizer DIR")
+        self.llm.start()
+        self.open_thinking, self.pretrain = open_thinking, bool(pretrain)
+        self.starts_in_think = bool(open_thinking) and not self.pretrain
+        # as `minimind chat`: a chat model that opens a new turn (<|im_start|>) has finished its answer
+        self._stop_ids = sorted(stop_token_ids(self.llm.tokenizer, self.llm))
+
+    def prompt(self, messages: list[dict]) -> str:
+        """The text the engine sees: the chat template, or for pretrain weights bos + the last question only
+        (the same prompts `minimind chat` builds, from the same functions)."""
+        from ..chat.template import pretrain_prompt, render_prompt
+
+        if self.pretrain:
+            question = next((m["content"] for m in reversed(messages) if m.get("role") == "user"), "")
+            return pretrain_prompt(self.llm.tokenizer, question)
+        return render_prompt(self.llm.tokenizer, messages, open_thinking=self.open_thinking)
 
     def stream(self, messages, settings):
         from ..engine import SamplingParams
 
         params = SamplingParams(max_tokens=int(settings.max_tokens), temperature=float(settings.temperature),
-                                top_p=max(float(settings.top_p), 1e-6))
-        stream = self.llm.stream(messages, params)
+                                top_p=max(float(settings.top_p), 1e-6), stop_token_ids=self._stop_ids)
+        stream = self.llm.stream(self.prompt(messages), params)
         try:
             for out in stream:
                 o = out.outputs[0]
@@ -125,10 +154,12 @@ class EngineBackend(Backend):
 class OpenAIBackend(Backend):
     """Thin client of `minimind serve` or any OpenAI-compatible server (streaming chat completions)."""
 
-    def __init__(self, api_base: str, api_key: str | None = None):
+    def __init__(self, api_base: str, api_key: str | None = None, open_thinking: bool | None = None):
         from openai import OpenAI
 
         self.client = OpenAI(base_url=api_base, api_key=api_key or os.environ.get("OPENAI_API_KEY") or "none")
+        # the server renders the template: ask it the vLLM way, which `minimind serve` reads too
+        self.extra_body = {} if open_thinking is None else {"chat_template_kwargs": {"open_thinking": open_thinking}}
 
     def models(self):
         try:
@@ -140,7 +171,8 @@ class OpenAIBackend(Backend):
         model = settings.model or (self.models() or ["default"])[0]
         chunks = self.client.chat.completions.create(
             model=model, messages=messages, stream=True, stream_options={"include_usage": True},
-            temperature=float(settings.temperature), top_p=float(settings.top_p), max_tokens=int(settings.max_tokens))
+            temperature=float(settings.temperature), top_p=float(settings.top_p), max_tokens=int(settings.max_tokens),
+            extra_body=self.extra_body or None)
         counted = 0
         try:
             for chunk in chunks:
@@ -160,26 +192,33 @@ class OpenAIBackend(Backend):
 
 def make_backend(config: BackendConfig) -> Backend:
     if config.api_base:
-        return OpenAIBackend(config.api_base, config.api_key)
-    return EngineBackend(config.model, tokenizer=config.tokenizer, lora=config.lora)
+        return OpenAIBackend(config.api_base, config.api_key, open_thinking=config.open_thinking)
+    return EngineBackend(config.model, tokenizer=config.tokenizer, lora=config.lora, dtype=config.dtype,
+                         open_thinking=config.open_thinking, pretrain=config.pretrain)
 
 
 def chat_stream(backend: Backend, messages: list[dict], settings: Settings) -> Iterator[Reply]:
-    """Reply snapshots while the answer streams; the last one has done=True and the speed."""
+    """Reply snapshots while the answer streams; the last one has done=True and the speed.
+
+    Closing this generator (a stop button) closes the backend's stream at once rather than whenever it is
+    garbage-collected, so the engine request is aborted and its slot freed right away.
+    """
     text, tokens, start = "", 0, time.perf_counter()
+    think = backend.starts_in_think
     reply = Reply()
-    for delta, n in backend.stream(messages, settings):
-        text, tokens = text + delta, tokens + n
-        reply = _reply(text, tokens, time.perf_counter() - start)
-        yield reply
-    reply = _reply(text, tokens, time.perf_counter() - start)
+    with closing(backend.stream(messages, settings)) as deltas:
+        for delta, n in deltas:
+            text, tokens = text + delta, tokens + n
+            reply = _reply(text, tokens, time.perf_counter() - start, think)
+            yield reply
+    reply = _reply(text, tokens, time.perf_counter() - start, think)
     reply.done = True
     yield reply
 
 
-def _reply(text: str, tokens: int, seconds: float) -> Reply:
+def _reply(text: str, tokens: int, seconds: float, started_in_think: bool = False) -> Reply:
     text = text.replace("</think><think>", "")  # API reasoning deltas glued back together
-    reasoning, content = split_reasoning(text)
+    reasoning, content = split_reasoning(text, started_in_think=started_in_think)
     content, calls = parse_tool_calls(content)
     return Reply(reasoning, content, calls, tokens, seconds)
 

@@ -2,12 +2,16 @@
 
 Answers are HTML-escaped outside code (escape_html) before Gradio renders the markdown, so a `<script>` in model
 output is shown as text. Reasoning and the tokens/s line are metadata messages (collapsed, never sent back).
+ChatInterface's stop button cancels the event; Gradio then closes the chat generator, which closes the backend
+stream (the in-process engine aborts the request).
 """
 from __future__ import annotations
 
 import html
+from contextlib import closing
 
 from .backend import Backend, Settings, build_messages, chat_stream, escape_html
+from .text import TEXT
 
 
 def _text(content) -> str | None:
@@ -34,49 +38,76 @@ def history_from_gradio(history: list) -> list[dict]:
     return out
 
 
-def make_chat_fn(backend: Backend):
+def make_chat_fn(backend: Backend, lang: str = "en"):
+    t = TEXT[lang]
+
     def chat(message, history, system="", turns=2, temperature=0.85, top_p=0.85, max_tokens=512, model=None):
         question = _text(message) or ""
         settings = Settings(system=system or "", history_turns=int(turns), temperature=float(temperature),
                             top_p=float(top_p), max_tokens=int(max_tokens), model=model or None)
         messages = build_messages(history_from_gradio(history), question, settings)
-        for reply in chat_stream(backend, messages, settings):
-            out = []
-            if reply.reasoning:
-                out.append({"role": "assistant", "content": escape_html(reply.reasoning),
-                            "metadata": {"title": "Reasoning", "status": "done" if reply.done else "pending"}})
-            for call in reply.tool_calls:
-                out.append({"role": "assistant", "content": escape_html(f"`{call['name']}({call['arguments']})`"),
-                            "metadata": {"title": f"Tool call: {call['name']}", "status": "done"}})
-            out.append({"role": "assistant", "content": escape_html(reply.content)})
-            if reply.done:
-                out.append({"role": "assistant", "content": "", "metadata": {"title": reply.speed_text()}})
-            yield out
+        with closing(chat_stream(backend, messages, settings)) as replies:  # closed on stop: see the docstring
+            for reply in replies:
+                yield _messages(reply, t)
 
     return chat
 
 
-def build_app(backend: Backend):
+def _messages(reply, t: dict) -> list[dict]:
+    out = []
+    if reply.reasoning:
+        out.append({"role": "assistant", "content": escape_html(reply.reasoning),
+                    "metadata": {"title": t["reasoning"], "status": "done" if reply.done else "pending"}})
+    for call in reply.tool_calls:
+        out.append({"role": "assistant", "content": escape_html(f"`{call['name']}({call['arguments']})`"),
+                    "metadata": {"title": f"{t['tools']}: {call['name']}", "status": "done"}})
+    out.append({"role": "assistant", "content": escape_html(reply.content)})
+    if reply.done:
+        out.append({"role": "assistant", "content": "", "metadata": {"title": reply.speed_text()}})
+    return out
+
+
+def build_app(backend: Backend, lang: str = "en"):
     import gradio as gr
 
+    if lang not in TEXT:
+        raise ValueError(f"unknown UI language {lang!r}; choose from {', '.join(TEXT)}")
+    t = TEXT[lang]
     models = backend.models()
     inputs = [
-        gr.Textbox(label="System prompt", lines=2),
-        gr.Slider(0, 10, value=2, step=1, label="History turns"),
-        gr.Slider(0.0, 2.0, value=0.85, step=0.05, label="Temperature"),
-        gr.Slider(0.05, 1.0, value=0.85, step=0.05, label="Top p"),
-        gr.Slider(1, 4096, value=512, step=1, label="Max tokens"),
+        gr.Textbox(label=t["system"], lines=2),
+        gr.Slider(0, 10, value=2, step=1, label=t["turns"]),
+        gr.Slider(0.0, 2.0, value=0.85, step=0.05, label=t["temperature"]),
+        gr.Slider(0.05, 1.0, value=0.85, step=0.05, label=t["top_p"]),
+        gr.Slider(1, 4096, value=512, step=1, label=t["max_tokens"]),
     ]
     if len(models) > 1:
-        inputs.append(gr.Dropdown(models, value=models[0], label="Model / LoRA"))
+        inputs.append(gr.Dropdown(models, value=models[0], label=t["model"]))
     chatbot = gr.Chatbot(label="MiniMind", sanitize_html=True, render_markdown=True, allow_tags=False)
-    return gr.ChatInterface(make_chat_fn(backend), chatbot=chatbot, additional_inputs=inputs, title="💬 MiniMind",
-                            additional_inputs_accordion=gr.Accordion("Settings", open=False), api_name="chat",
+    return gr.ChatInterface(make_chat_fn(backend, lang), chatbot=chatbot, additional_inputs=inputs,
+                            textbox=gr.Textbox(placeholder=t["ask"], show_label=False, label="", scale=7, autofocus=True,
+                                               submit_btn=True, stop_btn=t["stop"]),
+                            title="💬 MiniMind", description=t["pretrain"] if backend.pretrain else None,
+                            additional_inputs_accordion=gr.Accordion(t["settings"], open=False), api_name="chat",
                             flagging_mode="never")
 
 
-def launch(backend: Backend, host: str = "127.0.0.1", port: int | None = None, share: bool = False, **kwargs):
+def theme_js(theme: str) -> str | None:
+    """Page-load JS forcing Gradio's dark or light mode. Gradio takes the mode from the `?__theme=` URL parameter
+    (else the browser's preference), so add it and reload once; a mode the user picked in Settings (already in
+    the URL) is kept. None for "auto": the browser decides."""
+    if theme == "auto":
+        return None
+    if theme not in ("dark", "light"):
+        raise ValueError(f"unknown theme {theme!r}; choose from auto, dark, light")
+    return ("() => { const url = new URL(window.location.href);"
+            f" if (!url.searchParams.has('__theme')) {{ url.searchParams.set('__theme', '{theme}');"
+            " window.location.replace(url.href); } }")
+
+
+def launch(backend: Backend, host: str = "127.0.0.1", port: int | None = None, share: bool = False,
+           lang: str = "en", theme: str = "auto", **kwargs):
     """Serve the UI (blocks unless prevent_thread_lock=True); returns the Blocks (call .close() to stop)."""
-    demo = build_app(backend)
-    demo.queue().launch(server_name=host, server_port=port, share=bool(share), **kwargs)
+    demo = build_app(backend, lang)
+    demo.queue().launch(server_name=host, server_port=port, share=bool(share), js=theme_js(theme), **kwargs)
     return demo

@@ -4,18 +4,12 @@ Model output is rendered with st.markdown without unsafe_allow_html, so HTML in 
 """
 from __future__ import annotations
 
+from contextlib import closing
+
 import streamlit as st
 
-from minimind.web.backend import BackendConfig, Settings, build_messages, chat_stream, make_backend
-
-TEXT = {
-    "English": {"model": "Model / LoRA", "system": "System prompt", "turns": "History turns", "temperature": "Temperature",
-                "top_p": "Top p", "max_tokens": "Max tokens", "clear": "Clear chat", "ask": "Ask something",
-                "reasoning": "Reasoning", "tools": "Tool calls", "loading": "Loading the model ..."},
-    "中文": {"model": "模型 / LoRA", "system": "系统提示词", "turns": "历史对话轮数", "temperature": "温度",
-             "top_p": "Top p", "max_tokens": "最大生成长度", "clear": "清空对话", "ask": "请输入问题",
-             "reasoning": "思考过程", "tools": "工具调用", "loading": "正在加载模型 ..."},
-}
+from minimind.web.backend import BackendConfig, Reply, Settings, build_messages, chat_stream, make_backend
+from minimind.web.text import LANG_NAMES, TEXT, default_lang
 
 
 @st.cache_resource(show_spinner="Loading the model / 正在加载模型 ...")
@@ -32,7 +26,7 @@ def get_backend():
     return _shared_backend(BackendConfig.from_env().to_env())
 
 
-def render_reply(reply, t: dict) -> None:
+def render_reply(reply: Reply, t: dict) -> None:
     if reply.reasoning:
         with st.expander(t["reasoning"], expanded=False):
             st.markdown(reply.reasoning)
@@ -46,13 +40,17 @@ def render_reply(reply, t: dict) -> None:
 
 def main() -> None:
     st.set_page_config(page_title="MiniMind chat", page_icon="💬")
-    st.session_state.setdefault("history", [])  # [{"role", "content", "reply"?}]
+    st.session_state.setdefault("history", [])  # [{"role", "content", "reply"?, "stopped"?}]
     with st.sidebar:
         st.header("MiniMind")
-        t = TEXT[st.radio("Language / 语言", list(TEXT), horizontal=True, key="lang")]
+        langs = list(TEXT)
+        t = TEXT[st.radio("Language / 语言", langs, index=langs.index(default_lang()), format_func=LANG_NAMES.get,
+                          horizontal=True, key="lang")]
     backend = get_backend()
 
     with st.sidebar:
+        if backend.pretrain:
+            st.info(t["pretrain"])
         models = backend.models()
         model = st.selectbox(t["model"], models, key="model") if len(models) > 1 else None
         system = st.text_area(t["system"], key="system", value="")
@@ -68,6 +66,8 @@ def main() -> None:
         with st.chat_message(m["role"]):
             if m["role"] == "assistant" and m.get("reply") is not None:
                 render_reply(m["reply"], t)
+                if not m["reply"].done:
+                    st.caption(t["stopped"])
             else:
                 st.markdown(m["content"])
 
@@ -79,14 +79,23 @@ def main() -> None:
     messages = build_messages(st.session_state["history"], question, settings)
     with st.chat_message("user"):
         st.markdown(question)
-    st.session_state["history"].append({"role": "user", "content": question})
-    reply = None
+    # The answer goes into the history before it streams and is updated as it grows: clicking Stop (or any
+    # widget) reruns the script, which interrupts this one mid-answer, and the partial answer must survive that.
+    entry = {"role": "assistant", "content": "", "reply": Reply()}
+    st.session_state["history"] += [{"role": "user", "content": question}, entry]
     with st.chat_message("assistant"):
         box = st.empty()
-        for reply in chat_stream(backend, messages, settings):
-            with box.container():
-                render_reply(reply, t)
-    st.session_state["history"].append({"role": "assistant", "content": reply.content, "reply": reply})
+        # Any click reruns the script; the rerun interrupts this loop with an exception at its next st call, and
+        # closing() then closes the stream (chat_stream -> backend): the in-process engine aborts the request and
+        # frees its slot at once, not whenever the interrupted frame happens to be garbage-collected.
+        stop = st.empty()
+        stop.button(t["stop"], key="stop", icon=":material/stop_circle:")
+        with closing(chat_stream(backend, messages, settings)) as replies:
+            for reply in replies:
+                entry.update(content=reply.content, reply=reply)
+                with box.container():
+                    render_reply(reply, t)
+        stop.empty()
 
 
 main()

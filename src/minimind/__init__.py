@@ -18,7 +18,7 @@ _LAZY = {
     "SamplingParams": "minimind.engine",
 }
 
-__all__ = [*_LAZY, "__version__"]
+__all__ = [*_LAZY, "__version__"]  # noqa: PLE0604 - the lazy names are strings
 
 
 def __getattr__(name: str):

@@ -237,7 +237,7 @@ def _resolve_rope_scaling(rope_scaling: dict | None, inference_rope_scaling: boo
     if rope_scaling is None:
         return None
     if not isinstance(rope_scaling, dict):
-        raise ValueError(f"rope_scaling must be a dict or None, got {type(rope_scaling).__name__}")
+        raise ValueError(f"rope_scaling must be a dict or None, got {type(rope_scaling).__name__}")  # noqa: TRY004
     scaling = dict(rope_scaling)
     if _is_legacy_yarn(scaling):
         scaling["rope_type"] = "minimind_legacy_yarn"

@@ -71,7 +71,7 @@ def hf_config_dict(config: MiniMindConfig, arch: str, dtype: torch.dtype, allow_
         out = config.to_dict()
         out.update(architectures=["MiniMindForCausalLM"], model_type="minimind", torch_dtype=_DTYPE_NAME[dtype])
         return out
-    out = dict(  # noqa: C408 - keyword form mirrors config.json
+    out = dict(
         architectures=[_CLASS[arch]], model_type=arch, vocab_size=config.vocab_size,
         hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
         num_hidden_layers=config.num_hidden_layers, num_attention_heads=config.num_attention_heads,

@@ -1,7 +1,7 @@
 """The fused C decode step (engine/fused.py) against the model's own forward on the same weights and KV.
 
 For each weight format the reference is MiniMindForCausalLM in fp32 holding exactly the values the kernel
-reads (bf16-rounded, or int8 x scale dequantized), fed a DynamicCache with the same keys/values the slot
+reads (bf16-rounded, or int8 x scale dequantized; on CPUs without native bf16 the activations are fp32), fed a DynamicCache with the same keys/values the slot
 cache holds. Rows use different slots (not contiguous), positions and batch sizes around the kernel's tile
 widths; a hidden size that is not a multiple of 8 takes the scalar tails.
 """
@@ -28,10 +28,20 @@ def _reference_model(model, llm: LLM, weights: str):
     ref = copy.deepcopy(model).float()
     if weights == "fp32":
         return ref
-    ref = copy.deepcopy(model).to(torch.bfloat16).float()  # embedding, norms and (bf16) weights as stored
+    runner, cfg = llm.runner, model.config
+    with torch.no_grad():  # embedding and projections stored in bf16; norms as the runner keeps them
+        for name, p in ref.named_parameters():
+            if "norm" not in name:
+                p.copy_(p.bfloat16().float())
+        for layer, lw in zip(ref.model.layers, runner.layers):
+            for mine, theirs in ((layer.input_layernorm, lw.ln1), (layer.post_attention_layernorm, lw.ln2),
+                                 (getattr(layer.self_attn, "q_norm", None), lw.q_norm),
+                                 (getattr(layer.self_attn, "k_norm", None), lw.k_norm)):
+                if mine is not None:
+                    mine.weight.copy_(theirs.weight.float())
+        ref.model.norm.weight.copy_(runner.norm.weight.float())
     if weights == "bf16":
         return ref
-    runner, cfg = llm.runner, model.config
     q_rows, kv_rows = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
     with torch.no_grad():
         for layer, lw in zip(ref.model.layers, runner.layers):

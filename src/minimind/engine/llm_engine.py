@@ -77,7 +77,13 @@ class LLM:
         self.kv_dtype = resolve_dtype(kv_dtype)
         self.kv = KVCache(cfg.num_hidden_layers, max_num_seqs, cfg.num_key_value_heads, self.max_model_len,
                           cfg.head_dim, self.kv_dtype)
-        self.runner = ModelRunner(model, self.kv, act_dtype, quantization)
+        # Without native bf16 (AVX2 CPUs) bf16 and int8 weights meet fp32 activations, as llama.cpp computes F16:
+        # emulated bf16 math is slower, and rounding every activation flips near-tied answers. MoE experts stay
+        # in bf16 (an fp32 copy would double their memory).
+        compute = act_dtype
+        if act_dtype == torch.bfloat16 and not native_bf16() and not getattr(cfg, "use_moe", False):
+            compute = torch.float32
+        self.runner = ModelRunner(model, self.kv, compute, quantization, weight_dtype=act_dtype)
         self.scheduler = Scheduler(SlotManager(max_num_seqs, enable_prefix_caching), self.kv, max_num_batched_tokens)
         # oneDNN's bf16 GEMV streams weights at half the speed of the plain kernel: turn it off for decode steps.
         self.decode_mkldnn = decode_mkldnn if decode_mkldnn is not None else act_dtype != torch.bfloat16

@@ -40,17 +40,18 @@ class StepInputs:
 
 
 class LayerWeights:
-    def __init__(self, layer, quantization: str | None, dtype: torch.dtype):
+    def __init__(self, layer, quantization: str | None, dtype: torch.dtype, weight_dtype: torch.dtype):
         attn = layer.self_attn
         self.ln1, self.ln2 = _cast(layer.input_layernorm, dtype), _cast(layer.post_attention_layernorm, dtype)
         self.q_norm, self.k_norm = _cast(getattr(attn, "q_norm", None), dtype), _cast(getattr(attn, "k_norm", None), dtype)
         wqkv = torch.cat([_weight(attn.q_proj), _weight(attn.k_proj), _weight(attn.v_proj)])
-        self.qkv = make_linear(wqkv, quantization, dtype)
-        self.o = make_linear(_weight(attn.o_proj), quantization, dtype)
+        self.qkv = make_linear(wqkv, quantization, dtype, weight_dtype)
+        self.o = make_linear(_weight(attn.o_proj), quantization, dtype, weight_dtype)
         mlp = layer.mlp
         if hasattr(mlp, "gate_proj"):  # dense SwiGLU
-            self.gate_up = make_linear(torch.cat([_weight(mlp.gate_proj), _weight(mlp.up_proj)]), quantization, dtype)
-            self.down = make_linear(_weight(mlp.down_proj), quantization, dtype)
+            self.gate_up = make_linear(torch.cat([_weight(mlp.gate_proj), _weight(mlp.up_proj)]), quantization,
+                                       dtype, weight_dtype)
+            self.down = make_linear(_weight(mlp.down_proj), quantization, dtype, weight_dtype)
             self.act, self.moe = mlp.act_fn, None
         else:  # MoE: the model's module routes the step's tokens per expert
             self.gate_up = None
@@ -58,19 +59,22 @@ class LayerWeights:
 
 
 class ModelRunner:
-    def __init__(self, model, kv: KVCache, dtype: torch.dtype, quantization: str | None = None):
+    def __init__(self, model, kv: KVCache, dtype: torch.dtype, quantization: str | None = None,
+                 weight_dtype: torch.dtype | None = None):
+        """dtype: activations; weight_dtype: dense weight storage when different (bf16 weights, fp32 math)."""
         cfg = model.config
         self.config, self.kv, self.dtype = cfg, kv, dtype
+        weight_dtype = weight_dtype or dtype
         self.kv_dtype = kv.k.dtype  # may be fp32 under bf16 weights: CPU attention kernels are faster in fp32
         self.num_heads, self.num_kv_heads, self.head_dim = (cfg.num_attention_heads, cfg.num_key_value_heads,
                                                             cfg.head_dim)
         self.scale = self.head_dim ** -0.5
         self.gqa = self.num_heads != self.num_kv_heads
         inner = model.model
-        self.embed = inner.embed_tokens.weight.detach().to(dtype)
-        self.layers = [LayerWeights(layer, quantization, dtype) for layer in inner.layers]
+        self.embed = inner.embed_tokens.weight.detach().to(weight_dtype)
+        self.layers = [LayerWeights(layer, quantization, dtype, weight_dtype) for layer in inner.layers]
         self.norm = _cast(inner.norm, dtype)
-        self.lm_head = make_linear(model.lm_head.weight, quantization, dtype)
+        self.lm_head = make_linear(model.lm_head.weight, quantization, dtype, weight_dtype)
         positions = torch.arange(kv.max_len)[None]
         with torch.no_grad():
             cos, sin = inner.rotary_emb(positions)  # [1, T, D] fp32, same values the model computes
@@ -178,7 +182,7 @@ class ModelRunner:
             if mask is None:
                 mask = torch.zeros(inp.num_decode, 1, 1, inp.decode_len, dtype=self.kv_dtype)
             return self._compiled_decode(inp.ids, inp.cos, inp.sin, inp.write_idx, slots, mask)
-        h = F.embedding(inp.ids, self.embed)  # [N, H]
+        h = F.embedding(inp.ids, self.embed).to(self.dtype)  # [N, H]
         groups = inp.lora_groups
         for layer_idx, lw in enumerate(self.layers):
             a = self._attention(layer_idx, lw, _rms_norm(lw.ln1, h), inp)
@@ -206,7 +210,7 @@ class ModelRunner:
         """Decode rows only, tensors only (what torch.compile sees): ids [B], slots [B], mask [B, 1, 1, L]."""
         n, hq, hkv, d = ids.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
         length = mask.shape[-1]
-        h = F.embedding(ids, self.embed)
+        h = F.embedding(ids, self.embed).to(self.dtype)
         for layer_idx, lw in enumerate(self.layers):
             q, k, v = self._project_qkv(lw, _rms_norm(lw.ln1, h), cos, sin)
             self.kv.k_rows[layer_idx].index_copy_(0, write_idx, k.reshape(n * hkv, d).to(self.kv_dtype))

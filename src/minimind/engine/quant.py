@@ -26,6 +26,10 @@ class DenseLinear:
         self.upcast = weight.dtype != torch.float32 and not native_bf16()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != self.weight.dtype:  # bf16 weights, fp32 activations (CPUs without native bf16)
+            if x.shape[0] < UPCAST_ROWS:  # a GEMV (torch-path decode): the bf16 kernel reads half the bytes
+                return F.linear(x.to(self.weight.dtype), self.weight).to(x.dtype)
+            return F.linear(x, self.weight.to(x.dtype))
         if self.upcast and x.shape[0] >= UPCAST_ROWS:
             return F.linear(x.float(), self.weight.float()).to(x.dtype)
         return F.linear(x, self.weight)
@@ -74,9 +78,11 @@ class DynamicInt8Linear:
         return self.module[0].weight().numel()
 
 
-def make_linear(weight: torch.Tensor, quantization: str | None, act_dtype: torch.dtype):
+def make_linear(weight: torch.Tensor, quantization: str | None, act_dtype: torch.dtype,
+                weight_dtype: torch.dtype | None = None):
+    """weight_dtype: storage dtype of dense weights when it differs from the activations' (bf16 under fp32)."""
     if quantization is None:
-        return DenseLinear(weight.to(act_dtype))
+        return DenseLinear(weight.to(weight_dtype or act_dtype))
     if quantization == "int8":
         return Int8Linear(weight, act_dtype)
     if quantization == "dynamic":

@@ -28,7 +28,7 @@ class Speculator:
         self.kv = KVCache(cfg.num_hidden_layers, llm.max_num_seqs, cfg.num_key_value_heads, llm.max_model_len,
                           cfg.head_dim, llm.kv_dtype)
         quant = llm.quantization if llm.quantization != "dynamic" else None
-        self.runner = ModelRunner(draft_model, self.kv, llm.dtype, quant)
+        self.runner = ModelRunner(draft_model, self.kv, llm.runner.dtype, quant, weight_dtype=llm.dtype)
         self.slot_tokens: list[list[int]] = [[] for _ in range(llm.max_num_seqs)]  # tokens with valid draft KV
         self.proposed = self.accepted = 0  # acceptance statistics
 

@@ -334,6 +334,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", help="tokenizer folder for the random-weight presets (needed for the GGUF)")
     p.add_argument("--json", default="bench.json")
     p.add_argument("--png", default="bench.png")
+    p.add_argument("--server", action="store_true", help="benchmark over HTTP instead: `minimind serve` against "
+                   "llama-server with concurrent streaming clients (see `minimind bench --server --help`)")
     return p
 
 
@@ -342,6 +344,10 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["--worker"]:
         print(json.dumps(WORKERS[argv[1]](json.loads(argv[2]))))
         return 0
+    if "--server" in argv:
+        from .bench_server import main as server_main
+
+        return server_main([a for a in argv if a != "--server"])
     args = build_parser().parse_args(argv)
     args.models = [m for m in args.models.split(",") if m]
     args.dtypes = [d for d in args.dtypes.split(",") if d]

@@ -1,0 +1,116 @@
+"""`minimind bench --server` end to end on a tiny random model: our engine in-process and a real `minimind serve`
+subprocess on 127.0.0.1 at 1 and 2 concurrent streaming clients (no llama-server). Checks the JSON, the
+table, the chart, that every request generated exactly the requested tokens, and that no server outlives
+the run. No timing asserts."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from conftest import tiny_model, tokenizer_dir
+from minimind.apps import bench, bench_http, bench_server
+
+pytest.importorskip("httpx")
+pytest.importorskip("uvicorn")
+
+
+def _children() -> set[int]:
+    import os
+    from pathlib import Path
+
+    me = str(os.getpid())
+    out = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[1] == me:  # ppid
+            out.add(int(stat.parent.name))
+    return out
+
+
+def test_server_bench_end_to_end(tmp_path, capsys):
+    folder = tmp_path / "tiny"
+    tiny_model(vocab_size=6400).save_pretrained(folder)
+    for f in tokenizer_dir("minimind2").iterdir():
+        shutil.copy(f, folder / f.name)
+    before = _children()
+    out_json, out_png = tmp_path / "server.json", tmp_path / "server.png"
+    rc = bench.main(["--server", "--models", str(folder), "--dtypes", "fp32", "--concurrency", "1,2",
+                     "--decode-tokens", "5", "--prompt-len", "8", "--repeats", "2", "--threads", "1", "--peers", "",
+                     "--json", str(out_json), "--png", str(out_png)])
+    assert rc == 0
+    assert _children() <= before, "a server subprocess outlived the bench"
+    report = json.loads(out_json.read_text())
+    assert {"machine", "args", "notes", "results"} <= report.keys()
+    assert report["notes"] == [], report["notes"]
+    rows = {r["impl"]: r for r in report["results"]}
+    assert set(rows) == {bench_server.ENGINE, bench_server.SERVE}
+    for impl, r in rows.items():
+        assert r["model"] == "tiny" and r["dtype"] == "fp32"
+        for n in (1, 2):
+            assert f"error@{n}" not in r, r[f"error@{n}"]
+            assert r[f"completion_tokens@{n}"] == [5] * (2 * n), (impl, n)  # 2 rounds of n requests
+            assert len(r[f"rounds_tps@{n}"]) == 2
+            for key in ("agg_tps", "ttft_p50_ms", "ttft_p99_ms", "ttft_mean_ms", "peak_rss_mb"):
+                assert r[f"{key}@{n}"] > 0, (impl, key, n)
+            assert r[f"ttft_p99_ms@{n}"] >= r[f"ttft_p50_ms@{n}"]
+    assert all(f"http_overhead_pct@{n}" in rows[bench_server.SERVE] for n in (1, 2))
+    table = capsys.readouterr().out
+    assert "minimind bench --server" in table and "minimind serve" in table
+    assert out_png.stat().st_size > 1000
+
+
+def test_llama_server_lookup(tmp_path, monkeypatch):
+    monkeypatch.delenv("LLAMA_SERVER", raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path))  # no llama-server on this PATH: skipped with a note
+    path, note = bench_http.find_llama_server(None)
+    assert path is None and "--llama-server" in note and "docs/benchmarks.md" in note
+    with pytest.raises(SystemExit, match="not an executable"):  # an explicit wrong path is an error
+        bench_http.find_llama_server(str(tmp_path / "nope"))
+    monkeypatch.setenv("LLAMA_SERVER", str(tmp_path / "nope"))
+    with pytest.raises(SystemExit, match=r"\$LLAMA_SERVER"):
+        bench_http.find_llama_server(None)
+
+
+def test_help_and_bad_arguments(capsys):
+    with pytest.raises(SystemExit) as exc:
+        bench.main(["--server", "--help"])
+    assert exc.value.code == 0
+    assert "LLAMA_BUILD_SERVER=ON" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exc:
+        bench.main(["--server", "--concurrency", "0"])
+    assert exc.value.code == 2 and ">= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench.main(["--server", "--dtypes", "fp16"])
+    assert "unknown dtype" in capsys.readouterr().err
+
+
+HEALTHY = """
+import http.server, sys
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200); self.end_headers(); self.wfile.write(b"ok")
+    def log_message(self, *a): pass
+http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+"""
+
+
+def test_server_process_failures_and_cleanup(tmp_path):
+    import sys
+
+    from minimind.apps.bench_http import ServerProcess, free_port
+
+    dead = ServerProcess("broken", [sys.executable, "-c", "print('no model here'); raise SystemExit(3)"],
+                         tmp_path / "broken.log", free_port())
+    with pytest.raises(RuntimeError, match=r"(?s)broken exited with code 3.*no model here"):
+        dead.__enter__()
+    port = free_port()
+    srv = ServerProcess("healthy", [sys.executable, "-c", HEALTHY, str(port)], tmp_path / "ok.log", port)
+    with pytest.raises(KeyboardInterrupt), srv:  # Ctrl-C in the middle of a measurement still stops the server
+        assert srv.peak_rss_mb() > 0
+        raise KeyboardInterrupt
+    assert srv.proc.poll() is not None

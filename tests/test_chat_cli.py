@@ -81,6 +81,21 @@ def test_seed_command_prints_the_greedy_answer(seed_layout):
     assert "Traceback" not in res.stderr
 
 
+def test_mode_menu_asks_again_after_a_typo(seed_layout):
+    """Typing a question before choosing 0/1 re-asks instead of exiting; then manual chat answers."""
+    root, state = seed_layout
+    tok = _tokenizer()
+    prompt = tok.apply_chat_template([{"role": "user", "content": "你好"}], tokenize=False, add_generation_prompt=True)
+    expected = greedy_text(state, tok, prompt, 6)
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8"}
+    res = subprocess.run([sys.executable, "-m", "minimind", "chat", "--load_from", str(tokenizer_dir("minimind2")),
+                          "--save_dir", str(root / "out"), "--weight", "full_sft", "--hidden_size", "64",
+                          "--temperature", "0", "--max_new_tokens", "6"], cwd=root, env=env, capture_output=True,
+                         check=False, text=True, encoding="utf-8", input="你好\n1\n你好\n\n", timeout=600)
+    assert res.returncode == 0, res.stderr
+    assert "please type 0 or 1" in res.stdout and expected in res.stdout
+
+
 def test_model_flag_and_pretrain_prompt(seed_layout, capsys, monkeypatch):
     root, state = seed_layout
     tok = _tokenizer()

@@ -185,14 +185,16 @@ def run(args: argparse.Namespace) -> int:
         session.answer(args.prompt)
         return 0
     mode = args.mode
-    if mode is None:
+    prompt = "[0] 自动测试 auto test\n[1] 手动输入 manual chat\n"
+    while mode is None:  # ask again on a typo (e.g. a question typed before choosing) instead of exiting
         try:
-            choice = input("[0] 自动测试 auto test\n[1] 手动输入 manual chat\n").strip()
+            choice = input(prompt).strip()
         except (EOFError, KeyboardInterrupt):
             return 0
-        if choice not in ("0", "1"):
-            raise ValueError(f"choose 0 or 1, got {choice!r}")
-        mode = int(choice)
+        if choice in ("0", "1"):
+            mode = int(choice)
+        else:
+            prompt = f"please type 0 or 1 (got {choice[:40]!r}): "
     info.print("[dim]Ctrl-C stops an answer; an empty line or Ctrl-D exits.[/]")
     if mode == 0:
         english = source["model"] is None or len(tokenizer) != 6400

@@ -45,13 +45,17 @@ class Int8Linear:
         scale = w.abs().amax(dim=1).clamp(min=1e-8) / 127.0  # [out]
         self.qweight = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
         self.scales = scale.to(act_dtype)
+        self.scales_bf16 = scale.to(torch.bfloat16)
         self.act_dtype = act_dtype
         self.upcast = not native_bf16()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.upcast and x.shape[0] >= INT8_DEQUANT_ROWS:  # the int8 kernel is a GEMV: dequantize for GEMMs
             return F.linear(x.float(), self.dequantize()).to(self.act_dtype)
-        return torch.ops.aten._weight_int8pack_mm(x.to(self.act_dtype), self.qweight, self.scales)
+        # torch's int8 kernel is ~25x slower with fp32 input than with bf16 (27.7 vs 1.1 ms for 2816x512 at 32
+        # rows here): feed it bf16 and return the activation dtype
+        out = torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), self.qweight, self.scales_bf16)
+        return out.to(self.act_dtype)
 
     def dequantize(self) -> torch.Tensor:
         return self.qweight.float() * self.scales.float()[:, None]

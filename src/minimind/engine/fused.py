@@ -8,6 +8,7 @@ cache and reused; without a compiler the engine runs the torch path and says so 
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import logging
 import os
@@ -42,9 +43,9 @@ class Model(ctypes.Structure):
 
 
 def _cache_dir() -> Path:
-    home = os.environ.get("MINIMIND_HOME")
-    base = Path(home) if home else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "minimind"
-    return base / "kernels"
+    from ..checkpoint.default_model import cache_dir  # the one minimind cache root ($MINIMIND_HOME, XDG, ~/.cache)
+
+    return cache_dir() / "kernels"
 
 
 def _compiler() -> str | None:
@@ -84,17 +85,16 @@ def build(verbose: bool = False) -> Path:
     return out
 
 
-_LIB: dict[str, ctypes.CDLL] = {}  # path -> loaded library (a process loads a given .so once anyway)
-
-
 def load_library() -> ctypes.CDLL:
-    path = str(build())
-    if path not in _LIB:
-        lib = ctypes.CDLL(path)
-        lib.minimind_decode.restype = ctypes.c_int
-        lib.minimind_decode.argtypes = [ctypes.POINTER(Model), ctypes.c_int64, P, P, P, P, P, P, ctypes.c_int]
-        _LIB[path] = lib
-    return _LIB[path]
+    return _open(str(build()))
+
+
+@functools.cache  # a process loads a given .so once anyway; keep one handle with its signature set
+def _open(path: str) -> ctypes.CDLL:
+    lib = ctypes.CDLL(path)
+    lib.minimind_decode.restype = ctypes.c_int
+    lib.minimind_decode.argtypes = [ctypes.POINTER(Model), ctypes.c_int64, P, P, P, P, P, P, ctypes.c_int]
+    return lib
 
 
 def unsupported_reason(runner) -> str | None:

@@ -75,14 +75,17 @@ CASES = [("minimind2", {}), ("minimind3", {}), ("minimind2", {"hidden_size": 40,
 def test_fused_step_equals_model_forward(family, overrides, weights):
     model = tiny_model(family, vocab_size=300, **overrides)
     kwargs = {"fp32": {}, "bf16": {"dtype": "bfloat16"}, "int8": {"quantization": "int8"}}[weights]
-    llm = LLM(model, max_num_seqs=20, max_model_len=48, **kwargs)
+    llm = LLM(model, max_num_seqs=40, max_model_len=160, **kwargs)
     _needs_kernel(llm)
     ref = _reference_model(model, llm, weights)
     gen = torch.Generator().manual_seed(1)
     llm.kv.k.normal_(generator=gen), llm.kv.v.normal_(generator=gen)  # any cache content must be attended right
-    for rows in (1, 2, 3, 5, 8, 13, 17):  # dot-product tiles below 12 rows, packed GEMM panels from 12
-        slots = torch.randperm(20, generator=gen)[:rows]
-        positions = torch.randint(0, 47, (rows,), generator=gen)
+    # B == 1 row streaming, dot-product tiles below 12 rows (8 for fp32), packed GEMM panels of 16 from there
+    # (a half-empty panel, a second panel with one row, two full panels, a third with one row)
+    for rows in (1, 2, 3, 5, 8, 13, 17, 32, 33):
+        slots = torch.randperm(40, generator=gen)[:rows]
+        # positions past 64 take more than one chunk of values in the grouped attention
+        positions = torch.randint(0, 159, (rows,), generator=gen)
         ids = torch.randint(0, 300, (rows,), generator=gen)
         logits = llm.runner.fused(ids, slots, positions)
         for b in range(rows):
@@ -95,6 +98,14 @@ def test_fused_step_equals_model_forward(family, overrides, weights):
             for got, want in ((llm.kv.k, cache.layers[0].keys), (llm.kv.v, cache.layers[0].values)):
                 torch.testing.assert_close(got[0, slots[b], :, positions[b]], want[0, :, 0],
                                            rtol=1e-4, atol=1e-5)
+
+
+def test_position_outside_cache_raises():
+    llm = LLM(tiny_model(vocab_size=256), max_num_seqs=2, max_model_len=32)
+    _needs_kernel(llm)
+    one = torch.tensor([1])
+    with pytest.raises(IndexError, match="outside the KV cache"):
+        llm.runner.fused(one, one, torch.tensor([32]))
 
 
 def test_engine_uses_fused_kernel_and_matches_torch_path():
@@ -130,3 +141,25 @@ def test_missing_compiler_falls_back(monkeypatch, tmp_path):
     assert llm.runner.fused is None
     out = llm.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))[0]
     assert len(out.outputs[0].token_ids) == 3
+
+
+@pytest.mark.parametrize("rows", [8, 13, 64, 65, 150])
+@pytest.mark.parametrize("out_features,in_features", [(50, 40), (256, 64), (31, 1408)])
+def test_bf16_linear_equals_fp32_product(rows, out_features, in_features):
+    """Prompt chunks with bf16 weights: the packed kernel (x panels of 16 rows, 64 rows per pass, 6-row weight blocks
+    with a tail, K not a multiple of 8) against the fp32 product of the same bf16-rounded weights."""
+    from minimind.engine import fused
+    from minimind.engine.quant import DenseLinear
+
+    if fused._linear_library() is None:
+        pytest.skip("no C compiler")
+    gen = torch.Generator().manual_seed(rows)
+    w = torch.randn(out_features, in_features, generator=gen).bfloat16()
+    x = torch.randn(rows, in_features, generator=gen)
+    expect = x @ w.float().T
+    torch.testing.assert_close(fused.bf16_linear(w, x), expect, rtol=1e-5, atol=1e-4)
+    lin = DenseLinear(w)
+    if lin.upcast:  # CPUs without native bf16 route prompt chunks through it
+        torch.testing.assert_close(lin(x), expect, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(lin(x.bfloat16()).float(), (x.bfloat16().float() @ w.float().T).bfloat16().float(),
+                                   rtol=1e-2, atol=1e-2)

@@ -85,3 +85,58 @@ def test_lora_adapters_become_model_ids(tmp_path):
         for _ in range(8):
             ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
     assert adapted == ids[3:] and base != adapted
+
+
+def test_serve_steps_on_the_thread_that_loaded_the_model(tmp_path, monkeypatch):
+    """`minimind serve` loads the weights on its engine thread and every step runs there (one OpenMP team)."""
+    import threading
+
+    import torch
+    from fastapi.testclient import TestClient
+
+    from conftest import tiny_model, tokenizer_dir
+    from minimind.engine import LLM
+    from minimind.serve import launch
+
+    torch.save(tiny_model(vocab_size=6400, hidden_size=64).state_dict(), tmp_path / "full_sft_64.pth")
+    args = launch.build_parser().parse_args(["--load_from", str(tokenizer_dir("minimind2")), "--save_dir",
+                                             str(tmp_path), "--weight", "full_sft", "--hidden_size", "64",
+                                             "--max-model-len", "64", "--max-num-seqs", "2"])
+    seen = {"load": set(), "step": set()}
+    load, step = launch.load_engines, LLM.step
+    monkeypatch.setattr(launch, "load_engines", lambda a: seen["load"].add(threading.get_ident()) or load(a))
+    monkeypatch.setattr(LLM, "step", lambda self: seen["step"].add(threading.get_ident()) or step(self))
+    with TestClient(launch.build_app(args)) as client:
+        r = client.post("/v1/completions", json={"prompt": [5, 6, 7], "max_tokens": 4, "ignore_eos": True})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
+    assert len(seen["load"]) == 1 and seen["step"] == seen["load"]
+    assert threading.get_ident() not in seen["load"]
+
+
+def test_llm_launch_builds_and_steps_on_one_thread():
+    import threading
+
+    from conftest import tiny_model
+    from minimind.engine import LLM, SamplingParams
+
+    seen = {"build": set(), "step": set()}
+    step = LLM.step
+
+    class Probe(LLM):
+        def step(self):
+            seen["step"].add(threading.get_ident())
+            return step(self)
+
+    def build():
+        seen["build"].add(threading.get_ident())
+        return Probe(tiny_model(vocab_size=256, hidden_size=64), max_model_len=32, max_num_seqs=2)
+
+    llm = Probe.launch(build)
+    try:
+        out = llm.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))[0]
+        assert len(out.outputs[0].token_ids) == 3
+    finally:
+        llm.shutdown()
+    assert seen["step"] == seen["build"] and threading.get_ident() not in seen["build"]
+    with pytest.raises(ValueError, match="boom"):
+        LLM.launch(lambda: (_ for _ in ()).throw(ValueError("boom")))

@@ -1,8 +1,9 @@
 """`minimind bench`: our engine against transformers `generate` and llama.cpp, side by side in one run.
 
 For each model and dtype it measures prefill tokens/s (a 256-token prompt), batch-1 decode tokens/s
-(128 tokens), aggregate throughput and mean TTFT at 1/8/32 concurrent sequences, and peak RSS. Every
-(model, implementation, dtype) runs in its own subprocess so peak RSS is its own. Prints a table, writes
+(128 tokens), aggregate throughput and mean TTFT at 1/8/32 concurrent sequences, and peak RSS (with the KV
+cache of the 32 sequences), plus the peak RSS of a single-chat engine with its breakdown (bench_memory.py).
+Every (model, implementation, dtype) runs in its own subprocess so peak RSS is its own. Prints a table, writes
 JSON and a PNG chart. Timings are best-of-N wall clock: the machine is shared, so quote ratios.
 """
 from __future__ import annotations
@@ -11,7 +12,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import shutil
 import subprocess
 import sys
@@ -19,23 +19,15 @@ import tempfile
 import time
 from pathlib import Path
 
+from .bench_memory import peak_rss_mb as _rss_mb
+from .bench_memory import print_memory_table, worker_memory
+
 MODELS = {"small": "minimind2-small", "base": "minimind2", "default": None}  # None = the embedded model
 LLAMA_TYPES = {"fp32": "f32", "bf16": "f16", "int8": "q8_0"}  # matched precision for llama.cpp
 SHARED_TOKENIZER = Path(__file__).resolve().parents[3].parent / "shared" / "minimind-tokenizers" / "minimind2"
 
 
 # ---------------------------------------------------------------- workers (one subprocess each)
-def _rss_mb() -> float:
-    """Peak RSS of this process. VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec, so a worker would
-    report the orchestrator's peak whenever that is larger."""
-    status = Path("/proc/self/status")
-    if status.exists():
-        for line in status.read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def _prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
     import random
 
@@ -43,11 +35,17 @@ def _prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
     return [[rng.randrange(3, vocab) for _ in range(length)] for _ in range(n)]
 
 
+def engine_kwargs(dtype: str) -> dict:
+    """LLM keyword arguments for a bench dtype name."""
+    if dtype in ("int8", "dynamic"):
+        return {"quantization": dtype}
+    return {"dtype": {"fp32": "float32", "bf16": "bfloat16"}[dtype]}
+
+
 def worker_ours(a: dict) -> dict:
     from minimind.engine import LLM, SamplingParams
 
-    kw = {"quantization": "int8"} if a["dtype"] == "int8" else {"quantization": "dynamic"} \
-        if a["dtype"] == "dynamic" else {"dtype": {"fp32": "float32", "bf16": "bfloat16"}[a["dtype"]]}
+    kw = engine_kwargs(a["dtype"])
     conc = max(a["concurrency"])
     llm = LLM(a["model"], max_num_seqs=conc, max_model_len=max(a["prompt_len"], 32) + a["decode_tokens"] + 8,
               threads=a["threads"], max_num_batched_tokens=max(512, a["prompt_len"]), compile=a["compile"], **kw)
@@ -161,7 +159,8 @@ def worker_llamacpp(a: dict) -> dict:
     return res
 
 
-WORKERS = {"minimind": worker_ours, "transformers": worker_hf, "llama.cpp": worker_llamacpp}
+WORKERS = {"minimind": worker_ours, "transformers": worker_hf, "llama.cpp": worker_llamacpp,
+           "memory": worker_memory}
 
 
 # ---------------------------------------------------------------- orchestration
@@ -240,7 +239,13 @@ def run(args) -> dict:
                         base["gguf"] = gguf
                 for impl in impls:
                     print(f"  {label} {dtype} {impl} ...", file=sys.stderr, flush=True)
-                    rows.append({"model": label, "dtype": dtype, "impl": impl, **_spawn(impl, base)})
+                    row = {"model": label, "dtype": dtype, "impl": impl, **_spawn(impl, base)}
+                    if impl == "minimind" and args.chat_memory:  # its own process: its own peak
+                        mem = _spawn("memory", base)
+                        row.update({k: v for k, v in mem.items() if k != "error"})
+                        if "error" in mem:
+                            notes.append(f"chat memory {label} {dtype}: {mem['error']}")
+                    rows.append(row)
     return {"machine": machine(), "args": vars(args), "notes": notes, "results": rows}
 
 
@@ -264,7 +269,7 @@ def print_table(report: dict) -> None:
     table = Table(title="minimind bench (tokens/s; higher is better; best of "
                         f"{report['args']['repeats']}, threads={report['args']['threads']})")
     for col in ["model", "dtype", "impl", "prefill", "decode b1", "x HF", "x llama.cpp",
-                *[f"agg@{n}" for n in conc], *[f"TTFT@{n} ms" for n in conc], "peak RSS MB"]:
+                *[f"agg@{n}" for n in conc], *[f"TTFT@{n} ms" for n in conc], f"peak RSS MB (KV of {max(conc)} seq.)"]:
         table.add_column(col, justify="left" if col in ("model", "dtype", "impl") else "right")
     rows = report["results"]
     for r in rows:
@@ -281,6 +286,7 @@ def print_table(report: dict) -> None:
                       _fmt(r.get("peak_rss_mb")))
     console = Console(width=max(Console().width, 200))
     console.print(table)
+    print_memory_table(report, console)
     turns = report["args"].get("chat_turns")
     for r in rows:
         if r.get(f"chat_ttft_ms_turn{turns}_cached") is not None:
@@ -331,6 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--compile", action="store_true", help="torch.compile our decode step")
     p.add_argument("--chat-turns", type=int, default=10, help="multi-turn TTFT with/without prefix cache (0 = off)")
+    p.add_argument("--no-chat-memory", dest="chat_memory", action="store_false",
+                   help="skip the single-chat peak RSS measurement (one more subprocess per model and dtype)")
     p.add_argument("--tokenizer", help="tokenizer folder for the random-weight presets (needed for the GGUF)")
     p.add_argument("--json", default="bench.json")
     p.add_argument("--png", default="bench.png")

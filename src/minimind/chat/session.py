@@ -123,8 +123,10 @@ def _load(source: dict, args: argparse.Namespace, device: str):
     if source["model"] is not None:
         detect(source["model"])  # an unusable model path is named as such, not as a tokenizer problem
     tokenizer = load_tokenizer(source["tokenizer"])  # before the weights: it is quick and fails early
+    # On CPU the engine runs the model: its plain-torch class loads without transformers' modeling stack (~90 MB);
+    # HF generate (other devices) needs MiniMindForCausalLM.
     model = load_model(source["model"], inference_rope_scaling=args.inference_rope_scaling,
-                       dtype=None if args.dtype == "auto" else args.dtype, device=device)
+                       dtype=None if args.dtype == "auto" else args.dtype, device=device, light=device == "cpu")
     check_tokenizer_matches(tokenizer, model.config, where=str(source["tokenizer"] or "default tokenizer"))
     if args.lora_weight not in (None, "", "None", "none"):
         from ..model.lora import load_lora, resolve_lora_path
@@ -173,13 +175,17 @@ def run(args: argparse.Namespace) -> int:
         from ..engine import LLM
 
         llm = LLM(model, tokenizer=tokenizer, max_num_seqs=1, max_model_len=min(cfg.max_position_embeddings, 4096))
-    session = ChatSession(model, tokenizer, settings, info, system=args.system, historys=args.historys,
-                          open_thinking=open_thinking, pretrain=is_pretrain_weight(source["weight"]),
-                          show_speed=bool(args.show_speed), llm=llm)
     name = "embedded default model (SmolLM2-135M-Instruct)" if source["model"] is None else str(source["model"])
     params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()) / 1e6
+    dtype = str(next(model.parameters()).dtype).replace("torch.", "")
+    # With the engine the session needs only its config: dropping the model frees the weights the engine keeps
+    # its own (fused) copies of.
+    session = ChatSession(model if llm is None else llm, tokenizer, settings, info, system=args.system,
+                          historys=args.historys, open_thinking=open_thinking,
+                          pretrain=is_pretrain_weight(source["weight"]), show_speed=bool(args.show_speed), llm=llm)
+    del model
     info.print(f"[bold cyan]MiniMind chat[/] {name} [dim]| {getattr(cfg, 'era', cfg.model_type)}, {params:.2f}M "
-               f"params, {device} {str(next(model.parameters()).dtype).replace('torch.', '')}, temperature "
+               f"params, {device} {dtype}, temperature "
                f"{temperature}, top_p {top_p}{', pretrain prompt' if session.pretrain else ''}[/]")
     if single:
         session.answer(args.prompt)

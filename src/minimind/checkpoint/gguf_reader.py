@@ -129,13 +129,14 @@ def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def read_gguf(path: str | Path, progress: Callable[[int, int], None] | None = None
+def read_gguf(path: str | Path, progress: Callable[[int, int], None] | None = None, dtype: torch.dtype | None = None
               ) -> tuple[MiniMindConfig, dict[str, torch.Tensor]]:
-    """(config, fp32 state_dict with our/HF parameter names). `progress(done, total)` is called per tensor."""
+    """(config, state_dict with our/HF parameter names), fp32 or cast to `dtype` tensor by tensor as dequantized.
+    `progress(done, total)` is called per tensor."""
     import gguf
     from gguf.quants import dequantize
 
-    from ..model import MiniMindForCausalLM
+    from ..model.core import MiniMindLM, build_on_meta  # MiniMindForCausalLM's keys, without transformers' modeling
 
     path = Path(path)
     reader = _open(path)
@@ -143,8 +144,7 @@ def read_gguf(path: str | Path, progress: Callable[[int, int], None] | None = No
     arch_name = _field(reader, "general.architecture")
     arch = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch_name)
     name_map = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
-    with torch.device("meta"):
-        expected = MiniMindForCausalLM(config).state_dict()
+    expected = build_on_meta(MiniMindLM, config).state_dict()
     ours: dict[str, list] = {}  # GGUF name -> [(expert index or None, our name, shape)]
     for key, value in expected.items():
         if key == "lm_head.weight" and config.tie_word_embeddings:
@@ -176,7 +176,8 @@ def read_gguf(path: str | Path, progress: Callable[[int, int], None] | None = No
             values = unpermute_qk(values, heads)
         values = torch.from_numpy(np.array(values, dtype=np.float32, order="C"))  # a copy: the file is mmapped
         for index, key, _ in targets:
-            sd[key] = values if index is None else values[index].clone()
+            one = values if index is None else values[index].clone()  # an expert owns its storage, not a view
+            sd[key] = one if dtype is None else one.to(dtype)  # cast now: no fp32 copy of the whole model
         if progress is not None:
             progress(i + 1, total)
     missing = [key for targets in ours.values() for _, key, _ in targets if key not in sd]

@@ -25,12 +25,14 @@ _WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors", "pytorch_m
 _FUSED = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(gate_up_proj|down_proj)$")
 
 
-def read_hf_folder(path: Path, kind: str) -> tuple[MiniMindConfig, dict[str, torch.Tensor]]:
-    """(config, state_dict with our parameter names) for an HF folder of the flavour `kind` (detect.HF_*)."""
+def read_hf_folder(path: Path, kind: str, dtype: torch.dtype | None = None
+                   ) -> tuple[MiniMindConfig, dict[str, torch.Tensor]]:
+    """(config, state_dict with our parameter names) for an HF folder of the flavour `kind` (detect.HF_*).
+    dtype: floating tensors are cast to it one by one as they are read (None keeps the files' dtype)."""
     path = Path(path)
     cfg_path = path / "config.json"
     raw = json.loads(cfg_path.read_text())
-    weights_path, sd = read_weights(path)
+    weights_path, sd = read_weights(path, dtype)
     if kind == fmt.HF_MINIMIND:
         config = _minimind_config(raw, sd, cfg_path)
     else:
@@ -42,7 +44,7 @@ def read_hf_folder(path: Path, kind: str) -> tuple[MiniMindConfig, dict[str, tor
 
 
 # ---------------------------------------------------------------------------------------------- weights
-def read_weights(folder: Path) -> tuple[Path, dict[str, torch.Tensor]]:
+def read_weights(folder: Path, dtype: torch.dtype | None = None) -> tuple[Path, dict[str, torch.Tensor]]:
     """Load the folder's weights (single or sharded safetensors / pytorch_model.bin) -> (file named in errors, sd)."""
     for name in _WEIGHT_FILES:
         candidate = folder / name
@@ -63,25 +65,21 @@ def read_weights(folder: Path) -> tuple[Path, dict[str, torch.Tensor]]:
             shard_path = folder / shard
             if not shard_path.is_file():
                 raise CheckpointError(shard_path, f"is listed in {candidate.name} but missing: download all shards")
-            sd.update(_read_file(shard_path))
+            sd.update(_read_file(shard_path, dtype))
         return candidate, sd
-    return candidate, _read_file(candidate)
+    return candidate, _read_file(candidate, dtype)
 
 
-def _read_file(path: Path) -> dict[str, torch.Tensor]:
+def _read_file(path: Path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     kind = fmt.sniff_file(path)  # raises on LFS pointers and empty files, naming the file
     if path.suffix == ".safetensors" or kind == fmt.SAFETENSORS:
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
+        from .safetensors_file import read_safetensors
 
-        try:
-            return load_file(str(path))
-        except (SafetensorError, OSError, RuntimeError) as exc:
-            raise CheckpointError(path, f"unreadable safetensors file (truncated or corrupt? re-download it): "
-                                  f"{exc}") from None
+        return read_safetensors(path, dtype)  # tensor by tensor, cast as read
+    from .loader import cast_state_dict
     from .native import read_torch_file
 
-    return read_torch_file(path)  # torch.load(weights_only=True): never runs pickled code
+    return cast_state_dict(read_torch_file(path), dtype)  # torch.load(weights_only=True): never runs pickled code
 
 
 def split_fused_experts(sd: dict[str, torch.Tensor], source: Path) -> dict[str, torch.Tensor]:
@@ -111,11 +109,10 @@ def split_fused_experts(sd: dict[str, torch.Tensor], source: Path) -> dict[str, 
 
 def check_against_config(config: MiniMindConfig, sd: dict, weights_path: Path, cfg_path: Path) -> None:
     """Compare names/shapes with a meta-device model built from the config, so errors name both files."""
-    from ..model import MiniMindForCausalLM
+    from ..model.core import MiniMindLM, build_on_meta  # MiniMindForCausalLM's keys, without transformers' modeling
     from .native import explain_mismatch, normalize_state_dict
 
-    with torch.device("meta"):
-        model = MiniMindForCausalLM(config)
+    model = build_on_meta(MiniMindLM, config)
     problem = explain_mismatch(normalize_state_dict(sd, config), model, hint=False)
     if problem:
         raise CheckpointError(weights_path, f"does not match {cfg_path.name}: {problem} The folder is "

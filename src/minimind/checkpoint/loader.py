@@ -34,70 +34,88 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: str | torch.device = 
     return dtype
 
 
-def read_checkpoint(path: str | Path, **config_overrides) -> tuple[MiniMindConfig, dict[str, torch.Tensor]]:
-    """(config, state_dict with our parameter names) for any supported file or folder."""
+def read_checkpoint(path: str | Path, *, weights_dtype: torch.dtype | None = None,
+                    **config_overrides) -> tuple[MiniMindConfig, dict[str, torch.Tensor]]:
+    """(config, state_dict with our parameter names) for any supported file or folder.
+
+    weights_dtype: floating tensors are cast to it one by one while reading, so a bf16 load never holds a full
+    fp32 copy beside the bf16 weights (None keeps each file's own dtype; GGUF dequantizes to fp32)."""
     path = Path(path).expanduser()
     kind = fmt.detect(path)
     if kind == fmt.NATIVE:
         from .native import infer_config, read_torch_file
 
-        sd = read_torch_file(path)
-        return infer_config(sd, path, **config_overrides), sd
+        sd = read_torch_file(path)  # memory-mapped: a tensor is only read when cast or used
+        config = infer_config(sd, path, **config_overrides)
+        return config, cast_state_dict(sd, weights_dtype)
     if kind == fmt.SAFETENSORS:
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
         from .native import infer_config
+        from .safetensors_file import read_safetensors
 
-        try:
-            sd = load_file(str(path))
-        except (SafetensorError, OSError) as exc:
-            raise CheckpointError(path, f"unreadable safetensors file (truncated or corrupt?): {exc}") from None
+        sd = read_safetensors(path, weights_dtype)
         return infer_config(sd, path, **config_overrides), sd
     if kind == fmt.GGUF:
         from .gguf_reader import read_gguf
 
-        return read_gguf(path)
+        return read_gguf(path, dtype=weights_dtype)
     if kind == fmt.HF_MINIMIND:
         from ..convert.quantize import is_int8_folder, read_int8_folder
 
         if is_int8_folder(path):  # `minimind quantize` output: int8 weights + per-channel scales
-            return read_int8_folder(path)
+            return read_int8_folder(path, weights_dtype or torch.float32)
     from .hf import read_hf_folder
 
-    return read_hf_folder(path, kind)
+    return read_hf_folder(path, kind, dtype=weights_dtype)
+
+
+def cast_state_dict(sd: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """Floating tensors cast to dtype one at a time, each source tensor released as soon as it is cast."""
+    if dtype is None:
+        return sd
+    for key in list(sd):
+        if sd[key].is_floating_point():
+            sd[key] = sd[key].to(dtype)
+    return sd
 
 
 def load_model(path: str | Path | None = None, *, lora: str | Path | None = None,
                inference_rope_scaling: bool | str = False, dtype: str | torch.dtype | None = None,
-               device: str | torch.device = "cpu", flash_attn: bool = True, **config_overrides):
+               device: str | torch.device = "cpu", flash_attn: bool = True, light: bool = False,
+               **config_overrides):
     """Load any MiniMind checkpoint (native .pth, HF folder of any flavour, GGUF) ready for inference.
 
     path: file or folder; None -> the embedded default model (SmolLM2-135M-Instruct).
     inference_rope_scaling: False (keep the checkpoint's own RoPE), True (standard YaRN x16) or "legacy" (x4).
+    light: return a plain-torch `MiniMindLM` (what the engine runs; loading it never imports transformers'
+    modeling stack) instead of the HF `MiniMindForCausalLM` (HF generate, save_pretrained). Same weights and keys.
+    Weights are cast to `dtype` tensor by tensor while they are read.
     """
-    from ..model import MiniMindForCausalLM
+    from ..model.core import build_on_meta
     from .native import normalize_state_dict
 
+    if light:
+        from ..model.core import MiniMindLM as model_class
+    else:
+        from ..model import MiniMindForCausalLM as model_class
     if path is None:
         from .default_model import default_model_dir
 
         path = default_model_dir()
-    config, sd = read_checkpoint(path, **config_overrides)
+    torch_dtype = resolve_dtype(dtype, device)
+    config, sd = read_checkpoint(path, weights_dtype=torch_dtype, **config_overrides)
     if inference_rope_scaling:
         config = MiniMindConfig(**{**config.ctor_kwargs(), "inference_rope_scaling": inference_rope_scaling,
                                    "rope_scaling": None})
     config.flash_attn = flash_attn
-    torch_dtype = resolve_dtype(dtype, device)
-    with torch.device("meta"):
-        model = MiniMindForCausalLM(config)
+    model = build_on_meta(model_class, config)
     sd = normalize_state_dict(sd, config)
     problem = _check_shapes(sd, model)
     if problem:
         raise CheckpointError(path, problem)
-    model.load_state_dict({k: v.to(torch_dtype) for k, v in sd.items()}, strict=True, assign=True)
-    if config.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
+    sd = cast_state_dict(sd, torch_dtype)  # no-op for tensors the reader already cast
+    model.load_state_dict(sd, strict=True, assign=True)
+    del sd
+    model.tie_embeddings()
     model = model.to(device=device).eval()
     model.name_or_path = str(path)
     if lora is not None:
@@ -136,11 +154,12 @@ def load_tokenizer(path: str | Path | None = None):
 
             return gguf_tokenizer(ggufs[0])
         raise CheckpointError(path, "has no tokenizer.json / tokenizer_config.json")
-    from transformers import AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
-    from ..model import register_auto_classes
-
-    register_auto_classes()  # AutoTokenizer reads config.json: model_type "minimind" must be known
+    try:  # AutoTokenizer reads config.json: model_type "minimind" must be known (the config alone is enough)
+        AutoConfig.register("minimind", MiniMindConfig)
+    except ValueError:
+        pass  # already registered
     try:
         return AutoTokenizer.from_pretrained(str(path))
     except Exception as exc:  # transformers raises many types here; name the folder and the cause

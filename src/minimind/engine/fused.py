@@ -1,4 +1,4 @@
-"""The fused C decode step (kernels/decode.c): build it once per machine, describe the runner's weights to it.
+"""The fused C decode step (kernels/*.c): build it once per machine, describe the runner's weights to it.
 
 Decode-only steps of dense models go through one C call instead of ~250 torch ops per token; prompt chunks,
 MoE models and anything the kernel does not cover keep the torch path. The shared library is compiled at
@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 
 log = logging.getLogger("minimind")
-SOURCE = Path(__file__).with_name("kernels") / "decode.c"
+KERNELS = Path(__file__).with_name("kernels")
+SOURCES = ("decode.c", "linear.c", "attention.c")  # built together into one library; kernels.h is shared
 W_F32, W_BF16, W_I8 = 0, 1, 2
 P = ctypes.c_void_p
 
@@ -62,12 +63,13 @@ def _openmp_flags() -> list[str]:
 
 
 def build(verbose: bool = False) -> Path:
-    """Compile kernels/decode.c for this CPU (cached by source, compiler and flags) -> path of the .so."""
+    """Compile kernels/*.c for this CPU (cached by sources, compiler and flags) -> path of the .so."""
     cc = _compiler()
     if cc is None:
         raise OSError("no C compiler found (set $CC or install gcc)")
     flags = ["-O3", "-march=native", "-fPIC", "-shared"] + _openmp_flags()
-    source = SOURCE.read_bytes()
+    sources = [KERNELS / name for name in SOURCES]
+    source = b"".join(path.read_bytes() for path in [*sources, KERNELS / "kernels.h"])
     key = hashlib.sha256(source + cc.encode() + " ".join(flags).encode() + sys.platform.encode()).hexdigest()[:16]
     out = _cache_dir() / f"decode-{key}.so"
     if out.exists():
@@ -75,10 +77,10 @@ def build(verbose: bool = False) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:  # build beside the target, publish atomically
         tmp_so = Path(tmp) / out.name
-        cmd = [cc, str(SOURCE), "-o", str(tmp_so), *flags]
+        cmd = [cc, *map(str, sources), "-o", str(tmp_so), *flags]
         run = subprocess.run(cmd, check=False, capture_output=True, text=True)
         if run.returncode != 0:
-            raise OSError(f"compiling {SOURCE.name} failed: {' '.join(cmd)}\n{run.stderr.strip()[-2000:]}")
+            raise OSError(f"compiling {', '.join(SOURCES)} failed: {' '.join(cmd)}\n{run.stderr.strip()[-2000:]}")
         os.replace(tmp_so, out)
     if verbose:
         log.info("built %s", out)
@@ -94,7 +96,32 @@ def _open(path: str) -> ctypes.CDLL:
     lib = ctypes.CDLL(path)
     lib.minimind_decode.restype = ctypes.c_int
     lib.minimind_decode.argtypes = [ctypes.POINTER(Model), ctypes.c_int64, P, P, P, P, P, P, ctypes.c_int]
+    lib.minimind_linear.restype = ctypes.c_int
+    lib.minimind_linear.argtypes = [ctypes.POINTER(Mat), P, ctypes.c_int64, P, ctypes.c_int]
     return lib
+
+
+@functools.cache
+def _linear_library() -> ctypes.CDLL | None:
+    try:
+        return load_library()
+    except OSError as e:  # no compiler: prompt chunks keep torch's upcast + fp32 GEMM
+        log.info("bf16 prompt linears stay on torch: %s", str(e).splitlines()[0])
+        return None
+
+
+def bf16_linear(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
+    """x [M, K] (fp32) times a bf16 weight [N, K]^T -> [M, N] fp32, widening the weights in registers inside the
+    packed micro-kernel (no fp32 copy of the weight per call). None when the kernel cannot be built here."""
+    lib = _linear_library()
+    if lib is None or weight.dtype != torch.bfloat16 or x.dim() != 2 or not weight.is_contiguous():
+        return None
+    x = x.float().contiguous()
+    y = torch.empty(x.shape[0], weight.shape[0], dtype=torch.float32)
+    mat = Mat(weight.data_ptr(), None, W_BF16, weight.shape[0], weight.shape[1])
+    if lib.minimind_linear(ctypes.byref(mat), x.data_ptr(), x.shape[0], y.data_ptr(), torch.get_num_threads()):
+        raise MemoryError("bf16 linear could not allocate its scratch buffers")
+    return y
 
 
 def unsupported_reason(runner) -> str | None:
@@ -151,7 +178,8 @@ class FusedDecoder:
                            runner.head_dim, inter, cfg.vocab_size, kv.max_len, eps.pop(),
                            ctypes.cast(layers, P), self._mat_tensor(runner.embed), self._vec(runner.norm),
                            self._mat(runner.lm_head))
-        self.cos, self.sin = runner.cos_table, runner.sin_table  # [T, D] fp32
+        # [max_len, D] fp32 RoPE tables; the kernel reads row positions[b] for row b
+        self.cos, self.sin = (t.float().contiguous() for t in (runner.cos_table, runner.sin_table))
 
     def _vec(self, norm) -> int | None:
         if norm is None:
@@ -173,11 +201,12 @@ class FusedDecoder:
     def __call__(self, ids: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """ids, slots, positions: [B] int64 (one new token per row) -> logits [B, V] fp32."""
         ids, slots, positions = (t.to(torch.int64).contiguous() for t in (ids, slots, positions))
-        cos, sin = self.cos[positions].contiguous(), self.sin[positions].contiguous()
         logits = torch.empty(ids.shape[0], self.vocab, dtype=torch.float32)
         status = self.lib.minimind_decode(ctypes.byref(self.model), ids.shape[0], ids.data_ptr(), slots.data_ptr(),
-                                          positions.data_ptr(), cos.data_ptr(), sin.data_ptr(), logits.data_ptr(),
-                                          torch.get_num_threads())
+                                          positions.data_ptr(), self.cos.data_ptr(), self.sin.data_ptr(),
+                                          logits.data_ptr(), torch.get_num_threads())
+        if status == -2:
+            raise IndexError(f"decode position outside the KV cache (max_len {self.cos.shape[0]})")
         if status != 0:
             raise MemoryError("fused decode step could not allocate its scratch buffers")
         return logits

@@ -49,7 +49,8 @@ class LLM:
         if isinstance(model_or_path, torch.nn.Module):
             model = model_or_path
         else:
-            model = load_model(model_or_path, dtype="float32" if quantization else dtype)
+            # the plain-torch MiniMindLM: the engine needs no transformers modeling code (~90 MB of RSS)
+            model = load_model(model_or_path, dtype="float32" if quantization else dtype, light=True)
             if tokenizer is None:
                 try:
                     tokenizer = load_tokenizer(model_or_path)
@@ -293,6 +294,31 @@ class LLM:
             self._thread = threading.Thread(target=self._loop, name="minimind-engine", daemon=True)
             self._thread.start()
         return self
+
+    @classmethod
+    def launch(cls, build) -> LLM:
+        """`build()` (returning an LLM) runs on a new thread that then stays the LLM's background loop, so the
+        thread that loaded the weights is the one that computes with them: libgomp gives every thread that opens
+        parallel regions its own team, and two teams on a small CPU make each step pay futex wake-ups."""
+        ready: queue.SimpleQueue = queue.SimpleQueue()
+
+        def main():
+            try:
+                llm = build()
+                if not isinstance(llm, cls):
+                    raise TypeError(f"build() returned {type(llm).__name__}, not an LLM")
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller, which re-raises it
+                ready.put(exc)
+                return
+            llm._stopping, llm._thread = False, threading.current_thread()
+            ready.put(llm)
+            llm._loop()
+
+        threading.Thread(target=main, name="minimind-engine", daemon=True).start()
+        result = ready.get()
+        if isinstance(result, BaseException):
+            raise result
+        return result
 
     def shutdown(self) -> None:
         thread, self._stopping = self._thread, True

@@ -37,6 +37,9 @@ class StepInputs:
     decode_mask: torch.Tensor | None = None  # [B_d, 1, 1, decode_len] additive, None when all rows are equally long
     chunks: list = field(default_factory=list)  # (row0, n, slot, pos0, mask [n, pos0+n])
     lora_groups: list = field(default_factory=list)  # [(adapter index, rows [n])]: rows that use a LoRA adapter
+    # a mixed step on the fused kernel: its decode rows (ids/positions/slots only) run as one C call first, and
+    # the fields above describe the prompt chunks alone; logits come back decode rows first
+    fused_decode: StepInputs | None = None
 
 
 class LayerWeights:
@@ -113,10 +116,17 @@ class ModelRunner:
         pos = [s.num_computed for s in decode]
         slots = [s.slot for s in decode]
         plain = all(s.lora < 0 for s in decode)
-        if not batch.prefill and self.fused is not None and plain:  # the fused kernel needs ids, positions, slots
+        fused = None
+        if decode and self.fused is not None and plain:  # the fused kernel needs ids, positions, slots
             ids_t, pos_t, slots_t = torch.tensor([ids, pos, slots])
-            return StepInputs(ids=ids_t, positions=pos_t, slots=slots_t, num_decode=len(decode)), decode
-        sample_rows, sampled = list(range(len(decode))), list(decode)
+            fused = StepInputs(ids=ids_t, positions=pos_t, slots=slots_t, num_decode=len(decode))
+            if not batch.prefill:
+                return fused, decode
+            # prompt chunks join the step: they take the torch path, the decode rows stay on the kernel
+            sampled, decode, ids, pos, slots = list(decode), [], [], [], []
+        else:
+            sampled = list(decode)
+        sample_rows = list(range(len(decode)))
         chunks = []
         adapter_rows: dict[int, list[int]] = {}
         for i, s in enumerate(decode):
@@ -157,7 +167,7 @@ class ModelRunner:
             write_idx=self.kv.write_index(slots_t, pos_t), num_decode=nd, decode_slots=decode_slots,
             decode_len=decode_len, decode_mask=decode_mask, chunks=chunks,
             sample_rows=torch.tensor(sample_rows, dtype=torch.long), positions=pos_t, slots=slots_t,
-            lora_groups=[(a, torch.tensor(rows)) for a, rows in adapter_rows.items()])
+            lora_groups=[(a, torch.tensor(rows)) for a, rows in adapter_rows.items()], fused_decode=fused)
         return inputs, sampled
 
     # ---------------------------------------------------------------- forward
@@ -170,6 +180,9 @@ class ModelRunner:
         """-> logits [R, V] fp32 for inp.sample_rows."""
         if not inp.chunks and not inp.lora_groups and self.fused is not None:  # one C call (engine/fused.py)
             return self.fused(inp.ids, inp.slots, inp.positions)
+        if inp.fused_decode is not None:  # different sequences, different KV slots: the two parts are independent
+            d = inp.fused_decode
+            return torch.cat([self.fused(d.ids, d.slots, d.positions), self._forward_torch(inp)])
         return self._forward_torch(inp)
 
     @torch.no_grad()

@@ -19,7 +19,7 @@ class Speculator:
         if not isinstance(draft_model, torch.nn.Module):
             from ..checkpoint.loader import load_model
 
-            draft_model = load_model(draft_model, dtype="float32" if llm.quantization else llm.dtype)
+            draft_model = load_model(draft_model, dtype="float32" if llm.quantization else llm.dtype, light=True)
         cfg = draft_model.config
         if cfg.vocab_size != llm.config.vocab_size:
             raise ValueError(f"draft vocabulary {cfg.vocab_size} != target vocabulary {llm.config.vocab_size}: "

@@ -4,9 +4,19 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.activations import ACT2FN
 
 from ..config import MiniMindConfig
+
+# The activations MiniMindConfig accepts, as plain torch modules: transformers' ACT2FN gives the same functions
+# but importing `transformers.activations` pulls in its generation stack (~80 MB of RSS for the engine).
+_ACTIVATIONS = {"silu": nn.SiLU, "swish": nn.SiLU, "relu": nn.ReLU, "gelu": nn.GELU,
+                "gelu_pytorch_tanh": lambda: nn.GELU(approximate="tanh")}
+
+
+def activation(name: str) -> nn.Module:
+    if name not in _ACTIVATIONS:
+        raise ValueError(f"hidden_act {name!r} is not supported (supported: {', '.join(_ACTIVATIONS)})")
+    return _ACTIVATIONS[name]()
 
 
 class RMSNorm(nn.Module):
@@ -39,7 +49,7 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(config.hidden_size, width, bias=False)
         self.up_proj = nn.Linear(config.hidden_size, width, bias=False)
         self.down_proj = nn.Linear(width, config.hidden_size, bias=False)
-        self.act_fn = ACT2FN[config.hidden_act]
+        self.act_fn = activation(config.hidden_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))

@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import asyncio
-import json
 from dataclasses import dataclass, field
 
+import orjson
 from fastapi import Request
 
 from .engine_client import AsyncEngine, RequestHandle
@@ -40,11 +40,13 @@ class ServingContext:
         return self.token_texts[key]
 
 
-def sse(obj) -> str:
-    return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
+def sse(obj) -> bytes:
+    """One server-sent event. orjson: UTF-8 without escapes, compact, several times faster than json.dumps (this
+    runs once per streamed token on the event loop)."""
+    return b"data: " + orjson.dumps(obj) + b"\n\n"
 
 
-SSE_DONE = "data: [DONE]\n\n"
+SSE_DONE = b"data: [DONE]\n\n"
 
 
 def stream_error(exc: BaseException) -> str:

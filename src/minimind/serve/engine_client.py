@@ -5,6 +5,11 @@ token ids through the engine's thread-safe `add_request` and read their own asyn
 thread fills with `loop.call_soon_threadsafe`. No handler ever blocks the event loop or touches the model, and
 no handler polls. We drive `step()` ourselves instead of `LLM.start()` because the engine's own loop delivers into
 blocking `queue.Queue`s, which an event loop could only read by parking one thread per request.
+
+`minimind serve` builds the model on the same EngineThread that later runs every step: libgomp gives each thread
+that opens parallel regions a team of its own, and a second team (model built on the main thread, stepped on
+another) puts more OpenMP threads than CPUs in the process, which makes libgomp stop spinning and pay a futex
+wake-up at every parallel region (docs/benchmarks.md, "Where the HTTP cost goes").
 """
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ import logging
 import threading
 import time
 import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from ..engine import LLM, RequestOutput, SamplingParams
@@ -62,12 +68,30 @@ class RequestHandle:
             self.engine.abort(self.request_id)
 
 
-class AsyncEngine:
-    """Wraps an LLM (not started) for one served model id. max_queue bounds waiting requests (429 beyond it)."""
+class EngineThread:
+    """One long-lived thread for everything that computes: `call(build)` runs the model loading there, and the
+    AsyncEngine given this thread runs its step loop there afterwards (one engine loop per EngineThread)."""
 
-    def __init__(self, llm: LLM, *, max_queue: int = 256):
+    def __init__(self, name: str = "minimind-engine"):
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+
+    def call(self, fn, *args, **kwargs):
+        """Run fn on the engine thread and return its result (exceptions propagate to the caller)."""
+        return self._pool.submit(fn, *args, **kwargs).result()
+
+    def submit(self, fn) -> Future:
+        return self._pool.submit(fn)
+
+
+class AsyncEngine:
+    """Wraps an LLM (not started) for one served model id. max_queue bounds waiting requests (429 beyond it).
+    thread: the EngineThread that built the LLM (its step loop then runs there); None starts a plain thread."""
+
+    def __init__(self, llm: LLM, *, max_queue: int = 256, thread: EngineThread | None = None):
         if llm._thread is not None:
             raise ValueError("pass an LLM whose background loop is not started: AsyncEngine drives step() itself")
+        self.engine_thread = thread
+        self._loop_done: Future | None = None
         self.llm, self.max_queue = llm, max_queue
         self.tokenizer, self.max_model_len = llm.tokenizer, llm.max_model_len
         self._streams: dict[str, _Stream] = {}
@@ -81,11 +105,19 @@ class AsyncEngine:
 
     # ---------------------------------------------------------------- lifecycle
     def start(self) -> AsyncEngine:
-        if self._thread is None:
-            self._stopping, self.accepting = False, True
+        if self._running:
+            return self
+        self._stopping, self.accepting = False, True
+        if self.engine_thread is not None:
+            self._loop_done = self.engine_thread.submit(self._loop)
+        else:
             self._thread = threading.Thread(target=self._loop, name="minimind-serve-engine", daemon=True)
             self._thread.start()
         return self
+
+    @property
+    def _running(self) -> bool:
+        return self._thread is not None or (self._loop_done is not None and not self._loop_done.done())
 
     async def drain(self, timeout: float = 30.0) -> None:
         """Graceful shutdown: refuse new requests, let running ones finish (up to timeout), then stop."""
@@ -102,14 +134,19 @@ class AsyncEngine:
         for rid in pending:
             self.llm.abort(rid)
         deadline = time.monotonic() + 5
-        while self._thread is not None and self._streams and time.monotonic() < deadline:
+        while self._running and self._streams and time.monotonic() < deadline:
             self._wake.set()
             time.sleep(0.01)
         self._stopping = True
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
-        self._thread = None
+        if self._loop_done is not None:
+            try:
+                self._loop_done.result(timeout=10)
+            except Exception:  # noqa: BLE001 - a timeout here must not block shutdown
+                log.warning("engine loop did not stop within 10 s")
+        self._thread = self._loop_done = None
 
     # ---------------------------------------------------------------- requests (event-loop side)
     @property
@@ -131,7 +168,7 @@ class AsyncEngine:
         if len(self._streams) >= capacity:
             raise APIError(429, f"server busy: {len(self._streams)} requests in flight (limit {capacity}); retry later",
                            code="queue_full", headers={"Retry-After": "1"})
-        if self._thread is None:
+        if not self._running:
             self.start()
         request_id = request_id or uuid.uuid4().hex
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
@@ -170,17 +207,23 @@ class AsyncEngine:
                     hook(outputs)
                 except Exception:  # metrics must never take the engine down
                     log.exception("step hook failed")
-            for out in outputs:
-                self._deliver(out)
+            self._deliver(outputs)
 
-    def _deliver(self, out: RequestOutput) -> None:
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        """One wake-up of each event loop per step (not one per request: each costs the loop a self-pipe read)."""
+        by_loop: dict = {}
         with self._lock:
-            stream = self._streams.pop(out.request_id, None) if out.finished else self._streams.get(out.request_id)
-        if stream is not None:
+            for out in outputs:
+                rid = out.request_id
+                stream = self._streams.pop(rid, None) if out.finished else self._streams.get(rid)
+                if stream is not None:
+                    by_loop.setdefault(stream.loop, []).append((stream.queue, out))
+        for loop, items in by_loop.items():
             try:
-                stream.loop.call_soon_threadsafe(stream.queue.put_nowait, out)
+                loop.call_soon_threadsafe(_put_all, items)
             except RuntimeError:  # the event loop is closed (shutdown): nobody is listening any more
                 pass
+
 
     def _fail_all(self, exc: BaseException) -> None:
         with self._lock:
@@ -195,6 +238,11 @@ class AsyncEngine:
             self.llm.step()
         except BaseException:
             log.exception("engine cleanup after a failed step also failed")
+
+
+def _put_all(items: list) -> None:
+    for q, out in items:
+        q.put_nowait(out)
 
 
 class AdapterEngine:

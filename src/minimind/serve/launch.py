@@ -74,11 +74,23 @@ def load_engines(args: argparse.Namespace) -> dict:
     return {name: LLM(model, lora_adapters=adapters, **kwargs)}
 
 
+def build_app(args: argparse.Namespace):
+    """The FastAPI app of `minimind serve` for parsed args; the model is loaded on the engine thread that will
+    run every step of it (one OpenMP team in the process: engine_client.EngineThread)."""
+    from .engine_client import AsyncEngine, EngineThread
+    from .openai_server import create_app
+
+    thread = EngineThread()
+    engines = thread.call(load_engines, args)
+    engines = {name: AsyncEngine(llm, max_queue=args.max_queue, thread=thread) for name, llm in engines.items()}
+    return create_app(engines, api_key=args.api_key, max_queue=args.max_queue, drain_timeout=args.drain_timeout)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     try:
-        engines = load_engines(args)
+        app = build_app(args)
     except Exception as exc:  # one clear line, as `minimind chat` does (MINIMIND_DEBUG=1 shows the traceback)
         if os.environ.get("MINIMIND_DEBUG"):
             raise
@@ -86,12 +98,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     import uvicorn
 
-    from .openai_server import create_app
-
-    app = create_app(engines, api_key=args.api_key, max_queue=args.max_queue, drain_timeout=args.drain_timeout)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         logging.getLogger("minimind.serve").warning("listening on %s without --api-key", args.host)
-    print(f"serving {', '.join(engines)} on http://{args.host}:{args.port}/v1", file=sys.stderr)
+    served = ", ".join(app.state.ctx.engines)
+    print(f"serving {served} on http://{args.host}:{args.port}/v1", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
                 timeout_graceful_shutdown=args.drain_timeout + 5)
     return 0

@@ -5,7 +5,6 @@ checkpoint with the same flags as `minimind chat` and runs uvicorn on 127.0.0.1 
 """
 from __future__ import annotations
 
-import hmac
 import time
 from contextlib import asynccontextmanager
 
@@ -17,7 +16,8 @@ from .chat import create_chat_completion
 from .completions import create_completion
 from .context import ServingContext
 from .engine_client import AdapterEngine, AsyncEngine
-from .errors import APIError, error_body, install_handlers
+from .errors import APIError, install_handlers
+from .middleware import AuthAndCount
 from .params import message_dicts, open_thinking_of, sampling_params
 from .protocol import (
     ChatCompletionRequest,
@@ -36,7 +36,6 @@ from .protocol import (
     random_id,
 )
 
-PUBLIC_PATHS = ("/health", "/metrics", "/docs", "/redoc", "/openapi.json", "/docs/oauth2-redirect")
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 429, 500, 503)}
 
 
@@ -88,22 +87,7 @@ def create_app(engine, *, served_model_name: str | None = None, api_key: str | N
     app.state.ctx = ctx
     install_handlers(app)
 
-    @app.middleware("http")
-    async def auth_and_count(request: Request, call_next):
-        path = request.url.path
-        if ctx.api_key and request.method != "OPTIONS" and not path.startswith(PUBLIC_PATHS):
-            header = request.headers.get("authorization", "")
-            token = header[7:].strip() if header.lower().startswith("bearer ") else request.headers.get("x-api-key", "")
-            if not hmac.compare_digest(token.encode(), ctx.api_key.encode()):
-                return JSONResponse(error_body(401, "invalid or missing API key (send `Authorization: Bearer KEY`)",
-                                               None, "invalid_api_key"), status_code=401,
-                                    headers={"WWW-Authenticate": "Bearer"})
-        response = await call_next(request)
-        if ctx.metrics is not None:
-            route = request.scope.get("route")
-            ctx.metrics.http_requests.labels(request.method, getattr(route, "path", "other"),
-                                             str(response.status_code)).inc()
-        return response
+    app.add_middleware(AuthAndCount, ctx=ctx)
 
     @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=ERRORS)
     async def chat_completions(req: ChatCompletionRequest, raw: Request):

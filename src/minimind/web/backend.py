@@ -109,15 +109,18 @@ class EngineBackend(Backend):
         from ..chat.generate import stop_token_ids
         from ..engine import LLM
 
-        if lora:
-            from ..checkpoint.loader import load_model, load_tokenizer
+        def build() -> LLM:  # on the engine's own thread, which then runs every step (LLM.launch)
+            weights, tok = model, tokenizer
+            if lora:
+                from ..checkpoint.loader import load_model, load_tokenizer
 
-            tok = load_tokenizer(tokenizer or model)
-            model, tokenizer = load_model(model, lora=lora, dtype=dtype), tok
-        self.llm = LLM(model, tokenizer=tokenizer, dtype=dtype, **llm_kwargs)
+                weights, tok = load_model(model, lora=lora, dtype=dtype, light=True), load_tokenizer(tokenizer or model)
+            return LLM(weights, tokenizer=tok, dtype=dtype, **llm_kwargs)
+
+        self.llm = LLM.launch(build)
         if self.llm.tokenizer is None:  # a chat needs text in and out, not token ids
+            self.llm.shutdown()
             raise ValueError(f"{model} has no tokenizer: pass --tokenizer DIR")
-        self.llm.start()
         self.open_thinking, self.pretrain = open_thinking, bool(pretrain)
         self.starts_in_think = bool(open_thinking) and not self.pretrain
         # as `minimind chat`: a chat model that opens a new turn (<|im_start|>) has finished its answer

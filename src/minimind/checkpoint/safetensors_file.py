@@ -1,0 +1,102 @@
+"""Read a .safetensors file tensor by tensor, casting each to the target dtype as it arrives.
+
+`safetensors.torch.load_file` maps the whole file and copies every tensor out: while it runs, the mapped pages
+(the file's size) and the copies are both resident, and a later cast to bf16 adds a third copy. Here each tensor
+is read with plain file reads (the page cache is not this process's RSS) into its own buffer and cast at once,
+so the peak is the model in its target dtype plus one tensor in the file's dtype.
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+
+import torch
+
+from .errors import CheckpointError
+
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
+_MAX_HEADER = 100 * 2**20  # the format's own limit
+# Bytes converted at a time when casting. Below glibc's 128 KB mmap threshold: freeing a larger buffer would raise
+# that threshold, after which the weights come from the heap and dropping them later does not return memory.
+_CHUNK = 64 * 2**10
+
+
+def _corrupt(path: Path, why: str) -> CheckpointError:
+    return CheckpointError(path, f"unreadable safetensors file (truncated or corrupt? re-download it): {why}")
+
+
+def read_header(f, path: Path) -> tuple[int, dict]:
+    """(offset of the data section, {name: {dtype, shape, data_offsets}}) without the __metadata__ entry."""
+    head = f.read(8)
+    if len(head) != 8:
+        raise _corrupt(path, "shorter than its 8-byte header length")
+    (size,) = struct.unpack("<Q", head)
+    if size > _MAX_HEADER:
+        raise _corrupt(path, f"header length {size} is implausible")
+    try:
+        header = json.loads(f.read(size))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise _corrupt(path, f"header is not valid JSON ({exc})") from None
+    if not isinstance(header, dict):
+        raise _corrupt(path, "header is not a JSON object")
+    header.pop("__metadata__", None)
+    return 8 + size, header
+
+
+def read_safetensors(path: str | Path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """{name: tensor} in file order. dtype: floating tensors are cast to it one at a time (None keeps the file's)."""
+    path = Path(path)
+    file_size = os.path.getsize(path)
+    out: dict[str, torch.Tensor] = {}
+    buffers: dict[torch.dtype, torch.Tensor] = {}  # one conversion buffer per source dtype, reused
+    with open(path, "rb", buffering=0) as f:
+        base, header = read_header(f, path)
+        try:
+            entries = sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0])
+        except (KeyError, TypeError, IndexError):
+            raise _corrupt(path, "a header entry has no data_offsets") from None
+        for name, info in entries:
+            src = _DTYPES.get(info.get("dtype"))
+            if src is None:
+                raise _corrupt(path, f"tensor `{name}` has unsupported dtype {info.get('dtype')!r}")
+            start, end = info["data_offsets"]
+            shape = [int(n) for n in info["shape"]]
+            count = 1
+            for n in shape:
+                count *= n
+            nbytes = count * src.itemsize
+            if end - start != nbytes or base + end > file_size:
+                raise _corrupt(path, f"tensor `{name}` needs bytes {start}-{end} of the data section, the file has "
+                               f"{file_size - base}")
+            cast = dtype is not None and src.is_floating_point and src != dtype
+            tensor = torch.empty(shape, dtype=dtype if cast else src)
+            f.seek(base + start)
+            if not cast:
+                _read_into(f, tensor, path, name)
+            else:  # convert through a small buffer: no full-size copy in the file's dtype (113 MB for an fp32
+                flat = tensor.view(-1)  # 49152 x 576 embedding)
+                step = max(_CHUNK // src.itemsize, 1)
+                buf = buffers.setdefault(src, torch.empty(step, dtype=src))
+                for lo in range(0, count, step):
+                    part = buf[:min(step, count - lo)]
+                    _read_into(f, part, path, name)
+                    flat[lo:lo + part.numel()].copy_(part)
+            out[name] = tensor
+    return out
+
+
+def _read_into(f, tensor: torch.Tensor, path: Path, name: str) -> None:
+    """Fill a contiguous tensor with the next bytes of f (unbuffered reads may return less than asked)."""
+    if not tensor.numel():
+        return
+    view = memoryview(tensor.view(-1).view(torch.uint8).numpy())
+    got = 0
+    while got < len(view):
+        n = f.readinto(view[got:])
+        if not n:
+            raise _corrupt(path, f"file ended inside tensor `{name}`")
+        got += n

@@ -1,0 +1,150 @@
+/* Attention, norms, RoPE and SiLU of the fused decode step (fp32). */
+#include "kernels.h"
+
+static inline float dot(const float *a, const float *b, int64_t n) {
+    int64_t i = 0;
+    float s = 0.f;
+#ifdef __AVX2__
+    __m256 acc = _mm256_setzero_ps();
+    for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+    s = hsum(acc);
+#endif
+    for (; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+#ifdef __AVX2__
+/* e^x for 8 lanes (Cephes expf: range reduction by ln 2, degree-5 polynomial; relative error < 1e-7 on the
+ * clamped range [-87.3, 88]: e^-87.3 is the smallest normal float, and 2^n must not overflow) */
+static inline __m256 exp8(__m256 x) {
+    x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.0f)), _mm256_set1_ps(-87.3365447505531f));
+    __m256 fx = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
+    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+    y = _mm256_add_ps(_mm256_fmadd_ps(y, _mm256_mul_ps(x, x), x), _mm256_set1_ps(1.f));
+    __m256i n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(fx), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(n));
+}
+#endif
+
+/* out = silu(gate) * up over n values */
+void silu_mul(const float *gate, const float *up, int64_t n, float *out) {
+    int64_t i = 0;
+#ifdef __AVX2__
+    for (; i + 8 <= n; i += 8) {
+        __m256 g = _mm256_loadu_ps(gate + i);
+        __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), g));
+        _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.f), e)),
+                                                _mm256_loadu_ps(up + i)));
+    }
+#endif
+    for (; i < n; i++) out[i] = gate[i] / (1.f + expf(-gate[i])) * up[i];
+}
+
+/* sc[j] = exp(sc[j] - max) over j < len; returns 1 / sum */
+static float softmax_exp(float *sc, int64_t len) {
+    float mx = -INFINITY, sum = 0.f;
+    int64_t j = 0;
+    for (j = 0; j < len; j++) mx = sc[j] > mx ? sc[j] : mx;
+    j = 0;
+#ifdef __AVX2__
+    __m256 acc = _mm256_setzero_ps();
+    for (; j + 8 <= len; j += 8) {
+        __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(sc + j), _mm256_set1_ps(mx)));
+        _mm256_storeu_ps(sc + j, e);
+        acc = _mm256_add_ps(acc, e);
+    }
+    sum = hsum(acc);
+#endif
+    for (; j < len; j++) sum += (sc[j] = expf(sc[j] - mx));
+    return 1.f / sum;
+}
+
+#define VCHUNK 64  /* keys per pass over the values: 64 x D floats stay in L1 for every head of the group */
+
+/* The `group` query heads q [group, D] that share one kv head: softmax(q . keys[j] * scale) over j < len, then
+ * the weighted sum of values[j] into o [group, D]. Keys and values are read from memory once for the whole group
+ * (GQA), not once per query head. sc: group * len floats. */
+void attend_group(const float *q, int group, const float *keys, const float *vals, int64_t len, int64_t D,
+                  float scale, float *sc, float *o) {
+    int64_t j = 0;
+#ifdef __AVX2__
+    if (D % 8 == 0)  /* four keys at a time: independent FMA chains instead of one long one */
+        for (; j + 4 <= len; j += 4) {
+            const float *k0 = keys + j * D;
+            for (int h = 0; h < group; h++) {
+                const float *qh = q + h * D;
+                __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+                for (int64_t i = 0; i < D; i += 8) {
+                    __m256 qv = _mm256_loadu_ps(qh + i);
+                    a0 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + i), a0);
+                    a1 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + D + i), a1);
+                    a2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + 2 * D + i), a2);
+                    a3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + 3 * D + i), a3);
+                }
+                float *s = sc + h * len + j;
+                s[0] = hsum(a0) * scale, s[1] = hsum(a1) * scale, s[2] = hsum(a2) * scale, s[3] = hsum(a3) * scale;
+            }
+        }
+#endif
+    for (; j < len; j++)
+        for (int h = 0; h < group; h++) sc[h * len + j] = dot(q + h * D, keys + j * D, D) * scale;
+    float inv[group];
+    for (int h = 0; h < group; h++) inv[h] = softmax_exp(sc + h * len, len);
+    memset(o, 0, sizeof(float) * group * D);
+    for (int64_t j0 = 0; j0 < len; j0 += VCHUNK) {
+        const int64_t j1 = j0 + VCHUNK < len ? j0 + VCHUNK : len;
+        for (int h = 0; h < group; h++) {
+            const float *p = sc + h * len;
+            float *oh = o + h * D;
+            int64_t i = 0;
+#ifdef __AVX2__
+            for (; i + 32 <= D; i += 32) {  /* 32 output lanes in registers across the chunk's positions */
+                __m256 o0 = _mm256_loadu_ps(oh + i), o1 = _mm256_loadu_ps(oh + i + 8);
+                __m256 o2 = _mm256_loadu_ps(oh + i + 16), o3 = _mm256_loadu_ps(oh + i + 24);
+                for (j = j0; j < j1; j++) {
+                    const __m256 pj = _mm256_set1_ps(p[j]);
+                    const float *v = vals + j * D + i;
+                    o0 = _mm256_fmadd_ps(pj, _mm256_loadu_ps(v), o0);
+                    o1 = _mm256_fmadd_ps(pj, _mm256_loadu_ps(v + 8), o1);
+                    o2 = _mm256_fmadd_ps(pj, _mm256_loadu_ps(v + 16), o2);
+                    o3 = _mm256_fmadd_ps(pj, _mm256_loadu_ps(v + 24), o3);
+                }
+                _mm256_storeu_ps(oh + i, o0), _mm256_storeu_ps(oh + i + 8, o1);
+                _mm256_storeu_ps(oh + i + 16, o2), _mm256_storeu_ps(oh + i + 24, o3);
+            }
+#endif
+            for (; i < D; i++) {
+                float acc = oh[i];
+                for (j = j0; j < j1; j++) acc += p[j] * vals[j * D + i];
+                oh[i] = acc;
+            }
+        }
+    }
+    for (int h = 0; h < group; h++)
+        for (int64_t i = 0; i < D; i++) o[h * D + i] *= inv[h];
+}
+
+void rms_norm(const float *x, const float *w, int64_t n, double eps, float *out) {
+    double ss = 0.0;
+    for (int64_t i = 0; i < n; i++) ss += (double)x[i] * x[i];
+    float inv = (float)(1.0 / sqrt(ss / (double)n + eps));
+    for (int64_t i = 0; i < n; i++) out[i] = x[i] * inv * w[i];
+}
+
+/* HF rotate-half RoPE on one head, in place: cos/sin [D] for this row's position. */
+void rope(float *x, const float *cos, const float *sin, int64_t D) {
+    int64_t half = D / 2;
+    for (int64_t i = 0; i < half; i++) {
+        float a = x[i], b = x[i + half];
+        x[i] = a * cos[i] - b * sin[i];
+        x[i + half] = b * cos[i + half] + a * sin[i + half];
+    }
+}
+

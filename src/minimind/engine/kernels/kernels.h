@@ -1,0 +1,81 @@
+/* Shared by the fused decode kernels (decode.c, linear.c, attention.c): weight descriptions and AVX2 helpers.
+ * Built at first use by minimind/engine/fused.py: cc -O3 -march=native -fopenmp, the .c files into one library. */
+#ifndef MINIMIND_KERNELS_H
+#define MINIMIND_KERNELS_H
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
+
+#define HIDDEN __attribute__((visibility("hidden")))
+
+enum { W_F32 = 0, W_BF16 = 1, W_I8 = 2 };
+
+typedef struct {
+    const void *w;       /* [rows, cols] row-major, element type `type` */
+    const float *scale;  /* [rows] per-row scale for W_I8, else NULL */
+    int64_t type, rows, cols;
+} Mat;
+
+static inline float load1(int type, const void *w, int64_t i) {
+    if (type == W_F32) return ((const float *)w)[i];
+    if (type == W_BF16) {
+        uint32_t bits = (uint32_t)((const uint16_t *)w)[i] << 16;
+        float f;
+        memcpy(&f, &bits, 4);
+        return f;
+    }
+    return (float)((const int8_t *)w)[i];
+}
+
+static inline const void *row_ptr(int type, const void *w, int64_t row, int64_t cols) {
+    int64_t size = type == W_F32 ? 4 : type == W_BF16 ? 2 : 1;
+    return (const char *)w + row * cols * size;
+}
+
+#ifdef __AVX2__
+static inline __m256 load8(int type, const void *w, int64_t k) {
+    if (type == W_F32) return _mm256_loadu_ps((const float *)w + k);
+    if (type == W_BF16)
+        return _mm256_castsi256_ps(_mm256_slli_epi32(
+            _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((const uint16_t *)w + k))), 16));
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)((const int8_t *)w + k))));
+}
+
+static inline float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+#endif
+
+
+static inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+/* Many rows (B >= GEMM_MIN_ROWS) go through the packed micro-kernel (linear.c); fewer through dot-product tiles. */
+#ifndef GEMM_MIN_ROWS
+#define GEMM_MIN_ROWS 12
+#endif
+#define GEMM_MIN_ROWS_F32 8
+#define PANEL 16
+#define GEMM_RN 6
+
+/* linear.c: y[b * ldy + n] (+)= scale[n] * (W[n] . x[b]) for rows n in [n0, n1) and every b < B */
+HIDDEN void matvec(const Mat *m, const float *x, int64_t ldx, int64_t B, int64_t n0, int64_t n1, float *y,
+                   int64_t ldy, int accumulate);
+/* the same from x packed by pack_x (B >= GEMM_MIN_ROWS); wf: GEMM_RN * cols floats of scratch */
+HIDDEN void pack_x(const float *x, int64_t ldx, int64_t B, int64_t K, float *xp);
+HIDDEN void matmul_packed(const Mat *m, const float *xp, int64_t B, int64_t n0, int64_t n1, float *y, int64_t ldy,
+                          int accumulate, float *wf);
+
+/* attention.c */
+HIDDEN void attend_group(const float *q, int group, const float *keys, const float *vals, int64_t len, int64_t D,
+                         float scale, float *sc, float *o);
+HIDDEN void rms_norm(const float *x, const float *w, int64_t n, double eps, float *out);
+HIDDEN void rope(float *x, const float *cos, const float *sin, int64_t D);
+HIDDEN void silu_mul(const float *gate, const float *up, int64_t n, float *out);
+#endif

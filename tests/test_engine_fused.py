@@ -145,21 +145,23 @@ def test_missing_compiler_falls_back(monkeypatch, tmp_path):
 
 @pytest.mark.parametrize("rows", [8, 13, 64, 65, 150])
 @pytest.mark.parametrize("out_features,in_features", [(50, 40), (256, 64), (31, 1408)])
-def test_bf16_linear_equals_fp32_product(rows, out_features, in_features):
-    """Prompt chunks with bf16 weights: the packed kernel (x panels of 16 rows, 64 rows per pass, 6-row weight blocks
-    with a tail, K not a multiple of 8) against the fp32 product of the same bf16-rounded weights."""
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_packed_linear_equals_fp32_product(rows, out_features, in_features, dtype):
+    """Prompt chunks: the packed kernel (x panels of 16 rows, 64 rows per pass, 6-row weight blocks with a tail,
+    K not a multiple of 8) against the fp32 product of the same (bf16-rounded) weights."""
     from minimind.engine import fused
     from minimind.engine.quant import DenseLinear
 
     if fused._linear_library() is None:
         pytest.skip("no C compiler")
     gen = torch.Generator().manual_seed(rows)
-    w = torch.randn(out_features, in_features, generator=gen).bfloat16()
+    w = torch.randn(out_features, in_features, generator=gen).to(dtype)
     x = torch.randn(rows, in_features, generator=gen)
     expect = x @ w.float().T
-    torch.testing.assert_close(fused.bf16_linear(w, x), expect, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(fused.packed_linear(w, x), expect, rtol=1e-5, atol=1e-4)
     lin = DenseLinear(w)
-    if lin.upcast:  # CPUs without native bf16 route prompt chunks through it
+    if dtype == torch.float32 or lin.upcast:  # fp32 weights, and bf16 ones on CPUs without native bf16
         torch.testing.assert_close(lin(x), expect, rtol=1e-5, atol=1e-4)
+    if lin.upcast:
         torch.testing.assert_close(lin(x.bfloat16()).float(), (x.bfloat16().float() @ w.float().T).bfloat16().float(),
                                    rtol=1e-2, atol=1e-2)

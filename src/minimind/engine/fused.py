@@ -106,21 +106,22 @@ def _linear_library() -> ctypes.CDLL | None:
     try:
         return load_library()
     except OSError as e:  # no compiler: prompt chunks keep torch's upcast + fp32 GEMM
-        log.info("bf16 prompt linears stay on torch: %s", str(e).splitlines()[0])
+        log.info("prompt linears stay on torch: %s", str(e).splitlines()[0])
         return None
 
 
-def bf16_linear(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
-    """x [M, K] (fp32) times a bf16 weight [N, K]^T -> [M, N] fp32, widening the weights in registers inside the
-    packed micro-kernel (no fp32 copy of the weight per call). None when the kernel cannot be built here."""
+def packed_linear(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
+    """x [M, K] (fp32) times an fp32 or bf16 weight [N, K]^T -> [M, N] fp32 through the packed micro-kernel (bf16
+    widened in registers: no fp32 copy of the weight per call). None when the kernel cannot be built here."""
     lib = _linear_library()
-    if lib is None or weight.dtype != torch.bfloat16 or x.dim() != 2 or not weight.is_contiguous():
+    if lib is None or weight.dtype not in (torch.float32, torch.bfloat16) or x.dim() != 2 or not weight.is_contiguous():
         return None
     x = x.float().contiguous()
     y = torch.empty(x.shape[0], weight.shape[0], dtype=torch.float32)
-    mat = Mat(weight.data_ptr(), None, W_BF16, weight.shape[0], weight.shape[1])
+    mat = Mat(weight.data_ptr(), None, W_F32 if weight.dtype == torch.float32 else W_BF16, weight.shape[0],
+              weight.shape[1])
     if lib.minimind_linear(ctypes.byref(mat), x.data_ptr(), x.shape[0], y.data_ptr(), torch.get_num_threads()):
-        raise MemoryError("bf16 linear could not allocate its scratch buffers")
+        raise MemoryError("packed linear could not allocate its scratch buffers")
     return y
 
 

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 # Without AVX512-BF16 (e.g. AVX2-only CPUs) bf16 GEMMs are emulated: about 7x slower than fp32 for prompt
 # chunks and batched decode. There, from this many rows on, weights are upcast per call and fp32 GEMM runs.
 UPCAST_ROWS = 8
+PACKED_FP32_MAX_ROWS = 512  # fp32 prompt chunks up to this many rows use the packed kernel, not MKL sgemm
 INT8_DEQUANT_ROWS = 64  # the int8 GEMV kernel wins below this many rows, dequantize + fp32 GEMM above
 
 
@@ -26,12 +27,15 @@ class DenseLinear:
         self.upcast = weight.dtype != torch.float32 and not native_bf16()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.upcast and x.shape[0] >= UPCAST_ROWS and self.weight.dtype == torch.bfloat16 and x.dim() == 2:
-            # prompt chunks: the fused kernels' packed GEMM widens bf16 in registers (engine/fused.py), 1.2x
-            # torch's per-call fp32 copy + sgemm at 256 rows, 1.5-3x at 8-64 rows
-            from .fused import bf16_linear
+        rows = x.shape[0]
+        packed = (self.upcast and self.weight.dtype == torch.bfloat16) or (
+            self.weight.dtype == x.dtype == torch.float32 and rows <= PACKED_FP32_MAX_ROWS)
+        if packed and rows >= UPCAST_ROWS and x.dim() == 2:
+            # prompt chunks: the fused kernels' packed GEMM (engine/fused.py) widens bf16 in registers, 1.2x torch's
+            # per-call fp32 copy + sgemm at 256 rows, 1.5-3x at 8-64 rows; for fp32 weights 1.8-2.3x MKL at 32 rows
+            from .fused import packed_linear
 
-            y = bf16_linear(self.weight, x)
+            y = packed_linear(self.weight, x)
             if y is not None:
                 return y.to(x.dtype)
         if x.dtype != self.weight.dtype:  # bf16 weights, fp32 activations (CPUs without native bf16)

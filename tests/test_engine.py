@@ -234,3 +234,17 @@ def test_background_thread_serves_concurrent_streams(model):
             t.join(timeout=60)
         assert [o.outputs[0].token_ids for o in llm.generate(PROMPTS[:2], GREEDY)] == expect[:2]
     assert results == expect
+
+
+def test_int8_quantization_in_row_blocks_equals_whole_matrix():
+    """Int8Linear quantizes block by block (bounded load memory); per-row absmax scales make that exact."""
+    from minimind.engine.quant import QUANT_BLOCK_ROWS, Int8Linear
+
+    gen = torch.Generator().manual_seed(0)
+    rows = 2 * QUANT_BLOCK_ROWS + 37  # two full blocks and a partial one
+    w = torch.randn(rows, 24, generator=gen) * torch.rand(rows, 1, generator=gen)
+    lin = Int8Linear(w.bfloat16())
+    wb = w.bfloat16().float()
+    scale = wb.abs().amax(dim=1).clamp(min=1e-8) / 127.0
+    assert torch.equal(lin.qweight, torch.round(wb / scale[:, None]).clamp(-127, 127).to(torch.int8))
+    assert torch.equal(lin.scales, scale.bfloat16())

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 # chunks and batched decode. There, from this many rows on, weights are upcast per call and fp32 GEMM runs.
 UPCAST_ROWS = 8
 PACKED_FP32_MAX_ROWS = 512  # fp32 prompt chunks up to this many rows use the packed kernel, not MKL sgemm
-INT8_DEQUANT_ROWS = 64  # the int8 GEMV kernel wins below this many rows, dequantize + fp32 GEMM above
+INT8_DEQUANT_ROWS = 64
+QUANT_BLOCK_ROWS = 2048  # rows quantized at a time (bounds the fp32 temporaries while loading)  # the int8 GEMV kernel wins below this many rows, dequantize + fp32 GEMM above
 
 
 def native_bf16() -> bool:
@@ -53,9 +54,15 @@ class DenseLinear:
 
 class Int8Linear:
     def __init__(self, weight: torch.Tensor, act_dtype: torch.dtype = torch.bfloat16):
-        w = weight.detach().float()
-        scale = w.abs().amax(dim=1).clamp(min=1e-8) / 127.0  # [out]
-        self.qweight = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
+        out_features = weight.shape[0]
+        self.qweight = torch.empty(weight.shape, dtype=torch.int8)
+        scale = torch.empty(out_features)  # [out]
+        # in blocks of rows: whole-matrix fp32 temporaries (abs, divide, round) of a 49k-row lm_head cost ~450 MB
+        for r0 in range(0, out_features, QUANT_BLOCK_ROWS):
+            w = weight[r0:r0 + QUANT_BLOCK_ROWS].detach().float()
+            s = w.abs().amax(dim=1).clamp(min=1e-8) / 127.0
+            self.qweight[r0:r0 + QUANT_BLOCK_ROWS] = torch.round(w / s[:, None]).clamp_(-127, 127)
+            scale[r0:r0 + QUANT_BLOCK_ROWS] = s
         self.scales = scale.to(act_dtype)
         self.scales_bf16 = scale.to(torch.bfloat16)
         self.act_dtype = act_dtype

@@ -140,3 +140,48 @@ def test_llm_launch_builds_and_steps_on_one_thread():
     assert seen["step"] == seen["build"] and threading.get_ident() not in seen["build"]
     with pytest.raises(ValueError, match="boom"):
         LLM.launch(lambda: (_ for _ in ()).throw(ValueError("boom")))
+
+
+def test_serve_process_exits_on_forced_shutdown_mid_stream(tmp_path):
+    """A second Ctrl-C while a stream runs ends the process (the engine loop must not keep the interpreter alive)."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+    import torch
+
+    from conftest import tiny_model, tokenizer_dir
+
+    torch.save(tiny_model(vocab_size=6400, hidden_size=64).state_dict(), tmp_path / "full_sft_64.pth")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "minimind", "serve", "--load_from", str(tokenizer_dir("minimind2")), "--save_dir",
+           str(tmp_path), "--weight", "full_sft", "--hidden_size", "64", "--port", str(port), "--max-model-len", "4096",
+           "--threads", "1", "--log-level", "warning"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ))
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(120):
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.25)
+        body = {"prompt": [5, 6, 7], "max_tokens": 4000, "ignore_eos": True, "stream": True}
+        with httpx.Client(timeout=30) as client, client.stream("POST", url + "/v1/completions", json=body) as r:
+            lines = r.iter_lines()
+            while not next(lines).startswith("data: {"):  # the stream is running
+                pass
+            proc.send_signal(signal.SIGINT)
+            time.sleep(0.3)
+            proc.send_signal(signal.SIGINT)
+            assert proc.wait(timeout=20) is not None
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import queue
 import threading
 import time
 import uuid
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from ..engine import LLM, RequestOutput, SamplingParams
@@ -70,17 +71,32 @@ class RequestHandle:
 
 class EngineThread:
     """One long-lived thread for everything that computes: `call(build)` runs the model loading there, and the
-    AsyncEngine given this thread runs its step loop there afterwards (one engine loop per EngineThread)."""
+    AsyncEngine given this thread runs its step loop there afterwards (one engine loop per EngineThread).
+    A daemon thread (not a ThreadPoolExecutor worker, which the interpreter joins at exit): a forced shutdown
+    (second Ctrl-C) must not hang on a step loop that is still running."""
 
     def __init__(self, name: str = "minimind-engine"):
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        threading.Thread(target=self._run, name=name, daemon=True).start()
+
+    def _run(self) -> None:
+        while True:
+            fn, future = self._jobs.get()
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn())
+            except BaseException as exc:  # noqa: BLE001 - delivered to whoever waits on the future
+                future.set_exception(exc)
+
+    def submit(self, fn) -> Future:
+        future: Future = Future()
+        self._jobs.put((fn, future))
+        return future
 
     def call(self, fn, *args, **kwargs):
         """Run fn on the engine thread and return its result (exceptions propagate to the caller)."""
-        return self._pool.submit(fn, *args, **kwargs).result()
-
-    def submit(self, fn) -> Future:
-        return self._pool.submit(fn)
+        return self.submit(lambda: fn(*args, **kwargs)).result()
 
 
 class AsyncEngine:

@@ -248,3 +248,38 @@ def test_int8_quantization_in_row_blocks_equals_whole_matrix():
     scale = wb.abs().amax(dim=1).clamp(min=1e-8) / 127.0
     assert torch.equal(lin.qweight, torch.round(wb / scale[:, None]).clamp(-127, 127).to(torch.int8))
     assert torch.equal(lin.scales, scale.bfloat16())
+
+
+def test_logits_processors_hook_runs_per_sequence_before_sampling():
+    """SamplingParams.logits_processors: called once per step with that sequence's own output ids, cloned for each
+    of n; a processor that allows one token decides the output whatever the sampler does."""
+    from conftest import tiny_model
+    from minimind.engine import LLM, SamplingParams
+
+    vocab, clones = 256, []
+
+    class OnlyOne:
+        def __init__(self):
+            self.seen = []
+
+        def clone(self):
+            clones.append(OnlyOne())
+            return clones[-1]
+
+        def __call__(self, token_ids, logits):
+            self.seen.append(list(token_ids))
+            allowed = (7 * len(token_ids) + 11) % vocab
+            return torch.full_like(logits, float("-inf")).index_fill_(0, torch.tensor([allowed]), 0.0)
+
+    template = OnlyOne()
+    llm = LLM(tiny_model(vocab_size=vocab), max_num_seqs=4, max_model_len=64)
+    want = [(7 * i + 11) % vocab for i in range(6)]
+    for params in (SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logits_processors=[template]),
+                   SamplingParams(temperature=1.0, top_p=0.9, n=2, seed=3, max_tokens=6, ignore_eos=True,
+                                  logits_processors=[template])):
+        clones.clear()
+        out = llm.generate([[5, 6, 7]], params)[0]
+        assert [o.token_ids for o in out.outputs] == [want] * params.n
+        assert len(clones) == params.n and template.seen == []
+        for c in clones:
+            assert c.seen == [want[:i] for i in range(6)]

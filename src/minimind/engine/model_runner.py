@@ -261,6 +261,9 @@ class ModelRunner:
 
     # ---------------------------------------------------------------- sampling
     def sample(self, logits: torch.Tensor, seqs: list):
+        for i, seq in enumerate(seqs):  # SamplingParams.logits_processors, per row before any sampling step
+            for processor in seq.logits_processors:
+                logits[i] = processor(seq.output_token_ids, logits[i])
         if all(s.params.is_plain_greedy for s in seqs):  # the common chat/bench case: skip building the batch
             return logits.argmax(dim=-1), None, None, None
         return sample(logits, build_sampling_batch(seqs, logits.shape[-1]))

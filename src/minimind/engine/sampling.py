@@ -33,6 +33,10 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     logprobs: int | None = None  # None = off; k >= 0: sampled token's logprob plus the k most likely
     skip_special_tokens: bool = True
+    # callables (output token ids so far, logits [V] fp32) -> logits [V], applied to each row before sampling,
+    # in order (constrained decoding, custom bans). One with a `clone()` method is cloned for every sequence of
+    # the request (n > 1), so per-sequence state (a grammar matcher) is never shared.
+    logits_processors: list | None = field(default=None, repr=False)
     stop_list: list[str] = field(init=False, repr=False, default_factory=list)
 
     def __post_init__(self):

@@ -84,6 +84,7 @@ class Sequence:
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
         self.logprobs: list[TokenLogprob] | None = [] if params.logprobs is not None else None
+        self.logits_processors = [p.clone() if hasattr(p, "clone") else p for p in params.logits_processors or ()]
         self.stop_ids = set(params.stop_token_ids or ()) | (set() if params.ignore_eos else eos_token_ids)
         self.text = ""
         self._emitted_text = 0  # chars of self.text already handed out as deltas

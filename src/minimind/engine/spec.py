@@ -36,7 +36,7 @@ class Speculator:
         if batch.prefill or len(batch.decode) != 1:
             return False
         p = batch.decode[0].params
-        return p.greedy and not p.needs_penalties and not p.logit_bias and p.logprobs is None
+        return p.greedy and not p.needs_penalties and not p.logit_bias and p.logprobs is None and not p.logits_processors
 
     def _forward(self, runner: ModelRunner, chunk: Chunk) -> torch.Tensor:
         inputs, _ = runner.prepare(Batch(prefill=[chunk]))

@@ -1,10 +1,9 @@
 """response_format (json_object / json_schema) enforced by constrained decoding with llguidance.
 
-Each constrained sequence gets an LLMatcher; before every sample its allowed-token bitmask sets every other
-logit to -inf, so the output is valid JSON (of the schema) by construction, and end-of-sequence is only
-allowed once the value is complete. The engine has no logits-processor hook yet, so this module wraps the
-engine's `runner.sample` once per engine (the requested engine change is a `logits_processors` hook on
-SamplingParams applied in ModelRunner.sample; see docs/serving.md). Rows without a grammar are untouched.
+Each constrained sequence gets an LLMatcher through the engine's `SamplingParams.logits_processors` hook (one
+GrammarProcessor per sequence: the engine clones it for every one of n): before every sample its allowed-token
+bitmask sets every other logit to -inf, so the output is valid JSON (of the schema) by construction, and
+end-of-sequence is only allowed once the value is complete. Rows without a grammar are untouched.
 """
 from __future__ import annotations
 
@@ -22,7 +21,6 @@ class GuidedDecoding:
     def __init__(self, llguidance):
         self.ll = llguidance
         self._tokenizers: dict[int, object] = {}  # id(hf tokenizer) -> LLTokenizer (about 1 s to build: cached)
-        self._wrapped: set[int] = set()
 
     @classmethod
     def create(cls) -> GuidedDecoding | None:
@@ -55,53 +53,39 @@ class GuidedDecoding:
             raise APIError(400, f"invalid JSON schema: {exc}", param="response_format") from None
 
     def attach(self, engine, params, response_format) -> None:
-        """Validate the grammar now (a bad schema is a 400) and mark `params` for the sampler."""
+        """Validate the grammar now (a bad schema is a 400) and add its processor to `params`."""
         tok = self.ll_tokenizer(engine.tokenizer)
         grammar = self.grammar_for(response_format)
         is_error, messages = self.ll.LLMatcher.validate_grammar_with_warnings(grammar, tok)
         if is_error:
             raise APIError(400, f"response_format cannot be enforced: {messages[0]}", param="response_format")
-        params.guided_grammar = grammar  # SamplingParams is a plain dataclass: the wrapped sampler reads this
-        params.guided_tokenizer = tok
-        self._wrap(engine.llm)
-
-    def _wrap(self, llm) -> None:
-        if id(llm) in self._wrapped:
-            return
-        self._wrapped.add(id(llm))
-        original = llm.runner.sample
-        ll = self.ll
-
-        def sample(logits: torch.Tensor, seqs: list):
-            rows = [i for i, s in enumerate(seqs) if getattr(s.params, "guided_grammar", None)]
-            if rows:
-                logits = logits.clone()
-                for i in rows:
-                    mask = _row_mask(ll, seqs[i], logits.shape[-1])
-                    if mask is not None:
-                        logits[i].masked_fill_(~mask, float("-inf"))
-            return original(logits, seqs)
-
-        llm.runner.sample = sample
+        params.logits_processors = [*(params.logits_processors or []), GrammarProcessor(self.ll, tok, grammar)]
 
 
-def _row_mask(ll, seq, vocab: int) -> torch.Tensor | None:
-    """Allowed tokens [V] bool for this sequence's next position (None = unconstrained after a matcher error)."""
-    state = getattr(seq, "_guided", None)
-    if state is None:
-        matcher = ll.LLMatcher(seq.params.guided_tokenizer, seq.params.guided_grammar, log_level=0)
-        state = seq._guided = {"matcher": matcher, "consumed": 0}
-    matcher = state["matcher"]
-    new = seq.output_token_ids[state["consumed"]:]
-    if new:
-        matcher.consume_tokens(new)
-        state["consumed"] += len(new)
-    if matcher.is_error():
-        log.warning("constrained decoding gave up on request %s: %s", seq.request_id, matcher.get_error())
-        return None
-    words = torch.frombuffer(bytearray(matcher.compute_bitmask()), dtype=torch.int32)
-    bits = ((words[:, None] >> _BITS) & 1).bool().flatten()
-    allowed = torch.zeros(vocab, dtype=torch.bool)
-    n = min(vocab, bits.numel())
-    allowed[:n] = bits[:n]
-    return allowed
+class GrammarProcessor:
+    """Masks the logits of one sequence to the tokens its grammar allows next; `clone()` gives a fresh matcher."""
+
+    def __init__(self, ll, tokenizer, grammar: str):
+        self.ll, self.tokenizer, self.grammar = ll, tokenizer, grammar
+        self.matcher = None  # built at the first call, on the engine thread
+        self.consumed = 0
+
+    def clone(self) -> GrammarProcessor:
+        return GrammarProcessor(self.ll, self.tokenizer, self.grammar)
+
+    def __call__(self, token_ids: list[int], logits: torch.Tensor) -> torch.Tensor:
+        if self.matcher is None:
+            self.matcher = self.ll.LLMatcher(self.tokenizer, self.grammar, log_level=0)
+        new = token_ids[self.consumed:]
+        if new:
+            self.matcher.consume_tokens(new)
+            self.consumed += len(new)
+        if self.matcher.is_error():  # unconstrained from here on rather than a failed request
+            log.warning("constrained decoding gave up: %s", self.matcher.get_error())
+            return logits
+        words = torch.frombuffer(bytearray(self.matcher.compute_bitmask()), dtype=torch.int32)
+        bits = ((words[:, None] >> _BITS) & 1).bool().flatten()
+        allowed = torch.zeros(logits.shape[-1], dtype=torch.bool)
+        n = min(logits.shape[-1], bits.numel())
+        allowed[:n] = bits[:n]
+        return logits.masked_fill(~allowed, float("-inf"))

@@ -283,3 +283,32 @@ def test_logits_processors_hook_runs_per_sequence_before_sampling():
         assert len(clones) == params.n and template.seen == []
         for c in clones:
             assert c.seen == [want[:i] for i in range(6)]
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_weight_bytes_counts_each_matrix_once(tied):
+    """fp32 weights: vocab x hidden once when the embedding and lm_head are tied, twice when not, plus the
+    layer matrices computed from the config (not from the runner)."""
+    from conftest import tiny_model
+    from minimind.engine import LLM
+
+    model = tiny_model(vocab_size=256, tie_word_embeddings=tied)
+    if not tied:
+        model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
+    c = model.config
+    hq, hkv, d, h, inter = c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.hidden_size, c.intermediate_size
+    per_layer = h * (hq + 2 * hkv) * d + hq * d * h + 3 * inter * h
+    want = 4 * (c.vocab_size * h * (1 if tied else 2) + c.num_hidden_layers * per_layer)
+    assert LLM(model, max_num_seqs=1, max_model_len=32, dtype="float32").runner.weight_bytes == want
+
+
+def test_weight_bytes_of_moe_counts_experts():
+    from conftest import tiny_model
+    from minimind.engine import LLM
+
+    model = tiny_model(vocab_size=256, use_moe=True, tie_word_embeddings=True)
+    c = model.config
+    hq, hkv, d, h = c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.hidden_size
+    moe = sum(p.numel() for layer in model.model.layers for p in layer.mlp.parameters())  # experts + router
+    want = 4 * (c.vocab_size * h + c.num_hidden_layers * (h * (hq + 2 * hkv) * d + hq * d * h) + moe)
+    assert LLM(model, max_num_seqs=1, max_model_len=32, dtype="float32").runner.weight_bytes == want

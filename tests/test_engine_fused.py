@@ -117,6 +117,7 @@ def test_engine_uses_fused_kernel_and_matches_torch_path():
     _needs_kernel(fused)
     plain = LLM(model, max_num_seqs=4, max_model_len=96, fused=False)
     assert plain.runner.fused is None
+    assert fused.runner.layers[0].qkv.packed and not plain.runner.layers[0].qkv.packed  # prompt chunks too
     for a, b in zip(fused.generate(prompts, params), plain.generate(prompts, params)):
         assert a.outputs[0].token_ids == b.outputs[0].token_ids
         for x, y in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
@@ -160,6 +161,7 @@ def test_packed_linear_equals_fp32_product(rows, out_features, in_features, dtyp
     expect = x @ w.float().T
     torch.testing.assert_close(fused.packed_linear(w, x), expect, rtol=1e-5, atol=1e-4)
     lin = DenseLinear(w)
+    lin.packed = True  # what ModelRunner.enable_fused sets
     if dtype == torch.float32 or lin.upcast:  # fp32 weights, and bf16 ones on CPUs without native bf16
         torch.testing.assert_close(lin(x), expect, rtol=1e-5, atol=1e-4)
     if lin.upcast:

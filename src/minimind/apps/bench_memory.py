@@ -26,35 +26,6 @@ def peak_rss_mb() -> float:
     return _status_mb("VmHWM")
 
 
-def weight_bytes(runner) -> int:
-    """Bytes of the distinct storages the runner computes with. The runner's own `weight_bytes` adds up its
-    linears, which counts a tied embedding / lm_head twice; here each storage counts once."""
-    import torch
-
-    seen: set[int] = set()
-
-    def visit(obj, depth: int = 0) -> int | None:
-        """Bytes of storages not seen before; None when obj holds no tensor at all."""
-        if isinstance(obj, torch.Tensor):
-            storage = obj.untyped_storage()
-            if storage.data_ptr() in seen:
-                return 0
-            seen.add(storage.data_ptr())
-            return storage.nbytes()
-        if isinstance(obj, torch.nn.Module):
-            tensors = [*obj.parameters(), *obj.buffers()]
-            return sum(visit(t) for t in tensors) if tensors else None
-        if isinstance(obj, (list, tuple)) or (hasattr(obj, "__dict__") and depth <= 3):
-            parts = [visit(x, depth + 1) for x in (obj if isinstance(obj, (list, tuple)) else vars(obj).values())]
-            found = [b for b in parts if b is not None]
-            if found:
-                return sum(found)
-            return getattr(obj, "nbytes", None)  # torch.ao's packed int8 weights are not tensors
-        return None
-
-    return visit([runner.embed, runner.lm_head, runner.norm, runner.layers]) or 0
-
-
 def worker_memory(a: dict) -> dict:
     """a: model, dtype (fp32 / bf16 / int8 / dynamic), threads; optional prompt_len (256), decode_tokens (128),
     max_model_len (2048)."""
@@ -73,7 +44,7 @@ def worker_memory(a: dict) -> dict:
     with torch.no_grad():
         out = llm.generate(_prompts(1, prompt_len, llm.config.vocab_size, 7), params)[0]
     peak = peak_rss_mb()
-    weights, kv = weight_bytes(llm.runner) / 2**20, llm.kv.nbytes / 2**20
+    weights, kv = llm.runner.weight_bytes / 2**20, llm.kv.nbytes / 2**20
     return {"chat_peak_rss_mb": peak, "chat_baseline_mb": baseline, "chat_weights_mb": weights,
             "chat_kv_cache_mb": kv, "chat_other_mb": max(peak - baseline - weights - kv, 0.0),
             "chat_max_model_len": llm.max_model_len, "chat_prompt_tokens": prompt_len,

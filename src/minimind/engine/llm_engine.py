@@ -30,8 +30,8 @@ class LLM:
     dtype: "float32" / "bfloat16" (None keeps the model's). quantization: None, "int8" (weight-only,
     per-channel, bf16 activations) or "dynamic" (torch.ao quantize_dynamic, the seeds' path).
     max_model_len / max_num_seqs size the KV cache once; more requests wait in a queue.
-    fused: decode-only steps of dense models on CPU run as one C call (engine/fused.py, built at first use);
-    False, or no C compiler, keeps every step on the torch path.
+    fused: decode-only steps of dense models on CPU run as one C call, and prompt-chunk products of dense weights
+    use its packed GEMM (engine/fused.py, built at first use); False, or no C compiler, keeps every step on torch.
     lora_adapters: {name: LoRA file or state_dict}; a request picks one with `lora=name` and requests for
     different adapters share batches (an unmerged LoRA already in the model is served merged).
     """

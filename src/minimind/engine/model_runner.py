@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from ..model.rope import rotate_half
 from .kv_cache import KVCache
 from .lora_rows import RowLoRA
-from .quant import make_linear
+from .quant import DenseLinear, make_linear
 from .sampling import SamplingBatch, sample
 from .scheduler import Batch
 
@@ -87,9 +87,14 @@ class ModelRunner:
         self.lora = RowLoRA(cfg, dtype)
 
     def enable_fused(self) -> str | None:
-        """Route decode-only steps through the fused C kernel. -> None, or why it stays on the torch path."""
+        """Route decode-only steps through the fused C kernel, and the dense products of prompt chunks through its
+        packed GEMM (also for models the decode kernel does not cover). -> None, or why decode stays on torch."""
         from .fused import FusedDecoder, unsupported_reason
 
+        for lw in self.layers:
+            for lin in (lw.qkv, lw.o, lw.gate_up, getattr(lw, "down", None), self.lm_head):  # MoE: no gate_up/down
+                if isinstance(lin, DenseLinear):
+                    lin.packed = True
         reason = unsupported_reason(self)
         if reason is None:
             try:
@@ -100,12 +105,29 @@ class ModelRunner:
 
     @property
     def weight_bytes(self) -> int:
-        total = self.embed.numel() * self.embed.element_size() + getattr(self.lm_head, "nbytes", 0)
+        """Bytes of the matrices the runner computes with, each storage once (a tied embedding and lm_head of the
+        same dtype are one tensor)."""
+        seen: set[int] = set()
+
+        def size(t: torch.Tensor) -> int:
+            storage = t.untyped_storage()
+            if storage.data_ptr() in seen:
+                return 0
+            seen.add(storage.data_ptr())
+            return storage.nbytes()
+
+        parts = [self.embed, self.lm_head]
         for lw in self.layers:
-            parts = [lw.qkv, lw.o] + ([lw.gate_up, lw.down] if lw.gate_up is not None else [])
-            total += sum(getattr(p, "nbytes", 0) for p in parts)
-            if lw.moe is not None:
-                total += sum(p.numel() * p.element_size() for p in lw.moe.parameters())
+            parts += [lw.qkv, lw.o, lw.gate_up, getattr(lw, "down", None),  # MoE layers: experts instead
+                      *(lw.moe.parameters() if lw.moe is not None else ())]
+        total = 0
+        for part in parts:
+            if isinstance(part, torch.Tensor):
+                total += size(part)
+                continue
+            tensors = [t for t in (getattr(part, n, None) for n in ("weight", "qweight", "scales", "scales_bf16"))
+                       if isinstance(t, torch.Tensor)]
+            total += sum(size(t) for t in tensors) if tensors else getattr(part, "nbytes", 0)  # torch.ao packed
         return total
 
     # ---------------------------------------------------------------- batch -> tensors

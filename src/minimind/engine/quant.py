@@ -26,11 +26,12 @@ class DenseLinear:
     def __init__(self, weight: torch.Tensor):
         self.weight = weight.contiguous()  # [out, in]
         self.upcast = weight.dtype != torch.float32 and not native_bf16()
+        self.packed = False  # prompt chunks through the C packed kernel: ModelRunner.enable_fused turns it on
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.shape[0]
-        packed = (self.upcast and self.weight.dtype == torch.bfloat16) or (
-            self.weight.dtype == x.dtype == torch.float32 and rows <= PACKED_FP32_MAX_ROWS)
+        packed = self.packed and ((self.upcast and self.weight.dtype == torch.bfloat16) or (
+            self.weight.dtype == x.dtype == torch.float32 and rows <= PACKED_FP32_MAX_ROWS))
         if packed and rows >= UPCAST_ROWS and x.dim() == 2:
             # prompt chunks: the fused kernels' packed GEMM (engine/fused.py) widens bf16 in registers, 1.2x torch's
             # per-call fp32 copy + sgemm at 256 rows, 1.5-3x at 8-64 rows; for fp32 weights 1.8-2.3x MKL at 32 rows

@@ -22,7 +22,7 @@ import torch
 
 log = logging.getLogger("minimind")
 KERNELS = Path(__file__).with_name("kernels")
-SOURCES = ("decode.c", "linear.c", "attention.c")  # built together into one library; kernels.h is shared
+SOURCES = ("decode.c", "linear.c", "q8.c", "attention.c")  # built together into one library; kernels.h is shared
 W_F32, W_BF16, W_I8 = 0, 1, 2
 P = ctypes.c_void_p
 
@@ -110,16 +110,25 @@ def _linear_library() -> ctypes.CDLL | None:
         return None
 
 
-def packed_linear(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
-    """x [M, K] (fp32) times an fp32 or bf16 weight [N, K]^T -> [M, N] fp32 through the packed micro-kernel (bf16
-    widened in registers: no fp32 copy of the weight per call). None when the kernel cannot be built here."""
+def packed_linear(weight: torch.Tensor, x: torch.Tensor, scales: torch.Tensor | None = None) -> torch.Tensor | None:
+    """x [M, K] (fp32) times a weight [N, K]^T -> [M, N] fp32 through the C kernels: fp32 or bf16 weights through
+    the packed micro-kernel (bf16 widened in registers: no fp32 copy per call), int8 weights with their fp32 per-row
+    `scales` through int8-quantized activations (kernels/q8.c; K a multiple of 32). None when the kernel cannot be
+    built here or does not take this weight."""
     lib = _linear_library()
-    if lib is None or weight.dtype not in (torch.float32, torch.bfloat16) or x.dim() != 2 or not weight.is_contiguous():
+    if lib is None or x.dim() != 2 or not weight.is_contiguous():
+        return None
+    if weight.dtype == torch.int8:
+        if scales is None or weight.shape[1] % 32 or weight.shape[1] > 8192:
+            return None
+        code = W_I8
+    elif weight.dtype in (torch.float32, torch.bfloat16):
+        code = W_F32 if weight.dtype == torch.float32 else W_BF16
+    else:
         return None
     x = x.float().contiguous()
     y = torch.empty(x.shape[0], weight.shape[0], dtype=torch.float32)
-    mat = Mat(weight.data_ptr(), None, W_F32 if weight.dtype == torch.float32 else W_BF16, weight.shape[0],
-              weight.shape[1])
+    mat = Mat(weight.data_ptr(), None if scales is None else scales.data_ptr(), code, weight.shape[0], weight.shape[1])
     if lib.minimind_linear(ctypes.byref(mat), x.data_ptr(), x.shape[0], y.data_ptr(), torch.get_num_threads()):
         raise MemoryError("packed linear could not allocate its scratch buffers")
     return y
@@ -152,7 +161,7 @@ def _mat_parts(lin):
         return weight, None, W_F32 if weight.dtype == torch.float32 else W_BF16
     qweight = getattr(lin, "qweight", None)
     if qweight is not None and qweight.dtype == torch.int8:
-        return qweight, lin.scales.float().contiguous(), W_I8
+        return qweight, lin.scales_f32, W_I8
     return None
 
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from ..model.rope import rotate_half
 from .kv_cache import KVCache
 from .lora_rows import RowLoRA
-from .quant import DenseLinear, make_linear
+from .quant import DenseLinear, Int8Linear, make_linear
 from .sampling import SamplingBatch, sample
 from .scheduler import Batch
 
@@ -93,7 +93,7 @@ class ModelRunner:
 
         for lw in self.layers:
             for lin in (lw.qkv, lw.o, lw.gate_up, getattr(lw, "down", None), self.lm_head):  # MoE: no gate_up/down
-                if isinstance(lin, DenseLinear):
+                if isinstance(lin, (DenseLinear, Int8Linear)):
                     lin.packed = True
         reason = unsupported_reason(self)
         if reason is None:

@@ -1,8 +1,10 @@
-"""Linear layers for the runner: dense (fp32/bf16), int8 weight-only (per output channel) and the seeds'
+"""Linear layers for the runner: dense (fp32/bf16), int8 (per output channel) and the seeds'
 `torch.ao.quantization.quantize_dynamic` path. Each is a callable x [N, in] -> [N, out].
 
-int8 weight-only keeps activations in bf16 and stores W as int8 with one bf16 scale per output row;
-`aten._weight_int8pack_mm` dequantizes inside the kernel, so a decode step streams a quarter of the fp32 bytes.
+int8 stores W as int8 with one scale per output row, so a decode step streams a quarter of the fp32 bytes. With the
+C kernels (the engine's default) activations are quantized to int8 too, per 32 values (kernels/q8.c; llama.cpp's
+Q8_0 scheme), and the products run on integer instructions; on the torch path (LLM(fused=False), no compiler)
+activations stay bf16 and `aten._weight_int8pack_mm` dequantizes W inside the kernel.
 """
 from __future__ import annotations
 
@@ -66,10 +68,20 @@ class Int8Linear:
             scale[r0:r0 + QUANT_BLOCK_ROWS] = s
         self.scales = scale.to(act_dtype)
         self.scales_bf16 = scale.to(torch.bfloat16)
+        self.scales_f32 = self.scales.float()  # what the C kernels multiply by (decode step and prompt chunks)
         self.act_dtype = act_dtype
         self.upcast = not native_bf16()
+        # every product through the C kernels (int8 weights x int8-quantized activations, kernels/q8.c), so prompt
+        # chunks compute exactly what fused decode steps compute: ModelRunner.enable_fused turns it on
+        self.packed = False
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed and x.dim() == 2:
+            from .fused import packed_linear
+
+            y = packed_linear(self.qweight, x, self.scales_f32)
+            if y is not None:
+                return y.to(self.act_dtype)
         if self.upcast and x.shape[0] >= INT8_DEQUANT_ROWS:  # the int8 kernel is a GEMV: dequantize for GEMMs
             return F.linear(x.float(), self.dequantize()).to(self.act_dtype)
         # torch's int8 kernel is ~25x slower with fp32 input than with bf16 (27.7 vs 1.1 ms for 2816x512 at 32

@@ -2,8 +2,8 @@
  *
  * Why C: a torch decode step is ~250 small ops per token (half the step is dispatch) and torch's GEMV kernels
  * stream weights at a third of DRAM speed on CPUs without AVX-512. Here every matrix-vector product reads
- * each weight row once for all B rows, dequantizes bf16/int8 in registers, and the whole step runs inside
- * one OpenMP parallel region. Activations, norms, RoPE, softmax and the KV cache are fp32.
+ * each weight row once for all B rows, widens bf16 in registers, multiplies int8 weights with int8-quantized
+ * activations (q8.c), and the whole step runs inside one OpenMP parallel region. Activations, norms, RoPE, softmax and the KV cache are fp32.
  *
  * Built at first use by minimind/engine/fused.py (gcc/cc -O3 -march=native -fopenmp) and called via ctypes.
  */
@@ -52,10 +52,13 @@ int minimind_decode(const Model *m, int64_t B, const int64_t *ids, const int64_t
     kmax = kmax > I ? kmax : I;
     const int64_t xp_size = gemm ? cdiv(B, PANEL) * PANEL * kmax : 1, wf_size = gemm ? GEMM_RN * kmax : 1;
     float *xps = malloc(sizeof(float) * (size_t)nthreads * (xp_size + wf_size));
+    /* int8 weights: each thread quantizes the B rows feeding a product itself (q8.c), like the norms above */
+    const int64_t q_size = B * kmax, s_size = B * (kmax / Q8_BLOCK + 1);
+    char *q8s = malloc((size_t)nthreads * (q_size + sizeof(int16_t) * s_size + sizeof(float) * B));
     int status = 0;
     for (int64_t b = 0; b < B; b++)
         if (pos[b] < 0 || pos[b] >= T) { status = -2; goto done; }
-    if (!h || !xns || !qkv || !att || !act || !scores || !gu || !xps) { status = -1; goto done; }
+    if (!h || !xns || !qkv || !att || !act || !scores || !gu || !xps || !q8s) { status = -1; goto done; }
 
 #pragma omp parallel num_threads(nthreads)
     {
@@ -66,10 +69,17 @@ int minimind_decode(const Model *m, int64_t B, const int64_t *ids, const int64_t
         float *xp = xps + (size_t)tid * (xp_size + wf_size), *wf = xp + xp_size;
         /* every thread normalizes all B rows into its own xn: a few thousand flops instead of a barrier */
         float *xn = xns + (size_t)tid * B * H;
+        char *q8 = q8s + (size_t)tid * (q_size + sizeof(int16_t) * s_size + sizeof(float) * B);
+        int8_t *xq = (int8_t *)q8;
+        int16_t *xs = (int16_t *)(q8 + q_size);
+        float *xu = (float *)(q8 + q_size + sizeof(int16_t) * s_size);
 #define NORM(w) for (int64_t b = 0; b < B; b++) rms_norm(h + b * H, w, H, m->eps, xn + b * H)
-#define PACK(x, ldx, K) if (gemm) pack_x(x, ldx, B, K, xp)
-#define LINEAR(mat, x, ldx, n0, n1, y, ldy, acc) \
-    (gemm ? matmul_packed(mat, xp, B, n0, n1, y, ldy, acc, wf) : matvec(mat, x, ldx, B, n0, n1, y, ldy, acc))
+#define PACK(mat, x, ldx, K) \
+    if (q8_ok(mat)) quantize_q8(x, ldx, B, K, xq, xs, xu); else if (gemm) pack_x(x, ldx, B, K, xp)
+#define LINEAR(mat, x, ldx, n0, n1, y, ldy, acc)                                                          \
+    (q8_ok(mat) ? matvec_q8(mat, xq, xs, xu, B, n0, n1, y, ldy, acc)                                       \
+     : gemm     ? matmul_packed(mat, xp, B, n0, n1, y, ldy, acc, wf)                                     \
+                : matvec(mat, x, ldx, B, n0, n1, y, ldy, acc))
 #pragma omp for schedule(static)
         for (int64_t b = 0; b < B; b++)
             for (int64_t i = 0; i < H; i++)
@@ -78,7 +88,7 @@ int minimind_decode(const Model *m, int64_t B, const int64_t *ids, const int64_t
         for (int64_t l = 0; l < m->n_layers; l++) {
             const Layer *L = &m->layers[l];
             NORM(L->ln1);
-            PACK(xn, H, H);
+            PACK(&L->qkv, xn, H, H);
 #pragma omp for schedule(static)
             for (int64_t t = 0; t < cdiv(QKV, rpt); t++) {
                 int64_t n0 = t * rpt, n1 = n0 + rpt < QKV ? n0 + rpt : QKV;
@@ -102,14 +112,14 @@ int minimind_decode(const Model *m, int64_t B, const int64_t *ids, const int64_t
                 memcpy(vc + pos[b] * D, v, sizeof(float) * D);
                 attend_group(q, (int)group, kc, vc, pos[b] + 1, D, scale, sc, att + b * Hq * D + g * group * D);
             }
-            PACK(att, Hq * D, Hq * D);
+            PACK(&L->o, att, Hq * D, Hq * D);
 #pragma omp for schedule(static)
             for (int64_t t = 0; t < cdiv(H, rpt); t++) {
                 int64_t n0 = t * rpt, n1 = n0 + rpt < H ? n0 + rpt : H;
                 LINEAR(&L->o, att, Hq * D, n0, n1, h, H, 1);
             }
             NORM(L->ln2);
-            PACK(xn, H, H);
+            PACK(&L->gate_up, xn, H, H);
 #pragma omp for schedule(static)
             for (int64_t t = 0; t < cdiv(I, rpt); t++) {
                 int64_t n0 = t * rpt, n1 = n0 + rpt < I ? n0 + rpt : I, w = n1 - n0;
@@ -118,7 +128,7 @@ int minimind_decode(const Model *m, int64_t B, const int64_t *ids, const int64_t
                 for (int64_t b = 0; b < B; b++)
                     silu_mul(gate + b * rpt, up + b * rpt, w, act + b * I + n0);
             }
-            PACK(act, I, I);
+            PACK(&L->down, act, I, I);
 #pragma omp for schedule(static)
             for (int64_t t = 0; t < cdiv(H, rpt); t++) {
                 int64_t n0 = t * rpt, n1 = n0 + rpt < H ? n0 + rpt : H;
@@ -126,7 +136,7 @@ int minimind_decode(const Model *m, int64_t B, const int64_t *ids, const int64_t
             }
         }
         NORM(m->norm);
-        PACK(xn, H, H);
+        PACK(&m->lm_head, xn, H, H);
 #pragma omp for schedule(static)
         for (int64_t t = 0; t < cdiv(m->vocab, rpt); t++) {
             int64_t n0 = t * rpt, n1 = n0 + rpt < m->vocab ? n0 + rpt : m->vocab;
@@ -134,6 +144,6 @@ int minimind_decode(const Model *m, int64_t B, const int64_t *ids, const int64_t
         }
     }
 done:
-    free(h); free(xns); free(qkv); free(att); free(act); free(scores); free(gu); free(xps);
+    free(h); free(xns); free(qkv); free(att); free(act); free(scores); free(gu); free(xps); free(q8s);
     return status;
 }

@@ -72,6 +72,16 @@ HIDDEN void pack_x(const float *x, int64_t ldx, int64_t B, int64_t K, float *xp)
 HIDDEN void matmul_packed(const Mat *m, const float *xp, int64_t B, int64_t n0, int64_t n1, float *y, int64_t ldy,
                           int accumulate, float *wf);
 
+/* q8.c: int8 weights times int8-quantized activations (format in q8.c) */
+#define Q8_BLOCK 32
+#define Q8_SMAX 128
+#define Q8_MAX_COLS 8192
+static inline int q8_ok(const Mat *m) { return m->type == W_I8 && m->cols % Q8_BLOCK == 0 && m->cols <= Q8_MAX_COLS; }
+HIDDEN void quantize_q8(const float *x, int64_t ldx, int64_t B, int64_t K, int8_t *q, int16_t *s, float *unit);
+HIDDEN void matvec_q8(const Mat *m, const int8_t *q, const int16_t *s, const float *unit, int64_t B, int64_t n0,
+                      int64_t n1, float *y, int64_t ldy, int accumulate);
+HIDDEN int linear_q8(const Mat *m, const float *x, int64_t M, float *y, int nthreads);
+
 /* attention.c */
 HIDDEN void attend_group(const float *q, int group, const float *keys, const float *vals, int64_t len, int64_t D,
                          float scale, float *sc, float *o);

@@ -221,6 +221,7 @@ void matvec(const Mat *m, const float *x, int64_t ldx, int64_t B, int64_t n0, in
 /* y [M, rows] = x [M, cols] W^T (times the per-row scale for int8): prompt chunks with bf16/int8 weights, widened
  * in registers instead of a whole fp32 copy of W per call. Returns 0, or -1 when scratch cannot be allocated. */
 int minimind_linear(const Mat *m, const float *x, int64_t M, float *y, int nthreads) {
+    if (q8_ok(m)) return linear_q8(m, x, M, y, nthreads);
     const int64_t K = m->cols, N = m->rows, chunk = M < LINEAR_ROWS_PER_CHUNK ? M : LINEAR_ROWS_PER_CHUNK;
     const int64_t xp_size = cdiv(chunk, PANEL) * PANEL * K, wf_size = GEMM_RN * K;
     float *xp = malloc(sizeof(float) * (size_t)xp_size), *wfs = malloc(sizeof(float) * (size_t)nthreads * wf_size);

@@ -81,10 +81,13 @@ def fake_q8(x: torch.Tensor, margin: list[float] | None = None) -> torch.Tensor:
 def _quantize_inputs(ref) -> None:
     """every projection of `ref` sees its input through fake_q8, as the int8 kernel computes"""
     ref.q8_margin = [1.0]
+
+    def forward_of(linear):
+        return lambda x: torch.nn.functional.linear(fake_q8(x, ref.q8_margin), linear.weight)
+
     for module in ref.modules():
         if isinstance(module, torch.nn.Linear):
-            module.forward = (lambda m: lambda x: torch.nn.functional.linear(fake_q8(x, ref.q8_margin), m.weight))(
-                module)
+            module.forward = forward_of(module)
 
 
 def _reference_logits(ref, llm: LLM, token: int, slot: int, pos: int) -> torch.Tensor:

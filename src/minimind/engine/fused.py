@@ -22,7 +22,7 @@ import torch
 
 log = logging.getLogger("minimind")
 KERNELS = Path(__file__).with_name("kernels")
-SOURCES = ("decode.c", "linear.c", "q8.c", "attention.c")  # built together into one library; kernels.h is shared
+SOURCES = ("decode.c", "linear.c", "q8.c", "attention.c", "sample.c")  # built together into one library; kernels.h is shared
 W_F32, W_BF16, W_I8 = 0, 1, 2
 P = ctypes.c_void_p
 
@@ -98,6 +98,8 @@ def _open(path: str) -> ctypes.CDLL:
     lib.minimind_decode.argtypes = [ctypes.POINTER(Model), ctypes.c_int64, P, P, P, P, P, P, ctypes.c_int]
     lib.minimind_linear.restype = ctypes.c_int
     lib.minimind_linear.argtypes = [ctypes.POINTER(Mat), P, ctypes.c_int64, P, ctypes.c_int]
+    lib.minimind_gumbel_argmax.restype = None
+    lib.minimind_gumbel_argmax.argtypes = [P, ctypes.c_int64, ctypes.c_int64, P, P, P, ctypes.c_int]
     return lib
 
 
@@ -132,6 +134,20 @@ def packed_linear(weight: torch.Tensor, x: torch.Tensor, scales: torch.Tensor | 
     if lib.minimind_linear(ctypes.byref(mat), x.data_ptr(), x.shape[0], y.data_ptr(), torch.get_num_threads()):
         raise MemoryError("packed linear could not allocate its scratch buffers")
     return y
+
+
+def gumbel_argmax(logits: torch.Tensor, seeds: torch.Tensor, steps: torch.Tensor) -> torch.Tensor | None:
+    """argmax(logits + gumbel_noise(seeds, steps)) -> [B] int64 in one C pass (sampling.gumbel_noise's hash and
+    noise, without its [B, V] temporaries); None when the kernels cannot be built here."""
+    lib = _linear_library()
+    if lib is None or logits.dtype != torch.float32 or logits.dim() != 2:
+        return None
+    logits = logits.contiguous()
+    seeds, steps = seeds.to(torch.int64).contiguous(), steps.to(torch.int64).contiguous()
+    out = torch.empty(logits.shape[0], dtype=torch.int64)
+    lib.minimind_gumbel_argmax(logits.data_ptr(), logits.shape[0], logits.shape[1], seeds.data_ptr(), steps.data_ptr(),
+                               out.data_ptr(), torch.get_num_threads())
+    return out
 
 
 def unsupported_reason(runner) -> str | None:

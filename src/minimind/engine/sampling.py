@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .fused import gumbel_argmax
+
 
 @dataclass
 class SamplingParams:
@@ -151,18 +153,21 @@ def filter_logits(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
     return logits.masked_fill(mask, float("-inf"))
 
 
-def sample(logits: torch.Tensor, b: SamplingBatch):
+def sample(logits: torch.Tensor, b: SamplingBatch, fast: bool = True):
     """logits [B, V] fp32 -> (tokens [B] int64, logprob [B] | None, top_ids [B, k] | None, top_lp [B, k] | None).
 
-    Logprobs are of the raw model distribution (before penalties and temperature), as vLLM's default.
+    Logprobs are of the raw model distribution (before penalties and temperature), as vLLM's default. fast: the
+    Gumbel-max draw in one C pass (engine/kernels/sample.c) when the kernels build here; False: torch only.
     """
     raw = logits
     logits = apply_penalties(logits, b)
     greedy_tokens = logits.argmax(dim=-1)
     if bool((b.temperature > 0).any()):
         filtered = filter_logits(logits, b)
-        noise = gumbel_noise(b.seeds, b.steps, logits.shape[-1])
-        sampled = (filtered + noise).argmax(dim=-1)  # Gumbel-max = a draw from softmax(filtered)
+        sampled = gumbel_argmax(filtered, b.seeds, b.steps) if fast else None
+        if sampled is None:
+            noise = gumbel_noise(b.seeds, b.steps, logits.shape[-1])
+            sampled = (filtered + noise).argmax(dim=-1)  # Gumbel-max = a draw from softmax(filtered)
         tokens = torch.where(b.temperature > 0, sampled, greedy_tokens)
     else:
         tokens = greedy_tokens

@@ -51,7 +51,15 @@ void silu_mul(const float *gate, const float *up, int64_t n, float *out) {
 static float softmax_exp(float *sc, int64_t len) {
     float mx = -INFINITY, sum = 0.f;
     int64_t j = 0;
-    for (j = 0; j < len; j++) mx = sc[j] > mx ? sc[j] : mx;
+    j = 0;
+#ifdef __AVX2__
+    __m256 mv = _mm256_set1_ps(-INFINITY);
+    for (; j + 8 <= len; j += 8) mv = _mm256_max_ps(mv, _mm256_loadu_ps(sc + j));
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mv), _mm256_extractf128_ps(mv, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    mx = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
+#endif
+    for (; j < len; j++) mx = sc[j] > mx ? sc[j] : mx;
     j = 0;
 #ifdef __AVX2__
     __m256 acc = _mm256_setzero_ps();
@@ -75,21 +83,28 @@ void attend_group(const float *q, int group, const float *keys, const float *val
                   float scale, float *sc, float *o) {
     int64_t j = 0;
 #ifdef __AVX2__
-    if (D % 8 == 0)  /* four keys at a time: independent FMA chains instead of one long one */
-        for (; j + 4 <= len; j += 4) {
+    if (D % 8 == 0)  /* eight keys at a time: independent FMA chains, then one transposing reduction (hadd) */
+        for (; j + 8 <= len; j += 8) {
             const float *k0 = keys + j * D;
             for (int h = 0; h < group; h++) {
                 const float *qh = q + h * D;
-                __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+                __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
                 for (int64_t i = 0; i < D; i += 8) {
-                    __m256 qv = _mm256_loadu_ps(qh + i);
+                    const __m256 qv = _mm256_loadu_ps(qh + i);
                     a0 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + i), a0);
                     a1 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + D + i), a1);
                     a2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + 2 * D + i), a2);
                     a3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + 3 * D + i), a3);
+                    a4 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + 4 * D + i), a4);
+                    a5 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + 5 * D + i), a5);
+                    a6 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + 6 * D + i), a6);
+                    a7 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + 7 * D + i), a7);
                 }
-                float *s = sc + h * len + j;
-                s[0] = hsum(a0) * scale, s[1] = hsum(a1) * scale, s[2] = hsum(a2) * scale, s[3] = hsum(a3) * scale;
+                /* [a0..a7] -> the 8 sums: pairwise hadds leave each 128-bit half with partial sums of 4 keys */
+                const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+                const __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(a4, a5), _mm256_hadd_ps(a6, a7));
+                const __m256 sums = _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+                _mm256_storeu_ps(sc + h * len + j, _mm256_mul_ps(sums, _mm256_set1_ps(scale)));
             }
         }
 #endif
@@ -132,10 +147,19 @@ void attend_group(const float *q, int group, const float *keys, const float *val
 }
 
 void rms_norm(const float *x, const float *w, int64_t n, double eps, float *out) {
-    double ss = 0.0;
-    for (int64_t i = 0; i < n; i++) ss += (double)x[i] * x[i];
-    float inv = (float)(1.0 / sqrt(ss / (double)n + eps));
-    for (int64_t i = 0; i < n; i++) out[i] = x[i] * inv * w[i];
+    float ss = 0.f;
+    int64_t i = 0;
+#ifdef __AVX2__
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0;  /* vectorized: every thread normalizes all B rows (no barrier) */
+    for (; i + 16 <= n; i += 16) {
+        const __m256 x0 = _mm256_loadu_ps(x + i), x1 = _mm256_loadu_ps(x + i + 8);
+        a0 = _mm256_fmadd_ps(x0, x0, a0), a1 = _mm256_fmadd_ps(x1, x1, a1);
+    }
+    ss = hsum(_mm256_add_ps(a0, a1));
+#endif
+    for (; i < n; i++) ss += x[i] * x[i];
+    const float inv = (float)(1.0 / sqrt((double)ss / (double)n + eps));
+    for (i = 0; i < n; i++) out[i] = x[i] * inv * w[i];
 }
 
 /* HF rotate-half RoPE on one head, in place: cos/sin [D] for this row's position. */

@@ -1,0 +1,68 @@
+"""The batched sampler: draws follow softmax(logits / T) restricted by top-k / top-p (chi-square against the
+distribution computed independently), and the one-pass C Gumbel-max equals the torch formulation."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from minimind.engine import fused
+from minimind.engine.sampling import SamplingBatch, gumbel_noise, sample
+
+# chi-square critical values at p = 1e-4 by degrees of freedom (the draws are deterministic: counter-based noise)
+CHI2_CRIT = {1: 15.14, 2: 18.42, 3: 21.11, 4: 23.51}
+
+
+def _batch(rows: int, temperature: float, top_k: int = 0, top_p: float = 1.0) -> SamplingBatch:
+    return SamplingBatch(temperature=torch.full((rows,), temperature),
+                         top_k=torch.full((rows,), top_k) if top_k else None,
+                         top_p=torch.full((rows,), top_p) if top_p < 1 else None, min_p=None,
+                         seeds=torch.full((rows,), 1234, dtype=torch.int64), steps=torch.arange(rows))
+
+
+def _chi2(tokens: torch.Tensor, probs: torch.Tensor) -> tuple[float, int]:
+    counts = torch.bincount(tokens, minlength=probs.numel()).double()
+    keep = probs > 0
+    assert counts[~keep].sum() == 0, "a token outside the allowed set was drawn"
+    expected = probs[keep].double() * tokens.numel()
+    return float(((counts[keep] - expected) ** 2 / expected).sum()), int(keep.sum()) - 1
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["C", "torch"])
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 0, 1.0), (1.3, 3, 1.0), (1.0, 0, 0.8)])
+def test_draws_follow_the_filtered_softmax(fast, temperature, top_k, top_p):
+    """One request's successive steps (one row per step) drawn from fixed logits: 5 live tokens among 21, some in
+    the C kernel's 8-lane part and some in its scalar tail, the rest -inf (as filtered tokens are)."""
+    logits = torch.full((21,), float("-inf"))
+    logits[[0, 6, 9, 17, 20]] = torch.tensor([1.5, 2.0, -0.4, 0.3, -1.0])
+    draws = 20000
+    probs = torch.softmax(logits / temperature, -1)
+    if top_k:
+        probs[torch.argsort(probs, descending=True)[top_k:]] = 0
+    if top_p < 1:  # smallest prefix of the sorted tokens whose mass reaches top_p
+        order = torch.argsort(probs, descending=True)
+        before = torch.cumsum(probs[order], 0) - probs[order]
+        probs[order[before >= top_p]] = 0
+    probs = probs / probs.sum()
+    tokens, *_ = sample(logits.expand(draws, -1).clone(), _batch(draws, temperature, top_k, top_p), fast=fast)
+    stat, dof = _chi2(tokens, probs)
+    assert stat < CHI2_CRIT[dof], f"chi-square {stat:.1f} with {dof} degrees of freedom"
+
+
+def test_c_gumbel_argmax_equals_torch():
+    """Same hash and noise as sampling.gumbel_noise; the C logs are a polynomial, so a row may differ only where
+    its two best candidates are within 1e-4 of each other."""
+    if fused._linear_library() is None:
+        pytest.skip("no C compiler")
+    gen = torch.Generator().manual_seed(0)
+    for rows, vocab in [(1, 7), (3, 100), (32, 6400), (2, 49152), (17, 13)]:
+        logits = torch.randn(rows, vocab, generator=gen) * 3
+        logits[:, : vocab // 3] = float("-inf")  # filtered-out tokens
+        seeds, steps = torch.randint(0, 2**31, (rows,), generator=gen), torch.randint(0, 10**6, (rows,), generator=gen)
+        total = logits + gumbel_noise(seeds, steps, vocab)
+        got = fused.gumbel_argmax(logits, seeds, steps)
+        want = total.argmax(-1)
+        top2 = total.topk(2, dim=-1).values if vocab > 1 else None
+        for r in range(rows):
+            if got[r] != want[r]:
+                assert top2[r, 0] - top2[r, 1] < 1e-4, f"row {r} of {rows}x{vocab}: {got[r]} != {want[r]}"
+        assert got.dtype == torch.int64 and (got >= vocab // 3).all()

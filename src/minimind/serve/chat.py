@@ -5,10 +5,10 @@ from __future__ import annotations
 import time
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 
 from .chat_parse import ChatOutputParser, collect
-from .context import SSE_DONE, ServingContext, final_output, sse, stream_error, watch_disconnect
+from .context import SSE_DONE, ServingContext, SSEResponse, final_output, sse, stream_error, watch_disconnect
 from .errors import APIError
 from .formatting import chat_logprob_entries, finish_reason, usage
 from .params import chat_prompt, check_prompt, resolve_max_tokens, sampling_params
@@ -44,8 +44,7 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
     model_id, engine, ids, params, parse = prepare_chat(ctx, req)
     handle = engine.submit(ids, params, random_id("chatcmpl"))
     if req.stream:
-        return StreamingResponse(_stream(ctx, engine, req, handle, model_id, parse, raw),
-                                 media_type="text/event-stream", headers=SSE_HEADERS)
+        return SSEResponse(_stream(ctx, engine, req, handle, model_id, parse, raw), SSE_HEADERS)
     final = await final_output(raw, handle)
     token_text = ctx.token_text(engine)
     choices, completion_tokens = [], 0

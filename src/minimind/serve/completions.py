@@ -6,10 +6,10 @@ import asyncio
 import time
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 
 from .chat import SSE_HEADERS
-from .context import SSE_DONE, ServingContext, sse, stream_error, watch_disconnect
+from .context import SSE_DONE, ServingContext, SSEResponse, sse, stream_error, watch_disconnect
 from .errors import APIError
 from .formatting import completion_logprobs, usage
 from .params import check_prompt, completion_prompts, resolve_max_tokens, sampling_params
@@ -52,8 +52,7 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, raw: Re
             h.abort()
         raise
     if req.stream:
-        return StreamingResponse(_stream(ctx, engine, req, handles, base_id, model_id, raw),
-                                 media_type="text/event-stream", headers=SSE_HEADERS)
+        return SSEResponse(_stream(ctx, engine, req, handles, base_id, model_id, raw), SSE_HEADERS)
     watchers = [watch_disconnect(raw, h) for h in handles]
     try:
         finals = await asyncio.gather(*(h.result() for h in handles))

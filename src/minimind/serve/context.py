@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import orjson
 from fastapi import Request
+from starlette.responses import Response
 
 from .engine_client import AsyncEngine, RequestHandle
 from .errors import APIError, error_body
@@ -47,6 +48,28 @@ def sse(obj) -> bytes:
 
 
 SSE_DONE = b"data: [DONE]\n\n"
+
+
+class SSEResponse(Response):
+    """text/event-stream from an async iterator of bytes: one ASGI send per chunk, nothing else. Starlette's
+    StreamingResponse runs the stream in an anyio task group beside a disconnect listener, ~40 % of the event
+    loop's time per streamed token in a profile at 8 clients; the handlers here watch for disconnects themselves
+    (watch_disconnect aborts the request, which ends the iterator)."""
+
+    media_type = "text/event-stream"
+
+    def __init__(self, chunks, headers: dict | None = None):
+        self.chunks, self.status_code, self.background = chunks, 200, None
+        self.init_headers(headers)
+
+    async def __call__(self, scope, receive, send) -> None:
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        try:
+            async for chunk in self.chunks:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        finally:
+            await self.chunks.aclose()  # its finally (abort, watcher cancel) runs even if a send failed
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 def stream_error(exc: BaseException) -> str:

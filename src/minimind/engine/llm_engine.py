@@ -27,8 +27,9 @@ class LLM:
     """Continuous-batching generation over a preallocated slot KV cache.
 
     model_or_path: a MiniMindForCausalLM, a checkpoint path, or None for the embedded default model.
-    dtype: "float32" / "bfloat16" (None keeps the model's). quantization: None, "int8" (weight-only,
-    per-channel, bf16 activations) or "dynamic" (torch.ao quantize_dynamic, the seeds' path).
+    dtype: "float32" / "bfloat16" (None keeps the model's). quantization: None, "int8" (int8 weights, one scale
+    per output channel; with the C kernels activations are quantized to int8 per 32 values for integer products,
+    llama.cpp's Q8_0 scheme, kernels/q8.c) or "dynamic" (torch.ao quantize_dynamic, the seeds' path).
     max_model_len / max_num_seqs size the KV cache once; more requests wait in a queue.
     fused: decode-only steps of dense models on CPU run as one C call, and prompt-chunk products of dense weights
     use its packed GEMM (engine/fused.py, built at first use); False, or no C compiler, keeps every step on torch.

@@ -35,7 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     eng.add_argument("--max-model-len", type=int, default=None, help="context per sequence (default: 2048 or the "
                      "model's own limit)")
     eng.add_argument("--max-num-batched-tokens", type=int, default=512, help="tokens per step (prompt chunking)")
-    eng.add_argument("--quantization", default=None, choices=("int8", "dynamic"), help="weight quantization")
+    eng.add_argument("--quantization", default=None, choices=("int8", "dynamic"),
+                     help="int8: int8 weights (per channel) x int8 activations (per 32 values, llama.cpp's Q8_0 "
+                          "scheme); dynamic: torch.ao quantize_dynamic (the seeds' path)")
     eng.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     eng.add_argument("--no-prefix-caching", action="store_true", help="do not reuse KV of shared prompt prefixes")
     return p

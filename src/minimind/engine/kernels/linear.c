@@ -222,6 +222,25 @@ void matvec(const Mat *m, const float *x, int64_t ldx, int64_t B, int64_t n0, in
  * in registers instead of a whole fp32 copy of W per call. Returns 0, or -1 when scratch cannot be allocated. */
 int minimind_linear(const Mat *m, const float *x, int64_t M, float *y, int nthreads) {
     if (q8_ok(m)) return linear_q8(m, x, M, y, nthreads);
+    if (m->type == W_BF16 && M > LINEAR_ROWS_PER_CHUNK) {
+        /* more than one pass over the weights: widen them to fp32 once (each pass would widen every row again,
+         * which made bf16 prompts 30 % slower than fp32 ones) and run the fp32 path in place */
+        float *wf = malloc(sizeof(float) * (size_t)(m->rows * m->cols));
+        if (!wf) return -1;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+        for (int64_t r = 0; r < m->rows; r++) {
+            const uint16_t *src = (const uint16_t *)m->w + r * m->cols;
+            int64_t k = 0;
+#ifdef __AVX2__
+            for (; k + 8 <= m->cols; k += 8) _mm256_storeu_ps(wf + r * m->cols + k, load8(W_BF16, src, k));
+#endif
+            for (; k < m->cols; k++) wf[r * m->cols + k] = load1(W_BF16, src, k);
+        }
+        const Mat wide = {wf, m->scale, W_F32, m->rows, m->cols};
+        int status = minimind_linear(&wide, x, M, y, nthreads);
+        free(wf);
+        return status;
+    }
     const int64_t K = m->cols, N = m->rows, chunk = M < LINEAR_ROWS_PER_CHUNK ? M : LINEAR_ROWS_PER_CHUNK;
     const int64_t xp_size = cdiv(chunk, PANEL) * PANEL * K, wf_size = GEMM_RN * K;
     float *xp = malloc(sizeof(float) * (size_t)xp_size), *wfs = malloc(sizeof(float) * (size_t)nthreads * wf_size);

@@ -312,3 +312,24 @@ def test_weight_bytes_of_moe_counts_experts():
     moe = sum(p.numel() for layer in model.model.layers for p in layer.mlp.parameters())  # experts + router
     want = 4 * (c.vocab_size * h + c.num_hidden_layers * (h * (hq + 2 * hkv) * d + hq * d * h) + moe)
     assert LLM(model, max_num_seqs=1, max_model_len=32, dtype="float32").runner.weight_bytes == want
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"quantization": "int8"}, {"dtype": "bfloat16"}, {"fused": False}],
+                         ids=["fp32", "int8", "bf16", "torch-path"])
+def test_engine_from_path_releases_its_own_model_only(tmp_path, kwargs):
+    """LLM(path) loads the model itself and empties each matrix once the runner holds its own copy (an int8 build
+    never holds an fp32 and an int8 copy in full). Its answers equal an LLM built from the same weights handed in
+    as a module (loaded as LLM(path) loads them), and a module handed in is never touched."""
+    from minimind.checkpoint.loader import load_model
+
+    tiny_model(vocab_size=256, tie_word_embeddings=False).save_pretrained(tmp_path / "m")
+    module = load_model(tmp_path / "m", dtype="float32" if "quantization" in kwargs else kwargs.get("dtype"),
+                        light=True)
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    from_module = LLM(module, max_num_seqs=2, max_model_len=64, **kwargs)
+    from_path = LLM(tmp_path / "m", max_num_seqs=2, max_model_len=64, **kwargs)
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=1)
+    for a, b in zip(from_module.generate(PROMPTS[:3], params), from_path.generate(PROMPTS[:3], params)):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        assert [x.logprob for x in a.outputs[0].logprobs] == [x.logprob for x in b.outputs[0].logprobs]
+    assert all(torch.equal(v, module.state_dict()[k]) for k, v in before.items())

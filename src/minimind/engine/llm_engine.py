@@ -44,10 +44,12 @@ class LLM:
                  kv_dtype=None, fused: bool = True, lora_adapters: dict | None = None):
         from ..checkpoint.errors import CheckpointError
         from ..checkpoint.loader import load_model, load_tokenizer, resolve_dtype
+        from ..model.lora import read_adapter
 
         if threads:
             torch.set_num_threads(threads)
-        if isinstance(model_or_path, torch.nn.Module):
+        owned = not isinstance(model_or_path, torch.nn.Module)  # loaded here: nobody else holds these weights
+        if not owned:
             model = model_or_path
         else:
             # the plain-torch MiniMindLM: the engine needs no transformers modeling code (~90 MB of RSS)
@@ -85,7 +87,9 @@ class LLM:
         compute = act_dtype
         if act_dtype == torch.bfloat16 and not native_bf16() and not getattr(cfg, "use_moe", False):
             compute = torch.float32
-        self.runner = ModelRunner(model, self.kv, compute, quantization, weight_dtype=act_dtype)
+        adapters = {name: read_adapter(model, source)[1] for name, source in (lora_adapters or {}).items()}
+        self.runner = ModelRunner(model, self.kv, compute, quantization, weight_dtype=act_dtype,
+                                  release_model=owned)
         self.scheduler = Scheduler(SlotManager(max_num_seqs, enable_prefix_caching), self.kv, max_num_batched_tokens)
         # oneDNN's bf16 GEMV streams weights at half the speed of the plain kernel: turn it off for decode steps.
         self.decode_mkldnn = decode_mkldnn if decode_mkldnn is not None else act_dtype != torch.bfloat16
@@ -95,11 +99,7 @@ class LLM:
             from .spec import Speculator
 
             self.speculator = Speculator(self, draft_model, num_speculative_tokens)
-        self.lora_names: dict[str, int] = {}
-        for name, source in (lora_adapters or {}).items():
-            from ..model.lora import read_adapter
-
-            self.lora_names[name] = self.runner.lora.add(read_adapter(model, source)[1])
+        self.lora_names = {name: self.runner.lora.add(pairs) for name, pairs in adapters.items()}
         if compile:
             self.runner.compile()
         elif fused and torch.device(getattr(model, "device", "cpu")).type == "cpu":

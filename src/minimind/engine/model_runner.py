@@ -63,8 +63,10 @@ class LayerWeights:
 
 class ModelRunner:
     def __init__(self, model, kv: KVCache, dtype: torch.dtype, quantization: str | None = None,
-                 weight_dtype: torch.dtype | None = None):
-        """dtype: activations; weight_dtype: dense weight storage when different (bf16 weights, fp32 math)."""
+                 weight_dtype: torch.dtype | None = None, release_model: bool = False):
+        """dtype: activations; weight_dtype: dense weight storage when different (bf16 weights, fp32 math).
+        release_model: empty each of the model's matrices once the runner holds its own copy (the LLM loaded the
+        model itself and nobody else sees it): an int8 build of an fp32 checkpoint then never holds both in full."""
         cfg = model.config
         self.config, self.kv, self.dtype = cfg, kv, dtype
         weight_dtype = weight_dtype or dtype
@@ -75,9 +77,18 @@ class ModelRunner:
         self.gqa = self.num_heads != self.num_kv_heads
         inner = model.model
         self.embed = inner.embed_tokens.weight.detach().to(weight_dtype)
-        self.layers = [LayerWeights(layer, quantization, dtype, weight_dtype) for layer in inner.layers]
+        self.layers = []
+        for layer in inner.layers:
+            self.layers.append(LayerWeights(layer, quantization, dtype, weight_dtype))
+            if release_model:  # MoE experts are the runner's own modules (_cast): kept
+                attn, mlp = layer.self_attn, layer.mlp
+                _release_matrices(attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj,
+                                  *[getattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj") if hasattr(mlp, n)])
         self.norm = _cast(inner.norm, dtype)
         self.lm_head = make_linear(model.lm_head.weight, quantization, dtype, weight_dtype)
+        if release_model:
+            _release_matrices(model.lm_head)
+            _release_matrices(inner.embed_tokens)
         positions = torch.arange(kv.max_len)[None]
         with torch.no_grad():
             cos, sin = inner.rotary_emb(positions)  # [1, T, D] fp32, same values the model computes
@@ -360,6 +371,16 @@ def _ffn(lw, x: torch.Tensor, extra=None) -> torch.Tensor:
     gate, up = gate_up.chunk(2, dim=-1)
     a = lw.act(gate) * up
     return lw.down(a) if extra is None else extra("down", lw.down(a), a)
+
+
+def _release_matrices(*modules) -> None:
+    """Point the 2-D parameters of these projection modules at empty tensors. A copy the runner made (int8, a fused
+    q|k|v, a cast) then owns the only storage; where the runner kept the same values it holds a detached view
+    (DenseLinear detaches), which keeps that storage alive: nothing the runner uses is freed."""
+    for module in modules:
+        for p in module.parameters():
+            if p.dim() == 2:
+                p.data = torch.empty(0, dtype=p.dtype)
 
 
 def _weight(linear) -> torch.Tensor:

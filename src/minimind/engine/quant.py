@@ -26,7 +26,7 @@ def native_bf16() -> bool:
 
 class DenseLinear:
     def __init__(self, weight: torch.Tensor):
-        self.weight = weight.contiguous()  # [out, in]
+        self.weight = weight.detach().contiguous()  # [out, in]; detached: the model may later empty its parameter
         self.upcast = weight.dtype != torch.float32 and not native_bf16()
         self.packed = False  # prompt chunks through the C packed kernel: ModelRunner.enable_fused turns it on
 

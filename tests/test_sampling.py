@@ -66,3 +66,15 @@ def test_c_gumbel_argmax_equals_torch():
             if got[r] != want[r]:
                 assert top2[r, 0] - top2[r, 1] < 1e-4, f"row {r} of {rows}x{vocab}: {got[r]} != {want[r]}"
         assert got.dtype == torch.int64 and (got >= vocab // 3).all()
+
+
+def test_huge_top_k_keeps_every_token():
+    """A top_k beyond any vocabulary (an API client may send 10**30) samples exactly like top_k off, instead of
+    overflowing the int64 batch tensor (found by the schemathesis run of the server)."""
+    from conftest import tiny_model
+    from minimind.engine import LLM, SamplingParams
+
+    llm = LLM(tiny_model(vocab_size=256), max_num_seqs=2, max_model_len=64)
+    runs = [llm.generate([[5, 6, 7]], SamplingParams(temperature=1.0, top_k=k, seed=3, max_tokens=8, ignore_eos=True))
+            for k in (10**30, 0)]
+    assert runs[0][0].outputs[0].token_ids == runs[1][0].outputs[0].token_ids

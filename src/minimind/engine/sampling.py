@@ -56,7 +56,8 @@ class SamplingParams:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
         if self.logprobs is not None and self.logprobs < 0:
             raise ValueError(f"logprobs must be >= 0, got {self.logprobs}")
-        self.top_k = 0 if self.top_k is None or self.top_k < 0 else int(self.top_k)
+        # any k at or above the vocabulary keeps every token; clamped so a huge k still fits the int64 batch tensor
+        self.top_k = 0 if self.top_k is None or self.top_k < 0 else min(int(self.top_k), 2**31 - 1)
         self.stop_list = [self.stop] if isinstance(self.stop, str) else [s for s in (self.stop or []) if s]
 
     @property

@@ -162,7 +162,7 @@ def test_hf_export_loads_in_transformers_4(tmp_path, era, cls):
     assert repr(prompt) in run.stdout
     ids = torch.tensor([k(prompt)["input_ids"]])
     with torch.no_grad():
-        torch.testing.assert_close(torch.load(tmp_path / "l.pt"), load_model(pth)(ids).logits, atol=1e-4, rtol=0)
+        torch.testing.assert_close(torch.load(tmp_path / "l.pt", weights_only=True), load_model(pth)(ids).logits, atol=1e-4, rtol=0)
     shutil.rmtree(out)
 
 

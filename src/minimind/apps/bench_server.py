@@ -32,6 +32,7 @@ from .bench_http import (
     run_round,
     summarize,
 )
+from .bench_workers import prompts
 
 ENGINE, SERVE, LLAMA = "minimind LLM (no HTTP)", "minimind serve", "llama-server"
 SERVE_FLAGS = {"fp32": ["--dtype", "float32"], "bf16": ["--dtype", "bfloat16"], "int8": ["--quantization", "int8"],
@@ -62,7 +63,7 @@ examples:
 # ---------------------------------------------------------------- the engine without HTTP (its own subprocess)
 def _round_prompts(n: int, prompt_len: int, vocab: int, r: int) -> list[list[int]]:
     """The prompts of round r at N clients: identical for every implementation, fresh for every round."""
-    return bench._prompts(n, prompt_len, vocab, 1000 * n + r + 7)
+    return prompts(n, prompt_len, vocab, 1000 * n + r + 7)
 
 
 def worker_engine(a: dict, rounds, reply) -> None:
@@ -74,7 +75,7 @@ def worker_engine(a: dict, rounds, reply) -> None:
     llm = LLM(a["model"], max_num_seqs=n, max_model_len=a["max_model_len"], threads=a["threads"],
               **ENGINE_KW[a["dtype"]])
     vocab = llm.config.vocab_size
-    llm.generate(bench._prompts(n, a["prompt_len"], vocab, 1),
+    llm.generate(prompts(n, a["prompt_len"], vocab, 1),
                  SamplingParams(temperature=a["temperature"], max_tokens=WARMUP_TOKENS, ignore_eos=True))
     reply({"ready": True})
     full = SamplingParams(temperature=a["temperature"], top_p=1.0, top_k=0, min_p=0.0, max_tokens=a["decode_tokens"],
@@ -138,7 +139,7 @@ def measure_level(label: str, path: str, dtype: str, n: int, gguf: str | None, e
         cmd = serve_cmd(path, dtype, n, port, args) if impl == SERVE else llama_cmd(exe, gguf, n, port, args)
         srv = stack.enter_context(ServerProcess(impl, cmd, tmp / f"{impl.split()[-1]}-{dtype}-{n}.log", port,
                                                 env=env, ready_timeout=args.startup_timeout))
-        run_round(srv.base_url, MODEL_ID, bench._prompts(n, args.prompt_len, vocab, 1), WARMUP_TOKENS,
+        run_round(srv.base_url, MODEL_ID, prompts(n, args.prompt_len, vocab, 1), WARMUP_TOKENS,
                   args.temperature)
         return srv
 

@@ -22,6 +22,7 @@ import tempfile
 import threading
 from pathlib import Path
 
+from ..serve.launch import SERVE_BATCHED_TOKENS
 from . import bench
 from .bench_http import (
     LineWorker,
@@ -73,7 +74,7 @@ def worker_engine(a: dict, rounds, reply) -> None:
 
     n = a["n"]
     llm = LLM(a["model"], max_num_seqs=n, max_model_len=a["max_model_len"], threads=a["threads"],
-              **ENGINE_KW[a["dtype"]])
+              max_num_batched_tokens=SERVE_BATCHED_TOKENS, **ENGINE_KW[a["dtype"]])
     vocab = llm.config.vocab_size
     llm.generate(prompts(n, a["prompt_len"], vocab, 1),
                  SamplingParams(temperature=a["temperature"], max_tokens=WARMUP_TOKENS, ignore_eos=True))

@@ -6,6 +6,12 @@ import logging
 import os
 import sys
 
+# Tokens per engine step in the server. Requests reach a server spread over a few milliseconds, so the first step
+# of a burst takes only the first few prompts and the rest wait for it: with 32 streaming clients (docs/
+# benchmarks.md, fifth session) 256-token steps gave TTFT p50 364-473 ms against 522-631 at 512 (int8; bf16 440-524
+# against 629-837), the same aggregate tokens/s. `LLM` keeps 512 for offline batches, which arrive at once.
+SERVE_BATCHED_TOKENS = 256
+
 
 def build_parser() -> argparse.ArgumentParser:
     from ..apps.chat import build_parser as chat_parser
@@ -34,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     eng.add_argument("--max-num-seqs", type=int, default=8, help="sequences decoded together (KV slots)")
     eng.add_argument("--max-model-len", type=int, default=None, help="context per sequence (default: 2048 or the "
                      "model's own limit)")
-    eng.add_argument("--max-num-batched-tokens", type=int, default=512, help="tokens per step (prompt chunking)")
+    eng.add_argument("--max-num-batched-tokens", type=int, default=SERVE_BATCHED_TOKENS,
+                     help="tokens per step (prompt chunking; smaller steps let a burst of requests start sooner)")
     eng.add_argument("--quantization", default=None, choices=("int8", "dynamic"),
                      help="int8: int8 weights (per channel) x int8 activations (per 32 values, llama.cpp's Q8_0 "
                           "scheme); dynamic: torch.ao quantize_dynamic (the seeds' path)")

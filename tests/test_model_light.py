@@ -111,7 +111,7 @@ def test_bench_chat_memory_worker(tmp_path, capsys):
     tiny_model().save_pretrained(tmp_path / "tiny")
     args = {"model": str(tmp_path / "tiny"), "dtype": "bf16", "threads": 1, "prompt_len": 16, "decode_tokens": 4,
             "max_model_len": 64}
-    res = bench._spawn("memory", args)  # its own interpreter, as the bench runs it
+    res = bench._spawn_memory(args)  # its own interpreter, as the bench runs it
     assert "error" not in res, res
     for key in ("chat_peak_rss_mb", "chat_baseline_mb", "chat_weights_mb", "chat_kv_cache_mb"):
         assert res[key] > 0, key

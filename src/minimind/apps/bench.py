@@ -71,8 +71,10 @@ class _Worker:
 
     def __init__(self, kind: str, args: dict):
         cmd = [sys.executable, "-m", "minimind.apps.bench", "--worker", kind, json.dumps(args)]
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     text=True)
+        # stderr to a file, not a pipe: nobody reads it while the worker runs, and a chatty library (warnings,
+        # progress bars) would fill a pipe's buffer and block the worker forever
+        self.log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 - lives as long as the worker; close() closes it
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True)
         self.error = None if self._read() == "ready" else self._failure()
 
     def _read(self) -> str:
@@ -80,7 +82,9 @@ class _Worker:
 
     def _failure(self) -> str:
         self.proc.kill()
-        lines = self.proc.stderr.read().strip().splitlines()
+        self.proc.wait()
+        self.log.seek(0)
+        lines = self.log.read().strip().splitlines()
         return lines[-1] if lines else "failed"
 
     def ask(self, command: str):
@@ -100,7 +104,7 @@ class _Worker:
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait()
-        for f in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+        for f in (self.proc.stdin, self.proc.stdout, self.log):
             f.close()
 
 

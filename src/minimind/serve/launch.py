@@ -8,7 +8,7 @@ import sys
 
 # Tokens per engine step in the server. Requests reach a server spread over a few milliseconds, so the first step
 # of a burst takes only the first few prompts and the rest wait for it: with 32 streaming clients (docs/
-# benchmarks.md, fifth session) 256-token steps gave TTFT p50 364-473 ms against 522-631 at 512 (int8; bf16 440-524
+# benchmarks.md, fifth session) 256-token steps gave TTFT p50 364-492 ms against 522-631 at 512 (int8; bf16 440-524
 # against 629-837), the same aggregate tokens/s. `LLM` keeps 512 for offline batches, which arrive at once.
 SERVE_BATCHED_TOKENS = 256
 

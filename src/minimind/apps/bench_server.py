@@ -33,13 +33,11 @@ from .bench_http import (
     run_round,
     summarize,
 )
-from .bench_workers import prompts
+from .bench_workers import engine_kwargs, prompts
 
 ENGINE, SERVE, LLAMA = "minimind LLM (no HTTP)", "minimind serve", "llama-server"
 SERVE_FLAGS = {"fp32": ["--dtype", "float32"], "bf16": ["--dtype", "bfloat16"], "int8": ["--quantization", "int8"],
                "dynamic": ["--quantization", "dynamic"]}
-ENGINE_KW = {"fp32": {"dtype": "float32"}, "bf16": {"dtype": "bfloat16"}, "int8": {"quantization": "int8"},
-             "dynamic": {"quantization": "dynamic"}}  # the same LLM arguments `minimind serve` ends up with
 MODEL_ID = "bench"
 WARMUP_TOKENS = 16
 
@@ -74,7 +72,7 @@ def worker_engine(a: dict, rounds, reply) -> None:
 
     n = a["n"]
     llm = LLM(a["model"], max_num_seqs=n, max_model_len=a["max_model_len"], threads=a["threads"],
-              max_num_batched_tokens=SERVE_BATCHED_TOKENS, **ENGINE_KW[a["dtype"]])
+              max_num_batched_tokens=SERVE_BATCHED_TOKENS, **engine_kwargs(a["dtype"]))
     vocab = llm.config.vocab_size
     llm.generate(prompts(n, a["prompt_len"], vocab, 1),
                  SamplingParams(temperature=a["temperature"], max_tokens=WARMUP_TOKENS, ignore_eos=True))

@@ -86,6 +86,19 @@ def test_hf_generate_sampling_kwargs_and_seed():
     assert a.shape == (1, 13) and torch.equal(a, b)
 
 
+def test_cache_reaches_forward_under_both_names():
+    """transformers 5.24 renamed past_key_values to `cache` and generate() passes it by the new name."""
+    model = tiny_model("minimind2")
+    x = ids(1, 7)
+    full = model(x).logits[:, -1]
+    for name in ("cache", "past_key_values"):
+        cache = DynamicCache(config=model.config)
+        model(x[:, :-1], use_cache=True, **{name: cache})
+        assert cache.get_seq_length() == 6, name
+        torch.testing.assert_close(model(x[:, -1:], use_cache=True, **{name: cache}).logits[:, -1], full,
+                                   atol=1e-5, rtol=1e-4)
+
+
 def test_greedy_generate_matches_naive_argmax_loop():
     model = tiny_model("minimind2")
     x = ids(1, 6)
@@ -102,8 +115,10 @@ def test_bf16_close_to_fp32(family, use_moe):
     x = ids(1, 10)
     ref = model(x).logits
     low = model.to(torch.bfloat16)(x).logits.float()
-    # bf16 has ~3 significant digits; logits here are O(1)
-    assert (low - ref).abs().max() < 0.1 * ref.abs().max()
+    # bf16 has ~3 significant digits; logits here are O(1). A MoE router whose top-k sits on a near tie may pick
+    # another expert in bf16 (seen with AVX512-BF16/AMX kernels): that position moves a lot, the others stay close.
+    close = ((low - ref).abs().amax(-1) < 0.1 * ref.abs().max()).float()
+    assert close.mean() >= (0.8 if use_moe else 1.0)
     assert (low.argmax(-1) == ref.argmax(-1)).float().mean() > 0.8
 
 

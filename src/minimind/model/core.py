@@ -73,8 +73,10 @@ class BackboneMixin:
         self.rotary_emb = RotaryEmbedding(config)
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, **kwargs) -> torch.Tensor:
-        """-> final hidden states [B, S, H]. past_key_values: any cache with `update` and `get_seq_length`."""
+                inputs_embeds=None, cache=None, **kwargs) -> torch.Tensor:
+        """-> final hidden states [B, S, H]. past_key_values (transformers >= 5.24: `cache`): any cache with `update`
+        and `get_seq_length`."""
+        past_key_values = cache if cache is not None else past_key_values
         h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # [B, S, H]
         b, s = h.shape[:2]
         past = past_key_values.get_seq_length() if past_key_values is not None else 0
@@ -161,7 +163,8 @@ class MiniMindLM(CausalLMMixin, nn.Module):
         return next(self.parameters()).dtype
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, logits_to_keep: int | torch.Tensor = 0, **kwargs) -> LMOutput:
+                inputs_embeds=None, logits_to_keep: int | torch.Tensor = 0, cache=None, **kwargs) -> LMOutput:
+        past_key_values = cache if cache is not None else past_key_values  # transformers >= 5.24's name
         logits = self._logits(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds,
                               logits_to_keep)
         return LMOutput(logits=logits, past_key_values=past_key_values)

@@ -61,7 +61,10 @@ class MiniMindForCausalLM(CausalLMMixin, MiniMindPreTrainedModel, GenerationMixi
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, labels=None, use_cache=None, logits_to_keep: int | torch.Tensor = 0,
-                **kwargs) -> CausalLMOutputWithPast:
+                cache=None, **kwargs) -> CausalLMOutputWithPast:
+        # transformers >= 5.24 hands the cache to forward as `cache` (generate included); older ones and callers
+        # written for them say `past_key_values`. Ignoring either would decode every step without the prompt.
+        past_key_values = cache if cache is not None else past_key_values
         if use_cache and past_key_values is None and not self.training:
             from transformers import DynamicCache
 
@@ -73,7 +76,11 @@ class MiniMindForCausalLM(CausalLMMixin, MiniMindPreTrainedModel, GenerationMixi
             shift = logits[:, :-1].float()
             loss = nn.functional.cross_entropy(shift.reshape(-1, shift.shape[-1]), labels[:, 1:].reshape(-1),
                                                ignore_index=-100)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=past_key_values)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{_CACHE_FIELD: past_key_values})
+
+
+# the output's cache field: `cache` from transformers 5.24 (the old name still works there, with a warning)
+_CACHE_FIELD = "cache" if "cache" in getattr(CausalLMOutputWithPast, "__dataclass_fields__", {}) else "past_key_values"
 
 
 def register_auto_classes() -> None:

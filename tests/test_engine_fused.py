@@ -93,7 +93,7 @@ def _quantize_inputs(ref) -> None:
 def _reference_logits(ref, llm: LLM, token: int, slot: int, pos: int) -> torch.Tensor:
     cache = DynamicCache(config=ref.config)
     for layer in range(ref.config.num_hidden_layers):
-        cache.update(llm.kv.k[layer, slot, :, :pos][None].clone(), llm.kv.v[layer, slot, :, :pos][None].clone(), layer)
+        cache.update(llm.kv.k[layer, slot, :, :pos][None].float(), llm.kv.v[layer, slot, :, :pos][None].float(), layer)
     with torch.no_grad():
         out = ref(torch.tensor([[token]]), position_ids=torch.tensor([[pos]]), past_key_values=cache)
     return out.logits[0, -1].float()
@@ -145,6 +145,55 @@ def test_fused_step_equals_model_forward(family, overrides, weights):
                 torch.testing.assert_close(got[0, slots[b], :, positions[b]], want[0, :, 0],
                                            rtol=1e-4, atol=1e-5)
     assert excused <= total // 10, f"{excused} of {total} rows differ beyond rounding-boundary noise"
+
+
+@pytest.mark.parametrize("family,overrides", [CASES[0], CASES[1], CASES[3]], ids=["minimind2", "minimind3-qk-norm",
+                                                                              "head-dim96"])
+def test_fused_step_with_fp16_kv_cache(family, overrides):
+    """kv_dtype="float16": the kernel attends over the fp16 cache widened exactly and stores new keys/values rounded
+    to nearest (as torch's .half()); the reference attends over the same values in fp32."""
+    model = tiny_model(family, vocab_size=300, **overrides)
+    llm = LLM(model, max_num_seqs=8, max_model_len=160, kv_dtype="float16")
+    _needs_kernel(llm)
+    assert llm.kv.k.dtype == torch.float16 and llm.kv.nbytes == 2 * llm.kv.k.numel() * 2
+    ref = copy.deepcopy(model).float()
+    gen = torch.Generator().manual_seed(2)
+    llm.kv.k.copy_(torch.randn(llm.kv.k.shape, generator=gen)), llm.kv.v.copy_(torch.randn(llm.kv.v.shape, generator=gen))
+    rounded, written = 0, 0
+    for rows in (1, 5, 8):
+        slots = torch.randperm(8, generator=gen)[:rows]
+        positions = torch.randint(0, 159, (rows,), generator=gen)  # lengths off the 8-key tiles, past one value chunk
+        ids = torch.randint(0, 300, (rows,), generator=gen)
+        logits = llm.runner.fused(ids, slots, positions)
+        for b in range(rows):
+            expect = _reference_logits(ref, llm, int(ids[b]), int(slots[b]), int(positions[b]))
+            # the one difference: the kernel attends the new token's key/value rounded to fp16, the reference not
+            torch.testing.assert_close(logits[b], expect, rtol=1e-3, atol=1e-3, msg=f"{rows} rows, row {b}")
+            cache = DynamicCache(config=ref.config)
+            with torch.no_grad():
+                ref(torch.tensor([[int(ids[b])]]), position_ids=positions[b].view(1, 1), past_key_values=cache)
+            for got, want in ((llm.kv.k, cache.layers[0].keys), (llm.kv.v, cache.layers[0].values)):
+                got, want = got[0, slots[b], :, positions[b]], want[0, :, 0]
+                torch.testing.assert_close(got.float(), want, rtol=1e-3, atol=1e-3)
+                rounded += int((got != want.half()).sum())  # the kernel's fp32 value may sit across a rounding edge
+                written += got.numel()
+    assert rounded <= written // 50, f"{rounded} of {written} stored values are not round-to-nearest"
+
+
+def test_fp16_kv_cache_fused_matches_torch_path():
+    """Whole generations with kv_dtype="float16": the fused kernel and the torch path (which widens the cache for
+    SDPA) see the same rounded keys and values, so greedy tokens and logprobs agree."""
+    model = tiny_model(vocab_size=256)
+    prompts = [[5, 6, 7], list(range(10, 47)), [9], list(range(100, 120))]
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=2)
+    fused = LLM(model, max_num_seqs=4, max_model_len=96, kv_dtype="float16")
+    _needs_kernel(fused)
+    plain = LLM(model, max_num_seqs=4, max_model_len=96, kv_dtype="float16", fused=False)
+    assert plain.kv.k.dtype == torch.float16 and plain.runner.fused is None
+    for a, b in zip(fused.generate(prompts, params), plain.generate(prompts, params)):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        for x, y in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
+            assert x.logprob == pytest.approx(y.logprob, abs=1e-4)
 
 
 def test_position_outside_cache_raises():

@@ -52,6 +52,10 @@ def test_cli_flags():
     assert parse_lora(args.lora) == {"id": "out/lora/lora_identity_512.pth"}
     with pytest.raises(ValueError):
         parse_lora(["nopath"])
+    assert args.kv_cache_dtype == "auto"
+    assert build_parser().parse_args(["--kv-cache-dtype", "float16"]).kv_cache_dtype == "float16"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--kv-cache-dtype", "int4"])
 
 
 def test_lora_adapters_become_model_ids(tmp_path):
@@ -85,6 +89,9 @@ def test_lora_adapters_become_model_ids(tmp_path):
         for _ in range(8):
             ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
     assert adapted == ids[3:] and base != adapted
+    assert llm.kv.k.dtype == torch.float32  # --kv-cache-dtype auto on CPU
+    args.kv_cache_dtype = "float16"
+    assert load_engines(args)["full_sft"].kv.k.dtype == torch.float16
 
 
 def test_serve_steps_on_the_thread_that_loaded_the_model(tmp_path, monkeypatch):

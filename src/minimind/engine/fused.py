@@ -40,7 +40,8 @@ class Layer(ctypes.Structure):
 class Model(ctypes.Structure):
     _fields_ = [(name, ctypes.c_int64) for name in ("n_layers", "hidden", "n_heads", "n_kv_heads", "head_dim",
                                                     "inter", "vocab", "max_len")] + [
-        ("eps", ctypes.c_double), ("layers", P), ("embed", Mat), ("norm", P), ("lm_head", Mat)]
+        ("eps", ctypes.c_double), ("layers", P), ("embed", Mat), ("norm", P), ("lm_head", Mat),
+        ("kv_f16", ctypes.c_int64)]
 
 
 def _cache_dir() -> Path:
@@ -155,8 +156,8 @@ def unsupported_reason(runner) -> str | None:
     cfg = runner.config
     if any(lw.moe is not None for lw in runner.layers):
         return "MoE layers"
-    if runner.kv_dtype != torch.float32:
-        return "KV cache is not fp32"
+    if runner.kv_dtype not in (torch.float32, torch.float16):
+        return f"KV cache dtype {runner.kv_dtype} (the kernel keeps fp32 or fp16)"
     if getattr(cfg, "hidden_act", "silu") != "silu":
         return f"activation {cfg.hidden_act}"
     if runner.embed.dtype not in (torch.float32, torch.bfloat16):
@@ -203,7 +204,7 @@ class FusedDecoder:
         self.model = Model(len(runner.layers), cfg.hidden_size, runner.num_heads, runner.num_kv_heads,
                            runner.head_dim, inter, cfg.vocab_size, kv.max_len, eps.pop(),
                            ctypes.cast(layers, P), self._mat_tensor(runner.embed), self._vec(runner.norm),
-                           self._mat(runner.lm_head))
+                           self._mat(runner.lm_head), int(kv.k.dtype == torch.float16))
         # [max_len, D] fp32 RoPE tables; the kernel reads row positions[b] for row b
         self.cos, self.sin = (t.float().contiguous() for t in (runner.cos_table, runner.sin_table))
 

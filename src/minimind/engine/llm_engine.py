@@ -30,7 +30,9 @@ class LLM:
     dtype: "float32" / "bfloat16" (None keeps the model's). quantization: None, "int8" (int8 weights, one scale
     per output channel; with the C kernels activations are quantized to int8 per 32 values for integer products,
     llama.cpp's Q8_0 scheme, kernels/q8.c) or "dynamic" (torch.ao quantize_dynamic, the seeds' path).
-    max_model_len / max_num_seqs size the KV cache once; more requests wait in a queue.
+    max_model_len / max_num_seqs size the KV cache once; more requests wait in a queue. kv_dtype: its storage,
+    None (the activation dtype; fp32 under bf16/int8 weights on CPUs without native bf16), "float32", "bfloat16" or
+    "float16" (a storage format only: half the memory and half the bytes attention reads; attention computes in fp32).
     fused: decode-only steps of dense models on CPU run as one C call, and prompt-chunk products of dense weights
     use its packed GEMM (engine/fused.py, built at first use); False, or no C compiler, keeps every step on torch.
     lora_adapters: {name: LoRA file or state_dict}; a request picks one with `lora=name` and requests for
@@ -78,7 +80,9 @@ class LLM:
         if kv_dtype is None:  # without AVX512-BF16, bf16 attention is emulated and several times slower
             native = act_dtype == torch.float32 or (native_bf16() and not (fused and not compile))
             kv_dtype = act_dtype if native else torch.float32  # the fused decode kernel keeps KV in fp32
-        self.kv_dtype = resolve_dtype(kv_dtype)
+        # float16 is a KV storage format (half the bytes attention streams, 11-bit mantissa), never a compute dtype
+        half = kv_dtype == torch.float16 or str(kv_dtype).lower() in ("float16", "fp16", "half")
+        self.kv_dtype = torch.float16 if half else resolve_dtype(kv_dtype)
         self.kv = KVCache(cfg.num_hidden_layers, max_num_seqs, cfg.num_key_value_heads, self.max_model_len,
                           cfg.head_dim, self.kv_dtype)
         # Without native bf16 (AVX2 CPUs) bf16 and int8 weights meet fp32 activations, as llama.cpp computes F16:

@@ -71,6 +71,8 @@ class ModelRunner:
         self.config, self.kv, self.dtype = cfg, kv, dtype
         weight_dtype = weight_dtype or dtype
         self.kv_dtype = kv.k.dtype  # may be fp32 under bf16 weights: CPU attention kernels are faster in fp32
+        # fp16 is a storage format only (the fused kernel widens it in registers); torch attends over it in fp32
+        self.attn_dtype = torch.float32 if self.kv_dtype == torch.float16 else self.kv_dtype
         self.num_heads, self.num_kv_heads, self.head_dim = (cfg.num_attention_heads, cfg.num_key_value_heads,
                                                             cfg.head_dim)
         self.scale = self.head_dim ** -0.5
@@ -175,8 +177,8 @@ class ModelRunner:
             mask = None
             if c.start > 0 and c.length > 1:  # causal mask aligned bottom-right: query i sees keys <= start + i
                 q = torch.arange(c.start, c.start + c.length)[:, None]
-                mask = torch.zeros(c.length, c.start + c.length, dtype=self.kv_dtype)
-                mask.masked_fill_(torch.arange(c.start + c.length)[None, :] > q, torch.finfo(self.kv_dtype).min)
+                mask = torch.zeros(c.length, c.start + c.length, dtype=self.attn_dtype)
+                mask.masked_fill_(torch.arange(c.start + c.length)[None, :] > q, torch.finfo(self.attn_dtype).min)
             chunks.append((row0, c.length, c.seq.slot, c.start, mask))
             for r in c.sample_rows:
                 sample_rows.append(row0 + r)
@@ -192,9 +194,9 @@ class ModelRunner:
             decode_slots = slice(s0, s0 + nd) if contiguous else slots_t[:nd]
             if min(lens) != decode_len:
                 lens_t = torch.tensor(lens)[:, None]
-                decode_mask = torch.zeros(nd, 1, 1, decode_len, dtype=self.kv_dtype)
+                decode_mask = torch.zeros(nd, 1, 1, decode_len, dtype=self.attn_dtype)
                 decode_mask[:, 0, 0].masked_fill_(torch.arange(decode_len)[None, :] >= lens_t,
-                                                  torch.finfo(self.kv_dtype).min)
+                                                  torch.finfo(self.attn_dtype).min)
         inputs = StepInputs(
             ids=torch.tensor(ids), cos=self.cos_table[pos_t][:, None], sin=self.sin_table[pos_t][:, None],
             write_idx=self.kv.write_index(slots_t, pos_t), num_decode=nd, decode_slots=decode_slots,
@@ -226,7 +228,7 @@ class ModelRunner:
                 slots = torch.arange(slots.start, slots.stop)
             mask = inp.decode_mask
             if mask is None:
-                mask = torch.zeros(inp.num_decode, 1, 1, inp.decode_len, dtype=self.kv_dtype)
+                mask = torch.zeros(inp.num_decode, 1, 1, inp.decode_len, dtype=self.attn_dtype)
             return self._compiled_decode(inp.ids, inp.cos, inp.sin, inp.write_idx, slots, mask)
         h = F.embedding(inp.ids, self.embed).to(self.dtype)  # [N, H]
         groups = inp.lora_groups
@@ -261,9 +263,9 @@ class ModelRunner:
             q, k, v = self._project_qkv(lw, _rms_norm(lw.ln1, h), cos, sin)
             self.kv.k_rows[layer_idx].index_copy_(0, write_idx, k.reshape(n * hkv, d).to(self.kv_dtype))
             self.kv.v_rows[layer_idx].index_copy_(0, write_idx, v.reshape(n * hkv, d).to(self.kv_dtype))
-            keys = self.kv.k[layer_idx][slots, :, :length]
-            values = self.kv.v[layer_idx][slots, :, :length]
-            o = F.scaled_dot_product_attention(q[:, :, None].to(self.kv_dtype), keys, values, attn_mask=mask, scale=self.scale,
+            keys = self.kv.k[layer_idx][slots, :, :length].to(self.attn_dtype)
+            values = self.kv.v[layer_idx][slots, :, :length].to(self.attn_dtype)
+            o = F.scaled_dot_product_attention(q[:, :, None].to(self.attn_dtype), keys, values, attn_mask=mask, scale=self.scale,
                                                enable_gqa=self.gqa)
             h = h + lw.o(o.reshape(n, hq * d).to(self.dtype))
             h = h + _ffn(lw, _rms_norm(lw.ln2, h))
@@ -278,15 +280,15 @@ class ModelRunner:
         out = torch.empty(n, hq * d, dtype=x.dtype)
         nd = inp.num_decode
         if nd:
-            keys = k_cache[inp.decode_slots, :, :inp.decode_len]  # [B_d, H_kv, L, D]
-            values = v_cache[inp.decode_slots, :, :inp.decode_len]
-            o = F.scaled_dot_product_attention(q[:nd, :, None].to(self.kv_dtype), keys, values, attn_mask=inp.decode_mask,
+            keys = k_cache[inp.decode_slots, :, :inp.decode_len].to(self.attn_dtype)  # [B_d, H_kv, L, D]
+            values = v_cache[inp.decode_slots, :, :inp.decode_len].to(self.attn_dtype)
+            o = F.scaled_dot_product_attention(q[:nd, :, None].to(self.attn_dtype), keys, values, attn_mask=inp.decode_mask,
                                                scale=self.scale, enable_gqa=self.gqa)  # [B_d, H, 1, D]
             out[:nd] = o.reshape(nd, hq * d)
         for row0, length, slot, pos0, mask in inp.chunks:
-            qc = q[row0:row0 + length].transpose(0, 1)[None].to(self.kv_dtype)  # [1, H, n, D]
-            keys = k_cache[slot:slot + 1, :, :pos0 + length]
-            values = v_cache[slot:slot + 1, :, :pos0 + length]
+            qc = q[row0:row0 + length].transpose(0, 1)[None].to(self.attn_dtype)  # [1, H, n, D]
+            keys = k_cache[slot:slot + 1, :, :pos0 + length].to(self.attn_dtype)
+            values = v_cache[slot:slot + 1, :, :pos0 + length].to(self.attn_dtype)
             o = F.scaled_dot_product_attention(qc, keys, values, attn_mask=mask, is_causal=mask is None and length > 1,
                                                scale=self.scale, enable_gqa=self.gqa)
             out[row0:row0 + length] = o[0].transpose(0, 1).reshape(length, hq * d)

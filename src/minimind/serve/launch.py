@@ -45,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     eng.add_argument("--quantization", default=None, choices=("int8", "dynamic"),
                      help="int8: int8 weights (per channel) x int8 activations (per 32 values, llama.cpp's Q8_0 "
                           "scheme); dynamic: torch.ao quantize_dynamic (the seeds' path)")
+    eng.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "float32", "float16"),
+                     help="KV cache storage; float16 halves its memory and what attention reads (values rounded to "
+                          "fp16, attention still computes in fp32); auto: fp32 on CPU")
     eng.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     eng.add_argument("--no-prefix-caching", action="store_true", help="do not reuse KV of shared prompt prefixes")
     return p
@@ -76,7 +79,8 @@ def load_engines(args: argparse.Namespace) -> dict:
     kwargs = {"tokenizer": tokenizer, "dtype": None if args.dtype == "auto" else args.dtype,
               "quantization": args.quantization, "max_model_len": args.max_model_len,
               "max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens,
-              "enable_prefix_caching": not args.no_prefix_caching, "threads": args.threads}
+              "enable_prefix_caching": not args.no_prefix_caching, "threads": args.threads,
+              "kv_dtype": None if args.kv_cache_dtype == "auto" else args.kv_cache_dtype}
     name = args.served_model_name or str(source.get("weight") or "minimind")
     if name in adapters:
         raise ValueError(f"--lora name {name!r} is the base model's id; pick another name")

@@ -1,18 +1,6 @@
 /* Attention, norms, RoPE and SiLU of the fused decode step (fp32). */
 #include "kernels.h"
 
-static inline float dot(const float *a, const float *b, int64_t n) {
-    int64_t i = 0;
-    float s = 0.f;
-#ifdef __AVX2__
-    __m256 acc = _mm256_setzero_ps();
-    for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
-    s = hsum(acc);
-#endif
-    for (; i < n; i++) s += a[i] * b[i];
-    return s;
-}
-
 #ifdef __AVX2__
 /* e^x for 8 lanes (Cephes expf: range reduction by ln 2, degree-5 polynomial; relative error < 1e-7 on the
  * clamped range [-87.3, 88]: e^-87.3 is the smallest normal float, and 2^n must not overflow) */
@@ -76,29 +64,43 @@ static float softmax_exp(float *sc, int64_t len) {
 
 #define VCHUNK 64  /* keys per pass over the values: 64 x D floats stay in L1 for every head of the group */
 
+#ifdef __AVX2__
+/* 8 cached values from fp32 or fp16 storage (F16C widens in one instruction) */
+static inline __attribute__((always_inline)) __m256 kv8(const void *p, int64_t i, const int f16) {
+    return f16 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)p + i)))
+               : _mm256_loadu_ps((const float *)p + i);
+}
+#endif
+
+static inline __attribute__((always_inline)) float kv1(const void *p, int64_t i, const int f16) {
+    return f16 ? half_to_float(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+
 /* The `group` query heads q [group, D] that share one kv head: softmax(q . keys[j] * scale) over j < len, then
- * the weighted sum of values[j] into o [group, D]. Keys and values are read from memory once for the whole group
- * (GQA), not once per query head. sc: group * len floats. */
-void attend_group(const float *q, int group, const float *keys, const float *vals, int64_t len, int64_t D,
-                  float scale, float *sc, float *o) {
+ * the weighted sum of values[j] into o [group, D]. Keys and values ([len, D], fp32 or fp16 when f16) are read
+ * from memory once for the whole group (GQA), not once per query head. sc: group * len floats. Inlined twice
+ * with a constant f16, so neither copy tests the storage type inside its loops. */
+static inline __attribute__((always_inline)) void attend(const float *q, int group, const void *keys,
+                                                         const void *vals, int64_t len, int64_t D, float scale,
+                                                         float *sc, float *o, const int f16) {
     int64_t j = 0;
 #ifdef __AVX2__
     if (D % 8 == 0)  /* eight keys at a time: independent FMA chains, then one transposing reduction (hadd) */
         for (; j + 8 <= len; j += 8) {
-            const float *k0 = keys + j * D;
+            const int64_t k0 = j * D;
             for (int h = 0; h < group; h++) {
                 const float *qh = q + h * D;
                 __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
                 for (int64_t i = 0; i < D; i += 8) {
                     const __m256 qv = _mm256_loadu_ps(qh + i);
-                    a0 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + i), a0);
-                    a1 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + D + i), a1);
-                    a2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + 2 * D + i), a2);
-                    a3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + 3 * D + i), a3);
-                    a4 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + 4 * D + i), a4);
-                    a5 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + 5 * D + i), a5);
-                    a6 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + 6 * D + i), a6);
-                    a7 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + 7 * D + i), a7);
+                    a0 = _mm256_fmadd_ps(qv, kv8(keys, k0 + i, f16), a0);
+                    a1 = _mm256_fmadd_ps(qv, kv8(keys, k0 + D + i, f16), a1);
+                    a2 = _mm256_fmadd_ps(qv, kv8(keys, k0 + 2 * D + i, f16), a2);
+                    a3 = _mm256_fmadd_ps(qv, kv8(keys, k0 + 3 * D + i, f16), a3);
+                    a4 = _mm256_fmadd_ps(qv, kv8(keys, k0 + 4 * D + i, f16), a4);
+                    a5 = _mm256_fmadd_ps(qv, kv8(keys, k0 + 5 * D + i, f16), a5);
+                    a6 = _mm256_fmadd_ps(qv, kv8(keys, k0 + 6 * D + i, f16), a6);
+                    a7 = _mm256_fmadd_ps(qv, kv8(keys, k0 + 7 * D + i, f16), a7);
                 }
                 /* [a0..a7] -> the 8 sums: pairwise hadds leave each 128-bit half with partial sums of 4 keys */
                 const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
@@ -109,7 +111,11 @@ void attend_group(const float *q, int group, const float *keys, const float *val
         }
 #endif
     for (; j < len; j++)
-        for (int h = 0; h < group; h++) sc[h * len + j] = dot(q + h * D, keys + j * D, D) * scale;
+        for (int h = 0; h < group; h++) {
+            float s = 0.f;
+            for (int64_t i = 0; i < D; i++) s += q[h * D + i] * kv1(keys, j * D + i, f16);
+            sc[h * len + j] = s * scale;
+        }
     float inv[group];
     for (int h = 0; h < group; h++) inv[h] = softmax_exp(sc + h * len, len);
     memset(o, 0, sizeof(float) * group * D);
@@ -125,11 +131,11 @@ void attend_group(const float *q, int group, const float *keys, const float *val
                 __m256 o2 = _mm256_loadu_ps(oh + i + 16), o3 = _mm256_loadu_ps(oh + i + 24);
                 for (j = j0; j < j1; j++) {
                     const __m256 pj = _mm256_set1_ps(p[j]);
-                    const float *v = vals + j * D + i;
-                    o0 = _mm256_fmadd_ps(pj, _mm256_loadu_ps(v), o0);
-                    o1 = _mm256_fmadd_ps(pj, _mm256_loadu_ps(v + 8), o1);
-                    o2 = _mm256_fmadd_ps(pj, _mm256_loadu_ps(v + 16), o2);
-                    o3 = _mm256_fmadd_ps(pj, _mm256_loadu_ps(v + 24), o3);
+                    const int64_t v = j * D + i;
+                    o0 = _mm256_fmadd_ps(pj, kv8(vals, v, f16), o0);
+                    o1 = _mm256_fmadd_ps(pj, kv8(vals, v + 8, f16), o1);
+                    o2 = _mm256_fmadd_ps(pj, kv8(vals, v + 16, f16), o2);
+                    o3 = _mm256_fmadd_ps(pj, kv8(vals, v + 24, f16), o3);
                 }
                 _mm256_storeu_ps(oh + i, o0), _mm256_storeu_ps(oh + i + 8, o1);
                 _mm256_storeu_ps(oh + i + 16, o2), _mm256_storeu_ps(oh + i + 24, o3);
@@ -137,13 +143,31 @@ void attend_group(const float *q, int group, const float *keys, const float *val
 #endif
             for (; i < D; i++) {
                 float acc = oh[i];
-                for (j = j0; j < j1; j++) acc += p[j] * vals[j * D + i];
+                for (j = j0; j < j1; j++) acc += p[j] * kv1(vals, j * D + i, f16);
                 oh[i] = acc;
             }
         }
     }
     for (int h = 0; h < group; h++)
         for (int64_t i = 0; i < D; i++) o[h * D + i] *= inv[h];
+}
+
+void attend_group(const float *q, int group, const void *keys, const void *vals, int64_t len, int64_t D,
+                  float scale, float *sc, float *o, int f16) {
+    if (f16) attend(q, group, keys, vals, len, D, scale, sc, o, 1);
+    else attend(q, group, keys, vals, len, D, scale, sc, o, 0);
+}
+
+/* dst[i] = x[i] for i < n into fp32 or (rounded to nearest even, as torch's .half()) fp16 storage */
+void kv_store(void *dst, const float *x, int64_t n, int f16) {
+    if (!f16) { memcpy(dst, x, sizeof(float) * n); return; }
+    uint16_t *d = dst;
+    int64_t i = 0;
+#ifdef __AVX2__
+    for (; i + 8 <= n; i += 8)
+        _mm_storeu_si128((__m128i *)(d + i), _mm256_cvtps_ph(_mm256_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT));
+#endif
+    for (; i < n; i++) d[i] = float_to_half(x[i]);
 }
 
 void rms_norm(const float *x, const float *w, int64_t n, double eps, float *out) {

@@ -4,7 +4,7 @@
  * stream weights at a third of DRAM speed on CPUs without AVX-512. Here every matrix-vector product reads
  * each weight row once for all B rows, widens bf16 in registers, multiplies int8 weights with int8-quantized
  * activations (q8.c), and the whole step runs inside one OpenMP parallel region. Activations, norms, RoPE,
- * softmax and the KV cache are fp32.
+ * softmax are fp32; the KV cache is fp32 or fp16.
  *
  * Built at first use by minimind/engine/fused.py (gcc/cc -O3 -march=native -fopenmp) and called via ctypes.
  */
@@ -18,7 +18,7 @@ typedef struct {
     Mat o;                         /* [hidden, Hq D] */
     Mat gate_up;                   /* [2 I, hidden]: gate | up */
     Mat down;                      /* [hidden, I] */
-    float *k_cache, *v_cache;      /* [slots, Hkv, max_len, D] */
+    void *k_cache, *v_cache;       /* [slots, Hkv, max_len, D], fp32 or fp16 (Model.kv_f16) */
 } Layer;
 
 typedef struct {
@@ -28,6 +28,7 @@ typedef struct {
     Mat embed;          /* [vocab, hidden], W_F32 or W_BF16 */
     const float *norm;  /* [hidden] */
     Mat lm_head;        /* [vocab, hidden] */
+    int64_t kv_f16;     /* the KV cache holds fp16 values (attention widens them; new keys/values are rounded) */
 } Model;
 
 #define ROWS_PER_TASK 16  /* output rows per OpenMP task; the packed path takes 4 of its 6-row blocks */
@@ -102,16 +103,17 @@ int minimind_decode(const Model *m, int64_t B, const int64_t *ids, const int64_t
                 int64_t b = t / Hkv, g = t % Hkv;
                 float *q = qkv + b * QKV + g * group * D, *k = qkv + b * QKV + (Hq + g) * D, *v = k + Hkv * D;
                 const float *c = cos + pos[b] * D, *s = sin + pos[b] * D;
-                float *kc = L->k_cache + (slots[b] * Hkv + g) * T * D, *vc = L->v_cache + (slots[b] * Hkv + g) * T * D;
+                const int64_t f16 = m->kv_f16, at = (slots[b] * Hkv + g) * T * D, esize = f16 ? 2 : 4;
+                char *kc = (char *)L->k_cache + at * esize, *vc = (char *)L->v_cache + at * esize;
                 for (int64_t j = 0; j < group; j++) {
                     if (L->q_norm) rms_norm(q + j * D, L->q_norm, D, m->eps, q + j * D);
                     rope(q + j * D, c, s, D);
                 }
                 if (L->k_norm) rms_norm(k, L->k_norm, D, m->eps, k);
                 rope(k, c, s, D);
-                memcpy(kc + pos[b] * D, k, sizeof(float) * D);
-                memcpy(vc + pos[b] * D, v, sizeof(float) * D);
-                attend_group(q, (int)group, kc, vc, pos[b] + 1, D, scale, sc, att + b * Hq * D + g * group * D);
+                kv_store(kc + pos[b] * D * esize, k, D, (int)f16);
+                kv_store(vc + pos[b] * D * esize, v, D, (int)f16);
+                attend_group(q, (int)group, kc, vc, pos[b] + 1, D, scale, sc, att + b * Hq * D + g * group * D, (int)f16);
             }
             PACK(&L->o, att, Hq * D, Hq * D);
 #pragma omp for schedule(static)

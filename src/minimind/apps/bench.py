@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from .bench_memory import print_memory_table
-from .bench_workers import METRICS, worker_loop
+from .bench_workers import AGG_ROUNDS, METRICS, worker_loop
 
 MODELS = {"small": "minimind2-small", "base": "minimind2", "default": None}  # None = the embedded model
 LLAMA_TYPES = {"fp32": "f32", "bf16": "f16", "int8": "q8_0"}  # matched precision for llama.cpp
@@ -201,8 +201,9 @@ def print_table(report: dict) -> None:
     from rich.table import Table
 
     conc = report["args"]["concurrency"]
-    table = Table(title="minimind bench (tokens/s; higher is better; best of "
-                        f"{report['args']['repeats']}, threads={report['args']['threads']})")
+    table = Table(title="minimind bench (tokens/s; higher is better; prefill and decode best of "
+                        f"{report['args']['repeats']}, agg@N best of {AGG_ROUNDS} with that round's TTFT, "
+                        f"threads={report['args']['threads']})")
     for col in ["model", "dtype", "impl", "prefill", "decode b1", "x HF", "x llama.cpp",
                 *[f"agg@{n}" for n in conc], *[f"TTFT@{n} ms" for n in conc], f"peak RSS MB (KV of {max(conc)} seq.)"]:
         table.add_column(col, justify="left" if col in ("model", "dtype", "impl") else "right")

@@ -19,6 +19,10 @@ import time
 
 from .bench_memory import peak_rss_mb, worker_memory
 
+# aggregate throughput at N sequences: best of this many rounds (like prefill and decode, whose rounds alternate
+# with the peers': one round's wall time moves with whatever else the machine's cores run at that moment)
+AGG_ROUNDS = 3
+
 
 def prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
     import random
@@ -59,11 +63,13 @@ class Ours:
         a, llm = self.a, self.llm
         res = {"kv_cache_mb": llm.kv.nbytes / 2**20, "weights_mb": llm.runner.weight_bytes / 2**20}
         for n in a["concurrency"]:
-            outs = llm.generate(prompts(n, 32, self.vocab, 300 + n), self.full)
-            start = min(o.metrics["arrival"] for o in outs)
-            wall = max(o.metrics["finished"] for o in outs) - start
-            res[f"agg_tps@{n}"] = n * a["decode_tokens"] / wall
-            res[f"ttft_ms@{n}"] = 1000 * sum(o.metrics["first_token"] - o.metrics["arrival"] for o in outs) / n
+            for r in range(AGG_ROUNDS):  # fresh prompts every round: no prefix-cache hits
+                outs = llm.generate(prompts(n, 32, self.vocab, 300 + n + 1000 * r), self.full)
+                start = min(o.metrics["arrival"] for o in outs)
+                wall = max(o.metrics["finished"] for o in outs) - start
+                if n * a["decode_tokens"] / wall > res.get(f"agg_tps@{n}", 0.0):  # the best round, with its TTFT
+                    res[f"agg_tps@{n}"] = n * a["decode_tokens"] / wall
+                    res[f"ttft_ms@{n}"] = 1000 * sum(o.metrics["first_token"] - o.metrics["arrival"] for o in outs) / n
         res["peak_rss_mb"] = peak_rss_mb()
         if a.get("chat_turns"):
             del self.llm, llm
@@ -125,10 +131,12 @@ class Transformers:
     def rest(self) -> dict:
         res = {}
         for n in self.a["peer_concurrency"]:
-            p = prompts(n, 32, self.vocab, 300 + n)
-            ttft = self._run(p, 1)
-            res[f"agg_tps@{n}"] = n * self.a["decode_tokens"] / self._run(p, self.a["decode_tokens"])
-            res[f"ttft_ms@{n}"] = 1000 * ttft
+            for r in range(AGG_ROUNDS):
+                p = prompts(n, 32, self.vocab, 300 + n + 1000 * r)
+                ttft = self._run(p, 1)
+                agg = n * self.a["decode_tokens"] / self._run(p, self.a["decode_tokens"])
+                if agg > res.get(f"agg_tps@{n}", 0.0):
+                    res[f"agg_tps@{n}"], res[f"ttft_ms@{n}"] = agg, 1000 * ttft
         res["peak_rss_mb"] = peak_rss_mb()
         return res
 

@@ -144,7 +144,31 @@ void pack_x(const float *x, int64_t ldx, int64_t B, int64_t K, float *xp) {
 /* out[r][16] = w[r] . xp panel for 6 weight rows (ldw apart); named accumulators stay in registers. */
 static void gemm_tile6(const float *w, int64_t ldw, const float *xp, int64_t K, float *out, const char *pf,
                        int64_t pf_step) {
-#ifdef __AVX2__
+#ifdef __AVX512F__
+    /* a panel row of 16 is one zmm: 6 FMAs per k; two k per iteration into separate accumulators keep 12 FMA
+     * chains in flight (6 alone would wait on the FMA latency) */
+    __m512 e0 = _mm512_setzero_ps(), e1 = e0, e2 = e0, e3 = e0, e4 = e0, e5 = e0;
+    __m512 o0 = e0, o1 = e0, o2 = e0, o3 = e0, o4 = e0, o5 = e0;
+    const float *w0 = w, *w1 = w + ldw, *w2 = w + 2 * ldw, *w3 = w + 3 * ldw, *w4 = w + 4 * ldw, *w5 = w + 5 * ldw;
+    int64_t k = 0;
+    for (; k + 2 <= K; k += 2) {
+        if (pf) _mm_prefetch(pf + k * pf_step, _MM_HINT_T0), _mm_prefetch(pf + (k + 1) * pf_step, _MM_HINT_T0);
+        const __m512 x0 = _mm512_loadu_ps(xp + k * PANEL), x1 = _mm512_loadu_ps(xp + (k + 1) * PANEL);
+#define ROW(i) e##i = _mm512_fmadd_ps(_mm512_set1_ps(w##i[k]), x0, e##i); \
+               o##i = _mm512_fmadd_ps(_mm512_set1_ps(w##i[k + 1]), x1, o##i);
+        ROW(0) ROW(1) ROW(2) ROW(3) ROW(4) ROW(5)
+#undef ROW
+    }
+    if (k < K) {
+        const __m512 x0 = _mm512_loadu_ps(xp + k * PANEL);
+#define ROW(i) e##i = _mm512_fmadd_ps(_mm512_set1_ps(w##i[k]), x0, e##i);
+        ROW(0) ROW(1) ROW(2) ROW(3) ROW(4) ROW(5)
+#undef ROW
+    }
+#define STORE(i) _mm512_storeu_ps(out + i * PANEL, _mm512_add_ps(e##i, o##i));
+    STORE(0) STORE(1) STORE(2) STORE(3) STORE(4) STORE(5)
+#undef STORE
+#elif defined(__AVX2__)
     __m256 a00 = _mm256_setzero_ps(), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00, a30 = a00,
            a31 = a00, a40 = a00, a41 = a00, a50 = a00, a51 = a00;
     const float *w0 = w, *w1 = w + ldw, *w2 = w + 2 * ldw, *w3 = w + 3 * ldw, *w4 = w + 4 * ldw, *w5 = w + 5 * ldw;

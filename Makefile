@@ -26,13 +26,30 @@ $(BIN)/.test-extras: $(BIN)/.installed
 		|| echo "note: llama-cpp-python not installed: llama.cpp checks will be skipped"
 	touch $@
 
+# The browser tests drive Debian's Chromium and the Ollama tests render Modelfile templates with Go's text/template.
+# As root on a Debian/Ubuntu machine (CI, containers) they are installed here; elsewhere those tests skip and say why.
+$(BIN)/.test-system: $(BIN)/.installed
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+		&& { ! command -v chromium >/dev/null || ! command -v go >/dev/null; }; then \
+		echo "installing chromium and golang-go (apt-get) for the browser and Modelfile-template tests"; \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium golang-go >/dev/null; } \
+		|| echo "note: chromium / golang-go not installed: browser and Modelfile-template tests will be skipped"; \
+	fi
+	touch $@
+
+# Exported HF folders must load in transformers 4.x too (users who have not moved to 5): a second, small venv.
+T4 := .venv-t4/bin
+$(T4)/.installed:
+	{ $(PYTHON) -m venv .venv-t4 && $(T4)/pip install -q $(TORCH) "transformers>=4.57,<5" && touch $@; } \
+		|| echo "note: no transformers 4.x venv: the 4.x compatibility tests will be skipped"
+
 setup: $(BIN)/.installed
 
 chat: setup
 	$(BIN)/minimind chat
 
-test: $(BIN)/.test-extras
+test: $(BIN)/.test-extras $(BIN)/.test-system $(T4)/.installed
 	$(BIN)/python -m pytest -q
 
 clean:
-	rm -rf $(VENV)
+	rm -rf $(VENV) .venv-t4

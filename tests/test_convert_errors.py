@@ -137,12 +137,16 @@ def test_int8_quantize_format_and_accuracy(tmp_path):
         quantize_int8(pth, tmp_path / "q")
 
 
-@pytest.mark.skipif(not Path("/work/refgen/venv457/bin/python").exists() and not os.environ.get("TRANSFORMERS4_PYTHON"),
-                    reason="no transformers 4.x interpreter (set TRANSFORMERS4_PYTHON) to check 4.x compatibility")
+# `make test` builds .venv-t4 (transformers 4.57); TRANSFORMERS4_PYTHON points at another 4.x interpreter
+TRANSFORMERS4 = os.environ.get("TRANSFORMERS4_PYTHON") or str(Path(__file__).resolve().parents[1] / ".venv-t4/bin/python")
+
+
+@pytest.mark.skipif(not Path(TRANSFORMERS4).exists(),
+                    reason="no transformers 4.x interpreter (`make test` builds .venv-t4; or set TRANSFORMERS4_PYTHON)")
 @pytest.mark.parametrize("era,cls", [("2510", "LlamaForCausalLM"), ("minimind3-moe", "Qwen3MoeForCausalLM"),
                                      ("minimind2-moe", "Qwen2MoeForCausalLM")])
 def test_hf_export_loads_in_transformers_4(tmp_path, era, cls):
-    python = os.environ.get("TRANSFORMERS4_PYTHON", "/work/refgen/venv457/bin/python")
+    python = TRANSFORMERS4
     pth, tok = native_era(tmp_path, era)
     arch = "qwen2_moe" if era == "minimind2-moe" else None
     out = export_hf(pth, tmp_path / "hf", tokenizer=tok, dtype="float32", arch=arch, show_progress=False)

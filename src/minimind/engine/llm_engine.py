@@ -31,8 +31,8 @@ class LLM:
     per output channel; with the C kernels activations are quantized to int8 per 32 values for integer products,
     llama.cpp's Q8_0 scheme, kernels/q8.c) or "dynamic" (torch.ao quantize_dynamic, the seeds' path).
     max_model_len / max_num_seqs size the KV cache once; more requests wait in a queue. kv_dtype: its storage,
-    None (the activation dtype; fp32 under bf16/int8 weights on CPUs without native bf16), "float32", "bfloat16" or
-    "float16" (a storage format only: half the memory and half the bytes attention reads; attention computes in fp32).
+    None (fp32 when the fused kernel runs or the CPU lacks native bf16, else the activation dtype), "float32",
+    "bfloat16" or "float16" (storage only: half the memory and half the bytes attention reads; it computes in fp32).
     fused: decode-only steps of dense models on CPU run as one C call, and prompt-chunk products of dense weights
     use its packed GEMM (engine/fused.py, built at first use); False, or no C compiler, keeps every step on torch.
     lora_adapters: {name: LoRA file or state_dict}; a request picks one with `lora=name` and requests for

@@ -20,7 +20,7 @@ def test_worker_table_and_chart(tmp_path, capsys):
         assert ours[key] > 0, key
     hf = run_inline("transformers", {**args, "dtype": "fp32"})
     assert hf["decode_tps"] > 0 and hf["agg_tps@1"] > 0
-    report = {"machine": bench.machine(), "notes": ["llama.cpp [skipped] for the test"],
+    report = {"machine": bench.machine(threads=1), "notes": ["llama.cpp [skipped] for the test"],
               "args": {"concurrency": [1, 2], "repeats": 1, "threads": 1, "chat_turns": 2},
               "results": [{"model": "tiny", "dtype": "int8", "impl": "minimind", **ours},
                           {"model": "tiny", "dtype": "int8", "impl": "transformers", **hf},
@@ -28,6 +28,7 @@ def test_worker_table_and_chart(tmp_path, capsys):
     bench.print_table(report)
     out = capsys.readouterr().out
     assert "minimind bench" in out and "[skipped]" in out and "turn 1 -> turn 2" in out
+    assert report["machine"]["read_gb_s"] > 0 and "GB/s with threads=1" in out
     bench.draw_chart(report, tmp_path / "chart.png")
     assert (tmp_path / "chart.png").stat().st_size > 1000
     json.dumps(report)

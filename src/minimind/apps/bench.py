@@ -142,19 +142,41 @@ def _spawn_memory(args: dict) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def machine() -> dict:
+def machine(threads: int | None = None) -> dict:
     import torch
 
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
-            "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+    out = {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
+           "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+    if threads:
+        out["read_gb_s"] = read_bandwidth(threads)
+    return out
+
+
+def read_bandwidth(threads: int, mb: int = 104) -> float:
+    """GB/s at which `threads` threads read a buffer the size of MiniMind2-Small's fp32 weights (torch.sum, best of
+    10): the ceiling of every batch-1 decoder, which reads each weight once per token."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        x = torch.ones(mb * 2**20 // 4)
+        best = float("inf")
+        for _ in range(10):
+            t = time.perf_counter()
+            x.sum()
+            best = min(best, time.perf_counter() - t)
+        return x.numel() * 4 / best / 1e9
+    finally:
+        torch.set_num_threads(previous)
 
 
 def run(args) -> dict:
     have_llama = _has_llama_cpp()
     notes = [] if have_llama else [("llama.cpp peer skipped: llama-cpp-python is not installed "
-                                    "(pip install 'minimind[bench]' or pip install llama-cpp-python)")]
+                                    "(pip install 'minimind[llamacpp]')")]
     tokenizer = Path(args.tokenizer) if args.tokenizer else (SHARED_TOKENIZER if SHARED_TOKENIZER.is_dir() else None)
     rows = []
     with tempfile.TemporaryDirectory(prefix="minimind-bench-") as tmp:
@@ -181,7 +203,7 @@ def run(args) -> dict:
                         if "error" in mem:
                             notes.append(f"chat memory {label} {dtype}: {mem['error']}")
                     rows.append(row)
-    return {"machine": machine(), "args": vars(args), "notes": notes, "results": rows}
+    return {"machine": machine(args.threads), "args": vars(args), "notes": notes, "results": rows}
 
 
 def _has_llama_cpp() -> bool:
@@ -230,6 +252,10 @@ def print_table(report: dict) -> None:
                           f"{r['chat_ttft_ms_turn1_cached']:.0f} -> {r[f'chat_ttft_ms_turn{turns}_cached']:.0f} ms "
                           f"with prefix cache, {r['chat_ttft_ms_turn1_uncached']:.0f} -> "
                           f"{r[f'chat_ttft_ms_turn{turns}_uncached']:.0f} ms without")
+    m = report["machine"]
+    if m.get("read_gb_s"):  # what bounds batch-1 decode: every weight is read once per token
+        console.print(f"{m['cpu']}, {m['cores']} cores: memory read {m['read_gb_s']:.1f} GB/s with "
+                      f"threads={report['args']['threads']} (batch-1 decode reads every weight once per token)")
     for note in report["notes"]:
         console.print(f"[yellow]note:[/] {escape(note)}")
 

@@ -154,23 +154,23 @@ def machine(threads: int | None = None) -> dict:
     return out
 
 
-def read_bandwidth(threads: int, mb: int = 104) -> float:
-    """GB/s at which `threads` threads read a buffer the size of MiniMind2-Small's fp32 weights (torch.sum, best of
-    10): the ceiling of every batch-1 decoder, which reads each weight once per token."""
+def read_bandwidth(threads: int, mb: int = 104) -> float | None:
+    """GB/s at which `threads` threads read a buffer the size of MiniMind2-Small's fp32 weights (the kernels' stream
+    sum, best of 10): the ceiling of every batch-1 decoder, which reads each weight once per token. None without
+    the C kernels."""
     import torch
 
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        x = torch.ones(mb * 2**20 // 4)
-        best = float("inf")
-        for _ in range(10):
-            t = time.perf_counter()
-            x.sum()
-            best = min(best, time.perf_counter() - t)
-        return x.numel() * 4 / best / 1e9
-    finally:
-        torch.set_num_threads(previous)
+    from minimind.engine.fused import stream_sum
+
+    x = torch.ones(mb * 2**20 // 4)
+    if stream_sum(x, threads) is None:
+        return None
+    best = float("inf")
+    for _ in range(10):
+        t = time.perf_counter()
+        stream_sum(x, threads)
+        best = min(best, time.perf_counter() - t)
+    return x.numel() * 4 / best / 1e9
 
 
 def run(args) -> dict:

@@ -114,3 +114,51 @@ def test_server_process_failures_and_cleanup(tmp_path):
         assert srv.peak_rss_mb() > 0
         raise KeyboardInterrupt
     assert srv.proc.poll() is not None
+
+
+def _sse_server(events: list[tuple[float, bytes]], close: bool):
+    """An asyncio HTTP server answering any request with a chunked SSE body: (delay s, event bytes) in order;
+    closes the connection at the end unless close=False (then holds it open until the client leaves)."""
+    import asyncio
+
+    async def handle(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
+        for delay, event in events:
+            await asyncio.sleep(delay)
+            writer.write(b"%x\r\n%s\r\n" % (len(event), event))
+            await writer.drain()
+        writer.write(b"0\r\n\r\n")
+        if close:
+            writer.close()
+        else:
+            await reader.read()  # the client closes
+
+    return asyncio.start_server(handle, "127.0.0.1", 0)
+
+
+@pytest.mark.parametrize("close", [True, False])
+def test_client_times_first_chunk_and_end_with_batched_reads(monkeypatch, close):
+    """After the first text chunk the client reads in batches (SO_RCVLOWAT): the first chunk must still be timed
+    when it arrives, every later chunk counted, the end seen when the server closes (or, for a server that keeps
+    the connection open, after the batched-read timeout) and the usage event's count used."""
+    import asyncio
+
+    monkeypatch.setattr(bench_http, "BATCHED_READ_TIMEOUT", 0.3)
+    text = [b'data: {"choices":[{"text":"t%d"}]}\n\n' % i for i in range(30)]
+    events = [(0, b'data: {"choices":[{"text":""}]}\n\n'), (0, text[0])] + [(0.01, t) for t in text[1:]]
+    events += [(0, b'data: {"choices":[],"usage":{"completion_tokens":31}}\n\n'), (0, b"data: [DONE]\n\n")]
+
+    async def run():
+        server = await _sse_server(events, close)
+        port = server.sockets[0].getsockname()[1]
+        async with server:
+            # a client that waits for bytes which never come would hang here: fail instead
+            return await asyncio.wait_for(
+                bench_http.stream_completion(f"http://127.0.0.1:{port}", "/v1/completions", {}), 10)
+
+    r = asyncio.run(run())
+    assert r["chunks"] == 30 and r["tokens"] == 31
+    assert r["first"] - r["start"] < 0.15  # the 29 later chunks take >= 0.29 s
+    assert r["end"] - r["start"] >= 0.29
+    assert r["end"] - r["start"] < (0.29 + 0.3 + 0.5 if not close else 0.29 + 0.2)

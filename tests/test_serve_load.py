@@ -15,16 +15,19 @@ from test_serve import serve, wait_idle
 pytest.importorskip("fastapi")
 
 
-@pytest.fixture(scope="module")
-def server():
+@pytest.fixture(scope="module", params=["thread", "inline"])
+def server(request):
+    """The engine stepped on its own thread, and inline on the event loop (`--engine-loop`)."""
     from transformers import AutoTokenizer
 
     from minimind.engine import LLM
     from minimind.serve import create_app
+    from minimind.serve.engine_client import AsyncEngine
 
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir("minimind2")))
     llm = LLM(tiny_model(vocab_size=6400), tokenizer=tok, max_num_seqs=8, max_model_len=128)
-    app = create_app(llm, served_model_name="tiny", max_queue=128)
+    app = create_app({"tiny": AsyncEngine(llm, max_queue=128, inline=request.param == "inline")}, max_queue=128)
+    assert app.state.ctx.engines["tiny"].inline == (request.param == "inline")
     with serve(app) as url:
         yield url, app.state.ctx.engines["tiny"]
 
@@ -96,7 +99,8 @@ def test_64_streams_with_disconnects(server):
     assert s["running"] == 0 and s["waiting"] == 0
 
 
-def test_graceful_shutdown_drains_running_streams():
+@pytest.mark.parametrize("inline", [False, True])
+def test_graceful_shutdown_drains_running_streams(inline):
     import socket
     import threading
     import time
@@ -111,12 +115,17 @@ def test_graceful_shutdown_drains_running_streams():
     llm = LLM(tiny_model(vocab_size=6400), tokenizer=tok, max_num_seqs=2, max_model_len=128)
     original = llm.runner.sample
 
+    stepped_on = set()
+
     def slow(logits, seqs):  # long enough that shutdown begins mid-stream
+        stepped_on.add(threading.get_ident())
         time.sleep(0.03)
         return original(logits, seqs)
 
     llm.runner.sample = slow
-    app = create_app(llm, served_model_name="tiny")
+    from minimind.serve.engine_client import AsyncEngine
+
+    app = create_app({"tiny": AsyncEngine(llm, inline=inline)})
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -138,3 +147,4 @@ def test_graceful_shutdown_drains_running_streams():
     assert events[-1] == "data: [DONE]"
     assert json.loads(events[-2][6:])["choices"][0]["finish_reason"] == "length"
     assert llm.scheduler.slots.num_free == 2
+    assert (stepped_on == {thread.ident}) == inline  # inline: on the thread running the event loop

@@ -120,6 +120,29 @@ def test_serve_steps_on_the_thread_that_loaded_the_model(tmp_path, monkeypatch):
     assert threading.get_ident() not in seen["load"]
 
 
+@pytest.mark.parametrize(("flags", "inline"), [(["--max-num-seqs", "1"], True), (["--max-num-seqs", "2"], False),
+                                               (["--max-num-seqs", "1", "--engine-loop", "thread"], False),
+                                               (["--max-num-seqs", "2", "--engine-loop", "inline"], True)])
+def test_engine_loop_flag(tmp_path, flags, inline):
+    """--engine-loop auto steps inline on the event loop with one slot, on the engine thread otherwise; both serve."""
+    import torch
+    from fastapi.testclient import TestClient
+
+    from conftest import tiny_model, tokenizer_dir
+    from minimind.serve import launch
+
+    torch.save(tiny_model(vocab_size=6400, hidden_size=64).state_dict(), tmp_path / "full_sft_64.pth")
+    args = launch.build_parser().parse_args(["--load_from", str(tokenizer_dir("minimind2")), "--save_dir",
+                                             str(tmp_path), "--weight", "full_sft", "--hidden_size", "64",
+                                             "--max-model-len", "64", *flags])
+    app = launch.build_app(args)
+    engine = app.state.ctx.engines["full_sft"]
+    assert engine.inline == inline and (engine.engine_thread is None) == inline
+    with TestClient(app) as client:
+        r = client.post("/v1/completions", json={"prompt": [5, 6, 7], "max_tokens": 4, "ignore_eos": True})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
+
+
 def test_llm_launch_builds_and_steps_on_one_thread():
     import threading
 
@@ -149,8 +172,10 @@ def test_llm_launch_builds_and_steps_on_one_thread():
         LLM.launch(lambda: (_ for _ in ()).throw(ValueError("boom")))
 
 
-def test_serve_process_exits_on_forced_shutdown_mid_stream(tmp_path):
-    """A second Ctrl-C while a stream runs ends the process (the engine loop must not keep the interpreter alive)."""
+@pytest.mark.parametrize("flags", [[], ["--max-num-seqs", "1"]], ids=["engine-thread", "inline"])
+def test_serve_process_exits_on_forced_shutdown_mid_stream(tmp_path, flags):
+    """A second Ctrl-C while a stream runs ends the process (the engine loop must not keep the interpreter alive),
+    with the engine on its thread and stepped inline on the event loop (one slot: --engine-loop auto)."""
     import os
     import signal
     import socket
@@ -169,7 +194,7 @@ def test_serve_process_exits_on_forced_shutdown_mid_stream(tmp_path):
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "minimind", "serve", "--load_from", str(tokenizer_dir("minimind2")), "--save_dir",
            str(tmp_path), "--weight", "full_sft", "--hidden_size", "64", "--port", str(port), "--max-model-len", "4096",
-           "--threads", "1", "--log-level", "warning"]
+           "--threads", "1", "--log-level", "warning", *flags]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ))
     try:
         url = f"http://127.0.0.1:{port}"

@@ -48,6 +48,7 @@ def sse(obj) -> bytes:
 
 
 SSE_DONE = b"data: [DONE]\n\n"
+RAW_SEND = "minimind.raw_send"  # scope key of the HTTP server's own send (openai_server.ServingApp)
 
 
 class SSEResponse(Response):
@@ -64,9 +65,10 @@ class SSEResponse(Response):
 
     async def __call__(self, scope, receive, send) -> None:
         await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        body_send = scope.get(RAW_SEND, send)  # the middlewares only watch the start: chunks skip their wrappers
         try:
             async for chunk in self.chunks:
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                await body_send({"type": "http.response.body", "body": chunk, "more_body": True})
         finally:
             await self.chunks.aclose()  # its finally (abort, watcher cancel) runs even if a send failed
         await send({"type": "http.response.body", "body": b"", "more_body": False})

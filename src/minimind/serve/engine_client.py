@@ -10,6 +10,12 @@ blocking `queue.Queue`s, which an event loop could only read by parking one thre
 that opens parallel regions a team of its own, and a second team (model built on the main thread, stepped on
 another) puts more OpenMP threads than CPUs in the process, which makes libgomp stop spinning and pay a futex
 wake-up at every parallel region (docs/benchmarks.md, "Where the HTTP cost goes").
+
+With one sequence slot (`minimind serve --max-num-seqs 1`, `--engine-loop auto`) the event loop steps the engine
+itself (`inline=True`): a one-row step keeps both cores busy, so there is nothing for the HTTP work to overlap,
+and handing every token to another thread (a wake-up, then the GIL back and forth) cost more than the HTTP work
+itself: 11-13 % of one stream's tokens/s against 6-7 % inline. With several streams the thread wins (8 streams,
+bf16: 5 % against 13 %): inline, the second core only spins while the loop writes every stream's chunk.
 """
 from __future__ import annotations
 
@@ -48,16 +54,18 @@ class RequestHandle:
         self.final: RequestOutput | None = None
 
     def __aiter__(self):
-        return self._iter()
+        return self
 
-    async def _iter(self):
-        while self.final is None:
-            item = await self._stream.queue.get()
-            if isinstance(item, BaseException):
-                raise EngineDead(f"engine step failed: {type(item).__name__}: {item}") from item
-            if item.finished:
-                self.final = item
-            yield item
+    async def __anext__(self) -> RequestOutput:
+        # a coroutine, not an async generator: one frame less per streamed token
+        if self.final is not None:
+            raise StopAsyncIteration
+        item = await self._stream.queue.get()
+        if isinstance(item, BaseException):
+            raise EngineDead(f"engine step failed: {type(item).__name__}: {item}") from item
+        if item.finished:
+            self.final = item
+        return item
 
     async def result(self) -> RequestOutput:
         async for _ in self:
@@ -101,12 +109,18 @@ class EngineThread:
 
 class AsyncEngine:
     """Wraps an LLM (not started) for one served model id. max_queue bounds waiting requests (429 beyond it).
-    thread: the EngineThread that built the LLM (its step loop then runs there); None starts a plain thread."""
+    thread: the EngineThread that built the LLM (its step loop then runs there); None starts a plain thread.
+    inline: step on the event loop instead (a task started by `start()` inside the loop; build the LLM on the
+    thread that runs that loop)."""
 
-    def __init__(self, llm: LLM, *, max_queue: int = 256, thread: EngineThread | None = None):
+    def __init__(self, llm: LLM, *, max_queue: int = 256, thread: EngineThread | None = None, inline: bool = False):
         if llm._thread is not None:
             raise ValueError("pass an LLM whose background loop is not started: AsyncEngine drives step() itself")
-        self.engine_thread = thread
+        if inline and thread is not None:
+            raise ValueError("an inline engine steps on the event loop: it takes no EngineThread")
+        self.engine_thread, self.inline = thread, inline
+        self._task: asyncio.Task | None = None
+        self._awake: asyncio.Event | None = None
         self._loop_done: Future | None = None
         self.llm, self.max_queue = llm, max_queue
         self.tokenizer, self.max_model_len = llm.tokenizer, llm.max_model_len
@@ -124,7 +138,10 @@ class AsyncEngine:
         if self._running:
             return self
         self._stopping, self.accepting = False, True
-        if self.engine_thread is not None:
+        if self.inline:  # must be called on the event loop (the lifespan does)
+            self._awake = asyncio.Event()
+            self._task = asyncio.get_running_loop().create_task(self._step_task(), name="minimind-engine-steps")
+        elif self.engine_thread is not None:
             self._loop_done = self.engine_thread.submit(self._loop)
         else:
             self._thread = threading.Thread(target=self._loop, name="minimind-serve-engine", daemon=True)
@@ -133,7 +150,16 @@ class AsyncEngine:
 
     @property
     def _running(self) -> bool:
+        if self._task is not None:
+            return not self._task.done()
         return self._thread is not None or (self._loop_done is not None and not self._loop_done.done())
+
+    def _kick(self) -> None:
+        """Wake the step loop: new work or an abort. Inline, callers are on the event loop."""
+        if self._awake is not None:
+            self._awake.set()
+        else:
+            self._wake.set()
 
     async def drain(self, timeout: float = 30.0) -> None:
         """Graceful shutdown: refuse new requests, let running ones finish (up to timeout), then stop."""
@@ -141,10 +167,21 @@ class AsyncEngine:
         deadline = time.monotonic() + timeout
         while self._streams and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
+        if self.inline:  # the steps run on this loop: wait here for the aborts to come out, then stop them
+            for rid in list(self._streams):
+                self.abort(rid)
+            deadline = time.monotonic() + 5
+            while self._running and self._streams and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
         self.shutdown()
 
     def shutdown(self) -> None:
         self.accepting = False
+        if self._task is not None:  # inline: drain() already waited; a step never stops half-way (no await in it)
+            self._stopping = True
+            self._task.cancel()
+            self._task = None
+            return
         with self._lock:
             pending = list(self._streams)
         for rid in pending:
@@ -196,34 +233,48 @@ class AsyncEngine:
             with self._lock:
                 self._streams.pop(request_id, None)
             raise
-        self._wake.set()
+        self._kick()
         return RequestHandle(self, request_id, prompt_token_ids, stream)
 
     def abort(self, request_id: str) -> None:
         self.llm.abort(request_id)
-        self._wake.set()
+        self._kick()
 
-    # ---------------------------------------------------------------- engine thread
+    # ---------------------------------------------------------------- stepping
+    async def _step_task(self) -> None:
+        """Inline: one step, then one turn of the event loop (each stream writes its chunk; new requests get
+        in), and so on; idle, it waits for submit/abort."""
+        while not self._stopping:
+            self._awake.clear()
+            if not self.llm.has_unfinished():
+                await self._awake.wait()
+                continue
+            self._step_once()
+            await asyncio.sleep(0)
+
     def _loop(self) -> None:
         while not self._stopping:
             self._wake.clear()
             if not self.llm.has_unfinished():
                 self._wake.wait(0.5)
                 continue
+            self._step_once()
+
+    def _step_once(self) -> None:
+        try:
+            outputs = self.llm.step()
+            self.error = None
+        except BaseException as exc:  # fail the requests in flight, keep serving the next ones
+            log.exception("engine step failed")
+            self.error = exc
+            self._fail_all(exc)
+            return
+        for hook in self.step_hooks:
             try:
-                outputs = self.llm.step()
-                self.error = None
-            except BaseException as exc:  # fail the requests in flight, keep serving the next ones
-                log.exception("engine step failed")
-                self.error = exc
-                self._fail_all(exc)
-                continue
-            for hook in self.step_hooks:
-                try:
-                    hook(outputs)
-                except Exception:  # metrics must never take the engine down
-                    log.exception("step hook failed")
-            self._deliver(outputs)
+                hook(outputs)
+            except Exception:  # metrics must never take the engine down
+                log.exception("step hook failed")
+        self._deliver(outputs)
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         """One wake-up of each event loop per step (not one per request: each costs the loop a self-pipe read)."""
@@ -235,6 +286,9 @@ class AsyncEngine:
                 if stream is not None:
                     by_loop.setdefault(stream.loop, []).append((stream.queue, out))
         for loop, items in by_loop.items():
+            if self.inline:  # already on that loop
+                _put_all(items)
+                continue
             try:
                 loop.call_soon_threadsafe(_put_all, items)
             except RuntimeError:  # the event loop is closed (shutdown): nobody is listening any more

@@ -49,6 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="KV cache storage; float16 halves its memory and what attention reads (values rounded to "
                           "fp16, attention still computes in fp32); auto: fp32 on CPU")
     eng.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    eng.add_argument("--engine-loop", default="auto", choices=("auto", "thread", "inline"),
+                     help="where engine steps run: thread (overlaps the HTTP work of many streams with the step) or "
+                          "inline on the event loop (no hand-off per token: cheaper for a single stream); auto: "
+                          "inline when --max-num-seqs is 1")
     eng.add_argument("--no-prefix-caching", action="store_true", help="do not reuse KV of shared prompt prefixes")
     return p
 
@@ -88,14 +92,20 @@ def load_engines(args: argparse.Namespace) -> dict:
 
 
 def build_app(args: argparse.Namespace):
-    """The FastAPI app of `minimind serve` for parsed args; the model is loaded on the engine thread that will
-    run every step of it (one OpenMP team in the process: engine_client.EngineThread)."""
+    """The FastAPI app of `minimind serve` for parsed args; the model is loaded on the thread that will run every
+    step of it (one OpenMP team in the process: engine_client.EngineThread): the engine thread, or for
+    --engine-loop inline the calling thread, which must then run the event loop (main() does)."""
     from .engine_client import AsyncEngine, EngineThread
     from .openai_server import create_app
 
-    thread = EngineThread()
-    engines = thread.call(load_engines, args)
-    engines = {name: AsyncEngine(llm, max_queue=args.max_queue, thread=thread) for name, llm in engines.items()}
+    inline = args.engine_loop == "inline" or (args.engine_loop == "auto" and args.max_num_seqs == 1)
+    if inline:  # built here, on the thread that runs the event loop and so every step
+        engines = {name: AsyncEngine(llm, max_queue=args.max_queue, inline=True)
+                   for name, llm in load_engines(args).items()}
+    else:
+        thread = EngineThread()
+        engines = {name: AsyncEngine(llm, max_queue=args.max_queue, thread=thread)
+                   for name, llm in thread.call(load_engines, args).items()}
     return create_app(engines, api_key=args.api_key, max_queue=args.max_queue, drain_timeout=args.drain_timeout)
 
 

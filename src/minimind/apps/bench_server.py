@@ -5,10 +5,11 @@ For each model, dtype and client count N, three subprocesses are started togethe
 thread count: our engine in-process (`LLM.generate` of N prompts at once, no HTTP), `minimind serve
 --max-num-seqs N` and llama-server `--parallel N` (on our own GGUF export of the same weights: F16 for bf16,
 Q8_0 for int8, F32 for fp32). After a warm-up each runs --repeats rounds, taking turns round by round so a busy
-neighbour disturbs all alike. A round: N asyncio clients each stream one /v1/completions request at
-once (plain HTTP/1.1, reading in batches after the first token: bench_http), with the same random token-id prompts for every implementation, a fixed number of generated tokens
-(`ignore_eos`) and plain sampling (--temperature 1). Reported: the best round's aggregate tokens/s and its
-TTFT (to the first chunk with text) p50/p99; the JSON keeps every round. The machine is shared: quote ratios.
+neighbour disturbs all alike. A round: N asyncio clients each stream one /v1/completions request at once (plain
+HTTP/1.1, reading in batches after the first token: bench_http), with the same random token-id prompts for every
+implementation, a fixed number of generated tokens (`ignore_eos`) and plain sampling (--temperature 1). Reported:
+the best round's aggregate tokens/s and its TTFT (to the first chunk with text) p50/p99; the JSON keeps every
+round. The machine is shared: quote ratios.
 """
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ wake-up at every parallel region (docs/benchmarks.md, "Where the HTTP cost goes"
 With one sequence slot (`minimind serve --max-num-seqs 1`, `--engine-loop auto`) the event loop steps the engine
 itself (`inline=True`): a one-row step keeps both cores busy, so there is nothing for the HTTP work to overlap,
 and handing every token to another thread (a wake-up, then the GIL back and forth) cost more than the HTTP work
-itself: 11-13 % of one stream's tokens/s against 6-7 % inline. With several streams the thread wins (8 streams,
+itself: 11-13 % of one stream's tokens/s against 6-10 % inline. With several streams the thread wins (8 streams,
 bf16: 5 % against 13 %): inline, the second core only spins while the loop writes every stream's chunk.
 """
 from __future__ import annotations

@@ -139,7 +139,7 @@ async def _stream(ctx, engine, req, handles, base_id, model_id, raw):
 
     tasks: list[asyncio.Task] = []
     watchers = [watch_disconnect(raw, h) for h in handles]
-    stream = merged_outputs()
+    stream = merged_outputs() if len(handles) > 1 else None
     try:
         if req.echo:
             for k, h in enumerate(handles):
@@ -147,7 +147,7 @@ async def _stream(ctx, engine, req, handles, base_id, model_id, raw):
                 for i in range(req.n):
                     offsets[k * req.n + i] = len(text)
                     yield chunk([{"index": k * req.n + i, "text": text, "logprobs": None, "finish_reason": None}])
-        if len(handles) == 1:  # the common case reads its handle directly: no relay task and queue per token
+        if stream is None:  # one prompt, the common case, reads its handle directly: no relay task and queue per token
             async for out in handles[0]:
                 for c in render(0, out):
                     yield c
@@ -162,7 +162,8 @@ async def _stream(ctx, engine, req, handles, base_id, model_id, raw):
     except Exception as exc:  # noqa: BLE001 - headers are out: report any failure in-band
         yield stream_error(exc)
     finally:
-        await stream.aclose()
+        if stream is not None:
+            await stream.aclose()
         for t in tasks + watchers:
             t.cancel()
         for h in handles:

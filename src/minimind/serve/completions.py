@@ -84,7 +84,7 @@ async def _stream(ctx, engine, req, handles, base_id, model_id, raw):
     opts = req.stream_options
     include_usage, continuous = bool(opts and opts.include_usage), bool(opts and opts.continuous_usage_stats)
     token_text = ctx.token_text(engine)
-    merged: asyncio.Queue = asyncio.Queue()
+    merged: asyncio.Queue | None = asyncio.Queue() if len(handles) > 1 else None  # several prompts' relay
     prompt_tokens = sum(len(h.prompt_token_ids) for h in handles)
     generated: dict[int, int] = {}
     sent_lp: dict[int, int] = {}

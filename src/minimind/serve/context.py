@@ -66,12 +66,17 @@ class SSEResponse(Response):
     async def __call__(self, scope, receive, send) -> None:
         await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
         body_send = scope.get(RAW_SEND, send)  # the middlewares only watch the start: chunks skip their wrappers
+        # The body runs as a task of its own: each token then resumes this short stack, not the ~20 frames of the
+        # server and middleware coroutines this call is nested in. Cancelling this call cancels the task.
+        await asyncio.ensure_future(self._send_body(body_send))
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _send_body(self, body_send) -> None:
         try:
             async for chunk in self.chunks:
                 await body_send({"type": "http.response.body", "body": chunk, "more_body": True})
         finally:
             await self.chunks.aclose()  # its finally (abort, watcher cancel) runs even if a send failed
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 def stream_error(exc: BaseException) -> str:

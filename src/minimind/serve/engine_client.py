@@ -25,8 +25,8 @@ import queue
 import threading
 import time
 import uuid
+from collections import deque
 from concurrent.futures import Future
-from dataclasses import dataclass, field
 
 from ..engine import LLM, RequestOutput, SamplingParams
 from .errors import APIError
@@ -38,11 +38,27 @@ class EngineDead(RuntimeError):
     pass
 
 
-@dataclass
 class _Stream:
-    loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue
-    arrival: float = field(default_factory=time.perf_counter)
+    """One request's outputs: appended on its event loop (_put_all), read by its handler. A deque and one waiter
+    future; asyncio.Queue does the same with its size bound, putters and join accounting on every item, which
+    runs once per streamed token."""
+
+    __slots__ = ("items", "loop", "waiter")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop, self.items, self.waiter = loop, deque(), None
+
+    def put(self, item) -> None:
+        self.items.append(item)
+        waiter, self.waiter = self.waiter, None
+        if waiter is not None and not waiter.done():  # done: its reader was cancelled
+            waiter.set_result(None)
+
+    async def get(self):
+        while not self.items:
+            self.waiter = self.loop.create_future()
+            await self.waiter
+        return self.items.popleft()
 
 
 class RequestHandle:
@@ -60,7 +76,7 @@ class RequestHandle:
         # a coroutine, not an async generator: one frame less per streamed token
         if self.final is not None:
             raise StopAsyncIteration
-        item = await self._stream.queue.get()
+        item = await self._stream.get()
         if isinstance(item, BaseException):
             raise EngineDead(f"engine step failed: {type(item).__name__}: {item}") from item
         if item.finished:
@@ -224,7 +240,7 @@ class AsyncEngine:
         if not self._running:
             self.start()
         request_id = request_id or uuid.uuid4().hex
-        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        stream = _Stream(asyncio.get_running_loop())
         with self._lock:  # registered before the engine can emit anything for it
             self._streams[request_id] = stream
         try:
@@ -284,7 +300,7 @@ class AsyncEngine:
                 rid = out.request_id
                 stream = self._streams.pop(rid, None) if out.finished else self._streams.get(rid)
                 if stream is not None:
-                    by_loop.setdefault(stream.loop, []).append((stream.queue, out))
+                    by_loop.setdefault(stream.loop, []).append((stream, out))
         for loop, items in by_loop.items():
             if self.inline:  # already on that loop
                 _put_all(items)
@@ -301,7 +317,7 @@ class AsyncEngine:
         for rid, stream in streams.items():
             self.llm.abort(rid)
             try:
-                stream.loop.call_soon_threadsafe(stream.queue.put_nowait, exc)
+                stream.loop.call_soon_threadsafe(stream.put, exc)
             except RuntimeError:
                 pass
         try:  # the aborts are applied (and the slots released) at the start of the next step
@@ -311,8 +327,8 @@ class AsyncEngine:
 
 
 def _put_all(items: list) -> None:
-    for q, out in items:
-        q.put_nowait(out)
+    for stream, out in items:
+        stream.put(out)
 
 
 class AdapterEngine:

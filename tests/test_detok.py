@@ -95,3 +95,23 @@ def test_work_per_token_is_bounded():
     out = stream(Spy(), ids)
     assert "".join(out) == t.decode(ids, skip_special_tokens=True)
     assert max(longest) <= 8
+
+
+def test_backend_decode_only_when_the_wrapper_adds_nothing():
+    """The fast path (tokenizers' own decode) is taken for a plain fast tokenizer; a tokenizer class that overrides
+    decode keeps its own decode."""
+    import copy
+
+    t = tok("minimind2")
+    assert IncrementalDetokenizer(t)._backend is not None
+
+    class Custom(type(t)):
+        def decode(self, ids, **kwargs):
+            return super().decode(ids, **kwargs).upper()  # composes over windows, unlike a wrapper
+
+    custom = copy.copy(t)
+    custom.__class__ = Custom
+    detok = IncrementalDetokenizer(custom)
+    assert detok._backend is None
+    ids = t.encode("hello world", add_special_tokens=False)
+    assert "".join(detok.push(i) for i in ids) + detok.flush() == "HELLO WORLD"

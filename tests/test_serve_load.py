@@ -147,3 +147,27 @@ def test_graceful_shutdown_drains_running_streams(inline):
     assert json.loads(events[-2][6:])["choices"][0]["finish_reason"] == "length"
     assert llm.scheduler.slots.num_free == 2
     assert (stepped_on == {thread.ident}) == inline  # inline: on the thread running the event loop
+
+
+def test_stream_channel_order_wakeup_and_a_cancelled_reader():
+    """The per-request channel between the engine's outputs and a handler (engine_client._Stream)."""
+    from minimind.serve.engine_client import _Stream
+
+    async def main():
+        s = _Stream(asyncio.get_running_loop())
+        s.put(1)
+        s.put(2)
+        assert [await s.get(), await s.get()] == [1, 2]  # queued before the read: in order, no waiting
+        reader = asyncio.ensure_future(s.get())
+        await asyncio.sleep(0)
+        assert not reader.done()  # nothing queued: the reader waits ...
+        s.put(3)
+        assert await asyncio.wait_for(reader, 2) == 3  # ... and a put wakes it
+        gone = asyncio.ensure_future(s.get())
+        await asyncio.sleep(0)
+        gone.cancel()
+        await asyncio.sleep(0)
+        s.put(4)  # its reader was cancelled (a client that left): no error, and the item is still there
+        assert await asyncio.wait_for(s.get(), 2) == 4
+
+    asyncio.run(main())

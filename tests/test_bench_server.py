@@ -59,9 +59,20 @@ def test_server_bench_end_to_end(tmp_path, capsys):
                 assert r[f"{key}@{n}"] > 0, (impl, key, n)
             assert r[f"ttft_p99_ms@{n}"] >= r[f"ttft_p50_ms@{n}"]
     assert all(f"http_overhead_pct@{n}" in rows[bench_server.SERVE] for n in (1, 2))
+    assert all(f"http_overhead_best_pct@{n}" in rows[bench_server.SERVE] for n in (1, 2))
     table = capsys.readouterr().out
     assert "minimind bench --server" in table and "minimind serve" in table
     assert out_png.stat().st_size > 1000
+
+
+def test_http_cost_pairs_rounds_of_the_same_turn():
+    # the machine was fast for the engine's first round only: two of our three rounds are 5 % under the engine's
+    # round of their turn, while our best round against the engine's best reads 13.6 %
+    engine, ours = [220, 150, 100], [190, 142.5, 95]
+    assert bench_server.http_cost(ours, engine) == pytest.approx(5.0)
+    assert 100 * (1 - max(ours) / max(engine)) == pytest.approx(13.64, abs=0.01)
+    # the median of the per-round costs: one disturbed round does not move it
+    assert bench_server.http_cost([190, 75, 95, 152], [200, 150, 100, 160]) == pytest.approx(5.0)
 
 
 def test_llama_server_lookup(tmp_path, monkeypatch):

@@ -1,8 +1,8 @@
 """AsyncEngine: the bridge between asyncio handlers and the engine's step loop.
 
 One thread owns the model and calls `LLM.step()` (continuous batching across every request); handlers submit
-token ids through the engine's thread-safe `add_request` and read their own asyncio.Queue, which the engine
-thread fills with `loop.call_soon_threadsafe`. No handler ever blocks the event loop or touches the model, and
+token ids through the engine's thread-safe `add_request` and read their own output channel (_Stream), which the
+engine thread fills with one `loop.call_soon_threadsafe` per step. No handler ever blocks the event loop or touches the model, and
 no handler polls. We drive `step()` ourselves instead of `LLM.start()` because the engine's own loop delivers into
 blocking `queue.Queue`s, which an event loop could only read by parking one thread per request.
 

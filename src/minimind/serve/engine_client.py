@@ -2,9 +2,10 @@
 
 One thread owns the model and calls `LLM.step()` (continuous batching across every request); handlers submit
 token ids through the engine's thread-safe `add_request` and read their own output channel (_Stream), which the
-engine thread fills with one `loop.call_soon_threadsafe` per step. No handler ever blocks the event loop or touches the model, and
-no handler polls. We drive `step()` ourselves instead of `LLM.start()` because the engine's own loop delivers into
-blocking `queue.Queue`s, which an event loop could only read by parking one thread per request.
+engine thread fills with one `loop.call_soon_threadsafe` per step. No handler ever blocks the event loop or
+touches the model, and no handler polls. We drive `step()` ourselves instead of `LLM.start()` because the
+engine's own loop delivers into blocking `queue.Queue`s, which an event loop could only read by parking one
+thread per request.
 
 `minimind serve` builds the model on the same EngineThread that later runs every step: libgomp gives each thread
 that opens parallel regions a team of its own, and a second team (model built on the main thread, stepped on

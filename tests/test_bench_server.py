@@ -67,10 +67,9 @@ def test_server_bench_end_to_end(tmp_path, capsys):
 
 def test_http_cost_pairs_rounds_of_the_same_turn():
     # the machine was fast for the engine's first round only: two of our three rounds are 5 % under the engine's
-    # round of their turn, while our best round against the engine's best reads 13.6 %
+    # round of their turn (our best round against the engine's best would read 1 - 190 / 220 = 13.6 %)
     engine, ours = [220, 150, 100], [190, 142.5, 95]
     assert bench_server.http_cost(ours, engine) == pytest.approx(5.0)
-    assert 100 * (1 - max(ours) / max(engine)) == pytest.approx(13.64, abs=0.01)
     # the median of the per-round costs: one disturbed round does not move it
     assert bench_server.http_cost([190, 75, 95, 152], [200, 150, 100, 160]) == pytest.approx(5.0)
 

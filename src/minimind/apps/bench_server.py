@@ -225,8 +225,9 @@ def run(args) -> dict:
                 engine, ours = results[ENGINE], results[SERVE]
                 for n in args.concurrency:
                     if engine.get(f"agg_tps@{n}") and ours.get(f"agg_tps@{n}"):
-                        ours[f"http_overhead_pct@{n}"] = http_cost(ours[f"rounds_tps@{n}"], engine[f"rounds_tps@{n}"])
-                        ours[f"http_overhead_best_pct@{n}"] = 100 * (1 - ours[f"agg_tps@{n}"] / engine[f"agg_tps@{n}"])
+                        ours_r, engine_r = ours[f"rounds_tps@{n}"], engine[f"rounds_tps@{n}"]
+                        ours[f"http_overhead_pct@{n}"] = http_cost(ours_r, engine_r)
+                        ours[f"http_overhead_best_pct@{n}"] = 100 * (1 - max(ours_r) / max(engine_r))
                     if LLAMA in results and results[LLAMA].get(f"agg_tps@{n}") and ours.get(f"agg_tps@{n}"):
                         ours[f"x_llama@{n}"] = ours[f"agg_tps@{n}"] / results[LLAMA][f"agg_tps@{n}"]
                 for impl, res in results.items():

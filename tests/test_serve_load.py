@@ -171,3 +171,30 @@ def test_stream_channel_order_wakeup_and_a_cancelled_reader():
         assert await asyncio.wait_for(s.get(), 2) == 4
 
     asyncio.run(main())
+
+
+def test_a_non_streamed_request_gets_only_its_final_output():
+    """stream=False hands the handler one output, the final one, equal to the last of the same request streamed."""
+    from transformers import AutoTokenizer
+
+    from minimind.engine import LLM, SamplingParams
+    from minimind.serve.engine_client import AsyncEngine
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir("minimind2")))
+    engine = AsyncEngine(LLM(tiny_model(vocab_size=6400), tokenizer=tok, max_num_seqs=2, max_model_len=64))
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    ids = tok.encode("你好，世界")
+
+    async def main():
+        streamed = [o async for o in engine.submit(ids, params, stream=True)]
+        whole = [o async for o in engine.submit(ids, params, stream=False)]
+        return streamed, whole
+
+    try:
+        streamed, whole = asyncio.run(main())
+    finally:
+        engine.shutdown()
+    assert len(streamed) == 8 and [o.finished for o in streamed] == [False] * 7 + [True]
+    assert len(whole) == 1 and whole[0].finished
+    assert whole[0].outputs[0].token_ids == streamed[-1].outputs[0].token_ids
+    assert whole[0].outputs[0].text == streamed[-1].outputs[0].text

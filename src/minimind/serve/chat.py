@@ -42,7 +42,7 @@ def prepare_chat(ctx: ServingContext, req: ChatCompletionRequest):
 
 async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest, raw: Request):
     model_id, engine, ids, params, parse = prepare_chat(ctx, req)
-    handle = engine.submit(ids, params, random_id("chatcmpl"))
+    handle = engine.submit(ids, params, random_id("chatcmpl"), stream=req.stream)
     if req.stream:
         return SSEResponse(_stream(ctx, engine, req, handle, model_id, parse, raw), SSE_HEADERS)
     final = await final_output(raw, handle)

@@ -46,7 +46,7 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, raw: Re
     handles = []
     try:
         for k, (ids, params) in enumerate(jobs):
-            handles.append(engine.submit(ids, params, f"{base_id}-{k}"))
+            handles.append(engine.submit(ids, params, f"{base_id}-{k}", stream=req.stream))
     except BaseException:
         for h in handles:
             h.abort()

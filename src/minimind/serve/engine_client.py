@@ -42,12 +42,13 @@ class EngineDead(RuntimeError):
 class _Stream:
     """One request's outputs: appended on its event loop (_put_all), read by its handler. A deque and one waiter
     future; asyncio.Queue does the same with its size bound, putters and join accounting on every item, which
-    runs once per streamed token."""
+    runs once per streamed token. final_only: the handler answers in one piece, so only the final output is
+    delivered (a hand-over per step costs the event loop CPU that it takes from the engine's threads)."""
 
-    __slots__ = ("items", "loop", "waiter")
+    __slots__ = ("final_only", "items", "loop", "waiter")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop):
-        self.loop, self.items, self.waiter = loop, deque(), None
+    def __init__(self, loop: asyncio.AbstractEventLoop, final_only: bool = False):
+        self.loop, self.items, self.waiter, self.final_only = loop, deque(), None, final_only
 
     def put(self, item) -> None:
         self.items.append(item)
@@ -231,7 +232,8 @@ class AsyncEngine:
                 "kv_usage": 1 - slots.num_free / max(slots.num_slots, 1)}
 
     def submit(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None,
-               lora: str | None = None) -> RequestHandle:
+               lora: str | None = None, stream: bool = True) -> RequestHandle:
+        """stream=False: the handle yields only the final output (non-streamed answers)."""
         if not self.accepting:
             raise APIError(503, "the server is shutting down", code="shutting_down")
         capacity = self.llm.max_num_seqs + self.max_queue
@@ -241,9 +243,9 @@ class AsyncEngine:
         if not self._running:
             self.start()
         request_id = request_id or uuid.uuid4().hex
-        stream = _Stream(asyncio.get_running_loop())
+        channel = _Stream(asyncio.get_running_loop(), final_only=not stream)
         with self._lock:  # registered before the engine can emit anything for it
-            self._streams[request_id] = stream
+            self._streams[request_id] = channel
         try:
             self.llm.add_request(prompt_token_ids, params, request_id, lora=lora)
         except BaseException:
@@ -251,7 +253,7 @@ class AsyncEngine:
                 self._streams.pop(request_id, None)
             raise
         self._kick()
-        return RequestHandle(self, request_id, prompt_token_ids, stream)
+        return RequestHandle(self, request_id, prompt_token_ids, channel)
 
     def abort(self, request_id: str) -> None:
         self.llm.abort(request_id)
@@ -300,7 +302,7 @@ class AsyncEngine:
             for out in outputs:
                 rid = out.request_id
                 stream = self._streams.pop(rid, None) if out.finished else self._streams.get(rid)
-                if stream is not None:
+                if stream is not None and (out.finished or not stream.final_only):
                     by_loop.setdefault(stream.loop, []).append((stream, out))
         for loop, items in by_loop.items():
             if self.inline:  # already on that loop
@@ -339,8 +341,9 @@ class AdapterEngine:
     def __init__(self, engine: AsyncEngine, lora: str):
         self.engine, self.lora = engine, lora
 
-    def submit(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None) -> RequestHandle:
-        return self.engine.submit(prompt_token_ids, params, request_id, lora=self.lora)
+    def submit(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None,
+               stream: bool = True) -> RequestHandle:
+        return self.engine.submit(prompt_token_ids, params, request_id, lora=self.lora, stream=stream)
 
     def __getattr__(self, name):
         return getattr(self.engine, name)

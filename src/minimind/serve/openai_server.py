@@ -168,7 +168,7 @@ def create_app(engine, *, served_model_name: str | None = None, api_key: str | N
         max_tokens = min(req.max_tokens, max(1, e.max_model_len - len(ids)))  # the seeds never errored on length
         resolve_max_tokens(None, len(ids), e.max_model_len, "messages")
         params = sampling_params(full, max_tokens=max_tokens, vocab_size=e.llm.config.vocab_size, logprobs=None)
-        handle = e.submit(ids, params, random_id("chat"))
+        handle = e.submit(ids, params, random_id("chat"), stream=False)
         from .context import final_output
 
         final = await final_output(raw, handle)

@@ -198,3 +198,40 @@ def test_a_non_streamed_request_gets_only_its_final_output():
     assert len(whole) == 1 and whole[0].finished
     assert whole[0].outputs[0].token_ids == streamed[-1].outputs[0].token_ids
     assert whole[0].outputs[0].text == streamed[-1].outputs[0].text
+
+
+def test_chunk_writer_keeps_order_when_a_send_has_to_wait():
+    """sse.ChunkWriter drives the server's `send` by hand: a send that completes at once is done inside write();
+    one that waits (client not reading) goes on as a task and later chunks queue behind it, in order."""
+    from minimind.serve.sse import ChunkWriter
+
+    async def main():
+        sent, gate = [], asyncio.Event()
+
+        async def send(message):
+            if message["body"] == b"slow":
+                await gate.wait()  # a full socket buffer: uvicorn awaits its flow control here
+            sent.append(message["body"])
+
+        w = ChunkWriter(send)
+        w.write(b"a")
+        assert sent == [b"a"]  # no task switch was needed
+        w.write(b"slow")
+        w.write(b"b")
+        await asyncio.sleep(0)
+        assert sent == [b"a"]  # "b" waits behind "slow"
+        gate.set()
+        await w.flush()
+        w.write(b"c")
+        assert sent == [b"a", b"slow", b"b", b"c"]
+
+        async def broken(message):
+            raise ConnectionResetError("client went away")
+
+        w = ChunkWriter(broken)
+        with pytest.raises(ConnectionResetError):
+            w.write(b"x")
+        with pytest.raises(ConnectionResetError):  # and every later write says so too
+            w.write(b"y")
+
+    asyncio.run(main())

@@ -8,11 +8,12 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 
 from .chat_parse import ChatOutputParser, collect
-from .context import SSE_DONE, ServingContext, SSEResponse, final_output, sse, stream_error, watch_disconnect
+from .context import ServingContext, final_output
 from .errors import APIError
 from .formatting import chat_logprob_entries, finish_reason, usage
 from .params import chat_prompt, check_prompt, resolve_max_tokens, sampling_params
 from .protocol import ChatCompletionRequest, random_id
+from .sse import SSEResponse, sse
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
@@ -44,7 +45,7 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
     model_id, engine, ids, params, parse = prepare_chat(ctx, req)
     handle = engine.submit(ids, params, random_id("chatcmpl"), stream=req.stream)
     if req.stream:
-        return SSEResponse(_stream(ctx, engine, req, handle, model_id, parse, raw), SSE_HEADERS)
+        return SSEResponse(ChatStream(ctx, engine, req, handle, model_id, parse), [handle], SSE_HEADERS)
     final = await final_output(raw, handle)
     token_text = ctx.token_text(engine)
     choices, completion_tokens = [], 0
@@ -66,61 +67,63 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
     return JSONResponse(body)
 
 
-async def _stream(ctx, engine, req, handle, model_id, parse, raw):
-    created = int(time.time())
-    n = req.n
-    opts = req.stream_options
-    include_usage = bool(opts and opts.include_usage)
-    continuous = bool(opts and opts.continuous_usage_stats)
-    parsers = [ChatOutputParser(**parse) for _ in range(n)]
-    sent_lp = [0] * n
-    token_text = ctx.token_text(engine)
-    top_n = (req.top_logprobs or 0) if req.logprobs else None
-    prompt_tokens, generated = len(handle.prompt_token_ids), [0] * n
+class ChatStream:
+    """The SSE chunks of one streamed chat completion (sse.Renderer): a role chunk per choice, then deltas of
+    content / reasoning_content / tool_calls as the parser splits them out, a finish chunk per choice, and the
+    usage chunk when stream_options asks for it."""
 
-    def chunk(index, delta, logprobs=None, finish=None):
-        c = {"id": handle.request_id, "object": "chat.completion.chunk", "created": created, "model": model_id,
+    def __init__(self, ctx: ServingContext, engine, req: ChatCompletionRequest, handle, model_id: str, parse: dict):
+        self.handle, self.model_id, self.n, self.created = handle, model_id, req.n, int(time.time())
+        opts = req.stream_options
+        self.include_usage = bool(opts and opts.include_usage)
+        self.continuous = bool(opts and opts.continuous_usage_stats)
+        self.parsers = [ChatOutputParser(**parse) for _ in range(req.n)]
+        self.sent_lp, self.generated = [0] * req.n, [0] * req.n
+        self.token_text = ctx.token_text(engine)
+        self.top_n = (req.top_logprobs or 0) if req.logprobs else None
+        self.prompt_tokens = len(handle.prompt_token_ids)
+
+    def chunk(self, index, delta, logprobs=None, finish=None) -> bytes:
+        c = {"id": self.handle.request_id, "object": "chat.completion.chunk", "created": self.created,
+             "model": self.model_id,
              "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]}
-        if include_usage:
-            c["usage"] = usage(prompt_tokens, sum(generated)) if continuous else None
+        if self.include_usage:
+            c["usage"] = usage(self.prompt_tokens, sum(self.generated)) if self.continuous else None
         return sse(c)
 
-    watcher = watch_disconnect(raw, handle)
-    try:
-        for i in range(n):
-            yield chunk(i, {"role": "assistant", "content": ""})
-        cached = 0
-        async for out in handle:
-            cached = out.num_cached_tokens
-            for o in out.outputs:
-                i = o.index
-                generated[i] = len(o.token_ids)
-                events = parsers[i].feed(o.delta_text) if o.delta_text else []
-                if o.finished:
-                    events += parsers[i].finish()
-                lp = None
-                if top_n is not None and o.logprobs is not None and len(o.logprobs) > sent_lp[i] and (events or o.finished):
-                    lp = {"content": chat_logprob_entries(token_text, o.logprobs[sent_lp[i]:], top_n)}
-                    sent_lp[i] = len(o.logprobs)
-                delta: dict = {}
-                for kind, value in events:
-                    if kind == "tool_call":
-                        delta.setdefault("tool_calls", []).append(value)
-                    else:
-                        key = "reasoning_content" if kind == "reasoning" else "content"
-                        delta[key] = delta.get(key, "") + value
-                if delta or lp:
-                    yield chunk(i, delta, lp)
-                if o.finished:
-                    reason = finish_reason(o.finish_reason, parsers[i].num_tool_calls > 0)
-                    yield chunk(i, {}, None, reason)
-        if include_usage:
-            final = {"id": handle.request_id, "object": "chat.completion.chunk", "created": created,
-                     "model": model_id, "choices": [], "usage": usage(prompt_tokens, sum(generated), cached)}
-            yield sse(final)
-    except Exception as exc:  # noqa: BLE001 - headers are out: report any failure in-band
-        yield stream_error(exc)
-    finally:
-        watcher.cancel()
-        handle.abort()  # no-op once finished; frees the slot when the client went away mid-stream
-    yield SSE_DONE
+    def head(self) -> list[bytes]:
+        return [self.chunk(i, {"role": "assistant", "content": ""}) for i in range(self.n)]
+
+    def render(self, _k: int, out) -> list[bytes]:
+        chunks = []
+        for o in out.outputs:
+            i = o.index
+            self.generated[i] = len(o.token_ids)
+            events = self.parsers[i].feed(o.delta_text) if o.delta_text else []
+            if o.finished:
+                events += self.parsers[i].finish()
+            lp = None
+            if self.top_n is not None and o.logprobs is not None and len(o.logprobs) > self.sent_lp[i] \
+                    and (events or o.finished):
+                lp = {"content": chat_logprob_entries(self.token_text, o.logprobs[self.sent_lp[i]:], self.top_n)}
+                self.sent_lp[i] = len(o.logprobs)
+            delta: dict = {}
+            for kind, value in events:
+                if kind == "tool_call":
+                    delta.setdefault("tool_calls", []).append(value)
+                else:
+                    key = "reasoning_content" if kind == "reasoning" else "content"
+                    delta[key] = delta.get(key, "") + value
+            if delta or lp:
+                chunks.append(self.chunk(i, delta, lp))
+            if o.finished:
+                chunks.append(self.chunk(i, {}, None, finish_reason(o.finish_reason, self.parsers[i].num_tool_calls > 0)))
+        return chunks
+
+    def tail(self) -> list[bytes]:
+        if not self.include_usage:
+            return []
+        cached = self.handle.final.num_cached_tokens if self.handle.final is not None else 0
+        return [sse({"id": self.handle.request_id, "object": "chat.completion.chunk", "created": self.created,
+                     "model": self.model_id, "choices": [],
+                     "usage": usage(self.prompt_tokens, sum(self.generated), cached)})]

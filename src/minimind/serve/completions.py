@@ -9,11 +9,12 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 
 from .chat import SSE_HEADERS
-from .context import SSE_DONE, ServingContext, SSEResponse, sse, stream_error, watch_disconnect
+from .context import ServingContext, watch_disconnect
 from .errors import APIError
 from .formatting import completion_logprobs, usage
 from .params import check_prompt, completion_prompts, resolve_max_tokens, sampling_params
 from .protocol import CompletionRequest, random_id
+from .sse import SSEResponse, sse
 
 
 def prepare_completion(ctx: ServingContext, req: CompletionRequest):
@@ -52,7 +53,7 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, raw: Re
             h.abort()
         raise
     if req.stream:
-        return SSEResponse(_stream(ctx, engine, req, handles, base_id, model_id, raw), SSE_HEADERS)
+        return SSEResponse(CompletionStream(ctx, engine, req, handles, base_id, model_id), handles, SSE_HEADERS)
     watchers = [watch_disconnect(raw, h) for h in handles]
     try:
         finals = await asyncio.gather(*(h.result() for h in handles))
@@ -79,93 +80,63 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, raw: Re
                          "system_fingerprint": None})
 
 
-async def _stream(ctx, engine, req, handles, base_id, model_id, raw):
-    created = int(time.time())
-    opts = req.stream_options
-    include_usage, continuous = bool(opts and opts.include_usage), bool(opts and opts.continuous_usage_stats)
-    token_text = ctx.token_text(engine)
-    merged: asyncio.Queue | None = asyncio.Queue() if len(handles) > 1 else None  # several prompts' relay
-    prompt_tokens = sum(len(h.prompt_token_ids) for h in handles)
-    generated: dict[int, int] = {}
-    sent_lp: dict[int, int] = {}
-    offsets: dict[int, int] = {}
+class CompletionStream:
+    """The SSE chunks of one streamed completion request (sse.Renderer): echoed prompts first, then a text chunk
+    per output with new text or logprobs, a finish chunk per choice, and the usage chunk when asked for. Several
+    prompts' outputs come interleaved as the engine steps them (choice index = prompt index * n + index)."""
 
-    async def pump(k, h):
-        try:
-            async for out in h:
-                await merged.put((k, out))
-        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which re-raises
-            await merged.put((k, exc))
-            return
-        await merged.put((k, None))
+    def __init__(self, ctx: ServingContext, engine, req: CompletionRequest, handles: list, base_id: str, model_id: str):
+        self.engine, self.req, self.handles, self.base_id, self.model_id = engine, req, handles, base_id, model_id
+        self.created = int(time.time())
+        opts = req.stream_options
+        self.include_usage = bool(opts and opts.include_usage)
+        self.continuous = bool(opts and opts.continuous_usage_stats)
+        self.token_text = ctx.token_text(engine)
+        self.prompt_tokens = sum(len(h.prompt_token_ids) for h in handles)
+        self.generated: dict[int, int] = {}
+        self.sent_lp: dict[int, int] = {}
+        self.offsets: dict[int, int] = {}
 
-    async def merged_outputs():
-        """(prompt index, output) of several prompts as they come: one relay task per prompt."""
-        tasks.extend(asyncio.create_task(pump(k, h)) for k, h in enumerate(handles))
-        done = 0
-        while done < len(handles):
-            k, out = await merged.get()
-            if out is None:
-                done += 1
-            elif isinstance(out, BaseException):
-                raise out
-            else:
-                yield k, out
-
-    def chunk(choices):
-        c = {"id": base_id, "object": "text_completion", "created": created, "model": model_id, "choices": choices}
-        if include_usage:
-            c["usage"] = usage(prompt_tokens, sum(generated.values())) if continuous else None
+    def chunk(self, choices) -> bytes:
+        c = {"id": self.base_id, "object": "text_completion", "created": self.created, "model": self.model_id,
+             "choices": choices}
+        if self.include_usage:
+            c["usage"] = usage(self.prompt_tokens, sum(self.generated.values())) if self.continuous else None
         return sse(c)
 
-    def render(k, out) -> list[bytes]:
-        chunks = []
-        for o in out.outputs:
-            idx = k * req.n + o.index
-            generated[idx] = len(o.token_ids)
-            lp = None
-            if req.logprobs is not None and o.logprobs is not None and len(o.logprobs) > sent_lp.get(idx, 0) \
-                    and (o.delta_text or o.finished):
-                new = o.logprobs[sent_lp.get(idx, 0):]
-                lp = completion_logprobs(token_text, new, req.logprobs, offsets.get(idx, 0))
-                sent_lp[idx] = len(o.logprobs)
-            offsets[idx] = offsets.get(idx, 0) + len(o.delta_text)
-            if o.delta_text or lp:
-                chunks.append(chunk([{"index": idx, "text": o.delta_text, "logprobs": lp, "finish_reason": None}]))
-            if o.finished:
-                chunks.append(chunk([{"index": idx, "text": "", "logprobs": None, "finish_reason": o.finish_reason,
-                                      "stop_reason": o.stop_reason}]))
+    def head(self) -> list[bytes]:
+        if not self.req.echo:
+            return []
+        chunks, n = [], self.req.n
+        for k, h in enumerate(self.handles):
+            text = self.engine.tokenizer.decode(h.prompt_token_ids)
+            for i in range(n):
+                self.offsets[k * n + i] = len(text)
+                chunks.append(self.chunk([{"index": k * n + i, "text": text, "logprobs": None, "finish_reason": None}]))
         return chunks
 
-    tasks: list[asyncio.Task] = []
-    watchers = [watch_disconnect(raw, h) for h in handles]
-    stream = merged_outputs() if len(handles) > 1 else None
-    try:
-        if req.echo:
-            for k, h in enumerate(handles):
-                text = engine.tokenizer.decode(h.prompt_token_ids)
-                for i in range(req.n):
-                    offsets[k * req.n + i] = len(text)
-                    yield chunk([{"index": k * req.n + i, "text": text, "logprobs": None, "finish_reason": None}])
-        if stream is None:  # one prompt, the common case, reads its handle directly: no relay task and queue per token
-            async for out in handles[0]:
-                for c in render(0, out):
-                    yield c
-        else:
-            async for k, out in stream:
-                for c in render(k, out):
-                    yield c
-        if include_usage:
-            cached = sum(h.final.num_cached_tokens for h in handles if h.final is not None)
-            yield sse({"id": base_id, "object": "text_completion", "created": created, "model": model_id,
-                       "choices": [], "usage": usage(prompt_tokens, sum(generated.values()), cached)})
-    except Exception as exc:  # noqa: BLE001 - headers are out: report any failure in-band
-        yield stream_error(exc)
-    finally:
-        if stream is not None:
-            await stream.aclose()
-        for t in tasks + watchers:
-            t.cancel()
-        for h in handles:
-            h.abort()
-    yield SSE_DONE
+    def render(self, k: int, out) -> list[bytes]:
+        chunks, req = [], self.req
+        for o in out.outputs:
+            idx = k * req.n + o.index
+            self.generated[idx] = len(o.token_ids)
+            lp = None
+            sent = self.sent_lp.get(idx, 0)
+            if req.logprobs is not None and o.logprobs is not None and len(o.logprobs) > sent \
+                    and (o.delta_text or o.finished):
+                lp = completion_logprobs(self.token_text, o.logprobs[sent:], req.logprobs, self.offsets.get(idx, 0))
+                self.sent_lp[idx] = len(o.logprobs)
+            self.offsets[idx] = self.offsets.get(idx, 0) + len(o.delta_text)
+            if o.delta_text or lp:
+                chunks.append(self.chunk([{"index": idx, "text": o.delta_text, "logprobs": lp, "finish_reason": None}]))
+            if o.finished:
+                chunks.append(self.chunk([{"index": idx, "text": "", "logprobs": None, "finish_reason": o.finish_reason,
+                                           "stop_reason": o.stop_reason}]))
+        return chunks
+
+    def tail(self) -> list[bytes]:
+        if not self.include_usage:
+            return []
+        cached = sum(h.final.num_cached_tokens for h in self.handles if h.final is not None)
+        return [sse({"id": self.base_id, "object": "text_completion", "created": self.created, "model": self.model_id,
+                     "choices": [], "usage": usage(self.prompt_tokens, sum(self.generated.values()), cached)})]

@@ -45,22 +45,38 @@ class _Stream:
     runs once per streamed token. final_only: the handler answers in one piece, so only the final output is
     delivered (a hand-over per step costs the event loop CPU that it takes from the engine's threads)."""
 
-    __slots__ = ("final_only", "items", "loop", "waiter")
+    __slots__ = ("final_only", "items", "loop", "sink", "waiter")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, final_only: bool = False):
         self.loop, self.items, self.waiter, self.final_only = loop, deque(), None, final_only
+        self.sink = None  # a subscriber gets every item at once instead of a reader's get()
 
     def put(self, item) -> None:
+        if self.sink is not None:
+            self.sink(item)
+            return
         self.items.append(item)
         waiter, self.waiter = self.waiter, None
         if waiter is not None and not waiter.done():  # done: its reader was cancelled
             waiter.set_result(None)
+
+    def subscribe(self, sink) -> None:
+        """sink(item) runs on the event loop for every item, first those already queued."""
+        while self.items:
+            sink(self.items.popleft())
+        self.sink = sink
 
     async def get(self):
         while not self.items:
             self.waiter = self.loop.create_future()
             await self.waiter
         return self.items.popleft()
+
+
+def _engine_dead(exc: BaseException) -> EngineDead:
+    dead = EngineDead(f"engine step failed: {type(exc).__name__}: {exc}")
+    dead.__cause__ = exc
+    return dead
 
 
 class RequestHandle:
@@ -80,10 +96,25 @@ class RequestHandle:
             raise StopAsyncIteration
         item = await self._stream.get()
         if isinstance(item, BaseException):
-            raise EngineDead(f"engine step failed: {type(item).__name__}: {item}") from item
+            raise _engine_dead(item)
         if item.finished:
             self.final = item
         return item
+
+    def push_to(self, on_output, on_error) -> None:
+        """Instead of iterating: on_output(RequestOutput) for every output (the last has `finished`), or
+        on_error(EngineDead) once, called on the event loop right where the engine's step hands them over
+        (sse.SSEResponse renders and sends a token there, without resuming a task). Both must not raise."""
+
+        def deliver(item):
+            if isinstance(item, BaseException):
+                on_error(_engine_dead(item))
+                return
+            if item.finished:
+                self.final = item
+            on_output(item)
+
+        self._stream.subscribe(deliver)
 
     async def result(self) -> RequestOutput:
         async for _ in self:

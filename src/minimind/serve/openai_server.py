@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse, Response
 from ..chat.template import render_prompt
 from .chat import create_chat_completion
 from .completions import create_completion
-from .context import RAW_SEND, ServingContext
+from .context import ServingContext
 from .engine_client import AdapterEngine, AsyncEngine
 from .errors import APIError, install_handlers
 from .middleware import AuthAndCount
@@ -35,6 +35,7 @@ from .protocol import (
     TokenizeResponse,
     random_id,
 )
+from .sse import RAW_SEND
 
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 429, 500, 503)}
 

@@ -1,0 +1,172 @@
+"""Server-sent events: a streamed response renders each engine output into SSE chunks the moment the engine hands
+it over, and sends them without a task switch.
+
+Per streamed token the event loop used to resume a chain of coroutines (a task, the body's async generator, the
+handle's iterator, the channel's future) before the chunk reached the socket. Here the handler is a plain
+*renderer* (head / render / tail, returning bytes) and SSEResponse subscribes to the requests' channels: the
+engine's hand-over calls render and writes the bytes right there. On 2 CPUs every microsecond of event-loop CPU
+is taken from the engine's threads (docs/benchmarks.md, "Where the HTTP cost goes").
+"""
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from functools import partial
+from typing import Protocol
+
+import orjson
+from starlette.responses import Response
+
+from .errors import APIError, error_body
+
+SSE_DONE = b"data: [DONE]\n\n"
+RAW_SEND = "minimind.raw_send"  # scope key of the HTTP server's own send (openai_server.ServingApp)
+
+
+def sse(obj) -> bytes:
+    """One server-sent event. orjson: UTF-8 without escapes, compact, several times faster than json.dumps."""
+    return b"data: " + orjson.dumps(obj) + b"\n\n"
+
+
+def stream_error(exc: BaseException) -> bytes:
+    """An error after the 200 headers went out: an SSE error event (vLLM's shape), then [DONE]."""
+    if isinstance(exc, APIError):
+        return sse(exc.body())
+    return sse(error_body(500, f"{type(exc).__name__}: {exc}"))
+
+
+class Renderer(Protocol):
+    def head(self) -> list[bytes]: ...  # before any output (role chunks, echoed prompts)
+
+    def render(self, k: int, out) -> list[bytes]: ...  # one RequestOutput of handle k
+
+    def tail(self) -> list[bytes]: ...  # after every handle finished (the usage chunk)
+
+
+async def _resume(coro, awaited) -> None:
+    """Finish a coroutine that was started by hand and is suspended on `awaited` (what a Task would have been
+    handed): wait until that is done, then resume it, as asyncio's Task does."""
+    try:
+        while True:
+            if awaited is None:  # a bare `yield` (asyncio.sleep(0))
+                await asyncio.sleep(0)
+            else:
+                await asyncio.wait([awaited])  # only wait: the coroutine takes the result itself when resumed
+            awaited = coro.send(None)
+    except StopIteration:
+        return
+    finally:
+        coro.close()  # no-op once finished; on cancellation it runs the coroutine's own finally blocks
+
+
+class ChunkWriter:
+    """Body chunks in order, each sent without a task switch: an ASGI `send` is a coroutine, but the server's
+    completes without waiting unless the client stopped reading (its socket buffer is full). So it is driven by
+    hand, and only a send that does wait continues as a task, with the chunks after it queued behind it."""
+
+    def __init__(self, send):
+        self.send = send
+        self.backlog: deque[bytes] | None = None  # not None while a send waits
+        self.task: asyncio.Task | None = None
+        self.error: BaseException | None = None
+
+    def write(self, data: bytes) -> None:
+        if self.error is not None:
+            raise self.error
+        if self.backlog is not None:
+            self.backlog.append(data)
+            return
+        coro = self.send({"type": "http.response.body", "body": data, "more_body": True})
+        try:
+            awaited = coro.send(None)
+        except StopIteration:
+            return
+        except BaseException as exc:
+            self.error = exc
+            raise
+        self.backlog = deque()
+        self.task = asyncio.ensure_future(self._drain(coro, awaited))
+
+    async def _drain(self, coro, awaited) -> None:
+        try:
+            await _resume(coro, awaited)
+            while self.backlog:
+                await self.send({"type": "http.response.body", "body": self.backlog.popleft(), "more_body": True})
+            self.backlog = None
+        except Exception as exc:  # noqa: BLE001 - raised again by the next write or flush
+            self.error = exc
+
+    async def flush(self) -> None:
+        """Wait until every chunk was handed to the server."""
+        if self.task is not None:
+            await self.task
+        if self.error is not None:
+            raise self.error
+
+
+class SSEResponse(Response):
+    """text/event-stream of the engine outputs of `handles`, rendered by `renderer`: the head, every output of
+    every handle as it comes, the tail, then [DONE]; an error after the headers went out becomes an error event.
+    A client that disconnects aborts the requests (their KV slots are freed at the next step); so does any end."""
+
+    media_type = "text/event-stream"
+
+    def __init__(self, renderer: Renderer, handles: list, headers: dict | None = None):
+        self.renderer, self.handles = renderer, handles
+        self.status_code, self.background = 200, None
+        self.init_headers(headers)
+
+    async def __call__(self, scope, receive, send) -> None:
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        writer = ChunkWriter(scope.get(RAW_SEND, send))  # chunks skip the middlewares' send wrappers
+        watcher = asyncio.ensure_future(self._abort_on_disconnect(receive))
+        try:
+            for data in self.renderer.head():
+                writer.write(data)
+            await self._push_outputs(writer)
+            for data in self.renderer.tail():
+                writer.write(data)
+        except Exception as exc:  # noqa: BLE001 - headers are out: report any failure in-band
+            if writer.error is None:
+                writer.write(stream_error(exc))
+        finally:
+            watcher.cancel()
+            for h in self.handles:
+                h.abort()  # no-op once finished
+        if writer.error is None:
+            writer.write(SSE_DONE)
+        await writer.flush()
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _push_outputs(self, writer: ChunkWriter) -> None:
+        """Render and write every output inside the engine's hand-over; returns once all handles finished."""
+        done = asyncio.get_running_loop().create_future()
+        left = [len(self.handles)]
+
+        def deliver(k, out):
+            if done.done():  # failed or cancelled before: nothing more goes out
+                return
+            try:
+                for data in self.renderer.render(k, out):
+                    writer.write(data)
+            except Exception as exc:  # noqa: BLE001 - ends the stream with an error event
+                done.set_exception(exc)
+                return
+            if out.finished:
+                left[0] -= 1
+                if left[0] == 0:
+                    done.set_result(None)
+
+        def fail(exc):
+            if not done.done():
+                done.set_exception(exc)
+
+        for k, h in enumerate(self.handles):
+            h.push_to(partial(deliver, k), fail)
+        await done
+
+    async def _abort_on_disconnect(self, receive) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        for h in self.handles:
+            h.abort()

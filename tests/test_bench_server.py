@@ -178,3 +178,16 @@ def test_client_times_first_chunk_and_end_with_batched_reads(monkeypatch, close)
     assert r["chunks"] == 30 and r["tokens"] == 31
     assert sent[1] <= r["first"] < sent[2]  # the first text chunk, seen before the second was written
     assert r["end"] >= sent["end"]
+
+
+def test_tally_counts_text_chunks_and_reads_usage_and_errors():
+    """The load generator's end-of-stream scan (bench_http.tally) against a hand-written block of events."""
+    block = (b'data: {"choices":[{"text":"a\\"text\\":\\"b"}],"usage":null}\n\n'  # the key's letters inside a string
+             b'data: {"choices":[{"text":""}],"usage":null}\n\n'  # an empty text is no chunk
+             b'data: {"choices":[{"text":"c"}],"usage":null}\n\n'
+             b'data: {"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":7}}\n\n'
+             b"data: [DONE]\n\n")
+    assert bench_http.tally(block) == (2, 7, None, True)
+    assert bench_http.tally(b'data: {"choices":[{"text":"x"}]}\n\n') == (1, None, None, False)
+    err = b'data: {"error":{"message":"boom","code":500}}\n\ndata: [DONE]\n\n'
+    assert bench_http.tally(err) == (0, None, {"message": "boom", "code": 500}, True)

@@ -120,23 +120,20 @@ class SSEResponse(Response):
         await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
         writer = ChunkWriter(scope.get(RAW_SEND, send))  # chunks skip the middlewares' send wrappers
         watcher = asyncio.ensure_future(self._abort_on_disconnect(receive))
+        closing = b""  # the tail (or an error event) and [DONE] go out with the end of the body: one write
         try:
-            for data in self.renderer.head():
-                writer.write(data)
+            if head := self.renderer.head():
+                writer.write(b"".join(head))
             await self._push_outputs(writer)
-            for data in self.renderer.tail():
-                writer.write(data)
+            closing = b"".join(self.renderer.tail())
         except Exception as exc:  # noqa: BLE001 - headers are out: report any failure in-band
-            if writer.error is None:
-                writer.write(stream_error(exc))
+            closing = stream_error(exc)
         finally:
             watcher.cancel()
             for h in self.handles:
                 h.abort()  # no-op once finished
-        if writer.error is None:
-            writer.write(SSE_DONE)
-        await writer.flush()
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        await writer.flush()  # raises if a send failed: then nothing more can go out
+        await send({"type": "http.response.body", "body": closing + SSE_DONE, "more_body": False})
 
     async def _push_outputs(self, writer: ChunkWriter) -> None:
         """Render and write every output inside the engine's hand-over; returns once all handles finished."""
@@ -147,8 +144,9 @@ class SSEResponse(Response):
             if done.done():  # failed or cancelled before: nothing more goes out
                 return
             try:
-                for data in self.renderer.render(k, out):
-                    writer.write(data)
+                chunks = self.renderer.render(k, out)
+                if chunks:  # a token's text chunk and its choice's finish chunk: one write
+                    writer.write(chunks[0] if len(chunks) == 1 else b"".join(chunks))
             except Exception as exc:  # noqa: BLE001 - ends the stream with an error event
                 done.set_exception(exc)
                 return

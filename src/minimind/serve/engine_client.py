@@ -1,8 +1,9 @@
 """AsyncEngine: the bridge between asyncio handlers and the engine's step loop.
 
 One thread owns the model and calls `LLM.step()` (continuous batching across every request); handlers submit
-token ids through the engine's thread-safe `add_request` and read their own output channel (_Stream), which the
-engine thread fills with one `loop.call_soon_threadsafe` per step. No handler ever blocks the event loop or
+token ids through the engine's thread-safe `add_request` and get their outputs through their own channel
+(_Stream: read item by item, or a subscribed callback that a streamed response renders and writes in), which
+the engine thread fills with one `loop.call_soon_threadsafe` per step. No handler ever blocks the event loop or
 touches the model, and no handler polls. We drive `step()` ourselves instead of `LLM.start()` because the
 engine's own loop delivers into blocking `queue.Queue`s, which an event loop could only read by parking one
 thread per request.
@@ -40,10 +41,11 @@ class EngineDead(RuntimeError):
 
 
 class _Stream:
-    """One request's outputs: appended on its event loop (_put_all), read by its handler. A deque and one waiter
-    future; asyncio.Queue does the same with its size bound, putters and join accounting on every item, which
-    runs once per streamed token. final_only: the handler answers in one piece, so only the final output is
-    delivered (a hand-over per step costs the event loop CPU that it takes from the engine's threads)."""
+    """One request's outputs: appended on its event loop (_put_all), read by its handler or passed straight to a
+    subscriber (RequestHandle.push_to). A deque and one waiter future; asyncio.Queue does the same with its size
+    bound, putters and join accounting on every item, which runs once per streamed token. final_only: the
+    handler answers in one piece, so only the final output is delivered (a hand-over per step costs the event
+    loop CPU that it takes from the engine's threads)."""
 
     __slots__ = ("final_only", "items", "loop", "sink", "waiter")
 

@@ -23,13 +23,17 @@ MSG = [{"role": "user", "content": "你好"}]
 
 
 @contextlib.contextmanager
-def serve(app):
-    """Run `app` on 127.0.0.1:<free port> in a thread; yields the base URL; stops (gracefully) on exit."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+def serve(app, listener: socket.socket | None = None):
+    """Run `app` on 127.0.0.1:<free port> (or on a bound `listener`) in a thread; yields the base URL; stops
+    (gracefully) on exit."""
+    if listener is None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+    else:
+        port = listener.getsockname()[1]
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [listener] if listener else None}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
     while not server.started:
@@ -130,6 +134,63 @@ def test_sse_framing_and_done(server):
         events = [line for line in r.iter_lines() if line]
     assert all(e.startswith("data: ") for e in events) and events[-1] == "data: [DONE]"
     assert "usage" not in json.loads(events[1][6:])  # no usage unless asked for
+
+
+def test_a_client_that_stops_reading_gets_every_chunk_in_order(tokenizer, monkeypatch):
+    """A client that reads nothing for a while fills the socket buffers: uvicorn's send then waits for the
+    transport to drain, sse.ChunkWriter carries that send on as a task and queues the later chunks. Once the
+    client reads, every choice streamed equals the same request not streamed."""
+    from minimind.engine import LLM
+    from minimind.serve import create_app, sse
+
+    waited = []
+    drain = sse.ChunkWriter._drain
+
+    async def counted(self, coro, awaited):  # the real path, counted
+        waited.append(1)
+        await drain(self, coro, awaited)
+
+    monkeypatch.setattr(sse.ChunkWriter, "_drain", counted)
+    body = {"model": "tiny", "messages": MSG, "max_tokens": 64, "temperature": 0, "ignore_eos": True, "n": 4,
+            "logprobs": True, "top_logprobs": 20}  # ~1 KB per token and choice: far more than the buffers hold
+    llm = LLM(tiny_model("minimind3", vocab_size=6400), tokenizer=tokenizer, max_num_seqs=4, max_model_len=256)
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)  # inherited by its connections: a small kernel
+    listener.bind(("127.0.0.1", 0))  # buffer, else the kernel would take megabytes before the server has to wait
+    with serve(create_app({"tiny": llm}), listener) as url, socket.socket() as sock:  # the server closes listener
+        whole = httpx.post(url + "/v1/chat/completions", json=body, timeout=120).json()
+        payload = json.dumps({**body, "stream": True}).encode()
+        host, port = url.removeprefix("http://").split(":")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect((host, int(port)))
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(payload), payload))
+        deadline = time.monotonic() + 60
+        while not waited:  # not reading until a send has had to wait
+            assert time.monotonic() < deadline, "the server never had to wait for this client"
+            time.sleep(0.05)
+        sock.settimeout(60)
+        raw = b"".join(iter(lambda: sock.recv(65536), b""))
+    head, chunked = raw.split(b"\r\n\r\n", 1)
+    assert head.startswith(b"HTTP/1.1 200") and b"transfer-encoding: chunked" in head.lower()
+    data, pos = [], 0
+    while (size := int(chunked[pos:chunked.index(b"\r\n", pos)], 16)) > 0:
+        start = chunked.index(b"\r\n", pos) + 2
+        data.append(chunked[start:start + size])
+        pos = start + size + 2
+    events = [e[6:] for e in b"".join(data).split(b"\n\n") if e]
+    assert events[-1] == b"[DONE]"
+    content, tokens, finish = {}, {}, {}
+    for e in map(json.loads, events[:-1]):
+        for c in e["choices"]:
+            i = c["index"]
+            content[i] = content.get(i, "") + (c["delta"].get("content") or "")
+            tokens[i] = tokens.get(i, 0) + len((c.get("logprobs") or {}).get("content") or [])
+            finish[i] = c["finish_reason"] or finish.get(i)
+    for c in whole["choices"]:
+        i = c["index"]
+        assert content[i] == c["message"]["content"] and finish[i] == c["finish_reason"] == "length"
+        assert tokens[i] == len(c["logprobs"]["content"]) == 64
 
 
 def test_completions_n_echo_and_stream(client):

@@ -60,8 +60,11 @@ def test_server_bench_end_to_end(tmp_path, capsys):
             assert r[f"ttft_p99_ms@{n}"] >= r[f"ttft_p50_ms@{n}"]
     assert all(f"http_overhead_pct@{n}" in rows[bench_server.SERVE] for n in (1, 2))
     assert all(f"http_overhead_best_pct@{n}" in rows[bench_server.SERVE] for n in (1, 2))
+    serve = rows[bench_server.SERVE]
+    assert all(len(serve[f"http_overhead_rounds_pct@{n}"]) == len(serve[f"rounds_tps@{n}"]) for n in (1, 2))
     table = capsys.readouterr().out
     assert "minimind bench --server" in table and "minimind serve" in table
+    assert "HTTP cost per round, quartiles" in table
     assert out_png.stat().st_size > 1000
 
 
@@ -72,6 +75,7 @@ def test_http_cost_pairs_rounds_of_the_same_turn():
     assert bench_server.http_cost(ours, engine) == pytest.approx(5.0)
     # the median of the per-round costs: one disturbed round does not move it
     assert bench_server.http_cost([190, 75, 95, 152], [200, 150, 100, 160]) == pytest.approx(5.0)
+    assert bench_server.round_costs([190, 75], [200, 150]) == pytest.approx([5.0, 50.0])
 
 
 def test_llama_server_lookup(tmp_path, monkeypatch):

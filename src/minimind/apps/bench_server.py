@@ -32,6 +32,7 @@ from .bench_http import (
     find_llama_server,
     free_port,
     llama_server_version,
+    percentile,
     run_round,
     summarize,
 )
@@ -177,13 +178,16 @@ def measure_level(label: str, path: str, dtype: str, n: int, gguf: str | None, e
     return results
 
 
+def round_costs(serve_rounds: list[float], engine_rounds: list[float]) -> list[float]:
+    """Per-round HTTP cost in %: 1 - ours / engine, each of our rounds against the engine's round of the same
+    turn (taken seconds before it)."""
+    return [100 * (1 - s / e) for s, e in zip(serve_rounds, engine_rounds)]
+
+
 def http_cost(serve_rounds: list[float], engine_rounds: list[float]) -> float:
-    """HTTP cost in %: the median over rounds of 1 - ours / engine, each of our rounds against the engine's round
-    of the same turn (taken seconds before it). The machine's speed drifts 10-20 % within a minute on shared
+    """HTTP cost in %: the median of round_costs. The machine's speed drifts 10-20 % within a minute on shared
     vCPUs; a ratio of the two best rounds compares different minutes (kept as http_overhead_best_pct)."""
-    costs = sorted(1 - s / e for s, e in zip(serve_rounds, engine_rounds))
-    mid = len(costs) // 2
-    return 100 * (costs[mid] if len(costs) % 2 else (costs[mid - 1] + costs[mid]) / 2)
+    return percentile(round_costs(serve_rounds, engine_rounds), 50)
 
 
 def _vocab_size(path: str) -> int:
@@ -227,6 +231,7 @@ def run(args) -> dict:
                     if engine.get(f"agg_tps@{n}") and ours.get(f"agg_tps@{n}"):
                         ours_r, engine_r = ours[f"rounds_tps@{n}"], engine[f"rounds_tps@{n}"]
                         ours[f"http_overhead_pct@{n}"] = http_cost(ours_r, engine_r)
+                        ours[f"http_overhead_rounds_pct@{n}"] = round_costs(ours_r, engine_r)
                         ours[f"http_overhead_best_pct@{n}"] = 100 * (1 - max(ours_r) / max(engine_r))
                     if LLAMA in results and results[LLAMA].get(f"agg_tps@{n}") and ours.get(f"agg_tps@{n}"):
                         ours[f"x_llama@{n}"] = ours[f"agg_tps@{n}"] / results[LLAMA][f"agg_tps@{n}"]
@@ -273,6 +278,12 @@ def print_table(report: dict) -> None:
                       bench._fmt(max(rss) if rss else None))
     console = Console(width=max(Console().width, 220))
     console.print(table)
+    spread = [f"{r['dtype']} " + ", ".join(
+        f"@{n} {percentile(r[key], 25):.0f} to {percentile(r[key], 75):.0f}"
+        for n in conc if (key := f"http_overhead_rounds_pct@{n}") in r) for r in report["results"]
+        if r["impl"] == SERVE and any(f"http_overhead_rounds_pct@{n}" in r for n in conc)]
+    if spread:  # how far one cell can be trusted: rounds seconds apart still differ by many points here
+        console.print("HTTP cost per round, quartiles (%): " + "; ".join(spread))
     for note in report["notes"]:
         console.print(f"[yellow]note:[/] {escape(note)}")
 

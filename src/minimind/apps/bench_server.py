@@ -347,7 +347,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sampling temperature (top_k/top_p/min_p off). Not greedy by default: greedy decoding of "
                         "random weights often repeats a token that is part of a UTF-8 character, which servers hold "
                         "back, so the first text (TTFT) would arrive late or only at the end")
-    p.add_argument("--repeats", type=int, default=3, help="measured rounds per client count (after one warm-up)")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="measured rounds per client count (after one warm-up); the HTTP cost is the median of "
+                        "per-round costs, so use 8-16 on a shared machine")
     p.add_argument("--startup-timeout", type=float, default=300.0, help="seconds a server gets to answer /health")
     p.add_argument("--tokenizer", help="tokenizer folder for the random-weight presets (needed for the GGUF)")
     p.add_argument("--json", default="bench-server.json")

@@ -8,6 +8,8 @@ import json
 
 import httpx
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from conftest import tiny_model, tokenizer_dir
 from test_serve import serve, wait_idle
@@ -235,3 +237,17 @@ def test_chunk_writer_keeps_order_when_a_send_has_to_wait():
             w.write(b"y")
 
     asyncio.run(main())
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text())
+def test_chunk_template_gives_the_bytes_of_the_whole_object(text):
+    """sse.ChunkTemplate (a plain text delta spliced into a pre-rendered event) against sse() of the object."""
+    from minimind.serve.sse import ChunkTemplate, sse
+
+    def make(t):
+        return {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": "m",
+                "choices": [{"index": 2, "delta": {"content": t}, "logprobs": None, "finish_reason": None}],
+                "usage": None}
+
+    assert ChunkTemplate(make)(text) == sse(make(text))

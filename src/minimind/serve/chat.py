@@ -13,7 +13,7 @@ from .errors import APIError
 from .formatting import chat_logprob_entries, finish_reason, usage
 from .params import chat_prompt, check_prompt, resolve_max_tokens, sampling_params
 from .protocol import ChatCompletionRequest, random_id
-from .sse import SSEResponse, sse
+from .sse import ChunkTemplate, SSEResponse, sse
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
@@ -82,14 +82,23 @@ class ChatStream:
         self.token_text = ctx.token_text(engine)
         self.top_n = (req.top_logprobs or 0) if req.logprobs else None
         self.prompt_tokens = len(handle.prompt_token_ids)
+        self.content_chunks: dict[int, ChunkTemplate] = {}  # choice index -> its plain content chunk
 
     def chunk(self, index, delta, logprobs=None, finish=None) -> bytes:
+        return sse(self.chunk_obj(index, delta, logprobs, finish))
+
+    def chunk_obj(self, index, delta, logprobs=None, finish=None) -> dict:
         c = {"id": self.handle.request_id, "object": "chat.completion.chunk", "created": self.created,
              "model": self.model_id,
              "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]}
         if self.include_usage:
             c["usage"] = usage(self.prompt_tokens, sum(self.generated)) if self.continuous else None
-        return sse(c)
+        return c
+
+    def content_chunk(self, index: int, text: str) -> bytes:
+        if index not in self.content_chunks:
+            self.content_chunks[index] = ChunkTemplate(lambda t: self.chunk_obj(index, {"content": t}))
+        return self.content_chunks[index](text)
 
     def head(self) -> list[bytes]:
         return [self.chunk(i, {"role": "assistant", "content": ""}) for i in range(self.n)]
@@ -114,7 +123,9 @@ class ChatStream:
                 else:
                     key = "reasoning_content" if kind == "reasoning" else "content"
                     delta[key] = delta.get(key, "") + value
-            if delta or lp:
+            if lp is None and not self.continuous and len(delta) == 1 and "content" in delta:
+                chunks.append(self.content_chunk(i, delta["content"]))
+            elif delta or lp:
                 chunks.append(self.chunk(i, delta, lp))
             if o.finished:
                 chunks.append(self.chunk(i, {}, None, finish_reason(o.finish_reason, self.parsers[i].num_tool_calls > 0)))

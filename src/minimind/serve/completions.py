@@ -14,7 +14,7 @@ from .errors import APIError
 from .formatting import completion_logprobs, usage
 from .params import check_prompt, completion_prompts, resolve_max_tokens, sampling_params
 from .protocol import CompletionRequest, random_id
-from .sse import SSEResponse, sse
+from .sse import ChunkTemplate, SSEResponse, sse
 
 
 def prepare_completion(ctx: ServingContext, req: CompletionRequest):
@@ -96,13 +96,23 @@ class CompletionStream:
         self.generated: dict[int, int] = {}
         self.sent_lp: dict[int, int] = {}
         self.offsets: dict[int, int] = {}
+        self.text_chunks: dict[int, ChunkTemplate] = {}  # choice index -> its plain text chunk
+
+    def text_chunk(self, idx: int, text: str) -> bytes:
+        if idx not in self.text_chunks:
+            self.text_chunks[idx] = ChunkTemplate(
+                lambda t: self.chunk_obj([{"index": idx, "text": t, "logprobs": None, "finish_reason": None}]))
+        return self.text_chunks[idx](text)
 
     def chunk(self, choices) -> bytes:
+        return sse(self.chunk_obj(choices))
+
+    def chunk_obj(self, choices) -> dict:
         c = {"id": self.base_id, "object": "text_completion", "created": self.created, "model": self.model_id,
              "choices": choices}
         if self.include_usage:
             c["usage"] = usage(self.prompt_tokens, sum(self.generated.values())) if self.continuous else None
-        return sse(c)
+        return c
 
     def head(self) -> list[bytes]:
         if not self.req.echo:
@@ -127,7 +137,9 @@ class CompletionStream:
                 lp = completion_logprobs(self.token_text, o.logprobs[sent:], req.logprobs, self.offsets.get(idx, 0))
                 self.sent_lp[idx] = len(o.logprobs)
             self.offsets[idx] = self.offsets.get(idx, 0) + len(o.delta_text)
-            if o.delta_text or lp:
+            if o.delta_text and lp is None and not self.continuous:
+                chunks.append(self.text_chunk(idx, o.delta_text))
+            elif o.delta_text or lp:
                 chunks.append(self.chunk([{"index": idx, "text": o.delta_text, "logprobs": lp, "finish_reason": None}]))
             if o.finished:
                 chunks.append(self.chunk([{"index": idx, "text": "", "logprobs": None, "finish_reason": o.finish_reason,

@@ -28,6 +28,22 @@ def sse(obj) -> bytes:
     return b"data: " + orjson.dumps(obj) + b"\n\n"
 
 
+class ChunkTemplate:
+    """sse(make(text)) for any string `text`, without building and serializing the whole object each time: the
+    event is rendered once by sse() itself around a marker string and split there, so the bytes are the same as
+    the object's. A plain text delta is most of a stream's chunks (~1.9 -> 0.35 us each, warm)."""
+
+    _MARKER = "\x00minimind-text\x00"
+
+    def __init__(self, make):
+        whole, marker = sse(make(self._MARKER)), orjson.dumps(self._MARKER)
+        at = whole.index(marker)
+        self.head, self.tail = whole[:at], whole[at + len(marker):]
+
+    def __call__(self, text: str) -> bytes:
+        return self.head + orjson.dumps(text) + self.tail
+
+
 def stream_error(exc: BaseException) -> bytes:
     """An error after the 200 headers went out: an SSE error event (vLLM's shape), then [DONE]."""
     if isinstance(exc, APIError):

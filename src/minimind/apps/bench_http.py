@@ -235,7 +235,8 @@ class _SSEReader:
     def feed_block(self, data: bytes) -> bytes:
         """The complete events so far as one block, for tally()."""
         self._append(data)
-        cut = self.body.rfind(b"\n\n") + 2 if b"\n\n" in self.body else 0
+        end = self.body.rfind(b"\n\n")
+        cut = end + 2 if end >= 0 else 0
         block, self.body = self.body[:cut], self.body[cut:]
         return block
 

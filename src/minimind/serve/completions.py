@@ -54,12 +54,11 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, raw: Re
         raise
     if req.stream:
         return SSEResponse(CompletionStream(ctx, engine, req, handles, base_id, model_id), handles, SSE_HEADERS)
-    watchers = [watch_disconnect(raw, h) for h in handles]
+    watcher = watch_disconnect(raw.receive, *handles)
     try:
         finals = await asyncio.gather(*(h.result() for h in handles))
     finally:
-        for w in watchers:
-            w.cancel()
+        watcher.cancel()
         for h in handles:
             h.abort()
     token_text = ctx.token_text(engine)

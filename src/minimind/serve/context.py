@@ -39,27 +39,22 @@ class ServingContext:
         return self.token_texts[key]
 
 
-async def _wait_disconnect(request: Request) -> None:
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            return
-
-
-def watch_disconnect(request: Request, handle: RequestHandle) -> asyncio.Task:
-    """Abort the request (freeing its KV slot at the next engine step) as soon as the client goes away, even
-    while it still waits in the queue and nothing is being sent to it."""
+def watch_disconnect(receive, *handles: RequestHandle) -> asyncio.Task:
+    """Abort the requests (freeing their KV slots at the next engine step) as soon as the client goes away, even
+    while they still wait in the queue and nothing is being sent. receive: the request's ASGI receive."""
 
     async def watch():
-        await _wait_disconnect(request)
-        handle.abort()
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        for h in handles:
+            h.abort()
 
     return asyncio.create_task(watch())
 
 
 async def final_output(request: Request, handle: RequestHandle):
     """Wait for a non-streamed request's final output; a client that leaves aborts it, and so does any error."""
-    watcher = watch_disconnect(request, handle)
+    watcher = watch_disconnect(request.receive, handle)
     try:
         return await handle.result()
     finally:

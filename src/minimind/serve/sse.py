@@ -17,6 +17,7 @@ from typing import Protocol
 import orjson
 from starlette.responses import Response
 
+from .context import watch_disconnect
 from .errors import APIError, error_body
 
 SSE_DONE = b"data: [DONE]\n\n"
@@ -135,7 +136,7 @@ class SSEResponse(Response):
     async def __call__(self, scope, receive, send) -> None:
         await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
         writer = ChunkWriter(scope.get(RAW_SEND, send))  # chunks skip the middlewares' send wrappers
-        watcher = asyncio.ensure_future(self._abort_on_disconnect(receive))
+        watcher = watch_disconnect(receive, *self.handles)
         closing = b""  # the tail (or an error event) and [DONE] go out with the end of the body: one write
         try:
             if head := self.renderer.head():
@@ -178,9 +179,3 @@ class SSEResponse(Response):
         for k, h in enumerate(self.handles):
             h.push_to(partial(deliver, k), fail)
         await done
-
-    async def _abort_on_disconnect(self, receive) -> None:
-        while (await receive())["type"] != "http.disconnect":
-            pass
-        for h in self.handles:
-            h.abort()

@@ -136,21 +136,34 @@ def test_sse_framing_and_done(server):
     assert "usage" not in json.loads(events[1][6:])  # no usage unless asked for
 
 
-def test_a_client_that_stops_reading_gets_every_chunk_in_order(tokenizer, monkeypatch):
-    """A client that reads nothing for a while fills the socket buffers: uvicorn's send then waits for the
-    transport to drain, sse.ChunkWriter carries that send on as a task and queues the later chunks. Once the
-    client reads, every choice streamed equals the same request not streamed."""
+@pytest.mark.parametrize("path", ["socket", "event loop"])
+def test_a_client_that_stops_reading_gets_every_chunk_in_order(tokenizer, monkeypatch, path):
+    """A client that reads nothing for a while fills the socket buffers. Written on the engine's thread
+    (socket_writer.SocketWriter), a send that does not take a whole chunk hands it and every later one to the
+    transport; on the event loop (sse.ChunkWriter: a server where the socket cannot be used), uvicorn's send waits
+    for the transport to drain and the writer queues the later chunks behind it. Once the client reads, every
+    choice streamed equals the same request not streamed."""
     from minimind.engine import LLM
-    from minimind.serve import create_app, sse
+    from minimind.serve import create_app, socket_writer, sse
 
     waited = []
-    drain = sse.ChunkWriter._drain
+    if path == "socket":
+        later = socket_writer.SocketWriter._write_later
 
-    async def counted(self, coro, awaited):  # the real path, counted
-        waited.append(1)
-        await drain(self, coro, awaited)
+        def counted(self, frame):  # the real path, counted
+            waited.append(1)
+            later(self, frame)
 
-    monkeypatch.setattr(sse.ChunkWriter, "_drain", counted)
+        monkeypatch.setattr(socket_writer.SocketWriter, "_write_later", counted)
+    else:
+        drain = sse.ChunkWriter._drain
+
+        async def counted(self, coro, awaited):
+            waited.append(1)
+            await drain(self, coro, awaited)
+
+        monkeypatch.setattr(sse.ChunkWriter, "_drain", counted)
+        monkeypatch.setattr(socket_writer.SocketWriter, "of", classmethod(lambda cls, send, sender: None))
     body = {"model": "tiny", "messages": MSG, "max_tokens": 64, "temperature": 0, "ignore_eos": True, "n": 4,
             "logprobs": True, "top_logprobs": 20}  # ~1 KB per token and choice: far more than the buffers hold
     llm = LLM(tiny_model("minimind3", vocab_size=6400), tokenizer=tokenizer, max_num_seqs=4, max_model_len=256)

@@ -152,11 +152,11 @@ def test_graceful_shutdown_drains_running_streams(inline):
 
 
 def test_stream_channel_order_wakeup_and_a_cancelled_reader():
-    """The per-request channel between the engine's outputs and a handler (engine_client._Stream)."""
-    from minimind.serve.engine_client import _Stream
+    """The per-request channel between the engine's outputs and a handler (channel.OutputChannel)."""
+    from minimind.serve.channel import OutputChannel
 
     async def main():
-        s = _Stream(asyncio.get_running_loop())
+        s = OutputChannel(asyncio.get_running_loop())
         s.put(1)
         s.put(2)
         assert [await s.get(), await s.get()] == [1, 2]  # queued before the read: in order, no waiting

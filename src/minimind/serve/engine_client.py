@@ -2,9 +2,10 @@
 
 One thread owns the model and calls `LLM.step()` (continuous batching across every request); handlers submit
 token ids through the engine's thread-safe `add_request` and get their outputs through their own channel
-(_Stream: read item by item, or a subscribed callback that a streamed response renders and writes in), which
-the engine thread fills with one `loop.call_soon_threadsafe` per step. No handler ever blocks the event loop or
-touches the model, and no handler polls. We drive `step()` ourselves instead of `LLM.start()` because the
+(channel.py): read item by item, or a subscribed callback that a streamed response renders and writes in. The
+engine thread fills the channels with one `loop.call_soon_threadsafe` per step, or calls a streamed response's
+callback itself right after the step, and the Sender sends all their chunks in one C call (socket_writer.py).
+No handler ever blocks the event loop or touches the model, and no handler polls. We drive `step()` ourselves instead of `LLM.start()` because the
 engine's own loop delivers into blocking `queue.Queue`s, which an event loop could only read by parking one
 thread per request.
 
@@ -27,105 +28,14 @@ import queue
 import threading
 import time
 import uuid
-from collections import deque
 from concurrent.futures import Future
 
 from ..engine import LLM, RequestOutput, SamplingParams
+from .channel import OutputChannel, RequestHandle
 from .errors import APIError
+from .socket_writer import Sender
 
 log = logging.getLogger("minimind.serve")
-
-
-class EngineDead(RuntimeError):
-    pass
-
-
-class _Stream:
-    """One request's outputs: appended on its event loop (_put_all), read by its handler or passed straight to a
-    subscriber (RequestHandle.push_to). A deque and one waiter future; asyncio.Queue does the same with its size
-    bound, putters and join accounting on every item, which runs once per streamed token. final_only: the
-    handler answers in one piece, so only the final output is delivered (a hand-over per step costs the event
-    loop CPU that it takes from the engine's threads)."""
-
-    __slots__ = ("final_only", "items", "loop", "sink", "waiter")
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, final_only: bool = False):
-        self.loop, self.items, self.waiter, self.final_only = loop, deque(), None, final_only
-        self.sink = None  # a subscriber gets every item at once instead of a reader's get()
-
-    def put(self, item) -> None:
-        if self.sink is not None:
-            self.sink(item)
-            return
-        self.items.append(item)
-        waiter, self.waiter = self.waiter, None
-        if waiter is not None and not waiter.done():  # done: its reader was cancelled
-            waiter.set_result(None)
-
-    def subscribe(self, sink) -> None:
-        """sink(item) runs on the event loop for every item, first those already queued."""
-        while self.items:
-            sink(self.items.popleft())
-        self.sink = sink
-
-    async def get(self):
-        while not self.items:
-            self.waiter = self.loop.create_future()
-            await self.waiter
-        return self.items.popleft()
-
-
-def _engine_dead(exc: BaseException) -> EngineDead:
-    dead = EngineDead(f"engine step failed: {type(exc).__name__}: {exc}")
-    dead.__cause__ = exc
-    return dead
-
-
-class RequestHandle:
-    """Async iterator of one request's RequestOutput updates; `abort()` frees its slot at the next step."""
-
-    def __init__(self, engine: AsyncEngine, request_id: str, prompt_token_ids: list[int], stream: _Stream):
-        self.engine, self.request_id, self.prompt_token_ids = engine, request_id, prompt_token_ids
-        self._stream = stream
-        self.final: RequestOutput | None = None
-
-    def __aiter__(self):
-        return self
-
-    async def __anext__(self) -> RequestOutput:
-        # a coroutine, not an async generator: one frame less per streamed token
-        if self.final is not None:
-            raise StopAsyncIteration
-        item = await self._stream.get()
-        if isinstance(item, BaseException):
-            raise _engine_dead(item)
-        if item.finished:
-            self.final = item
-        return item
-
-    def push_to(self, on_output, on_error) -> None:
-        """Instead of iterating: on_output(RequestOutput) for every output (the last has `finished`), or
-        on_error(EngineDead) once, called on the event loop right where the engine's step hands them over
-        (sse.SSEResponse renders and sends a token there, without resuming a task). Both must not raise."""
-
-        def deliver(item):
-            if isinstance(item, BaseException):
-                on_error(_engine_dead(item))
-                return
-            if item.finished:
-                self.final = item
-            on_output(item)
-
-        self._stream.subscribe(deliver)
-
-    async def result(self) -> RequestOutput:
-        async for _ in self:
-            pass
-        return self.final
-
-    def abort(self) -> None:
-        if self.final is None:
-            self.engine.abort(self.request_id)
 
 
 class EngineThread:
@@ -175,7 +85,7 @@ class AsyncEngine:
         self._loop_done: Future | None = None
         self.llm, self.max_queue = llm, max_queue
         self.tokenizer, self.max_model_len = llm.tokenizer, llm.max_model_len
-        self._streams: dict[str, _Stream] = {}
+        self._streams: dict[str, OutputChannel] = {}
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
@@ -183,6 +93,7 @@ class AsyncEngine:
         self.accepting = True
         self.error: BaseException | None = None
         self.step_hooks: list = []  # callables(outputs) run on the engine thread after each step (metrics)
+        self.sender = Sender.create()  # streamed chunks sent by the engine's thread (None: through the loop)
 
     # ---------------------------------------------------------------- lifecycle
     def start(self) -> AsyncEngine:
@@ -276,7 +187,7 @@ class AsyncEngine:
         if not self._running:
             self.start()
         request_id = request_id or uuid.uuid4().hex
-        channel = _Stream(asyncio.get_running_loop(), final_only=not stream)
+        channel = OutputChannel(asyncio.get_running_loop(), final_only=not stream)
         with self._lock:  # registered before the engine can emit anything for it
             self._streams[request_id] = channel
         try:
@@ -331,21 +242,43 @@ class AsyncEngine:
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         """One wake-up of each event loop per step (not one per request: each costs the loop a self-pipe read)."""
         by_loop: dict = {}
+        here = []  # (subscriber, output) handed over on this thread
         with self._lock:
             for out in outputs:
                 rid = out.request_id
                 stream = self._streams.pop(rid, None) if out.finished else self._streams.get(rid)
-                if stream is not None and (out.finished or not stream.final_only):
+                if stream is None or (stream.final_only and not out.finished):
+                    continue
+                if stream.direct is not None and stream.in_flight == 0:
+                    here.append((stream.direct, out))
+                else:
+                    stream.in_flight += 1
                     by_loop.setdefault(stream.loop, []).append((stream, out))
+        if here:  # the subscribers render; their SocketWriters' chunks go out together at the flush
+            sender = self.sender
+            if sender is not None:
+                sender.begin()
+            try:
+                for sink, out in here:
+                    sink(out)
+            finally:
+                if sender is not None:
+                    sender.flush()
         for loop, items in by_loop.items():
             if self.inline:  # already on that loop
-                _put_all(items)
+                self._put_all(items)
                 continue
             try:
-                loop.call_soon_threadsafe(_put_all, items)
+                loop.call_soon_threadsafe(self._put_all, items)
             except RuntimeError:  # the event loop is closed (shutdown): nobody is listening any more
                 pass
 
+    def _put_all(self, items: list) -> None:
+        for stream, out in items:
+            stream.put(out)
+        with self._lock:  # only now may the engine's thread hand these streams their next outputs itself
+            for stream, _ in items:
+                stream.in_flight -= 1
 
     def _fail_all(self, exc: BaseException) -> None:
         with self._lock:
@@ -360,11 +293,6 @@ class AsyncEngine:
             self.llm.step()
         except BaseException:
             log.exception("engine cleanup after a failed step also failed")
-
-
-def _put_all(items: list) -> None:
-    for stream, out in items:
-        stream.put(out)
 
 
 class AdapterEngine:

@@ -4,12 +4,14 @@ it over, and sends them without a task switch.
 Per streamed token the event loop used to resume a chain of coroutines (a task, the body's async generator, the
 handle's iterator, the channel's future) before the chunk reached the socket. Here the handler is a plain
 *renderer* (head / render / tail, returning bytes) and SSEResponse subscribes to the requests' channels: the
-engine's hand-over calls render and writes the bytes right there. On 2 CPUs every microsecond of event-loop CPU
+engine's hand-over calls render and writes the bytes right there, on the engine's own thread where the
+connection allows it (socket_writer.py), else on the event loop. On 2 CPUs every microsecond of event-loop CPU
 is taken from the engine's threads (docs/benchmarks.md, "Where the HTTP cost goes").
 """
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections import deque
 from functools import partial
 from typing import Protocol
@@ -19,6 +21,7 @@ from starlette.responses import Response
 
 from .context import watch_disconnect
 from .errors import APIError, error_body
+from .socket_writer import SocketWriter
 
 SSE_DONE = b"data: [DONE]\n\n"
 RAW_SEND = "minimind.raw_send"  # scope key of the HTTP server's own send (openai_server.ServingApp)
@@ -135,13 +138,17 @@ class SSEResponse(Response):
 
     async def __call__(self, scope, receive, send) -> None:
         await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
-        writer = ChunkWriter(scope.get(RAW_SEND, send))  # chunks skip the middlewares' send wrappers
+        raw_send = scope.get(RAW_SEND, send)  # chunks skip the middlewares' send wrappers
+        writer = ChunkWriter(raw_send)
         watcher = watch_disconnect(receive, *self.handles)
         closing = b""  # the tail (or an error event) and [DONE] go out with the end of the body: one write
+        direct = None
         try:
             if head := self.renderer.head():
                 writer.write(b"".join(head))
-            await self._push_outputs(writer)
+            if writer.backlog is None:  # else the socket must wait for what the server still holds
+                direct = SocketWriter.of(raw_send, self.handles[0].engine.sender)
+            await self._push_outputs(direct or writer, any_thread=direct is not None)
             closing = b"".join(self.renderer.tail())
         except Exception as exc:  # noqa: BLE001 - headers are out: report any failure in-band
             closing = stream_error(exc)
@@ -149,33 +156,61 @@ class SSEResponse(Response):
             watcher.cancel()
             for h in self.handles:
                 h.abort()  # no-op once finished
+            if direct is not None:
+                direct.close()
         await writer.flush()  # raises if a send failed: then nothing more can go out
         await send({"type": "http.response.body", "body": closing + SSE_DONE, "more_body": False})
 
-    async def _push_outputs(self, writer: ChunkWriter) -> None:
-        """Render and write every output inside the engine's hand-over; returns once all handles finished."""
-        done = asyncio.get_running_loop().create_future()
-        left = [len(self.handles)]
+    async def _push_outputs(self, writer, any_thread: bool) -> None:
+        """Render and write every output where the engine hands it over (on the event loop, or with any_thread
+        on the engine's thread too: then `writer` is a SocketWriter); returns once all handles finished."""
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+        lock = threading.Lock()  # several handles may be handed over on both threads at once
+        state = {"left": len(self.handles), "over": False}
+
+        def end(exc=None):  # on the event loop
+            if done.done():
+                return
+            if exc is None:
+                done.set_result(None)
+            else:
+                done.set_exception(exc)
+
+        def post_end(exc):
+            try:
+                loop.call_soon_threadsafe(end, exc)
+            except RuntimeError:  # the event loop is closed: nobody waits any more
+                pass
+
+        def stop(exc=None):  # on any thread; under the lock
+            state["over"] = True
+            if any_thread:  # inside the engine's hand-over: once the step's chunks are sent
+                writer.sender.later(partial(post_end, exc))
+            else:
+                post_end(exc)
 
         def deliver(k, out):
-            if done.done():  # failed or cancelled before: nothing more goes out
-                return
-            try:
-                chunks = self.renderer.render(k, out)
-                if chunks:  # a token's text chunk and its choice's finish chunk: one write
-                    writer.write(chunks[0] if len(chunks) == 1 else b"".join(chunks))
-            except Exception as exc:  # noqa: BLE001 - ends the stream with an error event
-                done.set_exception(exc)
-                return
-            if out.finished:
-                left[0] -= 1
-                if left[0] == 0:
-                    done.set_result(None)
+            with lock:
+                if state["over"]:  # failed before: nothing more goes out
+                    return
+                try:
+                    chunks = self.renderer.render(k, out)
+                    if chunks:  # a token's text chunk and its choice's finish chunk: one write
+                        writer.write(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+                except Exception as exc:  # noqa: BLE001 - ends the stream with an error event
+                    stop(exc)
+                    return
+                if out.finished:
+                    state["left"] -= 1
+                    if state["left"] == 0:
+                        stop()
 
         def fail(exc):
-            if not done.done():
-                done.set_exception(exc)
+            with lock:
+                if not state["over"]:
+                    stop(exc)
 
         for k, h in enumerate(self.handles):
-            h.push_to(partial(deliver, k), fail)
+            h.push_to(partial(deliver, k), fail, any_thread=any_thread)
         await done

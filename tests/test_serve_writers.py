@@ -1,0 +1,144 @@
+"""Streamed outputs handed over on the engine's thread: the order of a request's outputs and of the bytes on the
+wire. Real sockets on 127.0.0.1 and a real engine on a tiny model."""
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import threading
+import time
+
+import pytest
+
+from conftest import tiny_model, tokenizer_dir
+
+
+def _chunks(raw: bytes) -> list[bytes]:
+    """The payloads of an HTTP/1.1 chunked body (no final empty chunk needed)."""
+    out, pos = [], 0
+    while pos < len(raw):
+        eol = raw.index(b"\r\n", pos)
+        size = int(raw[pos:eol], 16)
+        out.append(raw[eol + 2:eol + 2 + size])
+        pos = eol + 2 + size + 2
+    return out
+
+
+@pytest.mark.parametrize("batched", [False, True], ids=["one by one", "a step's chunks in one C call"])
+def test_socket_writer_keeps_order_when_the_client_stops_reading(batched):
+    """Sent on the socket while it takes them; once a send takes only part of a chunk, the rest and every later
+    chunk go through the transport, even after the client has made room again by reading: bytes sent to the
+    socket then would overtake the ones still waiting in the transport. Batched: written between the Sender's
+    begin() and flush() as an engine step's hand-over does, several chunks per writer and flush."""
+    from minimind.serve.socket_writer import Sender, SocketWriter
+
+    sender = Sender.create()
+    if sender is None:
+        pytest.skip("no C compiler: the engine's kernels (and the Sender) cannot be built here")
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        made = loop.create_future()
+
+        class Keep(asyncio.Protocol):
+            def connection_made(self, transport):
+                made.set_result(transport)
+
+        server = await loop.create_server(Keep, "127.0.0.1", 0)
+        client = socket.socket()
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        client.connect(server.sockets[0].getsockname())
+        client.setblocking(False)
+        transport = await made
+        raw = transport.get_extra_info("socket")
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        w = SocketWriter(socket.socket(fileno=os.dup(raw.fileno())), transport, loop, sender)
+        expected, received = [], bytearray()
+
+        def put(i):
+            if batched:
+                sender.begin()
+            for k in range(3 if batched else 1):
+                data = b"chunk %06d.%d " % (i, k) + b"x" * 500
+                expected.append(data)
+                w.write(data)
+            if batched:
+                sender.flush()
+
+        def read_what_is_there():
+            try:
+                while data := client.recv(65536):
+                    received.extend(data)
+            except BlockingIOError:
+                pass
+
+        i = 0
+        while not w.queued:  # the client reads nothing: the kernel's buffers fill up
+            put(i)
+            i += 1
+            assert i < 10_000, "the socket never refused a chunk"
+        read_what_is_there()  # room again, while the rest of a chunk still waits for the event loop
+        for j in range(i, i + 20):
+            put(j)
+        w.close()
+        deadline = time.monotonic() + 30
+        while len(received) < sum(len(b"%x\r\n\r\n" % len(d)) + len(d) for d in expected):
+            assert time.monotonic() < deadline, "not every chunk arrived"
+            await asyncio.sleep(0.01)  # the transport writes what it holds
+            read_what_is_there()
+        transport.close()
+        client.close()
+        server.close()
+        return expected, bytes(received)
+
+    expected, received = asyncio.run(main())
+    assert _chunks(received) == expected
+
+
+def test_outputs_still_on_their_way_through_the_event_loop_come_first():
+    """A request subscribed with any_thread gets its outputs on the engine's thread, but only once every output
+    already handed to the event loop has been delivered there: the deltas, joined, are the final answer."""
+    from transformers import AutoTokenizer
+
+    from minimind.engine import LLM, SamplingParams
+    from minimind.serve.engine_client import AsyncEngine
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir("minimind2")))
+    engine = AsyncEngine(LLM(tiny_model(vocab_size=6400), tokenizer=tok, max_num_seqs=2, max_model_len=512))
+    params = SamplingParams(temperature=0, max_tokens=400, ignore_eos=True)
+
+    def wait_in_flight(stream, n):  # blocks the event loop (on purpose) until n outputs wait for it
+        deadline = time.monotonic() + 30
+        while stream.in_flight < n:
+            assert time.monotonic() < deadline, f"{stream.in_flight} outputs on their way to the loop, not {n}"
+            time.sleep(0.001)
+
+    async def main():
+        handle = engine.submit(tok.encode("你好"), params)
+        while not handle._stream.items:  # the first outputs came through the event loop
+            await asyncio.sleep(0.001)
+        stream = handle._stream
+        wait_in_flight(stream, 2)  # the loop is busy: the engine's next outputs wait in its queue
+        in_flight = stream.in_flight
+        got, threads, done = [], [], asyncio.get_running_loop().create_future()
+
+        def on_output(out):
+            got.append(out)
+            threads.append(threading.get_ident())
+            if out.finished:
+                done.get_loop().call_soon_threadsafe(done.set_result, None)
+
+        handle.push_to(on_output, lambda exc: None, any_thread=True)
+        wait_in_flight(stream, in_flight + 2)  # still busy: the engine steps on and must keep handing them over
+        await done
+        return got, threads
+
+    try:
+        got, threads = asyncio.run(main())
+    finally:
+        engine.shutdown()
+    assert threading.get_ident() in threads and set(threads) - {threading.get_ident()}, "both threads delivered"
+    final = got[-1].outputs[0]
+    assert final.finished and len(final.token_ids) == 400
+    assert [t for o in got for t in o.outputs[0].delta_token_ids] == final.token_ids
+    assert "".join(o.outputs[0].delta_text for o in got) == final.text

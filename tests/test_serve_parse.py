@@ -120,11 +120,11 @@ def test_serve_steps_on_the_thread_that_loaded_the_model(tmp_path, monkeypatch):
     assert threading.get_ident() not in seen["load"]
 
 
-@pytest.mark.parametrize(("flags", "inline"), [(["--max-num-seqs", "1"], True), (["--max-num-seqs", "2"], False),
+@pytest.mark.parametrize(("flags", "inline"), [(["--max-num-seqs", "1"], False), (["--max-num-seqs", "2"], False),
                                                (["--max-num-seqs", "1", "--engine-loop", "thread"], False),
                                                (["--max-num-seqs", "2", "--engine-loop", "inline"], True)])
 def test_engine_loop_flag(tmp_path, flags, inline):
-    """--engine-loop auto steps inline on the event loop with one slot, on the engine thread otherwise; both serve."""
+    """--engine-loop auto steps on the engine thread, also with one slot; inline on the event loop; both serve."""
     import torch
     from fastapi.testclient import TestClient
 
@@ -172,10 +172,10 @@ def test_llm_launch_builds_and_steps_on_one_thread():
         LLM.launch(lambda: (_ for _ in ()).throw(ValueError("boom")))
 
 
-@pytest.mark.parametrize("flags", [[], ["--max-num-seqs", "1"]], ids=["engine-thread", "inline"])
+@pytest.mark.parametrize("flags", [[], ["--engine-loop", "inline"]], ids=["engine-thread", "inline"])
 def test_serve_process_exits_on_forced_shutdown_mid_stream(tmp_path, flags):
     """A second Ctrl-C while a stream runs ends the process (the engine loop must not keep the interpreter alive),
-    with the engine on its thread and stepped inline on the event loop (one slot: --engine-loop auto)."""
+    with the engine on its thread and stepped inline on the event loop."""
     import os
     import signal
     import socket

@@ -5,20 +5,19 @@ token ids through the engine's thread-safe `add_request` and get their outputs t
 (channel.py): read item by item, or a subscribed callback that a streamed response renders and writes in. The
 engine thread fills the channels with one `loop.call_soon_threadsafe` per step, or calls a streamed response's
 callback itself right after the step, and the Sender sends all their chunks in one C call (socket_writer.py).
-No handler ever blocks the event loop or touches the model, and no handler polls. We drive `step()` ourselves instead of `LLM.start()` because the
-engine's own loop delivers into blocking `queue.Queue`s, which an event loop could only read by parking one
-thread per request.
+No handler ever blocks the event loop or touches the model, and no handler polls. We drive `step()` ourselves
+instead of `LLM.start()` because the engine's own loop delivers into blocking `queue.Queue`s, which an event loop
+could only read by parking one thread per request.
 
 `minimind serve` builds the model on the same EngineThread that later runs every step: libgomp gives each thread
 that opens parallel regions a team of its own, and a second team (model built on the main thread, stepped on
 another) puts more OpenMP threads than CPUs in the process, which makes libgomp stop spinning and pay a futex
 wake-up at every parallel region (docs/benchmarks.md, "Where the HTTP cost goes").
 
-With one sequence slot (`minimind serve --max-num-seqs 1`, `--engine-loop auto`) the event loop steps the engine
-itself (`inline=True`): a one-row step keeps both cores busy, so there is nothing for the HTTP work to overlap,
-and handing every token to another thread (a wake-up, then the GIL back and forth) cost more than the HTTP work
-itself: 11-13 % of one stream's tokens/s against 6-10 % inline. With several streams the thread wins (8 streams,
-bf16: 5 % against 13 %): inline, the second core only spins while the loop writes every stream's chunk.
+`--engine-loop inline` steps the engine on the event loop's thread instead (`inline=True`, the model built
+there). It used to be the cheaper path for one stream, when every token still went through the loop; now that the
+engine's thread sends its tokens itself, the thread is cheaper at 1 stream too (bf16 4.5 % against 7.2 %, int8
+6.8 % against 9.6 %, 50-60 interleaved rounds; docs/benchmarks.md, "Eleventh session").
 """
 from __future__ import annotations
 

@@ -50,9 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "fp16, attention still computes in fp32); auto: fp32 on CPU")
     eng.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     eng.add_argument("--engine-loop", default="auto", choices=("auto", "thread", "inline"),
-                     help="where engine steps run: thread (overlaps the HTTP work of many streams with the step) or "
-                          "inline on the event loop (no hand-off per token: cheaper for a single stream); auto: "
-                          "inline when --max-num-seqs is 1")
+                     help="where engine steps run: thread (the engine's own thread, which also renders and sends "
+                          "every streamed token; the event loop does nothing per token) or inline on the event "
+                          "loop's thread (kept to compare: it costs more even for one stream); auto: thread")
     eng.add_argument("--no-prefix-caching", action="store_true", help="do not reuse KV of shared prompt prefixes")
     return p
 
@@ -98,7 +98,7 @@ def build_app(args: argparse.Namespace):
     from .engine_client import AsyncEngine, EngineThread
     from .openai_server import create_app
 
-    inline = args.engine_loop == "inline" or (args.engine_loop == "auto" and args.max_num_seqs == 1)
+    inline = args.engine_loop == "inline"
     if inline:  # built here, on the thread that runs the event loop and so every step
         engines = {name: AsyncEngine(llm, max_queue=args.max_queue, inline=True)
                    for name, llm in load_engines(args).items()}

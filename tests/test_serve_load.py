@@ -239,6 +239,33 @@ def test_chunk_writer_keeps_order_when_a_send_has_to_wait():
     asyncio.run(main())
 
 
+def test_chunk_writer_sends_in_a_task_for_other_servers():
+    """A send that is not uvicorn's (by_hand=False: e.g. the test client's, which runs anyio and needs a task) is
+    always awaited inside a task, chunks in order, also when written from a plain event-loop callback."""
+    from minimind.serve.sse import ChunkWriter
+
+    async def main():
+        sent = []
+
+        async def send(message):
+            assert asyncio.current_task() is not None, "driven outside a task"
+            await asyncio.sleep(0)
+            sent.append(message["body"])
+
+        assert not ChunkWriter.drives_by_hand(send)
+        w = ChunkWriter(send, by_hand=False)
+        loop = asyncio.get_running_loop()
+        for data in (b"a", b"b", b"c"):
+            loop.call_soon(w.write, data)  # as the engine's hand-over calls it: a callback, not a task
+        await asyncio.sleep(0)
+        await w.flush()
+        w.write(b"d")
+        await w.flush()
+        assert sent == [b"a", b"b", b"c", b"d"]
+
+    asyncio.run(main())
+
+
 @settings(max_examples=300, deadline=None)
 @given(st.text())
 def test_chunk_template_gives_the_bytes_of_the_whole_object(text):

@@ -80,21 +80,32 @@ async def _resume(coro, awaited) -> None:
 
 
 class ChunkWriter:
-    """Body chunks in order, each sent without a task switch: an ASGI `send` is a coroutine, but the server's
+    """Body chunks in order, each sent without a task switch: an ASGI `send` is a coroutine, but uvicorn's
     completes without waiting unless the client stopped reading (its socket buffer is full). So it is driven by
-    hand, and only a send that does wait continues as a task, with the chunks after it queued behind it."""
+    hand, and only a send that does wait continues as a task, with the chunks after it queued behind it. Any other
+    server's send (by_hand=False; e.g. an anyio-based one, which needs to run inside a task) always goes through
+    a task, in order."""
 
-    def __init__(self, send):
-        self.send = send
+    def __init__(self, send, by_hand: bool = True):
+        self.send, self.by_hand = send, by_hand
         self.backlog: deque[bytes] | None = None  # not None while a send waits
         self.task: asyncio.Task | None = None
         self.error: BaseException | None = None
+
+    @staticmethod
+    def drives_by_hand(send) -> bool:
+        """uvicorn's own send (plain asyncio): safe to drive outside a task."""
+        return type(getattr(send, "__self__", None)).__module__.startswith("uvicorn.")
 
     def write(self, data: bytes) -> None:
         if self.error is not None:
             raise self.error
         if self.backlog is not None:
             self.backlog.append(data)
+            return
+        if not self.by_hand:
+            self.backlog = deque([data])
+            self.task = asyncio.ensure_future(self._drain(None, None))
             return
         coro = self.send({"type": "http.response.body", "body": data, "more_body": True})
         try:
@@ -109,7 +120,8 @@ class ChunkWriter:
 
     async def _drain(self, coro, awaited) -> None:
         try:
-            await _resume(coro, awaited)
+            if coro is not None:
+                await _resume(coro, awaited)
             while self.backlog:
                 await self.send({"type": "http.response.body", "body": self.backlog.popleft(), "more_body": True})
             self.backlog = None
@@ -139,7 +151,7 @@ class SSEResponse(Response):
     async def __call__(self, scope, receive, send) -> None:
         await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
         raw_send = scope.get(RAW_SEND, send)  # chunks skip the middlewares' send wrappers
-        writer = ChunkWriter(raw_send)
+        writer = ChunkWriter(raw_send, ChunkWriter.drives_by_hand(raw_send))
         watcher = watch_disconnect(receive, *self.handles)
         closing = b""  # the tail (or an error event) and [DONE] go out with the end of the body: one write
         direct = None

@@ -109,6 +109,23 @@ def test_abort_frees_slot(model):
     assert done[b].outputs[0].token_ids == naive_greedy(model, PROMPTS[3], 10)
 
 
+def test_stream_interval_hands_out_every_few_tokens(model):
+    """stream_interval=3: a running request's first token at once, then an output per 3 new tokens, the rest with
+    its end; the deltas add up to the same answer as every token streamed (two requests sharing the batch)."""
+    sp = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    deltas = {}
+    llm = LLM(model, max_num_seqs=2, max_model_len=64, stream_interval=3)
+    ids = [llm.add_request(PROMPTS[0], sp), llm.add_request(PROMPTS[3], sp)]
+    while llm.has_unfinished():
+        for out in llm.step():
+            deltas.setdefault(out.request_id, []).append(out.outputs[0].delta_token_ids)
+    for rid, prompt in zip(ids, [PROMPTS[0], PROMPTS[3]]):
+        assert [len(d) for d in deltas[rid]] == [1, 3, 3, 3]
+        assert [t for d in deltas[rid] for t in d] == naive_greedy(model, prompt, 10)
+    with pytest.raises(ValueError, match="stream_interval"):
+        LLM(model, max_num_seqs=1, max_model_len=64, stream_interval=0)
+
+
 def test_seed_reproducible_regardless_of_batch(model):
     sp = SamplingParams(temperature=0.9, top_k=50, top_p=0.95, max_tokens=12, seed=1234, ignore_eos=True)
     alone = LLM(model, max_num_seqs=4, max_model_len=64).generate([PROMPTS[1]], sp)[0].outputs[0].token_ids

@@ -2,6 +2,7 @@
 is chunked; and the `minimind serve` command line parses the seeds' model flags."""
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
@@ -141,6 +142,31 @@ def test_engine_loop_flag(tmp_path, flags, inline):
     with TestClient(app) as client:
         r = client.post("/v1/completions", json={"prompt": [5, 6, 7], "max_tokens": 4, "ignore_eos": True})
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
+
+
+def test_stream_interval_flag(tmp_path):
+    """--stream-interval 4: a 10-token stream comes in at most 4 text chunks (first token, then per 4 tokens, the
+    rest with the end), the same text as the answer not streamed; 0 is refused by the parser."""
+    import torch
+    from fastapi.testclient import TestClient
+
+    from conftest import tiny_model, tokenizer_dir
+    from minimind.serve import launch
+
+    torch.save(tiny_model(vocab_size=6400, hidden_size=64).state_dict(), tmp_path / "full_sft_64.pth")
+    base = ["--load_from", str(tokenizer_dir("minimind2")), "--save_dir", str(tmp_path), "--weight", "full_sft",
+            "--hidden_size", "64", "--max-model-len", "64"]
+    with pytest.raises(SystemExit):
+        launch.build_parser().parse_args([*base, "--stream-interval", "0"])
+    app = launch.build_app(launch.build_parser().parse_args([*base, "--stream-interval", "4"]))
+    assert app.state.ctx.engines["full_sft"].llm.stream_interval == 4
+    body = {"prompt": [5, 6, 7], "max_tokens": 10, "ignore_eos": True, "temperature": 0}
+    with TestClient(app) as client:
+        whole = client.post("/v1/completions", json=body).json()["choices"][0]["text"]
+        with client.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+            events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    texts = [c["text"] for e in events for c in e["choices"] if c["text"]]
+    assert "".join(texts) == whole and 1 <= len(texts) <= 4
 
 
 def test_llm_launch_builds_and_steps_on_one_thread():

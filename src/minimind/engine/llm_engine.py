@@ -37,13 +37,15 @@ class LLM:
     use its packed GEMM (engine/fused.py, built at first use); False, or no C compiler, keeps every step on torch.
     lora_adapters: {name: LoRA file or state_dict}; a request picks one with `lora=name` and requests for
     different adapters share batches (an unmerged LoRA already in the model is served merged).
+    stream_interval: a running request's output is handed out once its completions have this many new tokens
+    (its first token and its end at once): fewer, larger stream chunks (the serving work per chunk is fixed).
     """
 
     def __init__(self, model_or_path=None, *, tokenizer=None, dtype=None, quantization: str | None = None,
                  max_model_len: int | None = None, max_num_seqs: int = 8, max_num_batched_tokens: int = 512,
                  enable_prefix_caching: bool = True, threads: int | None = None, compile: bool = False,
                  draft_model=None, num_speculative_tokens: int = 4, decode_mkldnn: bool | None = None,
-                 kv_dtype=None, fused: bool = True, lora_adapters: dict | None = None):
+                 kv_dtype=None, fused: bool = True, lora_adapters: dict | None = None, stream_interval: int = 1):
         from ..checkpoint.errors import CheckpointError
         from ..checkpoint.loader import load_model, load_tokenizer, resolve_dtype
         from ..model.lora import read_adapter
@@ -98,6 +100,9 @@ class LLM:
         # oneDNN's bf16 GEMV streams weights at half the speed of the plain kernel: turn it off for decode steps.
         self.decode_mkldnn = decode_mkldnn if decode_mkldnn is not None else act_dtype != torch.bfloat16
         self.eos_token_ids = _eos_ids(cfg, tokenizer)
+        if stream_interval < 1:
+            raise ValueError(f"stream_interval must be >= 1 (tokens per streamed output), got {stream_interval}")
+        self.stream_interval = stream_interval
         self.speculator = None
         if draft_model is not None:
             from .spec import Speculator
@@ -258,6 +263,8 @@ class LLM:
             if req.finished:
                 req.metrics["finished"] = now
                 del self._requests[request_id]
+            elif not req.due(self.stream_interval):
+                continue  # its new tokens go out with a later output (deltas cover everything since the last)
             out = req.output()
             if req.stream is not None:
                 req.stream.put(out)

@@ -14,12 +14,22 @@ class Request:
     seqs: list[Sequence]
     stream: queue.Queue | None
     metrics: dict = field(default_factory=dict)
+    emitted: int = 0  # tokens of its longest completion at the last output
 
     @property
     def finished(self) -> bool:
         return all(s.is_finished for s in self.seqs)
 
+    def due(self, interval: int) -> bool:
+        """Whether a running request's next output is due: every step at interval 1; else its first token at
+        once, then whenever `interval` more tokens are in."""
+        if interval == 1:
+            return True
+        made = max(len(s.output_token_ids) for s in self.seqs)
+        return made - self.emitted >= interval or (self.emitted == 0 and made > 0)
+
     def output(self) -> RequestOutput:
+        self.emitted = max(len(s.output_token_ids) for s in self.seqs)
         return RequestOutput(self.request_id, self.prompt_token_ids, [s.output() for s in self.seqs], self.finished,
                              self.seqs[0].num_cached, dict(self.metrics))
 

@@ -13,6 +13,13 @@ import sys
 SERVE_BATCHED_TOKENS = 256
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     from ..apps.chat import build_parser as chat_parser
 
@@ -53,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="where engine steps run: thread (the engine's own thread, which also renders and sends "
                           "every streamed token; the event loop does nothing per token) or inline on the event "
                           "loop's thread (kept to compare: it costs more even for one stream); auto: thread")
+    eng.add_argument("--stream-interval", type=_positive, default=1, metavar="N",
+                     help="tokens per streamed chunk: 1 (default) sends every token; N > 1 sends a stream's first "
+                          "token at once, then a chunk per N tokens (less HTTP work per token on a small CPU)")
     eng.add_argument("--no-prefix-caching", action="store_true", help="do not reuse KV of shared prompt prefixes")
     return p
 
@@ -84,7 +94,8 @@ def load_engines(args: argparse.Namespace) -> dict:
               "quantization": args.quantization, "max_model_len": args.max_model_len,
               "max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens,
               "enable_prefix_caching": not args.no_prefix_caching, "threads": args.threads,
-              "kv_dtype": None if args.kv_cache_dtype == "auto" else args.kv_cache_dtype}
+              "kv_dtype": None if args.kv_cache_dtype == "auto" else args.kv_cache_dtype,
+              "stream_interval": args.stream_interval}
     name = args.served_model_name or str(source.get("weight") or "minimind")
     if name in adapters:
         raise ValueError(f"--lora name {name!r} is the base model's id; pick another name")

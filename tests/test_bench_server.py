@@ -41,12 +41,13 @@ def test_server_bench_end_to_end(tmp_path, capsys):
     out_json, out_png = tmp_path / "server.json", tmp_path / "server.png"
     rc = bench.main(["--server", "--models", str(folder), "--dtypes", "fp32", "--concurrency", "1,2",
                      "--decode-tokens", "5", "--prompt-len", "8", "--repeats", "2", "--threads", "1", "--peers", "",
-                     "--json", str(out_json), "--png", str(out_png)])
+                     "--stream-interval", "2", "--json", str(out_json), "--png", str(out_png)])
     assert rc == 0
     assert _children() <= before, "a server subprocess outlived the bench"
     report = json.loads(out_json.read_text())
     assert {"machine", "args", "notes", "results"} <= report.keys()
     assert report["notes"] == [], report["notes"]
+    assert report["args"]["stream_interval"] == 2  # and `minimind serve` took the flag: it served every round
     rows = {r["impl"]: r for r in report["results"]}
     assert set(rows) == {bench_server.ENGINE, bench_server.SERVE}
     for impl, r in rows.items():

@@ -117,7 +117,8 @@ class EngineWorker(LineWorker):
 def serve_cmd(path: str, dtype: str, n: int, port: int, args) -> list[str]:
     return [sys.executable, "-m", "minimind", "serve", "--model", path, *SERVE_FLAGS[dtype], "--threads",
             str(args.threads), "--max-num-seqs", str(n), "--max-model-len", str(args.max_model_len),
-            "--served-model-name", MODEL_ID, "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
+            "--served-model-name", MODEL_ID, "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning",
+            *(["--stream-interval", str(args.stream_interval)] if getattr(args, "stream_interval", 1) > 1 else [])]
 
 
 def llama_cmd(exe: str, gguf: str, n: int, port: int, args) -> list[str]:
@@ -266,6 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=3,
                    help="measured rounds per client count (after one warm-up); the HTTP cost is the median of "
                         "per-round costs, so use 8-16 on a shared machine")
+    p.add_argument("--stream-interval", type=int, default=1, metavar="N",
+                   help="passed to `minimind serve` (tokens per streamed chunk; llama-server sends every token)")
     p.add_argument("--startup-timeout", type=float, default=300.0, help="seconds a server gets to answer /health")
     p.add_argument("--tokenizer", help="tokenizer folder for the random-weight presets (needed for the GGUF)")
     p.add_argument("--json", default="bench-server.json")

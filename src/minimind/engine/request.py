@@ -21,15 +21,17 @@ class Request:
         return all(s.is_finished for s in self.seqs)
 
     def due(self, interval: int) -> bool:
-        """Whether a running request's next output is due: every step at interval 1; else its first token at
-        once, then whenever `interval` more tokens are in."""
+        """Whether a running request's next output is due (the caller then takes it): every step at interval 1;
+        else its first token at once, then whenever `interval` more tokens are in."""
         if interval == 1:
             return True
         made = max(len(s.output_token_ids) for s in self.seqs)
-        return made - self.emitted >= interval or (self.emitted == 0 and made > 0)
+        if made - self.emitted >= interval or (self.emitted == 0 and made > 0):
+            self.emitted = made
+            return True
+        return False
 
     def output(self) -> RequestOutput:
-        self.emitted = max(len(s.output_token_ids) for s in self.seqs)
         return RequestOutput(self.request_id, self.prompt_token_ids, [s.output() for s in self.seqs], self.finished,
                              self.seqs[0].num_cached, dict(self.metrics))
 

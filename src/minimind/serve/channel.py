@@ -18,11 +18,11 @@ class EngineDead(RuntimeError):
 
 
 class OutputChannel:
-    """One request's outputs: appended on its event loop (AsyncEngine._put_all), read by its handler or passed straight to a
-    subscriber (RequestHandle.push_to). A deque and one waiter future; asyncio.Queue does the same with its size
-    bound, putters and join accounting on every item, which runs once per streamed token. final_only: the
-    handler answers in one piece, so only the final output is delivered (a hand-over per step costs the event
-    loop CPU that it takes from the engine's threads)."""
+    """One request's outputs: appended on its event loop (AsyncEngine._put_all), read by its handler or passed
+    straight to a subscriber (RequestHandle.push_to). A deque and one waiter future; asyncio.Queue does the same
+    with its size bound, putters and join accounting on every item, which runs once per streamed token.
+    final_only: the handler answers in one piece, so only the final output is delivered (a hand-over per step
+    costs the event loop CPU that it takes from the engine's threads)."""
 
     __slots__ = ("direct", "final_only", "in_flight", "items", "loop", "sink", "waiter")
 

@@ -99,7 +99,7 @@ class Sender:
                 sent = (ctypes.c_int64 * n)()
                 self.send_many(n, fds, bufs, lens, sent, self.threads)
                 for (w, data), k in zip(live, sent):
-                    w._after_send(data, k if k >= 0 or -k not in (errno.EAGAIN, errno.EWOULDBLOCK) else 0)
+                    w._after_send(data, k)
         finally:
             for w in writers:
                 w.lock.release()
@@ -159,7 +159,9 @@ class SocketWriter:
             raise self.error
 
     def _after_send(self, frame: bytes, sent: int) -> None:
-        """Under the lock: `sent` bytes of `frame` went out (negative: -errno)."""
+        """Under the lock: `sent` bytes of `frame` went out (negative: -errno; a full buffer sent nothing)."""
+        if -sent in (errno.EAGAIN, errno.EWOULDBLOCK):
+            sent = 0
         if sent < 0:
             self.error = OSError(-sent, os.strerror(-sent))
         elif sent < len(frame):

@@ -13,6 +13,7 @@ import uuid
 import torch
 
 from .kv_cache import KVCache, SlotManager
+from .memory import keep_freed_memory
 from .model_runner import ModelRunner
 from .quant import native_bf16
 from .request import Request, RequestStream
@@ -52,6 +53,7 @@ class LLM:
 
         if threads:
             torch.set_num_threads(threads)
+        keep_freed_memory()  # process-wide, like the thread count: each step's tensors would page-fault afresh
         owned = not isinstance(model_or_path, torch.nn.Module)  # loaded here: nobody else holds these weights
         if not owned:
             model = model_or_path

@@ -4,13 +4,16 @@ table, the chart, that every request generated exactly the requested tokens, and
 the run. No timing asserts."""
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
+import threading
 
 import pytest
 
 from conftest import tiny_model, tokenizer_dir
-from minimind.apps import bench, bench_http, bench_server
+from minimind.apps import bench, bench_client, bench_http, bench_server
+from minimind.apps.bench_http import free_port
 
 pytest.importorskip("httpx")
 pytest.importorskip("uvicorn")
@@ -117,7 +120,7 @@ http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
 def test_server_process_failures_and_cleanup(tmp_path):
     import sys
 
-    from minimind.apps.bench_http import ServerProcess, free_port
+    from minimind.apps.bench_http import ServerProcess
 
     dead = ServerProcess("broken", [sys.executable, "-c", "print('no model here'); raise SystemExit(3)"],
                          tmp_path / "broken.log", free_port())
@@ -156,43 +159,80 @@ def _sse_server(events: list[tuple[float, bytes]], close: bool, sent: dict):
     return asyncio.start_server(handle, "127.0.0.1", 0)
 
 
+@contextlib.contextmanager
+def _serving(server_factory):
+    """An asyncio server (a coroutine that starts it) running on its own thread; yields its port."""
+    import asyncio
+
+    loop = asyncio.new_event_loop()
+    server = loop.run_until_complete(server_factory)
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        server.close()  # then, as asyncio.run does: handlers still waiting (a stalled stream) are cancelled
+        pending = asyncio.all_tasks(loop)
+        for t in pending:
+            t.cancel()
+        async def drain():
+            await asyncio.gather(*pending, return_exceptions=True)
+
+        loop.run_until_complete(drain())
+        loop.close()
+
+
 @pytest.mark.parametrize("close", [True, False])
 def test_client_times_first_chunk_and_end_with_batched_reads(monkeypatch, close):
     """After the first text chunk the client reads in batches (SO_RCVLOWAT): the first chunk must be timed before
     the next one is even sent, every later chunk counted, the usage event's count used, and the stream must end at
     the server's close, or (a server that keeps the connection open) through the batched-read timeout. Orderings
-    only, no thresholds; the outer timeout just turns a hang into a failure."""
-    import asyncio
-
+    only, no thresholds; the request timeout just turns a hang into a failure."""
     # closing server: a timeout far beyond the test's limit, so only the close can end the stream
-    monkeypatch.setattr(bench_http, "BATCHED_READ_TIMEOUT", 60.0 if close else 0.2)
+    monkeypatch.setattr(bench_client, "BATCHED_READ_TIMEOUT", 60.0 if close else 0.2)
     text = [b'data: {"choices":[{"text":"t%d"}]}\n\n' % i for i in range(30)]
     events = [(0, b'data: {"choices":[{"text":""}]}\n\n'), (0, text[0]), (0.3, text[1])]
     events += [(0.005, t) for t in text[2:]]
     events += [(0, b'data: {"choices":[],"usage":{"completion_tokens":31}}\n\n'), (0, b"data: [DONE]\n\n")]
     sent: dict = {}
-
-    async def run():
-        server = await _sse_server(events, close, sent)
-        port = server.sockets[0].getsockname()[1]
-        async with server:
-            return await asyncio.wait_for(
-                bench_http.stream_completion(f"http://127.0.0.1:{port}", "/v1/completions", {}), 20)
-
-    r = asyncio.run(run())
+    with _serving(_sse_server(events, close, sent)) as port:
+        [r] = bench_client.stream_requests(f"http://127.0.0.1:{port}", "/v1/completions", [{}], timeout=20)
     assert r["chunks"] == 30 and r["tokens"] == 31
     assert sent[1] <= r["first"] < sent[2]  # the first text chunk, seen before the second was written
     assert r["end"] >= sent["end"]
 
 
+def test_client_reports_http_errors_refused_connections_and_timeouts():
+    """Each failure is raised with what happened, never an empty or partial result."""
+    async def refuse(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 404 Not Found\r\ncontent-length: 21\r\n\r\n{\"error\": \"no model\"}")
+        await writer.drain()
+        writer.close()
+
+    import asyncio
+
+    with _serving(asyncio.start_server(refuse, "127.0.0.1", 0)) as port, \
+            pytest.raises(RuntimeError, match=r"(?s)HTTP 404 from http://127\.0\.0\.1:\d+/v1/completions.*no model"):
+        bench_client.stream_requests(f"http://127.0.0.1:{port}", "/v1/completions", [{}, {}], timeout=20)
+    with pytest.raises(ConnectionError, match="cannot connect"):
+        bench_client.stream_requests(f"http://127.0.0.1:{free_port()}", "/v1/completions", [{}], timeout=20)
+    stalled = [(0, b'data: {"choices":[{"text":"a"}]}\n\n'), (30, b"data: [DONE]\n\n")]
+    with _serving(_sse_server(stalled, True, {})) as port, \
+            pytest.raises(TimeoutError, match="1 of 1 streams .* unfinished after 0.5 s"):
+        bench_client.stream_requests(f"http://127.0.0.1:{port}", "/v1/completions", [{}], timeout=0.5)
+
+
 def test_tally_counts_text_chunks_and_reads_usage_and_errors():
-    """The load generator's end-of-stream scan (bench_http.tally) against a hand-written block of events."""
+    """The load generator's end-of-stream scan (bench_client.tally) against a hand-written block of events."""
     block = (b'data: {"choices":[{"text":"a\\"text\\":\\"b"}],"usage":null}\n\n'  # the key's letters inside a string
              b'data: {"choices":[{"text":""}],"usage":null}\n\n'  # an empty text is no chunk
              b'data: {"choices":[{"text":"c"}],"usage":null}\n\n'
              b'data: {"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":7}}\n\n'
              b"data: [DONE]\n\n")
-    assert bench_http.tally(block) == (2, 7, None, True)
-    assert bench_http.tally(b'data: {"choices":[{"text":"x"}]}\n\n') == (1, None, None, False)
+    assert bench_client.tally(block) == (2, 7, None, True)
+    assert bench_client.tally(b'data: {"choices":[{"text":"x"}]}\n\n') == (1, None, None, False)
     err = b'data: {"error":{"message":"boom","code":500}}\n\ndata: [DONE]\n\n'
-    assert bench_http.tally(err) == (0, None, {"message": "boom", "code": 500}, True)
+    assert bench_client.tally(err) == (0, None, {"message": "boom", "code": 500}, True)

@@ -5,8 +5,8 @@ For each model, dtype and client count N, three subprocesses are started togethe
 thread count: our engine in-process (`LLM.generate` of N prompts at once, no HTTP), `minimind serve
 --max-num-seqs N` and llama-server `--parallel N` (on our own GGUF export of the same weights: F16 for bf16,
 Q8_0 for int8, F32 for fp32). After a warm-up each runs --repeats rounds, taking turns round by round so a busy
-neighbour disturbs all alike. A round: N asyncio clients each stream one /v1/completions request at once (plain
-HTTP/1.1, reading in batches after the first token: bench_http), with the same random token-id prompts for every
+neighbour disturbs all alike. A round: N clients each stream one /v1/completions request at once (plain
+HTTP/1.1, reading in batches after the first token: bench_client), with the same random token-id prompts for every
 implementation, a fixed number of generated tokens (`ignore_eos`) and plain sampling (--temperature 1). Reported:
 the best round's aggregate tokens/s and its TTFT (to the first chunk with text) p50/p99, and the HTTP cost as the
 median of round-by-round ratios to the engine (http_cost); the JSON keeps every round. The machine is shared:
@@ -26,6 +26,7 @@ from pathlib import Path
 
 from ..serve.launch import SERVE_BATCHED_TOKENS
 from . import bench
+from .bench_client import run_round, summarize
 from .bench_http import (
     LineWorker,
     ServerProcess,
@@ -33,8 +34,6 @@ from .bench_http import (
     free_port,
     llama_server_version,
     percentile,
-    run_round,
-    summarize,
 )
 from .bench_server_report import ENGINE, LLAMA, SERVE, draw_chart, print_table
 from .bench_workers import engine_kwargs, prompts

@@ -1,0 +1,241 @@
+"""The load generator of `minimind bench --server`: N streaming requests at once on one epoll selector, each
+timed (start, first text chunk, end) and counted.
+
+It runs on the same 2 CPUs as the server it measures, so every microsecond it spends is taken from that
+server's engine, where a remote client would cost it nothing. Hence no HTTP library and no asyncio: plain
+non-blocking sockets, byte scans instead of JSON per event (_SSEReader, tally), and after the first token a
+kernel low-water mark so a stream wakes the client every ~20 chunks (asyncio streams with a wait_for per read
+cost ~9 us of client CPU per token at 32 streams, this ~6; docs/benchmarks.md, "Twelfth session").
+
+Both `minimind serve` and llama-server get the same request: a token-id prompt, `max_tokens` with `ignore_eos`
+(so every request generates exactly that many tokens), plain sampling at `temperature` (top_k/top_p/min_p off),
+`stream: true` with `stream_options.include_usage` (the final chunk's usage gives the token count).
+"""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import selectors
+import socket
+import time
+
+from .bench_http import percentile
+
+
+class _SSEReader:
+    """Server-sent events out of an HTTP/1.1 response body, chunked (uvicorn, llama-server) or not, with nothing
+    but byte scans: the load generator shares the 2 CPUs with the server it measures, and an httpx line iterator
+    plus a json.loads per event cost ~0.3 ms per token here, more than the server's own HTTP work."""
+
+    def __init__(self, chunked: bool):
+        self.chunked, self.raw, self.body, self.done = chunked, b"", b"", False
+
+    def _append(self, data: bytes) -> None:
+        if not self.chunked:
+            self.body += data
+            return
+        raw, pos, parts = self.raw + data, 0, [self.body]
+        while True:  # positions into one buffer: no copy of the remainder per chunk
+            eol = raw.find(b"\r\n", pos)
+            if eol < 0:
+                break
+            size = int(raw[pos:eol].split(b";")[0], 16)
+            if size == 0:
+                self.done = True
+                break
+            if len(raw) < eol + 2 + size + 2:
+                break
+            parts.append(raw[eol + 2:eol + 2 + size])
+            pos = eol + 2 + size + 2
+        self.raw, self.body = raw[pos:], b"".join(parts)
+
+    def feed(self, data: bytes) -> list[bytes]:
+        """The complete `data:` events so far, one by one."""
+        self._append(data)
+        events = self.body.split(b"\n\n")
+        self.body = events.pop()  # an incomplete event waits for more bytes
+        return [e for e in events if e.startswith(b"data:")]
+
+    def feed_block(self, data: bytes) -> bytes:
+        """The complete events so far as one block, for tally()."""
+        self._append(data)
+        end = self.body.rfind(b"\n\n")
+        cut = end + 2 if end >= 0 else 0
+        block, self.body = self.body[:cut], self.body[cut:]
+        return block
+
+
+def tally(block: bytes) -> tuple[int, int | None, dict | None, bool]:
+    """(chunks with text, usage completion_tokens or None, error object or None, [DONE] seen) of a block of SSE
+    events, by whole-buffer scans: a per-event loop in the load generator would cost the measured server ~10 us
+    of CPU per token. `"text":"` cannot occur inside a JSON string (its quotes would be escaped)."""
+    chunks = block.count(b'"text":"') - block.count(b'"text":""')
+    error = None
+    at = block.find(b'data: {"error"')
+    if at >= 0:
+        error = json.loads(block[at + 5:block.find(b"\n\n", at)])["error"]
+    tokens = None
+    at = block.rfind(b'"usage":{')
+    if at >= 0:
+        start = block.rfind(b"data:", 0, at) + 5
+        end = block.find(b"\n\n", at)
+        tokens = json.loads(block[start:end if end >= 0 else len(block)])["usage"].get("completion_tokens")
+    return chunks, tokens, error, b"data: [DONE]" in block
+
+
+# Once the first token is in (TTFT is timed chunk by chunk), a stream asks the kernel to wake the client only when
+# CLIENT_RCVLOWAT bytes are waiting (SO_RCVLOWAT; about 20 chunks). The end of a stream still wakes it at once
+# (both servers close the connection after [DONE]: the request says `Connection: close`); a server that kept it
+# open is read again after BATCHED_READ_TIMEOUT without data, with the low-water mark back at one byte.
+CLIENT_RCVLOWAT = 4096
+BATCHED_READ_TIMEOUT = 1.0
+RECV_BYTES = 65536  # below glibc's mmap threshold: a larger recv buffer is mapped and unmapped every call
+
+
+class _Stream:
+    """One streaming request on its own connection; the selector in stream_requests drives it."""
+
+    def __init__(self, host: str, port: int, request: bytes):
+        self.start = time.perf_counter()
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setblocking(False)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock.connect_ex((host, port))  # EINPROGRESS; the selector says when it is writable
+        self.pending = memoryview(request)
+        self.head, self.sse = b"", None
+        self.first = self.end = None
+        self.chunks, self.tokens, self.rest = 0, None, []
+        self.batched, self.last_data = False, self.start
+
+    def send(self) -> bool:
+        """Sends what the socket takes; True once the whole request is out."""
+        err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            raise ConnectionError(err, f"cannot connect: {os.strerror(err)} ({errno.errorcode.get(err, err)})")
+        self.pending = self.pending[self.sock.send(self.pending):]
+        return not self.pending
+
+    def receive(self, where: str) -> bool:
+        """Reads what is there; False once the stream is over ([DONE] or the server closed)."""
+        data = self.sock.recv(RECV_BYTES)
+        now = self.last_data = time.perf_counter()
+        if not data:
+            return False
+        if self.sse is None:  # still in the response head
+            self.head += data
+            at = self.head.find(b"\r\n\r\n")
+            if at < 0:
+                return True
+            head, data = self.head[:at + 4], self.head[at + 4:]
+            status = int(head.split(b" ", 2)[1])
+            if status != 200:
+                raise RuntimeError(f"HTTP {status} from {where}: {self.head.decode(errors='replace')[:400]}")
+            self.sse = _SSEReader(b"transfer-encoding: chunked" in head.lower())
+        if self.first is not None:  # only the end matters now: kept as it comes, tallied in one go at the end
+            done = b"[DONE]" in (self.rest[-1][-8:] if self.rest else b"") + data
+            self.rest.append(data)
+            return not done
+        for event in self.sse.feed(data):
+            event = event[5:].strip()
+            if event == b"[DONE]":
+                return False
+            if event.startswith(b'{"error"') or b'"usage":{' in event:
+                obj = json.loads(event)
+                if "error" in obj:
+                    raise RuntimeError(f"error event from {where}: {json.dumps(obj['error'])[:300]}")
+                self.tokens = obj["usage"].get("completion_tokens")
+            if b'"text":"' in event and b'"text":""' not in event:
+                self.chunks += 1
+                if self.first is None:
+                    self.first = now
+                    self.batched = self.low_water(CLIENT_RCVLOWAT)
+        return not self.sse.done  # the chunked body's end
+
+    def low_water(self, nbytes: int) -> bool:
+        try:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, nbytes)
+        except (OSError, AttributeError):  # no SO_RCVLOWAT: read as it comes
+            return False
+        return True
+
+    def result(self, where: str) -> dict:
+        if self.rest:  # the tally is not the server's time: `end` was taken before
+            more, usage_tokens, error, _ = tally(self.sse.feed_block(b"".join(self.rest)))
+            if error is not None:
+                raise RuntimeError(f"error event from {where}: {json.dumps(error)[:300]}")
+            self.chunks += more
+            self.tokens = usage_tokens if usage_tokens is not None else self.tokens
+        return {"start": self.start, "first": self.first or self.end, "end": self.end,
+                "tokens": self.chunks if self.tokens is None else self.tokens, "chunks": self.chunks}
+
+
+def stream_requests(base_url: str, path: str, bodies: list[dict], timeout: float = 600.0) -> list[dict]:
+    """POST every body at once as a streaming request; -> per request {start, first, end, tokens, chunks}, in
+    order. `first` is the arrival of the first chunk with non-empty text (a token that is only part of a UTF-8
+    character is held back by both servers). Raises on an HTTP error, an error event, or after `timeout` s."""
+    host, port = base_url.removeprefix("http://").rsplit(":", 1)
+    where = base_url + path
+    streams: list[_Stream] = []
+    selector = selectors.DefaultSelector()
+    deadline = time.perf_counter() + timeout
+    try:
+        for body in bodies:
+            payload = json.dumps(body).encode()
+            request = (f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+                       f"Accept: text/event-stream\r\nContent-Length: {len(payload)}\r\nConnection: close\r\n\r\n"
+                       ).encode() + payload
+            streams.append(_Stream(host, int(port), request))
+            selector.register(streams[-1].sock, selectors.EVENT_WRITE, streams[-1])
+        left = len(streams)
+        while left:
+            now = time.perf_counter()
+            if now > deadline:
+                raise TimeoutError(f"{left} of {len(streams)} streams from {where} unfinished after {timeout:g} s")
+            for key, events in selector.select(min(BATCHED_READ_TIMEOUT / 4, deadline - now)):
+                s = key.data
+                if events & selectors.EVENT_WRITE:
+                    if s.send():
+                        selector.modify(s.sock, selectors.EVENT_READ, s)
+                elif not s.receive(where):
+                    s.end = time.perf_counter()
+                    selector.unregister(s.sock)
+                    s.sock.close()
+                    left -= 1
+            now = time.perf_counter()
+            for s in streams:  # a server that keeps the connection open after [DONE]: read every byte again
+                if s.batched and s.end is None and now - s.last_data > BATCHED_READ_TIMEOUT:
+                    s.batched = not s.low_water(1)
+        return [s.result(where) for s in streams]
+    finally:
+        for s in streams:
+            if s.end is None:
+                s.sock.close()
+        selector.close()
+
+
+def run_round(base_url: str, model: str, prompts: list[list[int]], max_tokens: int,
+              temperature: float = 1.0) -> list[dict]:
+    """All prompts sent at once as concurrent streaming /v1/completions requests; each request's timings."""
+    bodies = [{"model": model, "prompt": p, "max_tokens": max_tokens, "ignore_eos": True, "temperature": temperature,
+               "top_p": 1.0, "top_k": 0, "min_p": 0.0,  # plain sampling: top_k 0 = off in both servers
+               "stream": True, "stream_options": {"include_usage": True}} for p in prompts]
+    return stream_requests(base_url, "/v1/completions", bodies)
+
+
+def summarize(rounds: list[list[dict]], n: int) -> dict:
+    """Aggregate tokens/s of a round = its tokens / wall clock from the first send to the last byte. Reports the
+    best round (the least disturbed on a shared machine), its TTFT p50 / p99 / mean, every round's aggregate and
+    TTFT p50, and the token count of every request of every round."""
+    def tps(reqs):
+        return sum(r["tokens"] for r in reqs) / (max(r["end"] for r in reqs) - min(r["start"] for r in reqs))
+
+    def ttft(reqs):
+        return [1000 * (r["first"] - r["start"]) for r in reqs]
+
+    best = max(rounds, key=tps)
+    return {f"agg_tps@{n}": tps(best), f"ttft_p50_ms@{n}": percentile(ttft(best), 50),
+            f"ttft_p99_ms@{n}": percentile(ttft(best), 99), f"ttft_mean_ms@{n}": sum(ttft(best)) / len(best),
+            f"rounds_tps@{n}": [tps(reqs) for reqs in rounds],
+            f"rounds_ttft_p50_ms@{n}": [percentile(ttft(reqs), 50) for reqs in rounds],
+            f"completion_tokens@{n}": [r["tokens"] for reqs in rounds for r in reqs]}

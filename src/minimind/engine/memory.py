@@ -10,7 +10,6 @@ keeps its peak transient memory (a few MB to a few hundred MB here) instead of r
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import logging
 
 log = logging.getLogger("minimind.engine")
@@ -25,16 +24,16 @@ MMAP_THRESHOLD = 32 << 20  # blocks up to this come from the heap (glibc's maxim
 def keep_freed_memory() -> bool:
     """Raise glibc's trim and mmap thresholds for this process; False where malloc is not glibc's (musl,
     macOS, Windows), which changes nothing. Idempotent."""
-    name = ctypes.util.find_library("c")
     try:
-        libc = ctypes.CDLL(name)
+        libc = ctypes.CDLL(None)  # the process's own symbols: libc is loaded already (no library search)
         mallopt = libc.mallopt
         libc.gnu_get_libc_version  # noqa: B018 - only glibc has both
     except (OSError, AttributeError, TypeError):
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    ok = all(mallopt(param, value) == 1 for param, value in
-             ((M_MMAP_THRESHOLD, MMAP_THRESHOLD), (M_TRIM_THRESHOLD, TRIM_THRESHOLD), (M_TOP_PAD, TOP_PAD)))
+    done = [mallopt(param, value) for param, value in
+            ((M_MMAP_THRESHOLD, MMAP_THRESHOLD), (M_TRIM_THRESHOLD, TRIM_THRESHOLD), (M_TOP_PAD, TOP_PAD))]
+    ok = all(d == 1 for d in done)  # each one tried: a refused one leaves the others set
     if not ok:
         log.debug("mallopt refused a threshold; malloc keeps its defaults for it")
     return ok

@@ -217,6 +217,13 @@ def test_client_reports_http_errors_refused_connections_and_timeouts():
     with _serving(asyncio.start_server(refuse, "127.0.0.1", 0)) as port, \
             pytest.raises(RuntimeError, match=r"(?s)HTTP 404 from http://127\.0\.0\.1:\d+/v1/completions.*no model"):
         bench_client.stream_requests(f"http://127.0.0.1:{port}", "/v1/completions", [{}, {}], timeout=20)
+    async def hang_up(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        writer.close()
+
+    with _serving(asyncio.start_server(hang_up, "127.0.0.1", 0)) as port, \
+            pytest.raises(ConnectionError, match="closed the connection without an HTTP response"):
+        bench_client.stream_requests(f"http://127.0.0.1:{port}", "/v1/completions", [{}], timeout=20)
     with pytest.raises(ConnectionError, match="cannot connect"):
         bench_client.stream_requests(f"http://127.0.0.1:{free_port()}", "/v1/completions", [{}], timeout=20)
     stalled = [(0, b'data: {"choices":[{"text":"a"}]}\n\n'), (30, b"data: [DONE]\n\n")]

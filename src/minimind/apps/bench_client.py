@@ -121,6 +121,8 @@ class _Stream:
         data = self.sock.recv(RECV_BYTES)
         now = self.last_data = time.perf_counter()
         if not data:
+            if self.sse is None:
+                raise ConnectionError(f"{where} closed the connection without an HTTP response")
             return False
         if self.sse is None:  # still in the response head
             self.head += data

@@ -40,6 +40,8 @@ class LLM:
     different adapters share batches (an unmerged LoRA already in the model is served merged).
     stream_interval: a running request's output is handed out once its completions have this many new tokens
     (its first token and its end at once): fewer, larger stream chunks (the serving work per chunk is fixed).
+    Like `threads`, one process-wide setting comes with it: glibc keeps freed memory instead of returning it
+    after every step (engine/memory.py), so RSS stays at the peak of a step's activations.
     """
 
     def __init__(self, model_or_path=None, *, tokenizer=None, dtype=None, quantization: str | None = None,

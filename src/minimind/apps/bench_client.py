@@ -189,7 +189,7 @@ def stream_requests(base_url: str, path: str, bodies: list[dict], timeout: float
                        ).encode() + payload
             streams.append(_Stream(host, int(port), request))
             selector.register(streams[-1].sock, selectors.EVENT_WRITE, streams[-1])
-        left = len(streams)
+        left, next_check = len(streams), 0.0
         while left:
             now = time.perf_counter()
             if now > deadline:
@@ -205,9 +205,11 @@ def stream_requests(base_url: str, path: str, bodies: list[dict], timeout: float
                     s.sock.close()
                     left -= 1
             now = time.perf_counter()
-            for s in streams:  # a server that keeps the connection open after [DONE]: read every byte again
-                if s.batched and s.end is None and now - s.last_data > BATCHED_READ_TIMEOUT:
-                    s.batched = not s.low_water(1)
+            if now >= next_check:  # a few times per BATCHED_READ_TIMEOUT, not at every wake-up
+                next_check = now + BATCHED_READ_TIMEOUT / 4
+                for s in streams:  # a server that keeps the connection open after [DONE]: read every byte again
+                    if s.batched and s.end is None and now - s.last_data > BATCHED_READ_TIMEOUT:
+                        s.batched = not s.low_water(1)
         return [s.result(where) for s in streams]
     finally:
         for s in streams:

@@ -3,6 +3,7 @@ wire. Real sockets on 127.0.0.1 and a real engine on a tiny model."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import socket
 import threading
@@ -142,3 +143,86 @@ def test_outputs_still_on_their_way_through_the_event_loop_come_first():
     assert final.finished and len(final.token_ids) == 400
     assert [t for o in got for t in o.outputs[0].delta_token_ids] == final.token_ids
     assert "".join(o.outputs[0].delta_text for o in got) == final.text
+
+
+def test_plain_text_chunks_are_written_without_the_renderer(monkeypatch):
+    """A streamed completion with one choice and no logprobs: the engine's thread writes each chunk that only
+    brings new text itself (OutputChannel.plain), so the renderer sees little more than the final output; with
+    logprobs every output goes through it. Both streams carry the non-streamed text, JSON escapes included, in
+    events with the bytes orjson writes for them."""
+    import httpx
+    import orjson
+    from transformers import AutoTokenizer
+
+    from minimind.engine import LLM
+    from minimind.serve import create_app
+    from minimind.serve.completions import CompletionStream
+    from test_serve import script, serve
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir("minimind-3")))
+    llm = LLM(tiny_model("minimind3", vocab_size=6400), tokenizer=tok, max_num_seqs=2, max_model_len=512)
+    script(llm, tok, {"text": 'She said "hi" \\ then left.\nNext\tline: é, 你好, </tag> ' * 2})
+    rendered = []
+    render = CompletionStream.render
+
+    def counted(self, k, out):
+        rendered.append(out.finished)
+        return render(self, k, out)
+
+    monkeypatch.setattr(CompletionStream, "render", counted)
+    app = create_app({"tiny": llm})
+    body = {"model": "tiny", "prompt": "x", "max_tokens": 200}
+    with serve(app) as url:
+        if app.state.ctx.engines["tiny"].sender is None:
+            pytest.skip("the C kernels cannot be built here: streams go through the event loop")
+        answer = httpx.post(url + "/v1/completions", json=body, timeout=60).json()
+        whole, tokens = answer["choices"][0], answer["usage"]["completion_tokens"]
+        assert '"' in whole["text"] and "\\" in whole["text"] and "\n" in whole["text"] and tokens > 20
+        for logprobs in (None, 1):
+            rendered.clear()
+            raw = httpx.post(url + "/v1/completions", json={**body, "stream": True, "logprobs": logprobs},
+                             timeout=60).content
+            events = [e for e in raw.split(b"\n\n") if e]
+            assert events[-1] == b"data: [DONE]"
+            objs = [orjson.loads(e.removeprefix(b"data: ")) for e in events[:-1]]
+            assert [b"data: " + orjson.dumps(o) for o in objs] == events[:-1]
+            assert "".join(c["text"] for o in objs for c in o["choices"]) == whole["text"]
+            assert objs[-1]["choices"][0]["finish_reason"] == whole["finish_reason"] == "stop"
+            assert rendered[-1] is True and rendered.count(True) == 1
+            if logprobs is None:  # the outputs before the response subscribed may come through the event loop
+                assert rendered.count(False) < tokens // 2, rendered
+            else:
+                assert rendered.count(False) >= tokens - 1
+
+
+def test_a_plain_chunk_that_cannot_be_written_ends_the_stream_with_an_error(monkeypatch):
+    """If the engine's thread cannot render a plain text chunk, the output goes to the renderer, which reports
+    the failure in-band: an error event and [DONE], not a chunk that silently goes missing."""
+    import httpx
+    from transformers import AutoTokenizer
+
+    from minimind.engine import LLM
+    from minimind.serve import create_app, sse
+    from test_serve import script, serve
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir("minimind-3")))
+    llm = LLM(tiny_model("minimind3", vocab_size=6400), tokenizer=tok, max_num_seqs=2, max_model_len=512)
+    script(llm, tok, {"text": "one two three four five six seven eight nine ten"})
+    call = sse.ChunkTemplate.__call__
+
+    def refuse(self, text):
+        if "ive" in text:
+            raise ValueError("cannot encode this text")
+        return call(self, text)
+
+    monkeypatch.setattr(sse.ChunkTemplate, "__call__", refuse)
+    app = create_app({"tiny": llm})
+    with serve(app) as url:
+        if app.state.ctx.engines["tiny"].sender is None:
+            pytest.skip("the C kernels cannot be built here: streams go through the event loop")
+        raw = httpx.post(url + "/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 50,
+                                                        "stream": True}, timeout=60).content
+    events = [e.removeprefix(b"data: ") for e in raw.split(b"\n\n") if e]
+    assert events[-1] == b"[DONE]" and b"cannot encode this text" in events[-2]
+    texts = [c["text"] for e in events[:-2] for c in json.loads(e)["choices"]]
+    assert "".join(texts) == "one two three four f"  # tokens: one| two| three| four| f|ive

@@ -24,7 +24,7 @@ class OutputChannel:
     final_only: the handler answers in one piece, so only the final output is delivered (a hand-over per step
     costs the event loop CPU that it takes from the engine's threads)."""
 
-    __slots__ = ("direct", "final_only", "in_flight", "items", "loop", "sink", "waiter")
+    __slots__ = ("direct", "final_only", "in_flight", "items", "loop", "plain", "sink", "waiter")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, final_only: bool = False):
         self.loop, self.items, self.waiter, self.final_only = loop, deque(), None, final_only
@@ -33,6 +33,9 @@ class OutputChannel:
         # output there only while no earlier one is still on its way through the event loop (keeps the order)
         self.direct = None
         self.in_flight = 0
+        # with direct: (SocketWriter, head, tail) of a stream whose plain text deltas the engine's thread frames
+        # itself (AsyncEngine._deliver), skipping the subscriber's render for the most common chunk
+        self.plain = None
 
     def put(self, item) -> None:
         if self.sink is not None:
@@ -84,12 +87,15 @@ class RequestHandle:
             self.final = item
         return item
 
-    def push_to(self, on_output, on_error, any_thread: bool = False) -> None:
+    def push_to(self, on_output, on_error, any_thread: bool = False, plain=None) -> None:
         """Instead of iterating: on_output(RequestOutput) for every output (the last has `finished`), or
         on_error(EngineDead) once, called on the event loop right where the engine's step hands them over
         (sse.SSEResponse renders and sends a token there, without resuming a task). Both must not raise.
         any_thread: they may also be called on the engine's thread, right after its step (in order, never two at
-        once): a streamed token then costs the event loop nothing (serve/socket_writer.py)."""
+        once): a streamed token then costs the event loop nothing (serve/socket_writer.py).
+        plain: with any_thread, (writer, head, tail) for an output that is not finished and carries only new text
+        (one completion, no logprobs): the engine's thread writes head + that text as a JSON string + tail to the
+        SocketWriter itself, the same bytes the subscriber would render (sse.ChunkTemplate), without calling it."""
 
         def deliver(item):
             if isinstance(item, BaseException):
@@ -102,7 +108,7 @@ class RequestHandle:
         self._stream.subscribe(deliver)
         if any_thread:
             with self.engine._lock:
-                self._stream.direct = deliver
+                self._stream.direct, self._stream.plain = deliver, plain
 
     async def result(self) -> RequestOutput:
         async for _ in self:

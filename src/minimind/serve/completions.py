@@ -103,6 +103,15 @@ class CompletionStream:
                 lambda t: self.chunk_obj([{"index": idx, "text": t, "logprobs": None, "finish_reason": None}]))
         return self.text_chunks[idx](text)
 
+    def plain(self, k: int) -> ChunkTemplate | None:
+        """render(k, out) of an unfinished output with new text and nothing else is this template's chunk when
+        there is one choice per prompt and neither logprobs nor per-chunk usage (sse.Renderer.plain)."""
+        if self.req.n != 1 or self.req.logprobs is not None or self.continuous:
+            return None
+        idx = k * self.req.n
+        self.text_chunk(idx, "")  # builds the template
+        return self.text_chunks[idx]
+
     def chunk(self, choices) -> bytes:
         return sse(self.chunk_obj(choices))
 

@@ -242,6 +242,7 @@ class AsyncEngine:
         """One wake-up of each event loop per step (not one per request: each costs the loop a self-pipe read)."""
         by_loop: dict = {}
         here = []  # (subscriber, output) handed over on this thread
+        plain = []  # (writer, template, text, subscriber, output): new text of a plain stream (OutputChannel.plain)
         with self._lock:
             for out in outputs:
                 rid = out.request_id
@@ -249,15 +250,28 @@ class AsyncEngine:
                 if stream is None or (stream.final_only and not out.finished):
                     continue
                 if stream.direct is not None and stream.in_flight == 0:
+                    if stream.plain is not None and not out.finished:
+                        text = out.outputs[0].delta_text
+                        if not text:  # nothing new to show (text held back): the subscriber would write nothing
+                            continue
+                        writer, template = stream.plain
+                        if writer.error is None:  # else the subscriber's write raises it and ends the stream
+                            plain.append((writer, template, text, stream.direct, out))
+                            continue
                     here.append((stream.direct, out))
                 else:
                     stream.in_flight += 1
                     by_loop.setdefault(stream.loop, []).append((stream, out))
-        if here:  # the subscribers render; their SocketWriters' chunks go out together at the flush
+        if here or plain:  # the subscribers render; their SocketWriters' chunks go out together at the flush
             sender = self.sender
             if sender is not None:
                 sender.begin()
             try:
+                for writer, template, text, sink, out in plain:
+                    try:
+                        writer.write(template(text))
+                    except Exception:  # noqa: BLE001 - e.g. text orjson refuses: the subscriber renders and reports it
+                        sink(out)
                 for sink, out in here:
                     sink(out)
             finally:

@@ -62,6 +62,10 @@ class Renderer(Protocol):
 
     def tail(self) -> list[bytes]: ...  # after every handle finished (the usage chunk)
 
+    # optional: the ChunkTemplate that render(k, out) would apply to every output of handle k that is not finished
+    # and only brings new text, or None when it may render such outputs otherwise (logprobs, several choices)
+    # def plain(self, k: int) -> ChunkTemplate | None: ...
+
 
 async def _resume(coro, awaited) -> None:
     """Finish a coroutine that was started by hand and is suspended on `awaited` (what a Task would have been
@@ -223,6 +227,10 @@ class SSEResponse(Response):
                 if not state["over"]:
                     stop(exc)
 
+        plain = getattr(self.renderer, "plain", None)
         for k, h in enumerate(self.handles):
-            h.push_to(partial(deliver, k), fail, any_thread=any_thread)
+            # one handle only: the engine's thread then writes its plain chunks without taking the lock above
+            template = plain(k) if plain is not None and any_thread and len(self.handles) == 1 else None
+            h.push_to(partial(deliver, k), fail, any_thread=any_thread,
+                      plain=None if template is None else (writer, template))
         await done

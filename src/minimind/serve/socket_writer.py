@@ -132,7 +132,8 @@ class SocketWriter:
         if raw is None:
             return None
         try:  # a duplicate: its number cannot be reused by another connection until *we* close it
-            sock = socket.socket(fileno=os.dup(raw.fileno()))
+            # family/type/proto given: socket() would otherwise ask the kernel for each (three getsockopt calls)
+            sock = socket.socket(raw.family, raw.type, raw.proto, os.dup(raw.fileno()))
         except OSError:
             return None
         return cls(sock, transport, asyncio.get_running_loop(), sender)

@@ -204,6 +204,56 @@ def test_client_times_first_chunk_and_end_with_batched_reads(monkeypatch, close)
     assert r["end"] >= sent["end"]
 
 
+def _keepalive_server(events, connections: list, close_after: bool):
+    """An SSE server that answers request after request on a connection (HTTP/1.1 keep-alive), or closes it after
+    each response without saying so (as an idle timeout would); counts its connections."""
+    import asyncio
+
+    async def handle(reader, writer):
+        connections.append(1)
+        while True:
+            try:
+                await reader.readuntil(b"\r\n\r\n")  # a request body has no blank line: the next read skips it
+            except (asyncio.IncompleteReadError, ConnectionError):
+                break
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
+            for delay, event in events:
+                await asyncio.sleep(delay)
+                writer.write(b"%x\r\n%s\r\n" % (len(event), event))
+                await writer.drain()
+            writer.write(b"0\r\n\r\n")
+            await writer.drain()
+            if close_after:
+                break
+        writer.close()
+
+    return asyncio.start_server(handle, "127.0.0.1", 0)
+
+
+@pytest.mark.parametrize("case", ["kept alive", "closed after each response", "closed, noticed only when reused"])
+def test_client_pool_keeps_connections_alive_across_rounds(monkeypatch, case):
+    """With a Pool, the second round runs on the first round's connections, and each stream ends at its chunked
+    body's end although the connection stays open (the batched-read timeout is far beyond the test's limit). A
+    connection the server closed meanwhile is replaced: found closed before reuse, or failing when reused."""
+    monkeypatch.setattr(bench_client, "BATCHED_READ_TIMEOUT", 60.0)
+    if case == "closed, noticed only when reused":
+        monkeypatch.setattr(bench_client.Pool, "take", lambda self: self.idle.pop() if self.idle else None)
+    pad = b" " * 200  # chunks the size of real ones: the client wakes every CLIENT_RCVLOWAT bytes
+    text = [b'data: {"choices":[{"text":"t%d"}],%s"x":0}\n\n' % (i, pad) for i in range(40)]
+    events = [(0, t) for t in text[:2]] + [(0.002, t) for t in text[2:]]
+    events += [(0, b'data: {"choices":[],"usage":{"completion_tokens":40}}\n\n'), (0, b"data: [DONE]\n\n")]
+    connections: list = []
+    pool = bench_client.Pool()
+    with _serving(_keepalive_server(events, connections, case != "kept alive")) as port:
+        for _ in range(2):
+            results = bench_client.stream_requests(f"http://127.0.0.1:{port}", "/v1/completions", [{}] * 3,
+                                                   timeout=20, pool=pool, expect=40)
+            assert [(r["chunks"], r["tokens"]) for r in results] == [(40, 40)] * 3
+            assert len(pool.idle) == 3
+    pool.close()
+    assert len(connections) == (3 if case == "kept alive" else 6)
+
+
 def test_client_reports_http_errors_refused_connections_and_timeouts():
     """Each failure is raised with what happened, never an empty or partial result."""
     async def refuse(reader, writer):

@@ -5,7 +5,8 @@ It runs on the same 2 CPUs as the server it measures, so every microsecond it sp
 server's engine, where a remote client would cost it nothing. Hence no HTTP library and no asyncio: plain
 non-blocking sockets, byte scans instead of JSON per event (_SSEReader, tally), and after the first token a
 kernel low-water mark so a stream wakes the client every ~20 chunks (asyncio streams with a wait_for per read
-cost ~9 us of client CPU per token at 32 streams, this ~6; docs/benchmarks.md, "Twelfth session").
+cost ~9 us of client CPU per token at 32 streams, this ~6; docs/benchmarks.md, "Twelfth session"). With a Pool,
+the connections stay open from round to round (HTTP/1.1 keep-alive) and a stream ends at its chunked body's end.
 
 Both `minimind serve` and llama-server get the same request: a token-id prompt, `max_tokens` with `ignore_eos`
 (so every request generates exactly that many tokens), plain sampling at `temperature` (top_k/top_p/min_p off),
@@ -85,28 +86,75 @@ def tally(block: bytes) -> tuple[int, int | None, dict | None, bool]:
 
 
 # Once the first token is in (TTFT is timed chunk by chunk), a stream asks the kernel to wake the client only when
-# CLIENT_RCVLOWAT bytes are waiting (SO_RCVLOWAT; about 20 chunks). The end of a stream still wakes it at once
-# (both servers close the connection after [DONE]: the request says `Connection: close`); a server that kept it
-# open is read again after BATCHED_READ_TIMEOUT without data, with the low-water mark back at one byte.
+# CLIENT_RCVLOWAT bytes are waiting (SO_RCVLOWAT; about 20 chunks). A closed connection always wakes it; on a
+# kept-alive one the response's last bytes must, so the mark goes back to one byte near the end: LAST_CHUNKS_ONE_BY_ONE
+# text chunks before the expected count (tokens that bring no text, e.g. part of a UTF-8 character, send no chunk),
+# and for every stream of the round once one has ended (they all generate the same number of tokens). A stream
+# silent for BATCHED_READ_TIMEOUT is read byte by byte again.
 CLIENT_RCVLOWAT = 4096
+LAST_CHUNKS_ONE_BY_ONE = 24
 BATCHED_READ_TIMEOUT = 1.0
 RECV_BYTES = 65536  # below glibc's mmap threshold: a larger recv buffer is mapped and unmapped every call
+TEXT = b'"text":"'
+
+
+class Pool:
+    """Connections to one server kept open from round to round (HTTP/1.1 keep-alive), as the clients people put in
+    front of a server do (the openai SDK's httpx pool, aiohttp sessions): a request then costs neither side a TCP
+    connection set-up and tear-down (for `minimind serve` ~0.7 ms of event-loop CPU per request; docs/benchmarks.md,
+    "Thirteenth session")."""
+
+    def __init__(self):
+        self.idle: list[socket.socket] = []
+
+    def take(self) -> socket.socket | None:
+        """An idle connection the server has not closed meanwhile (its idle timeout), or None."""
+        while self.idle:
+            sock = self.idle.pop()
+            try:
+                if sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b"":  # the server closed it
+                    sock.close()
+                    continue
+            except BlockingIOError:  # nothing to read: open
+                return sock
+            except OSError:
+                sock.close()
+                continue
+            sock.close()  # unexpected bytes between responses: not reusable
+        return None
+
+    def close(self) -> None:
+        for sock in self.idle:
+            sock.close()
+        self.idle = []
 
 
 class _Stream:
     """One streaming request on its own connection; the selector in stream_requests drives it."""
 
-    def __init__(self, host: str, port: int, request: bytes):
+    def __init__(self, host: str, port: int, request: bytes, expect: int | None = None,
+                 sock: socket.socket | None = None):
         self.start = time.perf_counter()
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.setblocking(False)
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.sock.connect_ex((host, port))  # EINPROGRESS; the selector says when it is writable
+        self.host, self.port, self.request, self.expect = host, port, request, expect
+        self.reused = sock is not None
+        self.sock = sock if sock is not None else self._connect()
         self.pending = memoryview(request)
         self.head, self.sse = b"", None
         self.first = self.end = None
-        self.chunks, self.tokens, self.rest = 0, None, []
-        self.batched, self.last_data = False, self.start
+        self.chunks, self.tokens, self.rest, self.seen = 0, None, [], 0
+        self.batched, self.last_data, self.keep = False, self.start, False
+
+    def _connect(self) -> socket.socket:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.connect_ex((self.host, self.port))  # EINPROGRESS; the selector says when it is writable
+        return sock
+
+    def reconnect(self) -> None:
+        """A kept-alive connection the server closed before answering (it had not read the request): anew."""
+        self.sock.close()
+        self.sock, self.reused, self.pending, self.head = self._connect(), False, memoryview(self.request), b""
 
     def send(self) -> bool:
         """Sends what the socket takes; True once the whole request is out."""
@@ -123,24 +171,33 @@ class _Stream:
         if not data:
             if self.sse is None:
                 raise ConnectionError(f"{where} closed the connection without an HTTP response")
+            self.keep = False
             return False
         if self.sse is None:  # still in the response head
             self.head += data
             at = self.head.find(b"\r\n\r\n")
             if at < 0:
                 return True
-            head, data = self.head[:at + 4], self.head[at + 4:]
+            head, data = self.head[:at + 4].lower(), self.head[at + 4:]
             status = int(head.split(b" ", 2)[1])
             if status != 200:
                 raise RuntimeError(f"HTTP {status} from {where}: {self.head.decode(errors='replace')[:400]}")
-            self.sse = _SSEReader(b"transfer-encoding: chunked" in head.lower())
+            chunked = b"transfer-encoding: chunked" in head
+            self.sse = _SSEReader(chunked)
+            self.keep = chunked and b"connection: close" not in head  # its end is the chunked body's end
         if self.first is not None:  # only the end matters now: kept as it comes, tallied in one go at the end
-            done = b"[DONE]" in (self.rest[-1][-8:] if self.rest else b"") + data
+            tail = self.rest[-1][-8:] if self.rest else b""
             self.rest.append(data)
-            return not done
+            if self.batched and self.expect is not None:
+                self.seen += (tail[-len(TEXT) + 1:] + data).count(TEXT)
+                if self.chunks + self.seen >= self.expect - LAST_CHUNKS_ONE_BY_ONE:  # the last bytes wake at once
+                    self.batched = not self.low_water(1)
+            if self.sse.chunked:  # the chunked body's last chunk follows the one that carried [DONE]
+                return not (tail + data).endswith(b"\r\n0\r\n\r\n")
+            return b"[DONE]" not in tail + data
         for event in self.sse.feed(data):
             event = event[5:].strip()
-            if event == b"[DONE]":
+            if event == b"[DONE]" and not self.sse.chunked:
                 return False
             if event.startswith(b'{"error"') or b'"usage":{' in event:
                 obj = json.loads(event)
@@ -172,22 +229,26 @@ class _Stream:
                 "tokens": self.chunks if self.tokens is None else self.tokens, "chunks": self.chunks}
 
 
-def stream_requests(base_url: str, path: str, bodies: list[dict], timeout: float = 600.0) -> list[dict]:
+def stream_requests(base_url: str, path: str, bodies: list[dict], timeout: float = 600.0, pool: Pool | None = None,
+                    expect: int | None = None) -> list[dict]:
     """POST every body at once as a streaming request; -> per request {start, first, end, tokens, chunks}, in
     order. `first` is the arrival of the first chunk with non-empty text (a token that is only part of a UTF-8
-    character is held back by both servers). Raises on an HTTP error, an error event, or after `timeout` s."""
+    character is held back by both servers). With a `pool`, connections are taken from it and given back kept
+    alive; `expect`: text chunks per stream (max_tokens), for the batched reads. Raises on an HTTP error, an error
+    event, or after `timeout` s."""
     host, port = base_url.removeprefix("http://").rsplit(":", 1)
     where = base_url + path
     streams: list[_Stream] = []
     selector = selectors.DefaultSelector()
     deadline = time.perf_counter() + timeout
+    close = "" if pool is not None else "Connection: close\r\n"
     try:
         for body in bodies:
             payload = json.dumps(body).encode()
             request = (f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
-                       f"Accept: text/event-stream\r\nContent-Length: {len(payload)}\r\nConnection: close\r\n\r\n"
+                       f"Accept: text/event-stream\r\nContent-Length: {len(payload)}\r\n{close}\r\n"
                        ).encode() + payload
-            streams.append(_Stream(host, int(port), request))
+            streams.append(_Stream(host, int(port), request, expect, pool.take() if pool is not None else None))
             selector.register(streams[-1].sock, selectors.EVENT_WRITE, streams[-1])
         left, next_check = len(streams), 0.0
         while left:
@@ -196,13 +257,30 @@ def stream_requests(base_url: str, path: str, bodies: list[dict], timeout: float
                 raise TimeoutError(f"{left} of {len(streams)} streams from {where} unfinished after {timeout:g} s")
             for key, events in selector.select(min(BATCHED_READ_TIMEOUT / 4, deadline - now)):
                 s = key.data
-                if events & selectors.EVENT_WRITE:
-                    if s.send():
-                        selector.modify(s.sock, selectors.EVENT_READ, s)
-                elif not s.receive(where):
+                try:
+                    if events & selectors.EVENT_WRITE:
+                        if s.send():
+                            selector.modify(s.sock, selectors.EVENT_READ, s)
+                        continue
+                    going = s.receive(where)
+                except (ConnectionError, OSError):
+                    if not (s.reused and not s.head):
+                        raise
+                    going = None  # a kept-alive connection closed by the server before it read the request
+                if going is None:
+                    selector.unregister(s.sock)
+                    s.reconnect()
+                    selector.register(s.sock, selectors.EVENT_WRITE, s)
+                elif not going:
                     s.end = time.perf_counter()
                     selector.unregister(s.sock)
-                    s.sock.close()
+                    for other in streams:  # the others end about now: their last bytes must wake the client
+                        if other.batched:
+                            other.batched = not other.low_water(1)
+                    if s.keep and pool is not None and (s.first is None or s.low_water(1)):
+                        pool.idle.append(s.sock)
+                    else:
+                        s.sock.close()
                     left -= 1
             now = time.perf_counter()
             if now >= next_check:  # a few times per BATCHED_READ_TIMEOUT, not at every wake-up
@@ -219,12 +297,13 @@ def stream_requests(base_url: str, path: str, bodies: list[dict], timeout: float
 
 
 def run_round(base_url: str, model: str, prompts: list[list[int]], max_tokens: int,
-              temperature: float = 1.0) -> list[dict]:
-    """All prompts sent at once as concurrent streaming /v1/completions requests; each request's timings."""
+              temperature: float = 1.0, pool: Pool | None = None) -> list[dict]:
+    """All prompts sent at once as concurrent streaming /v1/completions requests (on the `pool`'s kept-alive
+    connections where given); each request's timings."""
     bodies = [{"model": model, "prompt": p, "max_tokens": max_tokens, "ignore_eos": True, "temperature": temperature,
                "top_p": 1.0, "top_k": 0, "min_p": 0.0,  # plain sampling: top_k 0 = off in both servers
                "stream": True, "stream_options": {"include_usage": True}} for p in prompts]
-    return stream_requests(base_url, "/v1/completions", bodies)
+    return stream_requests(base_url, "/v1/completions", bodies, pool=pool, expect=max_tokens)
 
 
 def summarize(rounds: list[list[dict]], n: int) -> dict:

@@ -6,7 +6,8 @@ thread count: our engine in-process (`LLM.generate` of N prompts at once, no HTT
 --max-num-seqs N` and llama-server `--parallel N` (on our own GGUF export of the same weights: F16 for bf16,
 Q8_0 for int8, F32 for fp32). After a warm-up each runs --repeats rounds, taking turns round by round so a busy
 neighbour disturbs all alike. A round: N clients each stream one /v1/completions request at once (plain
-HTTP/1.1, reading in batches after the first token: bench_client), with the same random token-id prompts for every
+HTTP/1.1 on connections kept alive from round to round, as SDK clients keep theirs; reading in batches after the
+first token: bench_client), with the same random token-id prompts for every
 implementation, a fixed number of generated tokens (`ignore_eos`) and plain sampling (--temperature 1). Reported:
 the best round's aggregate tokens/s and its TTFT (to the first chunk with text) p50/p99, and the HTTP cost as the
 median of round-by-round ratios to the engine (http_cost); the JSON keeps every round. The machine is shared:
@@ -26,7 +27,7 @@ from pathlib import Path
 
 from ..serve.launch import SERVE_BATCHED_TOKENS
 from . import bench
-from .bench_client import run_round, summarize
+from .bench_client import Pool, run_round, summarize
 from .bench_http import (
     LineWorker,
     ServerProcess,
@@ -141,15 +142,17 @@ def measure_level(label: str, path: str, dtype: str, n: int, gguf: str | None, e
         cmd = serve_cmd(path, dtype, n, port, args) if impl == SERVE else llama_cmd(exe, gguf, n, port, args)
         srv = stack.enter_context(ServerProcess(impl, cmd, tmp / f"{impl.split()[-1]}-{dtype}-{n}.log", port,
                                                 env=env, ready_timeout=args.startup_timeout))
+        srv.pool = Pool()  # the clients' connections, kept alive from round to round
+        stack.callback(srv.pool.close)
         run_round(srv.base_url, MODEL_ID, prompts(n, args.prompt_len, vocab, 1), WARMUP_TOKENS,
-                  args.temperature)
+                  args.temperature, srv.pool)
         return srv
 
     def one_round(child, r: int) -> list[dict]:
         if isinstance(child, EngineWorker):
             return child.call(r)["requests"]
         return run_round(child.base_url, MODEL_ID, _round_prompts(n, args.prompt_len, vocab, r), args.decode_tokens,
-                         args.temperature)
+                         args.temperature, child.pool)
 
     def fail(impl: str, exc: Exception) -> None:
         results[impl][f"error@{n}"] = " ".join(str(exc).split())[:400]

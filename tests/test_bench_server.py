@@ -254,6 +254,19 @@ def test_client_pool_keeps_connections_alive_across_rounds(monkeypatch, case):
     assert len(connections) == (3 if case == "kept alive" else 6)
 
 
+def test_client_ends_a_kept_alive_stream_that_brings_fewer_text_chunks_than_expected(monkeypatch):
+    """One stream (no other stream's end to go by) whose tokens bring 100 text chunks where 128 were expected
+    (tokens that are part of a UTF-8 character send none): the low-water mark still goes back to one byte before
+    its last bytes, so it ends at its chunked end, not after the batched-read timeout (far beyond the limit)."""
+    monkeypatch.setattr(bench_client, "BATCHED_READ_TIMEOUT", 60.0)
+    events = [(0.002, b'data: {"choices":[{"text":"t%d"}],%s"x":0}\n\n' % (i, b" " * 200)) for i in range(100)]
+    events += [(0, b'data: {"choices":[],"usage":{"completion_tokens":128}}\n\n'), (0, b"data: [DONE]\n\n")]
+    with _serving(_keepalive_server(events, [], False)) as port:
+        [r] = bench_client.stream_requests(f"http://127.0.0.1:{port}", "/v1/completions", [{}], timeout=20,
+                                           pool=bench_client.Pool(), expect=128)
+    assert (r["chunks"], r["tokens"]) == (100, 128)
+
+
 def test_client_reports_http_errors_refused_connections_and_timeouts():
     """Each failure is raised with what happened, never an empty or partial result."""
     async def refuse(reader, writer):

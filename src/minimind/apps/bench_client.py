@@ -87,12 +87,13 @@ def tally(block: bytes) -> tuple[int, int | None, dict | None, bool]:
 
 # Once the first token is in (TTFT is timed chunk by chunk), a stream asks the kernel to wake the client only when
 # CLIENT_RCVLOWAT bytes are waiting (SO_RCVLOWAT; about 20 chunks). A closed connection always wakes it; on a
-# kept-alive one the response's last bytes must, so the mark goes back to one byte near the end: LAST_CHUNKS_ONE_BY_ONE
-# text chunks before the expected count (tokens that bring no text, e.g. part of a UTF-8 character, send no chunk),
-# and for every stream of the round once one has ended (they all generate the same number of tokens). A stream
-# silent for BATCHED_READ_TIMEOUT is read byte by byte again.
+# kept-alive one the response's last bytes must, so the mark goes back to one byte near the end: once the expected
+# rest (text chunks still to come at the stream's own bytes per chunk) is under RELEASE_LOWATS marks, so that the
+# next wake comes even if some tokens bring no text (part of a UTF-8 character: no chunk), and for every stream of
+# the round once one has ended (they generate the same number of tokens). A stream silent for BATCHED_READ_TIMEOUT
+# is read byte by byte again.
 CLIENT_RCVLOWAT = 4096
-LAST_CHUNKS_ONE_BY_ONE = 24
+RELEASE_LOWATS = 3
 BATCHED_READ_TIMEOUT = 1.0
 RECV_BYTES = 65536  # below glibc's mmap threshold: a larger recv buffer is mapped and unmapped every call
 TEXT = b'"text":"'
@@ -141,7 +142,7 @@ class _Stream:
         self.pending = memoryview(request)
         self.head, self.sse = b"", None
         self.first = self.end = None
-        self.chunks, self.tokens, self.rest, self.seen = 0, None, [], 0
+        self.chunks, self.tokens, self.rest, self.seen, self.batch_bytes = 0, None, [], 0, 0
         self.batched, self.last_data, self.keep = False, self.start, False
 
     def _connect(self) -> socket.socket:
@@ -190,7 +191,9 @@ class _Stream:
             self.rest.append(data)
             if self.batched and self.expect is not None:
                 self.seen += (tail[-len(TEXT) + 1:] + data).count(TEXT)
-                if self.chunks + self.seen >= self.expect - LAST_CHUNKS_ONE_BY_ONE:  # the last bytes wake at once
+                self.batch_bytes += len(data)
+                rest = (self.expect - self.chunks - self.seen) * self.batch_bytes / max(self.seen, 1)
+                if rest < RELEASE_LOWATS * CLIENT_RCVLOWAT:  # the last bytes must wake the client at once
                     self.batched = not self.low_water(1)
             if self.sse.chunked:  # the chunked body's last chunk follows the one that carried [DONE]
                 return not (tail + data).endswith(b"\r\n0\r\n\r\n")

@@ -103,7 +103,7 @@ class Pool:
     """Connections to one server kept open from round to round (HTTP/1.1 keep-alive), as the clients people put in
     front of a server do (the openai SDK's httpx pool, aiohttp sessions): a request then costs neither side a TCP
     connection set-up and tear-down (for `minimind serve` ~0.7 ms of event-loop CPU per request; docs/benchmarks.md,
-    "Thirteenth session")."""
+    "Fourteenth session")."""
 
     def __init__(self):
         self.idle: list[socket.socket] = []

@@ -202,12 +202,12 @@ def test_a_plain_chunk_that_cannot_be_written_ends_the_stream_with_an_error(monk
     from transformers import AutoTokenizer
 
     from minimind.engine import LLM
-    from minimind.serve import create_app, sse
+    from minimind.serve import create_app, socket_writer, sse
     from test_serve import script, serve
 
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir("minimind-3")))
     llm = LLM(tiny_model("minimind3", vocab_size=6400), tokenizer=tok, max_num_seqs=2, max_model_len=512)
-    script(llm, tok, {"text": "one two three four five six seven eight nine ten"})
+    script(llm, tok, {"text": "one two three four five six seven eight nine ten " * 20})
     call = sse.ChunkTemplate.__call__
 
     def refuse(self, text):
@@ -216,11 +216,18 @@ def test_a_plain_chunk_that_cannot_be_written_ends_the_stream_with_an_error(monk
         return call(self, text)
 
     monkeypatch.setattr(sse.ChunkTemplate, "__call__", refuse)
+    close = socket_writer.SocketWriter.close
+
+    def slow_close(self):  # the engine steps on meanwhile: no plain chunk may follow the failed one
+        time.sleep(0.3)
+        close(self)
+
+    monkeypatch.setattr(socket_writer.SocketWriter, "close", slow_close)
     app = create_app({"tiny": llm})
     with serve(app) as url:
         if app.state.ctx.engines["tiny"].sender is None:
             pytest.skip("the C kernels cannot be built here: streams go through the event loop")
-        raw = httpx.post(url + "/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 50,
+        raw = httpx.post(url + "/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 300,
                                                         "stream": True}, timeout=60).content
     events = [e.removeprefix(b"data: ") for e in raw.split(b"\n\n") if e]
     assert events[-1] == b"[DONE]" and b"cannot encode this text" in events[-2]

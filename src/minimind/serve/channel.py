@@ -33,7 +33,7 @@ class OutputChannel:
         # output there only while no earlier one is still on its way through the event loop (keeps the order)
         self.direct = None
         self.in_flight = 0
-        # with direct: (SocketWriter, head, tail) of a stream whose plain text deltas the engine's thread frames
+        # with direct: (SocketWriter, ChunkTemplate) of a stream whose plain text deltas the engine's thread writes
         # itself (AsyncEngine._deliver), skipping the subscriber's render for the most common chunk
         self.plain = None
 
@@ -93,9 +93,9 @@ class RequestHandle:
         (sse.SSEResponse renders and sends a token there, without resuming a task). Both must not raise.
         any_thread: they may also be called on the engine's thread, right after its step (in order, never two at
         once): a streamed token then costs the event loop nothing (serve/socket_writer.py).
-        plain: with any_thread, (writer, head, tail) for an output that is not finished and carries only new text
-        (one completion, no logprobs): the engine's thread writes head + that text as a JSON string + tail to the
-        SocketWriter itself, the same bytes the subscriber would render (sse.ChunkTemplate), without calling it."""
+        plain: with any_thread, (SocketWriter, ChunkTemplate) for outputs that are not finished and only bring new
+        text (one completion, no logprobs): the engine's thread writes template(text) to the writer itself, the
+        bytes the subscriber would render, without calling it; stop_plain() ends that."""
 
         def deliver(item):
             if isinstance(item, BaseException):
@@ -109,6 +109,10 @@ class RequestHandle:
         if any_thread:
             with self.engine._lock:
                 self._stream.direct, self._stream.plain = deliver, plain
+
+    def stop_plain(self) -> None:
+        """Every later output goes to the subscriber (which drops them once its response has failed)."""
+        self._stream.plain = None
 
     async def result(self) -> RequestOutput:
         async for _ in self:

@@ -201,6 +201,8 @@ class SSEResponse(Response):
 
         def stop(exc=None):  # on any thread; under the lock
             state["over"] = True
+            for h in self.handles:  # nothing more may reach the socket, plain chunks included
+                h.stop_plain()
             if any_thread:  # inside the engine's hand-over: once the step's chunks are sent
                 writer.sender.later(partial(post_end, exc))
             else:

@@ -23,6 +23,8 @@ import time
 
 from .bench_http import percentile
 
+TEXT = b'"text":"'  # opens a completion chunk's text: cannot occur inside a JSON string (its quotes are escaped)
+
 
 class _SSEReader:
     """Server-sent events out of an HTTP/1.1 response body, chunked (uvicorn, llama-server) or not, with nothing
@@ -71,7 +73,7 @@ def tally(block: bytes) -> tuple[int, int | None, dict | None, bool]:
     """(chunks with text, usage completion_tokens or None, error object or None, [DONE] seen) of a block of SSE
     events, by whole-buffer scans: a per-event loop in the load generator would cost the measured server ~10 us
     of CPU per token. `"text":"` cannot occur inside a JSON string (its quotes would be escaped)."""
-    chunks = block.count(b'"text":"') - block.count(b'"text":""')
+    chunks = block.count(TEXT) - block.count(TEXT + b'"')
     error = None
     at = block.find(b'data: {"error"')
     if at >= 0:
@@ -96,7 +98,6 @@ CLIENT_RCVLOWAT = 4096
 RELEASE_LOWATS = 3
 BATCHED_READ_TIMEOUT = 1.0
 RECV_BYTES = 65536  # below glibc's mmap threshold: a larger recv buffer is mapped and unmapped every call
-TEXT = b'"text":"'
 
 
 class Pool:
@@ -207,7 +208,7 @@ class _Stream:
                 if "error" in obj:
                     raise RuntimeError(f"error event from {where}: {json.dumps(obj['error'])[:300]}")
                 self.tokens = obj["usage"].get("completion_tokens")
-            if b'"text":"' in event and b'"text":""' not in event:
+            if TEXT in event and TEXT + b'"' not in event:
                 self.chunks += 1
                 if self.first is None:
                     self.first = now

@@ -97,20 +97,21 @@ class CompletionStream:
         self.offsets: dict[int, int] = {}
         self.text_chunks: dict[int, ChunkTemplate] = {}  # choice index -> its plain text chunk
 
-    def text_chunk(self, idx: int, text: str) -> bytes:
+    def text_template(self, idx: int) -> ChunkTemplate:
         if idx not in self.text_chunks:
             self.text_chunks[idx] = ChunkTemplate(
                 lambda t: self.chunk_obj([{"index": idx, "text": t, "logprobs": None, "finish_reason": None}]))
-        return self.text_chunks[idx](text)
+        return self.text_chunks[idx]
+
+    def text_chunk(self, idx: int, text: str) -> bytes:
+        return self.text_template(idx)(text)
 
     def plain(self, k: int) -> ChunkTemplate | None:
         """render(k, out) of an unfinished output with new text and nothing else is this template's chunk when
         there is one choice per prompt and neither logprobs nor per-chunk usage (sse.Renderer.plain)."""
         if self.req.n != 1 or self.req.logprobs is not None or self.continuous:
             return None
-        idx = k * self.req.n
-        self.text_chunk(idx, "")  # builds the template
-        return self.text_chunks[idx]
+        return self.text_template(k * self.req.n)
 
     def chunk(self, choices) -> bytes:
         return sse(self.chunk_obj(choices))

@@ -89,13 +89,15 @@ def tally(block: bytes) -> tuple[int, int | None, dict | None, bool]:
 
 # Once the first token is in (TTFT is timed chunk by chunk), a stream asks the kernel to wake the client only when
 # CLIENT_RCVLOWAT bytes are waiting (SO_RCVLOWAT; about 20 chunks). A closed connection always wakes it; on a
-# kept-alive one the response's last bytes must, so the mark goes back to one byte near the end: once the expected
-# rest (text chunks still to come at the stream's own bytes per chunk) is under RELEASE_LOWATS marks, so that the
-# next wake comes even if some tokens bring no text (part of a UTF-8 character: no chunk), and for every stream of
-# the round once one has ended (they generate the same number of tokens). A stream silent for BATCHED_READ_TIMEOUT
-# is read byte by byte again.
+# kept-alive one the response's last bytes must, so near the end the mark stays under the bytes certain to come:
+# the text chunks of the tokens left (at the stream's own bytes per chunk) less those of up to 1 / TEXTLESS_SHARE
+# of the expected tokens, which may bring no text (part of a UTF-8 character: no chunk; 3-12 % of the tokens of a
+# random model here), and one byte once that is under two chunks; also for every stream of the round once one has
+# ended (they generate the same number of tokens). A stream silent for BATCHED_READ_TIMEOUT is read byte by byte
+# again. Each wake of the client is CPU taken from the server it measures: a stream of 128 tokens wakes it ~25
+# times, against ~60 with a fixed 12 kB release margin.
 CLIENT_RCVLOWAT = 4096
-RELEASE_LOWATS = 3
+TEXTLESS_SHARE = 4
 BATCHED_READ_TIMEOUT = 1.0
 RECV_BYTES = 65536  # below glibc's mmap threshold: a larger recv buffer is mapped and unmapped every call
 
@@ -144,7 +146,7 @@ class _Stream:
         self.head, self.sse = b"", None
         self.first = self.end = None
         self.chunks, self.tokens, self.rest, self.seen, self.batch_bytes = 0, None, [], 0, 0
-        self.batched, self.last_data, self.keep = False, self.start, False
+        self.batched, self.last_data, self.keep, self.mark = False, self.start, False, 1
 
     def _connect(self) -> socket.socket:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -193,12 +195,11 @@ class _Stream:
             if self.batched and self.expect is not None:
                 self.seen += (tail[-len(TEXT) + 1:] + data).count(TEXT)
                 self.batch_bytes += len(data)
-                rest = (self.expect - self.chunks - self.seen) * self.batch_bytes / max(self.seen, 1)
-                if rest < RELEASE_LOWATS * CLIENT_RCVLOWAT:  # the last bytes must wake the client at once
-                    self.batched = not self.low_water(1)
+                self._lower_mark(self.batch_bytes / max(self.seen, 1))
             if self.sse.chunked:  # the chunked body's last chunk follows the one that carried [DONE]
                 return not (tail + data).endswith(b"\r\n0\r\n\r\n")
             return b"[DONE]" not in tail + data
+        first_bytes = 0
         for event in self.sse.feed(data):
             event = event[5:].strip()
             if event == b"[DONE]" and not self.sse.chunked:
@@ -212,8 +213,21 @@ class _Stream:
                 self.chunks += 1
                 if self.first is None:
                     self.first = now
-                    self.batched = self.low_water(CLIENT_RCVLOWAT)
+                    self.mark = CLIENT_RCVLOWAT
+                    self.batched = self.low_water(self.mark)
+                    first_bytes = len(event) + 12  # + "data: ", the blank line, the chunk's size line
+        if first_bytes and self.batched and self.expect is not None:  # after every chunk of this read is counted
+            self._lower_mark(first_bytes)
         return not self.sse.done  # the chunked body's end
+
+    def _lower_mark(self, per_chunk: float) -> None:
+        """Keeps the low-water mark under the bytes that must still come: the chunks of the tokens left, less
+        those of up to expect / TEXTLESS_SHARE tokens that bring no text; at one byte once that is under two chunks."""
+        rest = (self.expect - self.chunks - self.seen) * per_chunk
+        mark = min(CLIENT_RCVLOWAT, int(rest - self.expect * per_chunk / TEXTLESS_SHARE))
+        if mark < self.mark:
+            self.mark = mark if mark >= 2 * per_chunk else 1
+            self.batched = self.low_water(self.mark) and self.mark > 1
 
     def low_water(self, nbytes: int) -> bool:
         try:
@@ -230,12 +244,13 @@ class _Stream:
             self.chunks += more
             self.tokens = usage_tokens if usage_tokens is not None else self.tokens
         return {"start": self.start, "first": self.first or self.end, "end": self.end,
-                "tokens": self.chunks if self.tokens is None else self.tokens, "chunks": self.chunks}
+                "tokens": self.chunks if self.tokens is None else self.tokens, "chunks": self.chunks,
+                "connected": not self.reused}  # a TCP connection was opened for this request
 
 
 def stream_requests(base_url: str, path: str, bodies: list[dict], timeout: float = 600.0, pool: Pool | None = None,
                     expect: int | None = None) -> list[dict]:
-    """POST every body at once as a streaming request; -> per request {start, first, end, tokens, chunks}, in
+    """POST every body at once as a streaming request; -> per request {start, first, end, tokens, chunks, connected}, in
     order. `first` is the arrival of the first chunk with non-empty text (a token that is only part of a UTF-8
     character is held back by both servers). With a `pool`, connections are taken from it and given back kept
     alive; `expect`: text chunks per stream (max_tokens), for the batched reads. Raises on an HTTP error, an error
@@ -325,4 +340,6 @@ def summarize(rounds: list[list[dict]], n: int) -> dict:
             f"ttft_p99_ms@{n}": percentile(ttft(best), 99), f"ttft_mean_ms@{n}": sum(ttft(best)) / len(best),
             f"rounds_tps@{n}": [tps(reqs) for reqs in rounds],
             f"rounds_ttft_p50_ms@{n}": [percentile(ttft(reqs), 50) for reqs in rounds],
-            f"completion_tokens@{n}": [r["tokens"] for reqs in rounds for r in reqs]}
+            f"completion_tokens@{n}": [r["tokens"] for reqs in rounds for r in reqs],
+            **({f"rounds_connections@{n}": [sum(r["connected"] for r in reqs) for reqs in rounds]}
+               if all("connected" in r for reqs in rounds for r in reqs) else {})}  # over HTTP: connections opened

@@ -243,15 +243,17 @@ def test_client_pool_keeps_connections_alive_across_rounds(monkeypatch, case):
     events = [(0, t) for t in text[:2]] + [(0.002, t) for t in text[2:]]
     events += [(0, b'data: {"choices":[],"usage":{"completion_tokens":40}}\n\n'), (0, b"data: [DONE]\n\n")]
     connections: list = []
-    pool = bench_client.Pool()
+    pool, rounds = bench_client.Pool(), []
     with _serving(_keepalive_server(events, connections, case != "kept alive")) as port:
         for _ in range(2):
             results = bench_client.stream_requests(f"http://127.0.0.1:{port}", "/v1/completions", [{}] * 3,
                                                    timeout=20, pool=pool, expect=40)
             assert [(r["chunks"], r["tokens"]) for r in results] == [(40, 40)] * 3
             assert len(pool.idle) == 3
+            rounds.append(results)
     pool.close()
     assert len(connections) == (3 if case == "kept alive" else 6)
+    assert bench_client.summarize(rounds, 3)["rounds_connections@3"] == ([3, 0] if case == "kept alive" else [3, 3])
 
 
 def test_client_ends_a_kept_alive_stream_that_brings_fewer_text_chunks_than_expected(monkeypatch):
@@ -265,6 +267,23 @@ def test_client_ends_a_kept_alive_stream_that_brings_fewer_text_chunks_than_expe
         [r] = bench_client.stream_requests(f"http://127.0.0.1:{port}", "/v1/completions", [{}], timeout=20,
                                            pool=bench_client.Pool(), expect=128)
     assert (r["chunks"], r["tokens"]) == (100, 128)
+
+
+def test_client_reads_a_long_stream_in_few_wakes(monkeypatch):
+    """128 text chunks 2 ms apart, each of them there: the client reads them in batches until only the chunks that
+    must still come are left (less the quarter of tokens that might bring none), then one by one: about 32 single
+    chunks. A fixed release 12 kB before the expected end read ~45 one by one. Counts reads, not time."""
+    monkeypatch.setattr(bench_client, "BATCHED_READ_TIMEOUT", 60.0)
+    events = [(0.002, b'data: {"choices":[{"text":"t%d"}],%s"x":0}\n\n' % (i, b" " * 200)) for i in range(128)]
+    events += [(0, b'data: {"choices":[],"usage":{"completion_tokens":128}}\n\n'), (0, b"data: [DONE]\n\n")]
+    reads = []
+    receive = bench_client._Stream.receive
+    monkeypatch.setattr(bench_client._Stream, "receive", lambda self, where: reads.append(1) or receive(self, where))
+    with _serving(_keepalive_server(events, [], False)) as port:
+        [r] = bench_client.stream_requests(f"http://127.0.0.1:{port}", "/v1/completions", [{}], timeout=20,
+                                           pool=bench_client.Pool(), expect=128)
+    assert (r["chunks"], r["tokens"]) == (128, 128)
+    assert len(reads) <= 44, len(reads)  # 40 here; ~50 with the fixed margin
 
 
 def test_client_reports_http_errors_refused_connections_and_timeouts():

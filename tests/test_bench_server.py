@@ -137,7 +137,7 @@ def test_server_process_failures_and_cleanup(tmp_path):
 def _sse_server(events: list[tuple[float, bytes]], close: bool, sent: dict):
     """An asyncio HTTP server answering any request with a chunked SSE body: (delay s, event bytes) in order;
     closes the connection at the end unless close=False (then holds it open until the client leaves). sent[i] is
-    the perf_counter time just before event i is written, sent["end"] after the last byte."""
+    the perf_counter time just before event i is written, sent["end"] just before the body's last chunk."""
     import asyncio
     import time
 
@@ -149,8 +149,8 @@ def _sse_server(events: list[tuple[float, bytes]], close: bool, sent: dict):
             sent[i] = time.perf_counter()
             writer.write(b"%x\r\n%s\r\n" % (len(event), event))
             await writer.drain()
+        sent["end"] = time.perf_counter()  # before the last bytes: the client may see them before this thread goes on
         writer.write(b"0\r\n\r\n")
-        sent["end"] = time.perf_counter()
         if close:
             writer.close()
         else:
@@ -187,10 +187,10 @@ def _serving(server_factory):
 @pytest.mark.parametrize("close", [True, False])
 def test_client_times_first_chunk_and_end_with_batched_reads(monkeypatch, close):
     """After the first text chunk the client reads in batches (SO_RCVLOWAT): the first chunk must be timed before
-    the next one is even sent, every later chunk counted, the usage event's count used, and the stream must end at
-    the server's close, or (a server that keeps the connection open) through the batched-read timeout. Orderings
-    only, no thresholds; the request timeout just turns a hang into a failure."""
-    # closing server: a timeout far beyond the test's limit, so only the close can end the stream
+    the next one is even sent, every later chunk counted, the usage event's count used, and the stream must end
+    after the body's last bytes, whether the server closes the connection or keeps it open. Orderings only, no
+    thresholds; the request timeout just turns a hang into a failure."""
+    # closing server: a timeout far beyond the test's limit, so only the body's end or the close can end the stream
     monkeypatch.setattr(bench_client, "BATCHED_READ_TIMEOUT", 60.0 if close else 0.2)
     text = [b'data: {"choices":[{"text":"t%d"}]}\n\n' % i for i in range(30)]
     events = [(0, b'data: {"choices":[{"text":""}]}\n\n'), (0, text[0]), (0.3, text[1])]

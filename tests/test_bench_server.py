@@ -186,12 +186,10 @@ def _serving(server_factory):
 
 @pytest.mark.parametrize("close", [True, False])
 def test_client_times_first_chunk_and_end_with_batched_reads(monkeypatch, close):
-    """After the first text chunk the client reads in batches (SO_RCVLOWAT): the first chunk must be timed before
-    the next one is even sent, every later chunk counted, the usage event's count used, and the stream must end
-    after the body's last bytes, whether the server closes the connection or keeps it open. Orderings only, no
+    """After the first text chunk the client reads only at its polls: the first chunk must be timed before the
+    next one is even sent, every later chunk counted, the usage event's count used, and the stream must end after
+    the body's last bytes, whether the server closes the connection or keeps it open. Orderings only, no
     thresholds; the request timeout just turns a hang into a failure."""
-    # closing server: a timeout far beyond the test's limit, so only the body's end or the close can end the stream
-    monkeypatch.setattr(bench_client, "BATCHED_READ_TIMEOUT", 60.0 if close else 0.2)
     text = [b'data: {"choices":[{"text":"t%d"}]}\n\n' % i for i in range(30)]
     events = [(0, b'data: {"choices":[{"text":""}]}\n\n'), (0, text[0]), (0.3, text[1])]
     events += [(0.005, t) for t in text[2:]]
@@ -235,10 +233,9 @@ def test_client_pool_keeps_connections_alive_across_rounds(monkeypatch, case):
     """With a Pool, the second round runs on the first round's connections, and each stream ends at its chunked
     body's end although the connection stays open (the batched-read timeout is far beyond the test's limit). A
     connection the server closed meanwhile is replaced: found closed before reuse, or failing when reused."""
-    monkeypatch.setattr(bench_client, "BATCHED_READ_TIMEOUT", 60.0)
     if case == "closed, noticed only when reused":
         monkeypatch.setattr(bench_client.Pool, "take", lambda self: self.idle.pop() if self.idle else None)
-    pad = b" " * 200  # chunks the size of real ones: the client wakes every CLIENT_RCVLOWAT bytes
+    pad = b" " * 200  # chunks the size of real ones
     text = [b'data: {"choices":[{"text":"t%d"}],%s"x":0}\n\n' % (i, pad) for i in range(40)]
     events = [(0, t) for t in text[:2]] + [(0.002, t) for t in text[2:]]
     events += [(0, b'data: {"choices":[],"usage":{"completion_tokens":40}}\n\n'), (0, b"data: [DONE]\n\n")]
@@ -247,7 +244,7 @@ def test_client_pool_keeps_connections_alive_across_rounds(monkeypatch, case):
     with _serving(_keepalive_server(events, connections, case != "kept alive")) as port:
         for _ in range(2):
             results = bench_client.stream_requests(f"http://127.0.0.1:{port}", "/v1/completions", [{}] * 3,
-                                                   timeout=20, pool=pool, expect=40)
+                                                   timeout=20, pool=pool)
             assert [(r["chunks"], r["tokens"]) for r in results] == [(40, 40)] * 3
             assert len(pool.idle) == 3
             rounds.append(results)
@@ -256,34 +253,27 @@ def test_client_pool_keeps_connections_alive_across_rounds(monkeypatch, case):
     assert bench_client.summarize(rounds, 3)["rounds_connections@3"] == ([3, 0] if case == "kept alive" else [3, 3])
 
 
-def test_client_ends_a_kept_alive_stream_that_brings_fewer_text_chunks_than_expected(monkeypatch):
-    """One stream (no other stream's end to go by) whose tokens bring 100 text chunks where 128 were expected
-    (tokens that are part of a UTF-8 character send none): the low-water mark still goes back to one byte before
-    its last bytes, so it ends at its chunked end, not after the batched-read timeout (far beyond the limit)."""
-    monkeypatch.setattr(bench_client, "BATCHED_READ_TIMEOUT", 60.0)
-    events = [(0.002, b'data: {"choices":[{"text":"t%d"}],%s"x":0}\n\n' % (i, b" " * 200)) for i in range(100)]
-    events += [(0, b'data: {"choices":[],"usage":{"completion_tokens":128}}\n\n'), (0, b"data: [DONE]\n\n")]
-    with _serving(_keepalive_server(events, [], False)) as port:
-        [r] = bench_client.stream_requests(f"http://127.0.0.1:{port}", "/v1/completions", [{}], timeout=20,
-                                           pool=bench_client.Pool(), expect=128)
-    assert (r["chunks"], r["tokens"]) == (100, 128)
-
-
-def test_client_reads_a_long_stream_in_few_wakes(monkeypatch):
-    """128 text chunks 2 ms apart, each of them there: the client reads them in batches until only the chunks that
-    must still come are left (less the quarter of tokens that might bring none), then one by one: about 32 single
-    chunks. A fixed release 12 kB before the expected end read ~45 one by one. Counts reads, not time."""
-    monkeypatch.setattr(bench_client, "BATCHED_READ_TIMEOUT", 60.0)
+@pytest.mark.parametrize("stamps", [True, False])
+def test_client_times_a_quiet_stream_by_the_kernels_stamps(monkeypatch, stamps):
+    """128 text chunks 2 ms apart on a kept-alive connection: after the first, the client does not wake per chunk
+    but reads at its polls (a handful of reads, not one per chunk), and the stream's end is the arrival of its last
+    bytes as the kernel stamped it, not the poll that read them (polls 0.6 s apart here; the end is timed within
+    half of that). Without stamps every chunk is read as it comes. Counts and orderings, no speed thresholds."""
+    monkeypatch.setattr(bench_client, "POLL_INTERVAL", 0.6)
+    if not stamps:
+        monkeypatch.setattr(bench_client._Stream, "_stamp", staticmethod(lambda sock: False))
     events = [(0.002, b'data: {"choices":[{"text":"t%d"}],%s"x":0}\n\n' % (i, b" " * 200)) for i in range(128)]
     events += [(0, b'data: {"choices":[],"usage":{"completion_tokens":128}}\n\n'), (0, b"data: [DONE]\n\n")]
-    reads = []
+    reads, sent = [], {}
     receive = bench_client._Stream.receive
     monkeypatch.setattr(bench_client._Stream, "receive", lambda self, where: reads.append(1) or receive(self, where))
-    with _serving(_keepalive_server(events, [], False)) as port:
+    with _serving(_sse_server(events, False, sent)) as port:
         [r] = bench_client.stream_requests(f"http://127.0.0.1:{port}", "/v1/completions", [{}], timeout=20,
-                                           pool=bench_client.Pool(), expect=128)
+                                           pool=bench_client.Pool())
     assert (r["chunks"], r["tokens"]) == (128, 128)
-    assert len(reads) <= 44, len(reads)  # 40 here; ~50 with the fixed margin
+    assert sent[0] <= r["first"] < sent[1]
+    assert sent["end"] <= r["end"] < sent["end"] + 0.2
+    assert len(reads) <= 10 if stamps else len(reads) >= 64, len(reads)
 
 
 def test_client_reports_http_errors_refused_connections_and_timeouts():

@@ -3,10 +3,11 @@ timed (start, first text chunk, end) and counted.
 
 It runs on the same 2 CPUs as the server it measures, so every microsecond it spends is taken from that
 server's engine, where a remote client would cost it nothing. Hence no HTTP library and no asyncio: plain
-non-blocking sockets, byte scans instead of JSON per event (_SSEReader, tally), and after the first token a
-kernel low-water mark so a stream wakes the client every ~20 chunks (asyncio streams with a wait_for per read
-cost ~9 us of client CPU per token at 32 streams, this ~6; docs/benchmarks.md, "Twelfth session"). With a Pool,
-the connections stay open from round to round (HTTP/1.1 keep-alive) and a stream ends at its chunked body's end.
+non-blocking sockets, byte scans instead of JSON per event (_SSEReader, tally), and after the first token no
+wake per chunk: the kernel's receive stamps time the stream, a read every POLL_INTERVAL collects it (asyncio
+streams with a wait_for per read cost ~9 us of client CPU per token at 32 streams; docs/benchmarks.md, "Twelfth"
+and "Fifteenth session"). With a Pool, the connections stay open from round to round (HTTP/1.1 keep-alive) and a
+stream ends at its chunked body's end.
 
 Both `minimind serve` and llama-server get the same request: a token-id prompt, `max_tokens` with `ignore_eos`
 (so every request generates exactly that many tokens), plain sampling at `temperature` (top_k/top_p/min_p off),
@@ -19,6 +20,8 @@ import json
 import os
 import selectors
 import socket
+import struct
+import sys
 import time
 
 from .bench_http import percentile
@@ -87,18 +90,16 @@ def tally(block: bytes) -> tuple[int, int | None, dict | None, bool]:
     return chunks, tokens, error, b"data: [DONE]" in block
 
 
-# Once the first token is in (TTFT is timed chunk by chunk), a stream asks the kernel to wake the client only when
-# CLIENT_RCVLOWAT bytes are waiting (SO_RCVLOWAT; about 20 chunks). A closed connection always wakes it; on a
-# kept-alive one the response's last bytes must, so near the end the mark stays under the bytes certain to come:
-# the text chunks of the tokens left (at the stream's own bytes per chunk) less those of up to 1 / TEXTLESS_SHARE
-# of the expected tokens, which may bring no text (part of a UTF-8 character: no chunk; 3-12 % of the tokens of a
-# random model here), and one byte once that is under two chunks; also for every stream of the round once one has
-# ended (they generate the same number of tokens). A stream silent for BATCHED_READ_TIMEOUT is read byte by byte
-# again. Each wake of the client is CPU taken from the server it measures: a stream of 128 tokens wakes it ~25
-# times, against ~60 with a fixed 12 kB release margin.
-CLIENT_RCVLOWAT = 4096
-TEXTLESS_SHARE = 4
-BATCHED_READ_TIMEOUT = 1.0
+# The kernel stamps each received packet (SO_TIMESTAMPNS): a read reports the arrival of the last packet it took, so
+# the times of the first text chunk and of a stream's end do not depend on when the client wakes. Once the first
+# token is in, a stream asks the kernel not to wake the client at all (a low-water mark of QUIET_RCVLOWAT bytes,
+# more than a stream sends) and the client reads every such stream every POLL_INTERVAL s, taking its end's time
+# from the stamp. Each wake of the client is CPU taken from the server it measures, and waking at the end of every
+# chunk (the last ~30 of each stream, until the end is certain) slowed the server's decode steps by ~9 % there
+# (docs/benchmarks.md, "Fifteenth session"). Without stamps (not Linux) every chunk is read as it comes.
+SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35 if sys.platform.startswith("linux") else None)
+QUIET_RCVLOWAT = 1 << 18
+POLL_INTERVAL = 0.05
 RECV_BYTES = 65536  # below glibc's mmap threshold: a larger recv buffer is mapped and unmapped every call
 
 
@@ -136,17 +137,18 @@ class Pool:
 class _Stream:
     """One streaming request on its own connection; the selector in stream_requests drives it."""
 
-    def __init__(self, host: str, port: int, request: bytes, expect: int | None = None,
-                 sock: socket.socket | None = None):
+    def __init__(self, host: str, port: int, request: bytes, sock: socket.socket | None = None):
         self.start = time.perf_counter()
-        self.host, self.port, self.request, self.expect = host, port, request, expect
+        self.host, self.port, self.request = host, port, request
         self.reused = sock is not None
         self.sock = sock if sock is not None else self._connect()
         self.pending = memoryview(request)
         self.head, self.sse = b"", None
         self.first = self.end = None
-        self.chunks, self.tokens, self.rest, self.seen, self.batch_bytes = 0, None, [], 0, 0
-        self.batched, self.last_data, self.keep, self.mark = False, self.start, False, 1
+        self.chunks, self.tokens, self.rest = 0, None, []
+        self.quiet, self.keep = False, False
+        self.stamped = self._stamp(self.sock)
+        self.clock = time.time() - time.perf_counter()  # the stamps' clock (realtime) -> perf_counter's
 
     def _connect(self) -> socket.socket:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -159,6 +161,26 @@ class _Stream:
         """A kept-alive connection the server closed before answering (it had not read the request): anew."""
         self.sock.close()
         self.sock, self.reused, self.pending, self.head = self._connect(), False, memoryview(self.request), b""
+        self.stamped = self._stamp(self.sock)
+
+    @staticmethod
+    def _stamp(sock: socket.socket) -> bool:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+        except (OSError, TypeError):
+            return False
+        return True
+
+    def _read(self) -> tuple[bytes, float]:
+        """(bytes, arrival of the last of them on perf_counter's clock)."""
+        if not self.stamped:
+            return self.sock.recv(RECV_BYTES), time.perf_counter()
+        data, ancillary, _, _ = self.sock.recvmsg(RECV_BYTES, socket.CMSG_SPACE(16))
+        for level, kind, value in ancillary:
+            if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(value) >= 16:
+                sec, nsec = struct.unpack_from("qq", value)
+                return data, sec + nsec * 1e-9 - self.clock
+        return data, time.perf_counter()  # nothing new arrived (the connection's end)
 
     def send(self) -> bool:
         """Sends what the socket takes; True once the whole request is out."""
@@ -169,13 +191,12 @@ class _Stream:
         return not self.pending
 
     def receive(self, where: str) -> bool:
-        """Reads what is there; False once the stream is over ([DONE] or the server closed)."""
-        data = self.sock.recv(RECV_BYTES)
-        now = self.last_data = time.perf_counter()
+        """Reads what is there; False once the stream is over ([DONE] or the server closed: self.end set)."""
+        data, now = self._read()
         if not data:
             if self.sse is None:
                 raise ConnectionError(f"{where} closed the connection without an HTTP response")
-            self.keep = False
+            self.keep, self.end = False, now
             return False
         if self.sse is None:  # still in the response head
             self.head += data
@@ -192,17 +213,17 @@ class _Stream:
         if self.first is not None:  # only the end matters now: kept as it comes, tallied in one go at the end
             tail = self.rest[-1][-8:] if self.rest else b""
             self.rest.append(data)
-            if self.batched and self.expect is not None:
-                self.seen += (tail[-len(TEXT) + 1:] + data).count(TEXT)
-                self.batch_bytes += len(data)
-                self._lower_mark(self.batch_bytes / max(self.seen, 1))
             if self.sse.chunked:  # the chunked body's last chunk follows the one that carried [DONE]
-                return not (tail + data).endswith(b"\r\n0\r\n\r\n")
-            return b"[DONE]" not in tail + data
-        first_bytes = 0
+                going = not (tail + data).endswith(b"\r\n0\r\n\r\n")
+            else:
+                going = b"[DONE]" not in tail + data
+            if not going:
+                self.end = now
+            return going
         for event in self.sse.feed(data):
             event = event[5:].strip()
             if event == b"[DONE]" and not self.sse.chunked:
+                self.end = now
                 return False
             if event.startswith(b'{"error"') or b'"usage":{' in event:
                 obj = json.loads(event)
@@ -213,21 +234,10 @@ class _Stream:
                 self.chunks += 1
                 if self.first is None:
                     self.first = now
-                    self.mark = CLIENT_RCVLOWAT
-                    self.batched = self.low_water(self.mark)
-                    first_bytes = len(event) + 12  # + "data: ", the blank line, the chunk's size line
-        if first_bytes and self.batched and self.expect is not None:  # after every chunk of this read is counted
-            self._lower_mark(first_bytes)
-        return not self.sse.done  # the chunked body's end
-
-    def _lower_mark(self, per_chunk: float) -> None:
-        """Keeps the low-water mark under the bytes that must still come: the chunks of the tokens left, less
-        those of up to expect / TEXTLESS_SHARE tokens that bring no text; at one byte once that is under two chunks."""
-        rest = (self.expect - self.chunks - self.seen) * per_chunk
-        mark = min(CLIENT_RCVLOWAT, int(rest - self.expect * per_chunk / TEXTLESS_SHARE))
-        if mark < self.mark:
-            self.mark = mark if mark >= 2 * per_chunk else 1
-            self.batched = self.low_water(self.mark) and self.mark > 1
+                    self.quiet = self.stamped and self.low_water(QUIET_RCVLOWAT)
+        if self.sse.done:  # the chunked body's end
+            self.end = now
+        return not self.sse.done
 
     def low_water(self, nbytes: int) -> bool:
         try:
@@ -248,13 +258,12 @@ class _Stream:
                 "connected": not self.reused}  # a TCP connection was opened for this request
 
 
-def stream_requests(base_url: str, path: str, bodies: list[dict], timeout: float = 600.0, pool: Pool | None = None,
-                    expect: int | None = None) -> list[dict]:
+def stream_requests(base_url: str, path: str, bodies: list[dict], timeout: float = 600.0,
+                    pool: Pool | None = None) -> list[dict]:
     """POST every body at once as a streaming request; -> per request {start, first, end, tokens, chunks, connected}, in
     order. `first` is the arrival of the first chunk with non-empty text (a token that is only part of a UTF-8
-    character is held back by both servers). With a `pool`, connections are taken from it and given back kept
-    alive; `expect`: text chunks per stream (max_tokens), for the batched reads. Raises on an HTTP error, an error
-    event, or after `timeout` s."""
+    character is held back by both servers), `end` that of the body's last bytes. With a `pool`, connections are
+    taken from it and given back kept alive. Raises on an HTTP error, an error event, or after `timeout` s."""
     host, port = base_url.removeprefix("http://").rsplit(":", 1)
     where = base_url + path
     streams: list[_Stream] = []
@@ -267,46 +276,48 @@ def stream_requests(base_url: str, path: str, bodies: list[dict], timeout: float
             request = (f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
                        f"Accept: text/event-stream\r\nContent-Length: {len(payload)}\r\n{close}\r\n"
                        ).encode() + payload
-            streams.append(_Stream(host, int(port), request, expect, pool.take() if pool is not None else None))
+            streams.append(_Stream(host, int(port), request, pool.take() if pool is not None else None))
             selector.register(streams[-1].sock, selectors.EVENT_WRITE, streams[-1])
-        left, next_check = len(streams), 0.0
+        left, next_poll = len(streams), time.perf_counter() + POLL_INTERVAL
+
+        def read(s: _Stream) -> None:
+            nonlocal left
+            try:
+                going = s.receive(where)
+            except BlockingIOError:  # a poll found nothing new
+                return
+            except (ConnectionError, OSError):
+                if not (s.reused and not s.head):
+                    raise
+                going = None  # a kept-alive connection closed by the server before it read the request
+            if going is None:
+                selector.unregister(s.sock)
+                s.reconnect()
+                selector.register(s.sock, selectors.EVENT_WRITE, s)
+            elif not going:
+                selector.unregister(s.sock)
+                if s.keep and pool is not None and (s.first is None or s.low_water(1)):
+                    pool.idle.append(s.sock)
+                else:
+                    s.sock.close()
+                left -= 1
+
         while left:
             now = time.perf_counter()
             if now > deadline:
                 raise TimeoutError(f"{left} of {len(streams)} streams from {where} unfinished after {timeout:g} s")
-            for key, events in selector.select(min(BATCHED_READ_TIMEOUT / 4, deadline - now)):
+            for key, events in selector.select(max(0.0, min(next_poll, deadline) - now)):
                 s = key.data
-                try:
-                    if events & selectors.EVENT_WRITE:
-                        if s.send():
-                            selector.modify(s.sock, selectors.EVENT_READ, s)
-                        continue
-                    going = s.receive(where)
-                except (ConnectionError, OSError):
-                    if not (s.reused and not s.head):
-                        raise
-                    going = None  # a kept-alive connection closed by the server before it read the request
-                if going is None:
-                    selector.unregister(s.sock)
-                    s.reconnect()
-                    selector.register(s.sock, selectors.EVENT_WRITE, s)
-                elif not going:
-                    s.end = time.perf_counter()
-                    selector.unregister(s.sock)
-                    for other in streams:  # the others end about now: their last bytes must wake the client
-                        if other.batched:
-                            other.batched = not other.low_water(1)
-                    if s.keep and pool is not None and (s.first is None or s.low_water(1)):
-                        pool.idle.append(s.sock)
-                    else:
-                        s.sock.close()
-                    left -= 1
-            now = time.perf_counter()
-            if now >= next_check:  # a few times per BATCHED_READ_TIMEOUT, not at every wake-up
-                next_check = now + BATCHED_READ_TIMEOUT / 4
-                for s in streams:  # a server that keeps the connection open after [DONE]: read every byte again
-                    if s.batched and s.end is None and now - s.last_data > BATCHED_READ_TIMEOUT:
-                        s.batched = not s.low_water(1)
+                if events & selectors.EVENT_WRITE:
+                    if s.send():
+                        selector.modify(s.sock, selectors.EVENT_READ, s)
+                elif s.end is None:
+                    read(s)
+            if time.perf_counter() >= next_poll:  # the quiet streams: their kernel stamps time what they bring
+                next_poll = time.perf_counter() + POLL_INTERVAL
+                for s in streams:
+                    if s.quiet and s.end is None:
+                        read(s)
         return [s.result(where) for s in streams]
     finally:
         for s in streams:
@@ -322,7 +333,7 @@ def run_round(base_url: str, model: str, prompts: list[list[int]], max_tokens: i
     bodies = [{"model": model, "prompt": p, "max_tokens": max_tokens, "ignore_eos": True, "temperature": temperature,
                "top_p": 1.0, "top_k": 0, "min_p": 0.0,  # plain sampling: top_k 0 = off in both servers
                "stream": True, "stream_options": {"include_usage": True}} for p in prompts]
-    return stream_requests(base_url, "/v1/completions", bodies, pool=pool, expect=max_tokens)
+    return stream_requests(base_url, "/v1/completions", bodies, pool=pool)
 
 
 def summarize(rounds: list[list[dict]], n: int) -> dict:

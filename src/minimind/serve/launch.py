@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import sys
@@ -120,6 +121,16 @@ def build_app(args: argparse.Namespace):
     return create_app(engines, api_key=args.api_key, max_queue=args.max_queue, drain_timeout=args.drain_timeout)
 
 
+def freeze_startup_heap() -> int:
+    """Moves every object the startup made (torch, the model, FastAPI and pydantic, the tokenizer: ~10^5-10^6)
+    out of the garbage collector's reach, as vLLM's server does. Python's full collection otherwise walks them all
+    every few thousand requests with the GIL held: 190 ms at 32 streams here, a stall of every stream and
+    of the engine (docs/benchmarks.md, "Fifteenth session"). -> objects frozen."""
+    gc.collect()
+    gc.freeze()
+    return gc.get_freeze_count()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
@@ -136,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("minimind.serve").warning("listening on %s without --api-key", args.host)
     served = ", ".join(app.state.ctx.engines)
     print(f"serving {served} on http://{args.host}:{args.port}/v1", file=sys.stderr)
+    freeze_startup_heap()
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
                 timeout_graceful_shutdown=args.drain_timeout + 5)
     return 0

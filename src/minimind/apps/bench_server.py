@@ -23,6 +23,7 @@ import signal
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 from ..serve.launch import SERVE_BATCHED_TOKENS
@@ -43,6 +44,11 @@ SERVE_FLAGS = {"fp32": ["--dtype", "float32"], "bf16": ["--dtype", "bfloat16"], 
                "dynamic": ["--quantization", "dynamic"]}
 MODEL_ID = "bench"
 WARMUP_TOKENS = 16
+# A pause before each round: the previous round's implementation still burns CPU after its last token (libgomp's
+# threads spin ~12 ms after their last parallel region, llama.cpp's threads poll), which would fall on the first
+# milliseconds (the prompt phase) of whichever round comes next in the fixed order (docs/benchmarks.md, "Fifteenth
+# session").
+ROUND_PAUSE = 0.1
 
 BUILD_HELP = """llama-server (the peer) is found as --llama-server PATH, $LLAMA_SERVER, or `llama-server` on PATH;
 without it the peer is skipped with a note. Build it outside the repository from the llama.cpp that
@@ -149,6 +155,7 @@ def measure_level(label: str, path: str, dtype: str, n: int, gguf: str | None, e
         return srv
 
     def one_round(child, r: int) -> list[dict]:
+        time.sleep(ROUND_PAUSE)
         if isinstance(child, EngineWorker):
             return child.call(r)["requests"]
         return run_round(child.base_url, MODEL_ID, _round_prompts(n, args.prompt_len, vocab, r), args.decode_tokens,

@@ -185,7 +185,7 @@ def _serving(server_factory):
 
 
 @pytest.mark.parametrize("close", [True, False])
-def test_client_times_first_chunk_and_end_with_batched_reads(monkeypatch, close):
+def test_client_times_first_chunk_and_end_with_quiet_reads(monkeypatch, close):
     """After the first text chunk the client reads only at its polls: the first chunk must be timed before the
     next one is even sent, every later chunk counted, the usage event's count used, and the stream must end after
     the body's last bytes, whether the server closes the connection or keeps it open. Orderings only, no

@@ -94,10 +94,11 @@ def tally(block: bytes) -> tuple[int, int | None, dict | None, bool]:
 # the times of the first text chunk and of a stream's end do not depend on when the client wakes. Once the first
 # token is in, a stream asks the kernel not to wake the client at all (a low-water mark of QUIET_RCVLOWAT bytes,
 # more than a stream sends) and the client reads every such stream every POLL_INTERVAL s, taking its end's time
-# from the stamp. Each wake of the client is CPU taken from the server it measures, and waking at the end of every
-# chunk (the last ~30 of each stream, until the end is certain) slowed the server's decode steps by ~9 % there
-# (docs/benchmarks.md, "Fifteenth session"). Without stamps (not Linux) every chunk is read as it comes.
-SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35 if sys.platform.startswith("linux") else None)
+# from the stamp. Each wake of the client is CPU taken from the server it measures: waking for every chunk near a
+# stream's end (its last ~55, where the client could not yet be sure which bytes were the last) slowed the server's
+# decode steps there by ~9 % (docs/benchmarks.md, "Fifteenth session"). Without stamps (not Linux) every chunk is
+# read as it comes; a read whose stamp is missing takes the time of the read.
+SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35 if sys.platform.startswith("linux") else None)  # asm-generic
 QUIET_RCVLOWAT = 1 << 18
 POLL_INTERVAL = 0.05
 RECV_BYTES = 65536  # below glibc's mmap threshold: a larger recv buffer is mapped and unmapped every call

@@ -231,7 +231,7 @@ def _keepalive_server(events, connections: list, close_after: bool):
 @pytest.mark.parametrize("case", ["kept alive", "closed after each response", "closed, noticed only when reused"])
 def test_client_pool_keeps_connections_alive_across_rounds(monkeypatch, case):
     """With a Pool, the second round runs on the first round's connections, and each stream ends at its chunked
-    body's end although the connection stays open (the batched-read timeout is far beyond the test's limit). A
+    body's end although the connection stays open. A
     connection the server closed meanwhile is replaced: found closed before reuse, or failing when reused."""
     if case == "closed, noticed only when reused":
         monkeypatch.setattr(bench_client.Pool, "take", lambda self: self.idle.pop() if self.idle else None)
@@ -257,9 +257,9 @@ def test_client_pool_keeps_connections_alive_across_rounds(monkeypatch, case):
 def test_client_times_a_quiet_stream_by_the_kernels_stamps(monkeypatch, stamps):
     """128 text chunks 2 ms apart on a kept-alive connection: after the first, the client does not wake per chunk
     but reads at its polls (a handful of reads, not one per chunk), and the stream's end is the arrival of its last
-    bytes as the kernel stamped it, not the poll that read them (polls 0.6 s apart here; the end is timed within
-    half of that). Without stamps every chunk is read as it comes. Counts and orderings, no speed thresholds."""
-    monkeypatch.setattr(bench_client, "POLL_INTERVAL", 0.6)
+    bytes as the kernel stamped it, not the poll that read them (the first poll comes 1 s after the start, the
+    body ends after ~0.26 s; the end must be timed within 0.5 s of the server's last write). Without stamps every chunk is read as it comes. Counts and orderings, no speed thresholds."""
+    monkeypatch.setattr(bench_client, "POLL_INTERVAL", 1.0)
     if not stamps:
         monkeypatch.setattr(bench_client._Stream, "_stamp", staticmethod(lambda sock: False))
     events = [(0.002, b'data: {"choices":[{"text":"t%d"}],%s"x":0}\n\n' % (i, b" " * 200)) for i in range(128)]
@@ -272,7 +272,7 @@ def test_client_times_a_quiet_stream_by_the_kernels_stamps(monkeypatch, stamps):
                                            pool=bench_client.Pool())
     assert (r["chunks"], r["tokens"]) == (128, 128)
     assert sent[0] <= r["first"] < sent[1]
-    assert sent["end"] <= r["end"] < sent["end"] + 0.2
+    assert sent["end"] <= r["end"] < sent["end"] + 0.5
     assert len(reads) <= 10 if stamps else len(reads) >= 64, len(reads)
 
 

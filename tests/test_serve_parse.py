@@ -251,6 +251,7 @@ def test_the_server_freezes_its_startup_heap_before_serving(monkeypatch):
     objects instead of the imports' tens of thousands; and main() calls it before uvicorn.run."""
     import subprocess
     import sys
+    from types import SimpleNamespace
 
     code = ("import gc, torch, fastapi, minimind.serve.openai_server\n"
             "from minimind.serve.launch import freeze_startup_heap\n"
@@ -265,8 +266,6 @@ def test_the_server_freezes_its_startup_heap_before_serving(monkeypatch):
     from minimind.serve import launch
 
     calls = []
-    from types import SimpleNamespace
-
     app = SimpleNamespace(state=SimpleNamespace(ctx=SimpleNamespace(engines={"m": None})))
     monkeypatch.setattr(launch, "build_app", lambda args: app)
     monkeypatch.setattr(launch, "freeze_startup_heap", lambda: calls.append("freeze"))

@@ -1,50 +1,69 @@
-"""`minimind bench` plumbing on a tiny model: the worker's measurements, the table, JSON and chart.
-No timing asserts: only that every number is produced and positive."""
+"""`minimind bench` on a tiny model: the workers' measurements, the table's ratios, JSON and chart, and the flags
+of the server load test that moved to benchmarks/. No timing asserts: only that every number is produced."""
 from __future__ import annotations
 
 import json
+import sys
 
 from conftest import tiny_model
 from minimind.apps import bench
-from minimind.apps.bench_workers import run_inline
 
 
-def test_worker_table_and_chart(tmp_path, capsys):
+def _tiny(tmp_path) -> str:
     folder = tmp_path / "tiny"
     tiny_model(vocab_size=256).save_pretrained(folder)
-    args = {"model": str(folder), "dtype": "int8", "threads": 1, "prompt_len": 16, "decode_tokens": 4,
-            "concurrency": [1, 2], "repeats": 1, "peer_concurrency": [1], "compile": False, "chat_turns": 2}
-    ours = run_inline("minimind", args)
-    for key in ("prefill_tps", "decode_tps", "agg_tps@2", "ttft_ms@2", "peak_rss_mb", "kv_cache_mb",
-                "chat_ttft_ms_turn2_cached", "chat_ttft_ms_turn2_uncached"):
-        assert ours[key] > 0, key
-    hf = run_inline("transformers", {**args, "dtype": "fp32"})
-    assert hf["decode_tps"] > 0 and hf["agg_tps@1"] > 0
-    report = {"machine": bench.machine(threads=1), "notes": ["llama.cpp [skipped] for the test"],
-              "args": {"concurrency": [1, 2], "repeats": 1, "threads": 1, "chat_turns": 2},
-              "results": [{"model": "tiny", "dtype": "int8", "impl": "minimind", **ours},
-                          {"model": "tiny", "dtype": "int8", "impl": "transformers", **hf},
-                          {"model": "tiny", "dtype": "fp32", "impl": "llama.cpp", "error": "boom"}]}
+    return str(folder)
+
+
+def test_workers_take_turns_and_a_broken_one_reports_its_error(tmp_path):
+    a = {"model": _tiny(tmp_path), "dtype": "int8", "threads": 1, "prompt_len": 16, "decode_tokens": 4,
+         "repeats": 2, "compile": False}
+    out = bench.measure(["minimind", "transformers"], a)
+    for impl in ("minimind", "transformers"):
+        assert set(out[impl]) == {"prefill_tps", "decode_tps", "peak_rss_mb"}, out[impl]
+        assert min(out[impl].values()) > 0, impl
+    # a GGUF that does not exist (or no llama-cpp-python): that worker fails, ours is measured all the same
+    broken = bench.measure(["minimind", "llama.cpp"], {**a, "repeats": 1, "gguf": str(tmp_path / "missing.gguf")})
+    assert broken["minimind"]["decode_tps"] > 0
+    assert broken["llama.cpp"]["error"]
+
+
+def test_table_quotes_ours_over_each_peer_and_draws_a_chart(tmp_path, capsys):
+    rows = [{"model": "tiny", "dtype": "bf16", "impl": "minimind", "prefill_tps": 900.0, "decode_tps": 300.0,
+             "peak_rss_mb": 350.0},
+            {"model": "tiny", "dtype": "bf16", "impl": "transformers", "prefill_tps": 300.0, "decode_tps": 40.0,
+             "peak_rss_mb": 500.0},
+            {"model": "tiny", "dtype": "bf16", "impl": "llama.cpp", "error": "boom"}]
+    report = {"machine": {"cpu": "test cpu", "cores": 2, "time": "now"}, "notes": ["a [bracketed] note"],
+              "args": {"repeats": 1, "prompt_len": 16, "decode_tokens": 4, "threads": 1}, "results": rows}
+    assert bench.ratios(rows, rows[1]) == [3.0, 7.5] and bench.ratios(rows, rows[0]) == [None, None]
     bench.print_table(report)
     out = capsys.readouterr().out
-    assert "minimind bench" in out and "[skipped]" in out and "turn 1 -> turn 2" in out
-    assert report["machine"]["read_gb_s"] > 0 and "GB/s with threads=1" in out
+    assert "3.00" in out and "7.50" in out and "boom" in out and "[bracketed]" in out
     bench.draw_chart(report, tmp_path / "chart.png")
-    assert (tmp_path / "chart.png").stat().st_size > 1000
+    assert (tmp_path / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     json.dumps(report)
 
 
-def test_rounds_alternate_between_live_workers(tmp_path):
-    # the orchestrator keeps both implementations loaded (real subprocesses) and asks them round by round; a
-    # worker that cannot start reports its error instead of hanging the run
-    folder = tmp_path / "tiny"
-    tiny_model(vocab_size=256).save_pretrained(folder)
-    base = {"model": str(folder), "dtype": "fp32", "threads": 1, "prompt_len": 16, "decode_tokens": 4,
-            "concurrency": [2], "repeats": 2, "peer_concurrency": [1], "compile": False, "chat_turns": 0}
-    out = bench.measure(["minimind", "transformers"], base)
-    for impl in ("minimind", "transformers"):
-        assert out[impl]["prefill_tps"] > 0 and out[impl]["decode_tps"] > 0 and out[impl]["peak_rss_mb"] > 0, impl
-    assert out["minimind"]["agg_tps@2"] > 0 and out["transformers"]["agg_tps@1"] > 0
-    broken = bench.measure(["minimind", "llama.cpp"], {**base, "gguf": str(tmp_path / "missing.gguf")})
-    assert broken["minimind"]["decode_tps"] > 0
-    assert "error" in broken["llama.cpp"] and broken["llama.cpp"]["error"]
+def test_command_writes_json_and_plot(tmp_path, capsys):
+    model = _tiny(tmp_path)
+    rc = bench.main(["--models", model, "--dtypes", "fp32", "--peers", "", "--repeats", "1", "--threads", "1",
+                     "--prompt-len", "16", "--decode-tokens", "4", "--json", str(tmp_path / "b.json"),
+                     "--png", str(tmp_path / "b.png")])
+    assert rc == 0
+    report = json.loads((tmp_path / "b.json").read_text())
+    assert [(r["model"], r["dtype"], r["impl"]) for r in report["results"]] == [("tiny", "fp32", "minimind")]
+    assert report["results"][0]["decode_tps"] > 0 and (tmp_path / "b.png").stat().st_size > 0
+    assert "minimind bench" in capsys.readouterr().out
+
+
+def test_server_flags_point_to_the_load_test(capsys):
+    for argv in (["--server"], ["--models", "small", "--llama-server", "x"], ["--concurrency=1,8"]):
+        assert bench.main(argv) == 2
+        assert "benchmarks/serve_load.py" in capsys.readouterr().err
+
+
+def test_plot_without_matplotlib_is_a_clear_error(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises ImportError
+    assert bench.main(["--models", "small", "--plot", "x.png"]) == 2
+    assert "pip install 'minimind[bench]'" in capsys.readouterr().err

@@ -1,8 +1,7 @@
 """The plain-torch MiniMindLM the engine loads: same keys and logits as MiniMindForCausalLM, loaded without
-transformers' modeling stack, weights cast while read; and the bench's single-chat memory worker."""
+transformers' modeling stack, weights cast while read."""
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 
@@ -100,25 +99,3 @@ def test_llm_accepts_either_class(tmp_path):
     outs = [LLM(m, max_num_seqs=1, max_model_len=64, fused=False).generate([[4, 9, 2]], params)[0]
             for m in (load_model(tmp_path), load_model(tmp_path, light=True))]
     assert outs[0].outputs[0].token_ids == outs[1].outputs[0].token_ids
-
-
-def test_bench_chat_memory_worker(tmp_path, capsys):
-    from rich.console import Console
-
-    from minimind.apps import bench
-    from minimind.apps.bench_memory import print_memory_table
-
-    tiny_model().save_pretrained(tmp_path / "tiny")
-    args = {"model": str(tmp_path / "tiny"), "dtype": "bf16", "threads": 1, "prompt_len": 16, "decode_tokens": 4,
-            "max_model_len": 64}
-    res = bench._spawn_memory(args)  # its own interpreter, as the bench runs it
-    assert "error" not in res, res
-    for key in ("chat_peak_rss_mb", "chat_baseline_mb", "chat_weights_mb", "chat_kv_cache_mb"):
-        assert res[key] > 0, key
-    assert res["chat_other_mb"] >= 0
-    assert res["chat_baseline_mb"] + res["chat_weights_mb"] + res["chat_kv_cache_mb"] <= res["chat_peak_rss_mb"]
-    assert res["chat_decoded_tokens"] == 4 and res["chat_max_model_len"] == 64
-    report = {"results": [{"model": "tiny", "dtype": "bf16", "impl": "minimind", **res}]}
-    print_memory_table(report, Console(width=200))
-    assert "memory of one chat" in capsys.readouterr().out
-    json.dumps(report)

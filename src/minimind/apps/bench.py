@@ -1,37 +1,177 @@
-"""`minimind bench`: our engine against transformers `generate` and llama.cpp, side by side in one run.
+"""`minimind bench`: batch-1 prefill and decode tokens/s of our engine against transformers `generate` and
+llama.cpp (llama-cpp-python, when installed) on the same weights, quoted as ratios.
 
-For each model and dtype it measures prefill tokens/s (a 256-token prompt), batch-1 decode tokens/s
-(128 tokens), aggregate throughput and mean TTFT at 1/8/32 concurrent sequences, and peak RSS (with the KV
-cache of the 32 sequences), plus the peak RSS of a single-chat engine with its breakdown (bench_memory.py).
-Every (model, implementation, dtype) runs in its own subprocess so peak RSS is its own; the implementations of
-one (model, dtype) stay loaded side by side and take turns round by round for prefill and decode, so a ratio
-compares numbers from the same minutes (bench_workers.py). Prints a table, writes JSON and a PNG chart. Timings
-are best-of-N wall clock: the machine is shared, so quote ratios.
+Each implementation runs in a process of its own (its own threads, its own peak RSS), and those of one (model,
+dtype) stay loaded side by side and take turns round by round: a shared machine's speed drifts within minutes,
+so measuring one implementation after the other would compare different minutes. Timings are the best of
+--repeats. The server load test (concurrent streaming clients, llama-server) is benchmarks/serve_load.py.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import platform
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from .bench_memory import print_memory_table
-from .bench_workers import AGG_ROUNDS, METRICS, worker_loop
-
 MODELS = {"small": "minimind2-small", "base": "minimind2", "default": None}  # None = the embedded model
-LLAMA_TYPES = {"fp32": "f32", "bf16": "f16", "int8": "q8_0"}  # matched precision for llama.cpp
+DTYPES = ("fp32", "bf16", "int8", "dynamic")
+LLAMA_TYPES = {"fp32": "f32", "bf16": "f16", "int8": "q8_0"}  # llama.cpp's precision matched to ours
 SHARED_TOKENIZER = Path(__file__).resolve().parents[3].parent / "shared" / "minimind-tokenizers" / "minimind2"
+SERVER_FLAGS = ("--server", "--llama-server", "--concurrency", "--peer-concurrency", "--stream-interval")
+SERVER_MOVED = ("the server load test and throughput at N concurrent streams moved to benchmarks/serve_load.py "
+                "in the repository:\n  python benchmarks/serve_load.py --model small --dtypes bf16,int8 "
+                "--clients 1,8,32 --llama-server ~/llama-build/build/bin/llama-server")
+
+
+# ---------------------------------------------------------------- the implementations, one process each
+def prompt(length: int, vocab: int, seed: int) -> list[int]:
+    import random
+
+    rng = random.Random(seed)
+    return [rng.randrange(3, vocab) for _ in range(length)]
+
+
+class Ours:
+    def __init__(self, a: dict):
+        from minimind.engine import LLM, SamplingParams
+
+        kw = {"quantization": a["dtype"]} if a["dtype"] in ("int8", "dynamic") else {
+            "dtype": {"fp32": "float32", "bf16": "bfloat16"}[a["dtype"]]}
+        self.llm = LLM(a["model"], max_num_seqs=1, max_model_len=max(a["prompt_len"], 32) + a["decode_tokens"] + 8,
+                       threads=a["threads"], max_num_batched_tokens=max(512, a["prompt_len"]), compile=a["compile"],
+                       **kw)
+        self.params, self.vocab = SamplingParams, self.llm.config.vocab_size
+
+    def _metrics(self, ids: list[int], new: int) -> dict:  # perf_counter times: arrival, first_token, finished
+        return self.llm.generate([ids], self.params(temperature=0, max_tokens=new, ignore_eos=True))[0].metrics
+
+    def prefill(self, ids: list[int]) -> float:
+        m = self._metrics(ids, 1)
+        return m["first_token"] - m["arrival"]
+
+    def decode(self, ids: list[int], n: int) -> float:
+        m = self._metrics(ids, n)
+        return m["finished"] - m["first_token"]
+
+
+class Transformers:
+    def __init__(self, a: dict):
+        import torch
+
+        from minimind import load_model
+
+        torch.set_num_threads(a["threads"])
+        self.model = load_model(a["model"], dtype="bfloat16" if a["dtype"] == "bf16" else "float32")
+        if a["dtype"] in ("int8", "dynamic"):  # torch's dynamic int8 quantization of every Linear
+            self.model = torch.ao.quantization.quantize_dynamic(self.model, {torch.nn.Linear}, dtype=torch.qint8)
+        self.vocab = self.model.config.vocab_size
+
+    def prefill(self, ids: list[int], new: int = 1) -> float:
+        import torch
+
+        x = torch.tensor([ids])
+        t = time.perf_counter()
+        with torch.no_grad():
+            self.model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=new, min_new_tokens=new,
+                                do_sample=False, pad_token_id=0)
+        return time.perf_counter() - t
+
+    def decode(self, ids: list[int], n: int) -> float:  # generate() gives no first-token time: less a 1-token run
+        return self.prefill(ids, n) - self.prefill(ids)
+
+
+class LlamaCpp:
+    def __init__(self, a: dict):
+        from llama_cpp import Llama
+
+        self.llm = Llama(a["gguf"], n_ctx=a["prompt_len"] + a["decode_tokens"] + 16, n_batch=512,
+                         n_threads=a["threads"], n_threads_batch=a["threads"], verbose=False)
+        self.vocab = self.llm.n_vocab()
+
+    def prefill(self, ids: list[int]) -> float:
+        self.llm.reset()
+        t = time.perf_counter()
+        self.llm.eval(ids)
+        return time.perf_counter() - t
+
+    def decode(self, ids: list[int], n: int) -> float:
+        import numpy as np
+
+        self.prefill(ids)
+        t = time.perf_counter()
+        for _ in range(n - 1):  # greedy, one token per eval, as our batch-1 decode
+            self.llm.eval([int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))])
+        return time.perf_counter() - t
+
+
+IMPLS = {"minimind": Ours, "transformers": Transformers, "llama.cpp": LlamaCpp}
+
+
+def worker(kind: str, a: dict, conn) -> None:
+    """Loads one implementation, then answers each round number with (prefill tok/s, decode tok/s) and None with
+    its peak RSS in MB; ("error", why) when something fails. Fresh prompts every round: no prefix-cache hit."""
+    try:
+        impl, n = IMPLS[kind](a), a["decode_tokens"]
+        impl.decode(prompt(32, impl.vocab, 0), 16)  # warm-up
+        conn.send("ready")
+        while (r := conn.recv()) is not None:
+            conn.send((a["prompt_len"] / impl.prefill(prompt(a["prompt_len"], impl.vocab, 100 + r)),
+                       (n - 1) / impl.decode(prompt(32, impl.vocab, 200 + r), n)))  # first token excluded
+        # VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec, so it could be the parent's peak
+        conn.send(next(int(line.split()[1]) / 1024 for line in Path("/proc/self/status").read_text().splitlines()
+                       if line.startswith("VmHWM:")))
+    except Exception as exc:  # noqa: BLE001 - reported as this implementation's error; the others go on
+        conn.send(("error", f"{type(exc).__name__}: {exc}"))
 
 
 # ---------------------------------------------------------------- orchestration
-def _prepare_model(name: str, workdir: Path, tokenizer: Path | None) -> tuple[str, str]:
-    """-> (label, path). Random-weight presets are saved once so every worker loads identical weights."""
+def measure(impls: list[str], a: dict) -> dict[str, dict]:
+    """-> {impl: {prefill_tps, decode_tps, peak_rss_mb} or {error}}, best of a["repeats"] rounds; in each round
+    the implementations take turns (the first one rotates)."""
+    import multiprocessing
+
+    ctx, procs, out = multiprocessing.get_context("spawn"), {}, {impl: {} for impl in impls}
+
+    def ask(impl: str, message):
+        conn = procs[impl][0]
+        try:
+            if message != "start":
+                conn.send(message)
+            answer = conn.recv()
+        except (OSError, EOFError):  # the process died (out of memory, a crash in native code)
+            answer = ("error", f"worker exited with code {procs[impl][1].exitcode}")
+        if isinstance(answer, tuple) and answer[0] == "error":
+            out[impl] = {"error": answer[1]}
+            return None
+        return answer
+
+    try:
+        for impl in impls:
+            conn, child = ctx.Pipe()
+            procs[impl] = (conn, ctx.Process(target=worker, args=(impl, a, child), daemon=True))
+            procs[impl][1].start()
+            ask(impl, "start")
+        for r in range(a["repeats"]):
+            for impl in impls[r % len(impls):] + impls[:r % len(impls)]:
+                if "error" not in out[impl] and (tps := ask(impl, r)) is not None:
+                    for key, value in zip(("prefill_tps", "decode_tps"), tps):
+                        out[impl][key] = max(out[impl].get(key, 0.0), value)
+        for impl in impls:
+            if "error" not in out[impl] and (rss := ask(impl, None)) is not None:
+                out[impl]["peak_rss_mb"] = rss
+        return out
+    finally:
+        for _, proc in procs.values():
+            proc.kill()
+            proc.join()
+
+
+def prepare_model(name: str, workdir: Path, tokenizer: Path | None) -> tuple[str, str]:
+    """-> (label, path). A random-weight preset is saved once, so every worker loads the same weights."""
     if name == "default":
         from minimind.checkpoint.default_model import default_model_dir
 
@@ -43,178 +183,56 @@ def _prepare_model(name: str, workdir: Path, tokenizer: Path | None) -> tuple[st
     from minimind.config import MiniMindConfig
     from minimind.model import MiniMindForCausalLM
 
-    folder = workdir / name
     torch.manual_seed(0)
-    MiniMindForCausalLM(MiniMindConfig.from_preset(MODELS[name])).save_pretrained(folder)
-    if tokenizer is not None:
-        for f in tokenizer.iterdir():
-            if f.is_file():
-                shutil.copy(f, folder / f.name)
-    return f"{MODELS[name]} (random)", str(folder)
-
-
-def _gguf(path: str, dtype: str, workdir: Path, note: list) -> str | None:
-    out = workdir / f"{Path(path).name}-{LLAMA_TYPES[dtype]}.gguf"
-    if out.exists():
-        return str(out)
-    try:
-        from minimind.convert import export_gguf
-
-        return str(export_gguf(path, out, outtype=LLAMA_TYPES[dtype], show_progress=False))
-    except Exception as exc:  # noqa: BLE001 - no tokenizer for a random preset, or the exporter refused
-        note.append(f"llama.cpp skipped for {Path(path).name} {dtype}: GGUF export failed ({exc})")
-        return None
-
-
-class _Worker:
-    """One implementation in its own subprocess (bench_workers' protocol): its peak RSS is its own."""
-
-    def __init__(self, kind: str, args: dict):
-        cmd = [sys.executable, "-m", "minimind.apps.bench", "--worker", kind, json.dumps(args)]
-        # stderr to a file, not a pipe: nobody reads it while the worker runs, and a chatty library (warnings,
-        # progress bars) would fill a pipe's buffer and block the worker forever
-        self.log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 - lives as long as the worker; close() closes it
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True)
-        self.error = None if self._read() == "ready" else self._failure()
-
-    def _read(self) -> str:
-        return self.proc.stdout.readline().strip()
-
-    def _failure(self) -> str:
-        self.proc.kill()
-        self.proc.wait()
-        self.log.seek(0)
-        lines = self.log.read().strip().splitlines()
-        return lines[-1] if lines else "failed"
-
-    def ask(self, command: str):
-        """-> the JSON answer, or None once the worker has failed (self.error says why)."""
-        if self.error:
-            return None
-        try:
-            self.proc.stdin.write(command + "\n")
-            self.proc.stdin.flush()
-            line = self._read()
-            return json.loads(line)
-        except (OSError, ValueError):
-            self.error = self._failure()
-            return None
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait()
-        for f in (self.proc.stdin, self.proc.stdout, self.log):
-            f.close()
-
-
-def measure(impls: list[str], base: dict) -> dict[str, dict]:
-    """Every implementation of one (model, dtype), loaded side by side; prefill and decode rounds alternate
-    between them (the starting implementation rotates), best of base["repeats"] each; then each one's
-    remaining measurements, one worker at a time."""
-    workers = {impl: _Worker(impl, base) for impl in impls}
-    best = {impl: {} for impl in impls}
-    try:
-        for r in range(base["repeats"]):
-            order = impls[r % len(impls):] + impls[:r % len(impls)]
-            for name, key in METRICS.items():
-                for impl in order:
-                    value = workers[impl].ask(f"{name} {r}")
-                    if value is not None:
-                        best[impl][key] = max(best[impl].get(key, 0.0), value)
-        out = {}
-        for impl in impls:
-            print(f"  {impl}: the rest ...", file=sys.stderr, flush=True)
-            rest = workers[impl].ask("rest")
-            error = workers[impl].error
-            out[impl] = {"error": error} if error else {**best[impl], **rest}
-        return out
-    finally:
-        for w in workers.values():
-            w.close()
-
-
-def _spawn_memory(args: dict) -> dict:
-    cmd = [sys.executable, "-m", "minimind.apps.bench", "--worker", "memory", json.dumps(args)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        return {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1]}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def machine(threads: int | None = None) -> dict:
-    import torch
-
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
-    out = {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
-           "time": time.strftime("%Y-%m-%d %H:%M:%S")}
-    if threads:
-        out["read_gb_s"] = read_bandwidth(threads)
-    return out
-
-
-def read_bandwidth(threads: int, mb: int = 104) -> float | None:
-    """GB/s at which `threads` threads read a buffer the size of MiniMind2-Small's fp32 weights (the kernels' stream
-    sum, best of 10): the ceiling of every batch-1 decoder, which reads each weight once per token. None without
-    the C kernels."""
-    import torch
-
-    from minimind.engine.fused import stream_sum
-
-    x = torch.ones(mb * 2**20 // 4)
-    if stream_sum(x, threads) is None:
-        return None
-    best = float("inf")
-    for _ in range(10):
-        t = time.perf_counter()
-        stream_sum(x, threads)
-        best = min(best, time.perf_counter() - t)
-    return x.numel() * 4 / best / 1e9
+    MiniMindForCausalLM(MiniMindConfig.from_preset(MODELS[name])).save_pretrained(workdir / name)
+    for f in tokenizer.iterdir() if tokenizer else ():  # the GGUF export needs a tokenizer
+        if f.is_file():
+            shutil.copy(f, workdir / name / f.name)
+    return f"{MODELS[name]} (random)", str(workdir / name)
 
 
 def run(args) -> dict:
-    have_llama = _has_llama_cpp()
-    notes = [] if have_llama else [("llama.cpp peer skipped: llama-cpp-python is not installed "
-                                    "(pip install 'minimind[llamacpp]')")]
-    tokenizer = Path(args.tokenizer) if args.tokenizer else (SHARED_TOKENIZER if SHARED_TOKENIZER.is_dir() else None)
-    rows = []
-    with tempfile.TemporaryDirectory(prefix="minimind-bench-") as tmp:
-        for name in args.models:
-            label, path = _prepare_model(name, Path(tmp), tokenizer)
-            for dtype in args.dtypes:
-                base = {"model": path, "dtype": dtype, "threads": args.threads, "prompt_len": args.prompt_len,
-                        "decode_tokens": args.decode_tokens, "concurrency": args.concurrency,
-                        "repeats": args.repeats, "peer_concurrency": args.peer_concurrency,
-                        "compile": args.compile, "chat_turns": args.chat_turns}
-                impls = ["minimind"] + (["transformers"] if "transformers" in args.peers else [])
-                if have_llama and "llama.cpp" in args.peers and dtype in LLAMA_TYPES:
-                    gguf = _gguf(path, dtype, Path(tmp), notes)
-                    if gguf:
-                        impls.append("llama.cpp")
-                        base["gguf"] = gguf
-                print(f"  {label} {dtype}: {', '.join(impls)}, rounds alternating ...", file=sys.stderr, flush=True)
-                measured = measure(impls, base)
-                for impl in impls:
-                    row = {"model": label, "dtype": dtype, "impl": impl, **measured[impl]}
-                    if impl == "minimind" and args.chat_memory:  # its own process: its own peak
-                        mem = _spawn_memory(base)
-                        row.update({k: v for k, v in mem.items() if k != "error"})
-                        if "error" in mem:
-                            notes.append(f"chat memory {label} {dtype}: {mem['error']}")
-                    rows.append(row)
-    return {"machine": machine(args.threads), "args": vars(args), "notes": notes, "results": rows}
-
-
-def _has_llama_cpp() -> bool:
     import importlib.util
 
-    return importlib.util.find_spec("llama_cpp") is not None
+    notes, rows = [], []
+    llama = "llama.cpp" in args.peers and importlib.util.find_spec("llama_cpp") is not None
+    if "llama.cpp" in args.peers and not llama:
+        notes.append("llama.cpp skipped: llama-cpp-python is not installed (pip install 'minimind[llamacpp]')")
+    tokenizer = Path(args.tokenizer) if args.tokenizer else (SHARED_TOKENIZER if SHARED_TOKENIZER.is_dir() else None)
+    with tempfile.TemporaryDirectory(prefix="minimind-bench-") as tmp:
+        for name in args.models:
+            label, path = prepare_model(name, Path(tmp), tokenizer)
+            for dtype in args.dtypes:
+                a = {"model": path, "dtype": dtype, "threads": args.threads, "prompt_len": args.prompt_len,
+                     "decode_tokens": args.decode_tokens, "repeats": args.repeats, "compile": args.compile}
+                impls = ["minimind"] + (["transformers"] if "transformers" in args.peers else [])
+                if llama and dtype in LLAMA_TYPES:
+                    try:
+                        from minimind.convert import export_gguf
+
+                        gguf = Path(tmp) / f"{Path(path).name}-{LLAMA_TYPES[dtype]}.gguf"
+                        if not gguf.exists():
+                            export_gguf(path, gguf, outtype=LLAMA_TYPES[dtype], show_progress=False)
+                        a["gguf"] = str(gguf)
+                        impls.append("llama.cpp")
+                    except Exception as exc:  # noqa: BLE001 - e.g. no tokenizer for a random preset
+                        notes.append(f"llama.cpp skipped for {label} {dtype}: GGUF export failed ({exc})")
+                print(f"  {label} {dtype}: {', '.join(impls)} ...", file=sys.stderr, flush=True)
+                rows += [{"model": label, "dtype": dtype, "impl": k, **v} for k, v in measure(impls, a).items()]
+    cpu = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+           if line.startswith("model name")] if Path("/proc/cpuinfo").exists() else []
+    machine = {"cpu": cpu[0] if cpu else "?", "cores": os.cpu_count(), "time": time.strftime("%Y-%m-%d %H:%M UTC",
+                                                                                           time.gmtime())}
+    return {"machine": machine, "args": vars(args), "notes": notes, "results": rows}
 
 
 # ---------------------------------------------------------------- reporting
-def _fmt(value, digits=0) -> str:
-    return "-" if value is None else f"{value:,.{digits}f}"
+def ratios(rows: list[dict], row: dict) -> list[float | None]:
+    """[prefill, decode] of ours over this row's implementation (same model and dtype); None on our own row."""
+    ours = next((r for r in rows if (r["model"], r["dtype"], r["impl"]) == (row["model"], row["dtype"], "minimind")),
+                {})
+    return [ours[k] / row[k] if row["impl"] != "minimind" and ours.get(k) and row.get(k) else None
+            for k in ("prefill_tps", "decode_tps")]
 
 
 def print_table(report: dict) -> None:
@@ -222,40 +240,19 @@ def print_table(report: dict) -> None:
     from rich.markup import escape
     from rich.table import Table
 
-    conc = report["args"]["concurrency"]
-    table = Table(title="minimind bench (tokens/s; higher is better; prefill and decode best of "
-                        f"{report['args']['repeats']}, agg@N best of {AGG_ROUNDS} with that round's TTFT, "
-                        f"threads={report['args']['threads']})")
-    for col in ["model", "dtype", "impl", "prefill", "decode b1", "x HF", "x llama.cpp",
-                *[f"agg@{n}" for n in conc], *[f"TTFT@{n} ms" for n in conc], f"peak RSS MB (KV of {max(conc)} seq.)"]:
+    a, m = report["args"], report["machine"]
+    table = Table(title=f"minimind bench: batch-1 tokens/s, best of {a['repeats']} (prompt {a['prompt_len']}, "
+                        f"{a['decode_tokens']} decoded, {a['threads']} threads; {m['cpu']}, {m['cores']} cores)")
+    for col in ("model", "dtype", "impl", "prefill", "decode", "ours/it prefill", "ours/it decode", "peak RSS MB"):
         table.add_column(col, justify="left" if col in ("model", "dtype", "impl") else "right")
-    rows = report["results"]
-    for r in rows:
-        peers = {p["impl"]: p for p in rows if p["model"] == r["model"] and p["dtype"] == r["dtype"]}
-        ratio = {k: (r.get("decode_tps") / peers[k]["decode_tps"]) if r.get("decode_tps") and k in peers
-                 and peers[k].get("decode_tps") and r["impl"] == "minimind" else None
-                 for k in ("transformers", "llama.cpp")}
-        if "error" in r:
-            table.add_row(r["model"], r["dtype"], r["impl"], f"[red]{r['error'][:60]}")
-            continue
-        table.add_row(r["model"], r["dtype"], r["impl"], _fmt(r.get("prefill_tps")), _fmt(r.get("decode_tps")),
-                      _fmt(ratio["transformers"], 2), _fmt(ratio["llama.cpp"], 2),
-                      *[_fmt(r.get(f"agg_tps@{n}")) for n in conc], *[_fmt(r.get(f"ttft_ms@{n}")) for n in conc],
-                      _fmt(r.get("peak_rss_mb")))
-    console = Console(width=max(Console().width, 200))
+    for r in report["results"]:
+        cells = [f"[red]{escape(r['error'][:100])}"] if "error" in r else [
+            "-" if v is None else f"{v:,.{d}f}" for v, d in zip(
+                [r.get("prefill_tps"), r.get("decode_tps"), *ratios(report["results"], r), r.get("peak_rss_mb")],
+                (0, 0, 2, 2, 0))]
+        table.add_row(r["model"], r["dtype"], r["impl"], *cells)
+    console = Console(width=max(Console().width, 140))
     console.print(table)
-    print_memory_table(report, console)
-    turns = report["args"].get("chat_turns")
-    for r in rows:
-        if r.get(f"chat_ttft_ms_turn{turns}_cached") is not None:
-            console.print(f"{r['model']} {r['dtype']}: {turns}-turn chat TTFT turn 1 -> turn {turns}: "
-                          f"{r['chat_ttft_ms_turn1_cached']:.0f} -> {r[f'chat_ttft_ms_turn{turns}_cached']:.0f} ms "
-                          f"with prefix cache, {r['chat_ttft_ms_turn1_uncached']:.0f} -> "
-                          f"{r[f'chat_ttft_ms_turn{turns}_uncached']:.0f} ms without")
-    m = report["machine"]
-    if m.get("read_gb_s"):  # what bounds batch-1 decode: every weight is read once per token
-        console.print(f"{m['cpu']}, {m['cores']} cores: memory read {m['read_gb_s']:.1f} GB/s with "
-                      f"threads={report['args']['threads']} (batch-1 decode reads every weight once per token)")
     for note in report["notes"]:
         console.print(f"[yellow]note:[/] {escape(note)}")
 
@@ -269,66 +266,71 @@ def draw_chart(report: dict, path: Path) -> None:
     rows = [r for r in report["results"] if "error" not in r]
     groups = list(dict.fromkeys((r["model"], r["dtype"]) for r in rows))
     impls = list(dict.fromkeys(r["impl"] for r in rows))
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
+    value = {(r["model"], r["dtype"], r["impl"]): r for r in rows}
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     width = 0.8 / max(len(impls), 1)
     for ax, key, title in ((axes[0], "decode_tps", "batch-1 decode (tokens/s)"),
-                           (axes[1], "prefill_tps", "prefill, 256-token prompt (tokens/s)")):
+                           (axes[1], "prefill_tps", f"prefill, {report['args']['prompt_len']}-token prompt (tokens/s)")):
         for i, impl in enumerate(impls):
-            vals = [next((r.get(key) or 0 for r in rows if (r["model"], r["dtype"]) == g and r["impl"] == impl), 0)
-                    for g in groups]
-            ax.bar([x + i * width for x in range(len(groups))], vals, width, label=impl)
+            ax.bar([x + i * width for x in range(len(groups))],
+                   [value.get((*g, impl), {}).get(key) or 0 for g in groups], width, label=impl)
         ax.set_xticks([x + width * (len(impls) - 1) / 2 for x in range(len(groups))])
         ax.set_xticklabels([f"{m.split(' ')[0]}\n{d}" for m, d in groups], fontsize=8)
         ax.set_title(title)
         ax.legend()
-    fig.suptitle(f"minimind bench on {report['machine']['cpu']} ({report['machine']['cores']} cores)", fontsize=10)
+    fig.suptitle(f"minimind bench, {report['machine']['cpu']} ({report['machine']['cores']} cores)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="minimind bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--models", default="small,base,default", help="comma list of small, base, default, or paths")
-    p.add_argument("--dtypes", default="fp32,bf16,int8", help="comma list of fp32, bf16, int8, dynamic")
-    p.add_argument("--peers", default="transformers,llama.cpp", help="comma list (empty for none)")
+    p.add_argument("--models", default="small,base,default", help="comma list of small, base, default, or paths "
+                   "(small/base: random weights of the MiniMind2-Small / MiniMind2 shape)")
+    p.add_argument("--dtypes", default="fp32,bf16,int8", help="comma list of fp32, bf16, int8, dynamic "
+                   "(llama.cpp: F32 / F16 / Q8_0 / none)")
+    p.add_argument("--peers", default="transformers,llama.cpp", help="comma list (empty for ours only)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    p.add_argument("--prompt-len", type=int, default=256)
-    p.add_argument("--decode-tokens", type=int, default=128)
-    p.add_argument("--concurrency", default="1,8,32")
-    p.add_argument("--peer-concurrency", default="1,8", help="concurrency levels for transformers (slow)")
-    p.add_argument("--repeats", type=int, default=5, help="rounds of prefill and decode per implementation (best of)")
+    p.add_argument("--prompt-len", type=int, default=256, help="prompt tokens of the prefill measurement")
+    p.add_argument("--decode-tokens", type=int, default=128, help="tokens of the decode measurement")
+    p.add_argument("--repeats", type=int, default=5, help="rounds per implementation (best of)")
     p.add_argument("--compile", action="store_true", help="torch.compile our decode step")
-    p.add_argument("--chat-turns", type=int, default=10, help="multi-turn TTFT with/without prefix cache (0 = off)")
-    p.add_argument("--no-chat-memory", dest="chat_memory", action="store_false",
-                   help="skip the single-chat peak RSS measurement (one more subprocess per model and dtype)")
     p.add_argument("--tokenizer", help="tokenizer folder for the random-weight presets (needed for the GGUF)")
-    p.add_argument("--json", default="bench.json")
-    p.add_argument("--png", default="bench.png")
-    p.add_argument("--server", action="store_true", help="benchmark over HTTP instead: `minimind serve` against "
-                   "llama-server with concurrent streaming clients (see `minimind bench --server --help`)")
+    p.add_argument("--json", metavar="FILE", help="also write every number and the machine as JSON")
+    p.add_argument("--plot", "--png", dest="plot", metavar="FILE.png", help="also draw a chart (needs matplotlib)")
+    p.add_argument("--chat-turns", type=int, default=0, help=argparse.SUPPRESS)  # accepted, no longer measured
+    p.add_argument("--no-chat-memory", action="store_true", help=argparse.SUPPRESS)  # accepted, no longer measured
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["--worker"]:
-        worker_loop(argv[1], json.loads(argv[2]))
-        return 0
-    if "--server" in argv:
-        from .bench_server import main as server_main
-
-        return server_main([a for a in argv if a != "--server"])
-    args = build_parser().parse_args(argv)
-    args.models = [m for m in args.models.split(",") if m]
-    args.dtypes = [d for d in args.dtypes.split(",") if d]
-    args.peers = [p for p in args.peers.split(",") if p]
-    args.concurrency = [int(c) for c in args.concurrency.split(",")]
-    args.peer_concurrency = [int(c) for c in args.peer_concurrency.split(",") if c]
+    if moved := [a.split("=")[0] for a in argv if a.split("=")[0] in SERVER_FLAGS]:
+        print(f"minimind bench: {moved[0]}: {SERVER_MOVED}", file=sys.stderr)
+        return 2
+    p = build_parser()
+    args = p.parse_args(argv)
+    args.models, args.dtypes, args.peers = ([x for x in v.split(",") if x] for v in (args.models, args.dtypes,
+                                                                                     args.peers))
+    if bad := [d for d in args.dtypes if d not in DTYPES]:
+        p.error(f"unknown dtype(s) {', '.join(bad)}; choose from {', '.join(DTYPES)}")
+    if min(args.repeats, args.threads, args.prompt_len, args.decode_tokens - 1) < 1:
+        p.error("--repeats, --threads and --prompt-len must be >= 1, --decode-tokens >= 2")
+    if args.chat_turns or args.no_chat_memory:
+        print("minimind bench: --chat-turns and --no-chat-memory are ignored (multi-turn TTFT and one chat's "
+              "memory are no longer measured; peak RSS is a column of the table)", file=sys.stderr)
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            print("minimind bench: --plot needs matplotlib: pip install 'minimind[bench]'", file=sys.stderr)
+            return 2
     report = run(args)
     print_table(report)
-    Path(args.json).write_text(json.dumps(report, indent=2))
-    draw_chart(report, Path(args.png))
-    print(f"wrote {args.json} and {args.png}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    if args.plot:
+        draw_chart(report, Path(args.plot))
     return 0
 
 

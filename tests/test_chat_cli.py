@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from conftest import tokenizer_dir
-from minimind.apps.chat import build_parser, main, resolve_sampling, resolve_source
+from minimind.apps.chat import build_parser, main, resolve_sampling
+from minimind.checkpoint.spec import ModelSpec
 
 SPEED = re.compile(r"\[prefill (\d+) tok in [\d.]+s = [\d-]+ tok/s \| decode (\d+) tok in [\d.]+s = [\d-]+ tok/s\]")
 
@@ -138,10 +139,9 @@ def test_other_errors_exit_1(seed_layout, capsys, monkeypatch, tmp_path):
 
 
 def test_history_keeps_the_last_n_turns():
-    from minimind.chat.generate import GenerationSettings
-    from minimind.chat.session import ChatSession
+    from minimind.apps.conversation import Conversation
 
-    session = ChatSession(None, _tokenizer(), GenerationSettings(), None, historys=1, system="S")
+    session = Conversation(None, _tokenizer(), None, None, historys=1, system="S")
     session.turns = [("q1", "a1"), ("q2", "a2")]
     assert session.prompt_text("q3") == ("<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nq2<|im_end|>\n"
                                          "<|im_start|>assistant\na2<|im_end|>\n<|im_start|>user\nq3<|im_end|>\n"
@@ -174,6 +174,10 @@ def test_flag_parsing():
 
 
 def test_source_resolution(tmp_path, monkeypatch):
+    def resolve_source(args):
+        src = ModelSpec.from_args(args).resolve()
+        return {"model": src.model, "tokenizer": src.tokenizer}
+
     parse = build_parser().parse_args
     monkeypatch.chdir(tmp_path)
     assert resolve_source(parse([]))["model"] is None  # nothing here: the embedded default model
@@ -223,36 +227,25 @@ def test_default_model_answers(minimind_home, tmp_path):
     assert res.stdout.strip() and "Paris" in res.stdout
 
 
-# ---- the sampler behind stream_generate (expected values worked out by hand) ----
-
-def _sample(logits, seen=(), seed=0, **kw):
-    from minimind.chat.generate import GenerationSettings, sample_next
-
-    s = GenerationSettings(**{"temperature": 1.0, "top_p": 1.0, "top_k": 0, **kw})
-    return sample_next(torch.tensor(logits, dtype=torch.float32), torch.tensor(seen, dtype=torch.long), s,
-                       torch.Generator().manual_seed(seed))
-
-
-def test_greedy_and_repetition_penalty():
-    assert _sample([0.1, 3.0, 0.2], temperature=0) == 1
-    # HF penalty: positive logits divided (2.0 -> 1.0 < 1.9), negative multiplied (-0.5 -> -1.0 < -0.6)
-    assert _sample([2.0, 1.9, -5.0], seen=[0], temperature=0, repetition_penalty=2.0) == 1
-    assert _sample([-0.5, -0.6, -9.0], seen=[0, 0], temperature=0, repetition_penalty=2.0) == 1
-
-
-def test_top_k_and_top_p_cut_the_tail():
-    import math
-
-    logits = [math.log(0.5), math.log(0.3), math.log(0.2)]
-    assert {_sample([0.0, 5.0, 1.0, 4.9], seed=i, top_k=1) for i in range(20)} == {1}
-    # top_p 0.6: the tail [0.2] (mass 0.2 <= 0.4) goes, 0.5 and 0.3 stay
-    assert {_sample(logits, seed=i, top_p=0.6) for i in range(200)} == {0, 1}
-    # top_p 0.5: the tail [0.2, 0.3] (mass 0.5 <= 0.5) goes
-    assert {_sample(logits, seed=i, top_p=0.5) for i in range(50)} == {0}
-    assert {_sample(logits, seed=i) for i in range(200)} == {0, 1, 2}
-
-
 def test_stop_ids_of_minimind_tokenizers():
-    from minimind.chat.generate import stop_token_ids
+    from minimind.text.template import stop_token_ids
 
     assert stop_token_ids(_tokenizer()) == {1, 2}
+
+
+def test_hf_generate_path_gives_the_engines_greedy_tokens():
+    """`--device cuda` answers through transformers' generate: on the same weights its greedy tokens are the
+    engine's (run here on the CPU, the only device CI has)."""
+    from minimind.apps.conversation import engine_tokens, hf_tokens
+    from minimind.config import MiniMindConfig
+    from minimind.engine import LLM, SamplingParams
+    from minimind.model import MiniMindForCausalLM
+
+    torch.manual_seed(0)
+    model = MiniMindForCausalLM(MiniMindConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                               num_key_value_heads=2, intermediate_size=128, vocab_size=256)).eval()
+    params = SamplingParams(max_tokens=12, temperature=0, stop_token_ids=[255])
+    prompt = [5, 17, 42, 99, 3]
+    hf = list(hf_tokens(model, prompt, params))
+    engine = list(engine_tokens(LLM(model, max_num_seqs=1, fused=False), prompt, params))
+    assert len(hf) == 12 and hf == engine

@@ -9,7 +9,8 @@ from functools import cache
 import pytest
 
 from conftest import tokenizer_dir
-from minimind.chat.template import parse_tool_calls, pretrain_prompt, render_prompt, split_reasoning
+from minimind.text.reply import parse_reply
+from minimind.text.template import pretrain_prompt, render_prompt
 
 V2, V2510, V3 = "minimind2", "minimind2-2510", "minimind-3"
 DEFAULT_SYSTEM = "<|im_start|>system\nYou are a helpful assistant<|im_end|>\n"
@@ -153,7 +154,7 @@ def test_tokenizers_of_the_two_eras_differ():
 @pytest.mark.parametrize("text, started, expected", [
     ("<think>\nR\n</think>\n\nA", False, ("R", "A")),
     ("R\n</think>\n\nA", True, ("R", "A")),  # minimind-3 open_thinking: the prompt already opened the block
-    ("R\n</think>\n\nA", False, ("R", "A")),
+    ("R\n</think>\n\nA", False, ("", "R\n</think>\n\nA")),  # a reply that never opened the block: all content
     ("<think>\n\n</think>\n\nA", False, ("", "A")),
     ("just an answer", False, ("", "just an answer")),
     ("still thinking", True, ("still thinking", "")),
@@ -161,7 +162,12 @@ def test_tokenizers_of_the_two_eras_differ():
     ("", False, ("", "")),
 ])
 def test_split_reasoning(text, started, expected):
-    assert split_reasoning(text, started_in_think=started) == expected
+    assert parse_reply(text, started_in_think=started)[:2] == expected
+
+
+def parse_tool_calls(text: str) -> tuple[str, list[dict]]:
+    _, content, calls = parse_reply(text)
+    return content, [c["function"] for c in calls]
 
 
 def test_parse_tool_calls_one_call():

@@ -9,7 +9,7 @@ import torch
 
 import minimind
 from minimind.checkpoint import default_model
-from minimind.checkpoint.errors import CheckpointError
+from minimind.errors import CheckpointError
 
 torch.set_grad_enabled(False)
 

@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import tokenizer_dir
-from minimind.chat.detok import IncrementalDetokenizer
+from minimind.text.detok import IncrementalDetokenizer
 
 ERAS = ["minimind2", "minimind-3"]
 

@@ -22,7 +22,7 @@ from transformers import (
 
 import minimind
 from conftest import randomize_
-from minimind.checkpoint.errors import CheckpointError
+from minimind.errors import CheckpointError
 
 torch.set_grad_enabled(False)
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]

@@ -19,7 +19,7 @@ from transformers import (
 
 import minimind
 from conftest import randomize_
-from minimind.checkpoint.errors import CheckpointError
+from minimind.errors import CheckpointError
 
 torch.set_grad_enabled(False)
 X = torch.randint(0, 96, (2, 13), generator=torch.Generator().manual_seed(3))

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from conftest import ERA_IDS, ERAS, tiny_model
-from minimind.checkpoint.errors import CheckpointError
+from minimind.errors import CheckpointError
 from minimind.checkpoint.loader import load_model, resolve_dtype
-from minimind.checkpoint.native import resolve_seed_path
+from minimind.checkpoint.spec import seed_path as resolve_seed_path
 
 torch.set_grad_enabled(False)
 

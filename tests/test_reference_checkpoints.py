@@ -86,7 +86,7 @@ def test_reference_greedy(case, reference_root):
 @pytest.mark.parametrize("case", ERROR_CASES, ids=[c["id"] for c in ERROR_CASES])
 def test_legacy_checkpoint_refused(case, reference_root):
     from minimind import load_model
-    from minimind.checkpoint.errors import CheckpointError
+    from minimind.errors import CheckpointError
 
     with pytest.raises(CheckpointError) as info:
         load_model(str(reference_root / case["path"]))

@@ -1,5 +1,5 @@
-"""The streaming reasoning / tool-call splitter agrees with chat/template.py's whole-text parsers however the text
-is chunked; and the `minimind serve` command line parses the seeds' model flags."""
+"""The reply parser gives the same split however the text is chunked, and the split the whole text gets by hand;
+and the `minimind serve` command line parses the seeds' model flags."""
 from __future__ import annotations
 
 import json
@@ -7,16 +7,30 @@ import random
 
 import pytest
 
-from minimind.chat.template import parse_tool_calls, split_reasoning
-from minimind.serve.chat_parse import ChatOutputParser, collect
+from minimind.text.reply import ReplyParser, collect
 
-CASES = ["<think>\nhmm\n</think>\n\nHello", " hello world", "<think>abc", "a <tool_c", "<thi", "plain\n\ntext\n",
-         'x<tool_call>{"name": "f", "arguments": {"a": 1}}</tool_call>\n<tool_call>{"name":"g"}</tool_call>',
-         "<tool_call>bad</tool_call> tail", "<think>\nplan\n</think>\n\n<tool_call>\n{\"name\": \"f\"}\n</tool_call>"]
+# (reply, prompt opened <think>) -> (reasoning, content, tool call names): worked out by hand
+CASES = {
+    ("<think>\nhmm\n</think>\n\nHello", False): ("hmm", "Hello", []),
+    ("<think>\nhmm\n</think>\n\nHello", True): ("hmm", "Hello", []),
+    (" hello world", False): ("", " hello world", []),
+    (" hello world", True): (" hello world", "", []),
+    ("<think>abc", False): ("abc", "", []),
+    ("<think>abc", True): ("abc", "", []),
+    ("a <tool_c", False): ("", "a <tool_c", []),
+    ("<thi", False): ("", "<thi", []),
+    ("<thi", True): ("<thi", "", []),
+    ("plain\n\ntext\n", False): ("", "plain\n\ntext\n", []),
+    ('x<tool_call>{"name": "f", "arguments": {"a": 1}}</tool_call>\n<tool_call>{"name":"g"}</tool_call>', False):
+        ("", "x", ["f", "g"]),
+    ("<tool_call>bad</tool_call> tail", False): ("", "<tool_call>bad</tool_call> tail", []),
+    ('<think>\nplan\n</think>\n\n<tool_call>\n{"name": "f"}\n</tool_call>', False): ("plan", "", ["f"]),
+    ('<think>\nplan\n</think>\n\n<tool_call>\n{"name": "f"}\n</tool_call>', True): ("plan", "", ["f"]),
+}
 
 
 def run(text: str, think: bool, sizes: random.Random | None) -> tuple:
-    p = ChatOutputParser(started_in_think=think, parse_tools=True)
+    p = ReplyParser(started_in_think=think, parse_tools=True)
     events, i = [], 0
     while i < len(text):
         j = len(text) if sizes is None else i + sizes.randint(1, 5)
@@ -26,21 +40,19 @@ def run(text: str, think: bool, sizes: random.Random | None) -> tuple:
     return reasoning, content, [c["function"] for c in calls], [c["index"] for c in calls]
 
 
-@pytest.mark.parametrize("text", CASES)
-@pytest.mark.parametrize("think", [False, True])
-def test_streaming_split_matches_whole_text_parsers(text, think):
+@pytest.mark.parametrize(("text", "think"), list(CASES))
+def test_streaming_split_matches_the_whole_text(text, think):
     whole = run(text, think, None)
     rng = random.Random(0)
     for _ in range(30):
         assert run(text, think, rng) == whole
-    reasoning, content = split_reasoning(text, started_in_think=think)
-    content, calls = parse_tool_calls(content)
-    assert whole[:3] == (reasoning, content, calls)
-    assert whole[3] == list(range(len(calls)))
+    reasoning, content, calls, indexes = whole
+    assert (reasoning, content, [c["name"] for c in calls]) == CASES[text, think]
+    assert indexes == list(range(len(calls)))
 
 
 def test_tools_off_keeps_tags_as_text():
-    p = ChatOutputParser(parse_tools=False)
+    p = ReplyParser(parse_tools=False)
     assert collect(p.feed('<tool_call>{"name": "f"}</tool_call>') + p.finish())[1] == '<tool_call>{"name": "f"}</tool_call>'
 
 
@@ -64,7 +76,7 @@ def test_lora_adapters_become_model_ids(tmp_path):
 
     from conftest import tiny_model, tokenizer_dir
     from minimind.engine import SamplingParams
-    from minimind.model.lora import apply_lora, lora_layers, save_lora
+    from minimind.checkpoint.lora import apply_lora, lora_layers, save_lora
     from minimind.serve.launch import build_parser, load_engines
 
     tok = tokenizer_dir("minimind2")

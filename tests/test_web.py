@@ -336,7 +336,7 @@ def test_engine_backend_open_thinking_and_dtype(tiny):
     """minimind-3's template reads open_thinking: the prompt opens a <think> block, and the reply is reasoning."""
     import torch
 
-    from minimind.chat.template import render_prompt
+    from minimind.text.template import render_prompt
     from minimind.web.backend import make_backend
 
     model, _ = tiny

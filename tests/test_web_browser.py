@@ -182,8 +182,7 @@ def test_streamlit_in_chromium(tmp_path, browser):
 def test_gradio_in_chromium_greedy_answer_matches_engine(tmp_path, browser):
     """Gradio on a tiny real model, temperature 0 and 6 max tokens set in the page: the answer shown is what the
     engine alone gives for the chat-template prompt (not through the web backend). Dark theme in a light browser."""
-    from minimind.chat.generate import stop_token_ids
-    from minimind.chat.template import render_prompt
+    from minimind.text.template import render_prompt, stop_token_ids
     from minimind.engine import SamplingParams
     from minimind.web.backend import EngineBackend
 
@@ -203,7 +202,7 @@ def test_gradio_in_chromium_greedy_answer_matches_engine(tmp_path, browser):
         llm = backend.llm
         prompt = render_prompt(llm.tokenizer, [{"role": "user", "content": question}], open_thinking=None)
         direct = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=6,
-                                                     stop_token_ids=sorted(stop_token_ids(llm.tokenizer, llm))))
+                                                     stop_token_ids=sorted(stop_token_ids(llm.tokenizer, llm.config))))
     finally:
         backend.close()
     expected = direct[0].outputs[0]

@@ -13,7 +13,7 @@ _LAZY = {
     "MiniMindForCausalLM": "minimind.model",
     "load_model": "minimind.checkpoint.loader",
     "load_tokenizer": "minimind.checkpoint.loader",
-    "lora": "minimind.model.lora",
+    "lora": "minimind.checkpoint.lora",
     "LLM": "minimind.engine",
     "SamplingParams": "minimind.engine",
 }

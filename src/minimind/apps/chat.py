@@ -10,58 +10,25 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
-from pathlib import Path
+
+from ..checkpoint.spec import ModelSpec
 
 # name -> (temperature, top_p); the three strategies of the seed documents' table.
 PRESETS = {"deterministic": (0.1, 0.5), "balanced": (0.7, 0.85), "creative": (1.0, 0.95)}
 DEFAULT_SAMPLING = (0.85, 0.85)  # the original eval_llm.py defaults
-SEED_HIDDEN_SIZES = (512, 768, 640)  # tried in this order when --hidden_size is not given
 
 
-def _rope_arg(value: str):
-    v = value.strip().lower()
-    if v == "legacy":
-        return "legacy"
-    if v in ("1", "true", "yes", "on", "yarn"):
-        return True
-    if v in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected nothing, 1/0 or 'legacy', got {value!r}")
+def add_open_thinking(group) -> None:
+    group.add_argument("--open_thinking", type=int, choices=(0, 1), nargs="?", const=1, default=None,
+                       help="reasoning mode: 1 opens a <think> block (minimind-3 open_thinking / 2510 enable_thinking)"
+                            "; default: the chat template's own default")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="minimind chat", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    src = p.add_argument_group("model (the original eval_llm.py flags)")
-    src.add_argument("--load_from", default=None, metavar="PATH",
-                     help="tokenizer folder of the original layout (weights then come from --save_dir/--weight/"
-                          "--hidden_size), or a Hugging Face model folder / GGUF file. Default: 'model' if "
-                          "--save_dir has .pth files, else the embedded default model")
-    src.add_argument("--save_dir", default="out", help="folder of the native .pth weights")
-    src.add_argument("--weight", default=None,
-                     help="weight name prefix: pretrain, full_sft, dpo, reason, grpo, ... (file "
-                          "{save_dir}/{weight}_{hidden_size}[_moe].pth; default full_sft). pretrain* weights get "
-                          "bos + text instead of the chat template")
-    src.add_argument("--lora_weight", default=None,
-                     help="LoRA name (e.g. lora_identity, looked up in every historic location under --save_dir) "
-                          "or file; None = no LoRA")
-    src.add_argument("--hidden_size", type=int, default=None,
-                     help=f"hidden size in the weight file name (default: the first of {SEED_HIDDEN_SIZES} found, then "
-                          "any other size in --save_dir)")
-    src.add_argument("--num_hidden_layers", type=int, default=None,
-                     help="accepted for compatibility: the layer count is read from the weights (warns if different)")
-    src.add_argument("--use_moe", type=int, choices=(0, 1), default=0, help="MoE weights (adds _moe to the file name)")
-    src.add_argument("--inference_rope_scaling", nargs="?", const=True, default=False, type=_rope_arg,
-                     metavar="legacy", help="YaRN RoPE extrapolation (x16, standard); 'legacy' = the Oct-Nov 2025 "
-                                            "x4 formula")
-    src.add_argument("--model", default=None, metavar="PATH",
-                     help="any checkpoint: native .pth, Hugging Face folder (minimind/llama/qwen3) or GGUF")
-    src.add_argument("--tokenizer", default=None, metavar="DIR", help="tokenizer folder (overrides --load_from)")
-    src.add_argument("--device", default=None, help="cuda, cpu, mps, cuda:1 ... (default: cuda if available, else cpu)")
-    src.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
-                     help="auto = float32 on CPU, bfloat16 on CUDA (float16 on CPU is replaced by bfloat16)")
+    ModelSpec.add_arguments(p)
     gen = p.add_argument_group("generation")
     gen.add_argument("--max_new_tokens", type=int, default=8192, help="most tokens per answer")
     gen.add_argument("--temperature", type=float, default=None,
@@ -74,9 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="temperature/top_p: deterministic 0.1/0.5, balanced 0.7/0.85, creative 1.0/0.95 "
                           "(explicit --temperature/--top_p win)")
     gen.add_argument("--seed", type=int, default=None, help="sampling seed (default: a random seed per answer)")
-    gen.add_argument("--open_thinking", type=int, choices=(0, 1), nargs="?", const=1, default=None,
-                     help="reasoning mode: 1 opens a <think> block (minimind-3 open_thinking / 2510 enable_thinking)"
-                          "; default: the chat template's own default")
+    add_open_thinking(gen)
     ui = p.add_argument_group("conversation")
     ui.add_argument("--system", default=None, metavar="TEXT", help="system prompt")
     ui.add_argument("--historys", type=int, default=0, help="previous turns (question + answer) to keep; 0 = none")
@@ -99,8 +64,6 @@ def resolve_sampling(args: argparse.Namespace) -> tuple[float, float]:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        from ..chat.session import run
-
         return run(args)
     except KeyboardInterrupt:  # while loading: quit quietly
         print(file=sys.stderr)
@@ -108,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # one clear line, never a traceback (MINIMIND_DEBUG=1 shows it)
         if os.environ.get("MINIMIND_DEBUG"):
             raise
-        from ..checkpoint.errors import CheckpointError
+        from ..errors import CheckpointError
 
         known = isinstance(exc, (CheckpointError, ValueError, OSError))
         message = " ".join(str(exc).split())  # one line, even for torch's multi-paragraph messages
@@ -116,51 +79,99 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
-def resolve_source(args: argparse.Namespace) -> dict:
-    """Where weights and tokenizer come from: {model, tokenizer, weight} (model None = the embedded default).
-
-    Follows the original's rules, minus its `'model' in path` test: a tokenizer-only folder means the native
-    layout (`{save_dir}/{weight}_{hidden}[_moe].pth`); a model folder or GGUF is used as is.
-    """
-    from ..checkpoint import detect as fmt
-    from ..checkpoint.errors import CheckpointError
-    from ..checkpoint.native import resolve_seed_path
-
-    tokenizer = Path(args.tokenizer) if args.tokenizer else None
-    if args.model:
-        model = Path(args.model).expanduser()
-        if not model.exists():
-            raise CheckpointError(model, "does not exist (--model takes a .pth/.safetensors/.gguf file or a model "
-                                  "folder)")
-        if tokenizer is None:
-            # a bare .pth has no tokenizer: take the original layout's tokenizer folder if it is there
-            fallback = Path(args.load_from or "model")
-            bare = model.is_file() and fmt.sniff_file(model) != fmt.GGUF
-            tokenizer = fallback if bare and fallback.is_dir() else model
-        return {"model": model, "tokenizer": tokenizer, "weight": args.weight or model.stem}
-    save_dir = Path(args.save_dir)
-    if args.load_from is None and not any(save_dir.glob("*.pth")):
-        return {"model": None, "tokenizer": tokenizer, "weight": args.weight or "default"}
-    load_from = Path(args.load_from or "model").expanduser()
-    if args.load_from is not None or tokenizer is None:
-        if not load_from.exists():
-            raise CheckpointError(load_from, "does not exist: --load_from takes the original layout's tokenizer "
-                                  "folder (`model/`), a Hugging Face model folder or a GGUF file (or pass "
-                                  "--tokenizer DIR)")
-        if load_from.is_file() or (load_from / "config.json").is_file() or len(list(load_from.glob("*.gguf"))) == 1:
-            return {"model": load_from, "tokenizer": tokenizer or load_from, "weight": args.weight or load_from.stem}
-    weight = args.weight or "full_sft"
-    sizes = [args.hidden_size] if args.hidden_size else _seed_sizes(save_dir, weight, bool(args.use_moe))
-    tried = [resolve_seed_path(str(save_dir), weight, h, bool(args.use_moe)) for h in sizes]
-    found = next((p for p in tried if p.is_file()), None)
-    if found is None:
-        raise CheckpointError(tried[0], "not found (from --save_dir/--weight/--hidden_size/--use_moe; tried "
-                              + ", ".join(map(str, tried)) + "); pass --model PATH for any other file")
-    return {"model": found, "tokenizer": tokenizer or load_from, "weight": weight}
+# The original eval_llm.py's auto-test questions, and an English set for the (English) default model.
+QUESTIONS_ZH = ["你有什么特长？", "为什么天空是蓝色的", "请用Python写一个计算斐波那契数列的函数",
+                '解释一下"光合作用"的基本过程', "如果明天下雨，我应该如何出门", "比较一下猫和狗作为宠物的优缺点",
+                "解释什么是机器学习", "推荐一些中国的美食"]
+QUESTIONS_EN = ["What are you good at?", "Why is the sky blue?",
+                "Write a Python function that computes Fibonacci numbers.",
+                "Explain the basic process of photosynthesis.", "If it rains tomorrow, how should I go out?",
+                "Compare cats and dogs as pets.", "What is machine learning?", "Recommend some Chinese dishes."]
 
 
-def _seed_sizes(save_dir: Path, weight: str, use_moe: bool) -> list[int]:
-    """Hidden sizes to try: the released ones first, then any other `{weight}_{N}[_moe].pth` in save_dir."""
-    pattern = re.compile(rf"{re.escape(weight)}_(\d+){'_moe' if use_moe else ''}\.pth")
-    found = sorted({int(m.group(1)) for f in save_dir.glob(f"{weight}_*.pth") if (m := pattern.fullmatch(f.name))})
-    return [*SEED_HIDDEN_SIZES, *(h for h in found if h not in SEED_HIDDEN_SIZES)]
+def _utf8_safe() -> None:
+    # A non-UTF-8 console must not crash mid-answer on a Chinese character.
+    for stream in (sys.stdout, sys.stderr):
+        if (stream.encoding or "").lower().replace("-", "") != "utf8" and hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="replace")
+
+
+def run(args: argparse.Namespace) -> int:
+    import warnings
+    from functools import partial
+
+    import torch
+    from rich.console import Console
+
+    from ..engine import LLM, SamplingParams
+    from ..text.template import is_pretrain_weight, stop_token_ids
+    from .conversation import Conversation, engine_tokens, hf_tokens
+
+    # torch warns about the protocol of a non-checkpoint pickle right before the loader's own clear error
+    warnings.filterwarnings("ignore", message="Detected pickle protocol")
+    _utf8_safe()
+    single = args.prompt is not None
+    info = Console(stderr=single, highlight=False)
+    spec = ModelSpec.from_args(args)
+    source = spec.resolve()
+    device = spec.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, tokenizer = spec.load(device, source)
+    cfg = model.config
+    if spec.num_hidden_layers and spec.num_hidden_layers != cfg.num_hidden_layers:
+        info.print(f"warning: --num_hidden_layers {spec.num_hidden_layers} ignored: the weights have "
+                   f"{cfg.num_hidden_layers} layers", style="yellow", markup=False)
+    temperature, top_p = resolve_sampling(args)
+    params = SamplingParams(max_tokens=args.max_new_tokens, temperature=temperature, top_p=top_p, top_k=args.top_k,
+                            repetition_penalty=args.repetition_penalty, seed=args.seed,
+                            stop_token_ids=sorted(stop_token_ids(tokenizer, cfg)))
+    name = "embedded default model (SmolLM2-135M-Instruct)" if source.model is None else str(source.model)
+    size = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()) / 1e6
+    dtype = str(next(model.parameters()).dtype).replace("torch.", "")
+    context = cfg.max_position_embeddings
+    if device == "cpu":  # the engine keeps its own (fused) copies of the weights: the model is dropped
+        generate = partial(engine_tokens, LLM(model, tokenizer=tokenizer, max_num_seqs=1,
+                                              max_model_len=min(context, 4096)))
+        context = min(context, 4096)
+    else:
+        generate = partial(hf_tokens, model)
+    del model
+    conversation = Conversation(generate, tokenizer, params, info, context=context, system=args.system,
+                                historys=args.historys,
+                                open_thinking=None if args.open_thinking is None else bool(args.open_thinking),
+                                pretrain=is_pretrain_weight(source.weight), show_speed=bool(args.show_speed))
+    info.print(f"[bold cyan]MiniMind chat[/] {name} [dim]| {getattr(cfg, 'era', cfg.model_type)}, {size:.2f}M "
+               f"params, {device} {dtype}, temperature "
+               f"{temperature}, top_p {top_p}{', pretrain prompt' if conversation.pretrain else ''}[/]")
+    if single:
+        conversation.answer(args.prompt)
+        return 0
+    mode = args.mode
+    prompt = "[0] 自动测试 auto test\n[1] 手动输入 manual chat\n"
+    while mode is None:  # ask again on a typo (e.g. a question typed before choosing) instead of exiting
+        try:
+            choice = input(prompt).strip()
+        except (EOFError, KeyboardInterrupt):
+            return 0
+        if choice in ("0", "1"):
+            mode = int(choice)
+        else:
+            prompt = f"please type 0 or 1 (got {choice[:40]!r}): "
+    info.print("[dim]Ctrl-C stops an answer; an empty line or Ctrl-D exits.[/]")
+    if mode == 0:
+        english = source.model is None or len(tokenizer) != 6400
+        for question in QUESTIONS_EN if english else QUESTIONS_ZH:
+            print(f"💬: {question}\n🤖: ", end="", flush=True)
+            conversation.answer(question)
+            print()
+        return 0
+    while True:
+        try:
+            question = input("💬: ")
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return 0
+        if not question.strip():
+            return 0
+        print("🤖: ", end="", flush=True)
+        conversation.answer(question)
+        print()

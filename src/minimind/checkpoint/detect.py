@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .errors import CheckpointError
+from ..errors import CheckpointError
 
 NATIVE, SAFETENSORS, GGUF = "native-pth", "safetensors", "gguf"
 HF_MINIMIND, HF_LLAMA, HF_QWEN3, HF_QWEN3_MOE = "hf-minimind", "hf-llama", "hf-qwen3", "hf-qwen3-moe"

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ..config import MiniMindConfig
-from .errors import CheckpointError
+from ..errors import CheckpointError
 
 SUPPORTED_ARCHS = ("llama", "qwen3", "qwen3moe")
 _EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(\w+)\.weight$")

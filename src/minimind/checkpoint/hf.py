@@ -18,7 +18,7 @@ import torch
 
 from ..config import MiniMindConfig
 from . import detect as fmt
-from .errors import CheckpointError
+from ..errors import CheckpointError
 
 _WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json",
                  "pytorch_model.bin")
@@ -110,7 +110,7 @@ def split_fused_experts(sd: dict[str, torch.Tensor], source: Path) -> dict[str, 
 def check_against_config(config: MiniMindConfig, sd: dict, weights_path: Path, cfg_path: Path) -> None:
     """Compare names/shapes with a meta-device model built from the config, so errors name both files."""
     from ..model.core import MiniMindLM, build_on_meta  # MiniMindForCausalLM's keys, without transformers' modeling
-    from .native import explain_mismatch, normalize_state_dict
+    from ..model.keys import explain_mismatch, normalize_state_dict
 
     model = build_on_meta(MiniMindLM, config)
     problem = explain_mismatch(normalize_state_dict(sd, config), model, hint=False)

@@ -8,7 +8,7 @@ import torch
 
 from ..config import MiniMindConfig
 from . import detect as fmt
-from .errors import CheckpointError
+from ..errors import CheckpointError
 
 log = logging.getLogger("minimind")
 
@@ -43,13 +43,14 @@ def read_checkpoint(path: str | Path, *, weights_dtype: torch.dtype | None = Non
     path = Path(path).expanduser()
     kind = fmt.detect(path)
     if kind == fmt.NATIVE:
-        from .native import infer_config, read_torch_file
+        from ..model.keys import infer_config
+        from .native import read_torch_file
 
         sd = read_torch_file(path)  # memory-mapped: a tensor is only read when cast or used
         config = infer_config(sd, path, **config_overrides)
         return config, cast_state_dict(sd, weights_dtype)
     if kind == fmt.SAFETENSORS:
-        from .native import infer_config
+        from ..model.keys import infer_config
         from .safetensors_file import read_safetensors
 
         sd = read_safetensors(path, weights_dtype)
@@ -59,7 +60,7 @@ def read_checkpoint(path: str | Path, *, weights_dtype: torch.dtype | None = Non
 
         return read_gguf(path, dtype=weights_dtype)
     if kind == fmt.HF_MINIMIND:
-        from ..convert.quantize import is_int8_folder, read_int8_folder
+        from .int8 import is_int8_folder, read_int8_folder
 
         if is_int8_folder(path):  # `minimind quantize` output: int8 weights + per-channel scales
             return read_int8_folder(path, weights_dtype or torch.float32)
@@ -91,7 +92,7 @@ def load_model(path: str | Path | None = None, *, lora: str | Path | None = None
     Weights are cast to `dtype` tensor by tensor while they are read.
     """
     from ..model.core import build_on_meta
-    from .native import normalize_state_dict
+    from ..model.keys import normalize_state_dict
 
     if light:
         from ..model.core import MiniMindLM as model_class
@@ -119,14 +120,14 @@ def load_model(path: str | Path | None = None, *, lora: str | Path | None = None
     model = model.to(device=device).eval()
     model.name_or_path = str(path)
     if lora is not None:
-        from ..model.lora import load_lora
+        from .lora import load_lora
 
         load_lora(model, lora)  # wraps the square Linears first if needed; rank comes from the file
     return model
 
 
 def _check_shapes(sd: dict, model) -> str | None:
-    from .native import explain_mismatch
+    from ..model.keys import explain_mismatch
 
     return explain_mismatch(sd, model)
 

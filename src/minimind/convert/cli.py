@@ -41,7 +41,7 @@ def _fail(message: str) -> int:
 
 
 def run_convert(argv: list[str] | None = None) -> int:
-    from ..checkpoint.errors import CheckpointError
+    from ..errors import CheckpointError
     from . import export_gguf, export_hf, export_native, export_ollama
     from .source import ConvertError
 
@@ -75,7 +75,7 @@ def run_convert(argv: list[str] | None = None) -> int:
 
 
 def run_quantize(argv: list[str] | None = None) -> int:
-    from ..checkpoint.errors import CheckpointError
+    from ..errors import CheckpointError
     from . import quantize_int8
     from .source import ConvertError
 

@@ -30,7 +30,7 @@ def native_state_dict(source: Source, dtype=torch.float16) -> dict[str, torch.Te
 
 def check_representable(source: Source, sd: dict[str, torch.Tensor]) -> None:
     """Refuse when re-reading the .pth would infer a different architecture than the source has."""
-    from ..checkpoint.native import infer_config
+    from ..model.keys import infer_config
 
     found = infer_config(sd, "export")
     diff = [(k, getattr(source.config, k), getattr(found, k)) for k in _CHECKED

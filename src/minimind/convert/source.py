@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from ..checkpoint.errors import CheckpointError
+from ..errors import CheckpointError
 from ..config import MiniMindConfig
 
 
@@ -61,7 +61,7 @@ def load_source(model_or_path, *, tokenizer=None, lora=None, need_tokenizer: boo
     lora: an original LoRA file merged into the weights first (its fit is checked by `load_lora`).
     """
     from ..checkpoint.loader import check_tokenizer_matches, load_tokenizer, read_checkpoint
-    from ..checkpoint.native import normalize_state_dict
+    from ..model.keys import normalize_state_dict
 
     if isinstance(model_or_path, torch.nn.Module):
         config = model_or_path.config
@@ -105,7 +105,7 @@ def _resolve_tokenizer(tokenizer, src_path: Path, load_tokenizer):
 def _merge_lora(config: MiniMindConfig, sd: dict, lora) -> dict:
     """W + B A for every adapter, in fp32; merged weights stay fp32 so the export dtype rounds them once."""
     from ..model import MiniMindForCausalLM
-    from ..model.lora import load_lora, merged_state_dict
+    from ..checkpoint.lora import load_lora, merged_state_dict
 
     dtypes = {k: v.dtype for k, v in sd.items()}
     with torch.device("meta"):

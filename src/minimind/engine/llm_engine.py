@@ -49,9 +49,9 @@ class LLM:
                  enable_prefix_caching: bool = True, threads: int | None = None, compile: bool = False,
                  draft_model=None, num_speculative_tokens: int = 4, decode_mkldnn: bool | None = None,
                  kv_dtype=None, fused: bool = True, lora_adapters: dict | None = None, stream_interval: int = 1):
-        from ..checkpoint.errors import CheckpointError
+        from ..errors import CheckpointError
         from ..checkpoint.loader import load_model, load_tokenizer, resolve_dtype
-        from ..model.lora import read_adapter
+        from ..checkpoint.lora import read_adapter
 
         if threads:
             torch.set_num_threads(threads)
@@ -132,7 +132,7 @@ class LLM:
         if isinstance(prompt, (list, tuple)) and prompt and isinstance(prompt[0], dict):
             if self.tokenizer is None:
                 raise ValueError("chat messages need a tokenizer")
-            from ..chat.template import render_prompt
+            from ..text.template import render_prompt
 
             prompt = render_prompt(self.tokenizer, list(prompt))
         if isinstance(prompt, str):

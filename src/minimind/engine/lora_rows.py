@@ -26,7 +26,7 @@ class RowLoRA:
         self.adapters: list[dict[int, dict[str, list[tuple[int, torch.Tensor, torch.Tensor]]]]] = []
 
     def add(self, pairs: dict[str, dict[str, torch.Tensor]]) -> int:
-        """pairs from model.lora.read_adapter -> the adapter's index (what Sequence.lora holds)."""
+        """pairs from checkpoint.lora.read_adapter -> the adapter's index (what Sequence.lora holds)."""
         layers: dict[int, dict[str, list]] = {}
         for name, p in pairs.items():
             m = _NAME.search(name)

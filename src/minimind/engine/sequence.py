@@ -58,7 +58,7 @@ class RequestOutput:
 
 
 def _make_detokenizer(tokenizer, skip_special_tokens: bool):
-    from ..chat.detok import IncrementalDetokenizer
+    from ..text.detok import IncrementalDetokenizer
 
     return IncrementalDetokenizer(tokenizer, skip_special_tokens=skip_special_tokens)
 

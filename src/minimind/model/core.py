@@ -16,6 +16,7 @@ from torch import nn
 
 from ..config import MiniMindConfig
 from .attention import Attention
+from .keys import explain_mismatch, normalize_state_dict
 from .layers import MLP, MoE, RMSNorm
 from .rope import RotaryEmbedding
 
@@ -117,8 +118,6 @@ class CausalLMMixin:
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """Accepts the original checkpoints as-is: strips DDP/compile prefixes, fills a missing tied lm_head,
         and explains a config/checkpoint mismatch instead of listing 100 keys."""
-        from ..checkpoint.native import explain_mismatch, normalize_state_dict
-
         state_dict = normalize_state_dict(state_dict, self.config)
         if strict:
             problem = explain_mismatch(state_dict, self)

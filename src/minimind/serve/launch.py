@@ -7,10 +7,12 @@ import logging
 import os
 import sys
 
+from ..checkpoint.spec import ModelSpec
+
 # Tokens per engine step in the server. Requests reach a server spread over a few milliseconds, so the first step
-# of a burst takes only the first few prompts and the rest wait for it: with 32 streaming clients (docs/
-# benchmarks.md, fifth session) 256-token steps gave TTFT p50 364-492 ms against 522-631 at 512 (int8; bf16 440-524
-# against 629-837), the same aggregate tokens/s. `LLM` keeps 512 for offline batches, which arrive at once.
+# of a burst takes only the first few prompts and the rest wait for it: at 32 streaming clients 256-token steps
+# start them ~30 % sooner than 512 (TTFT p50) at the same aggregate tokens/s. `LLM` keeps 512 for offline batches,
+# which arrive at once.
 SERVE_BATCHED_TOKENS = 256
 
 
@@ -22,17 +24,10 @@ def _positive(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ..apps.chat import build_parser as chat_parser
-
     p = argparse.ArgumentParser(prog="minimind serve", description="OpenAI-compatible API server (default "
                                 "127.0.0.1:8000): /v1/chat/completions, /v1/completions, /v1/models, /chat, ...",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    # The model flags are `minimind chat`'s own actions (one definition, same names and help).
-    model = p.add_argument_group("model (same flags as `minimind chat` and the original eval_llm.py)")
-    chat = chat_parser()
-    source = next(g for g in chat._action_groups if g.title and g.title.startswith("model"))
-    for action in source._group_actions:
-        model._add_action(action)
+    ModelSpec.add_arguments(p, title="model (same flags as `minimind chat` and the original eval_llm.py)")
     srv = p.add_argument_group("server")
     srv.add_argument("--host", default="127.0.0.1", help="bind address (0.0.0.0 exposes the server to the network)")
     srv.add_argument("--port", type=int, default=8000)
@@ -81,23 +76,21 @@ def parse_lora(specs: list[str]) -> dict[str, str]:
 def load_engines(args: argparse.Namespace) -> dict:
     """{model id: LLM}: the base model (with --lora_weight merged if given) carrying every --lora adapter; the
     server exposes each adapter as its own model id and batches their requests together."""
-    from ..apps.chat import resolve_source
-    from ..chat.session import _load
+    from ..checkpoint.lora import merge_lora
     from ..engine import LLM
-    from ..model.lora import merge_lora, resolve_lora_path
 
-    source = resolve_source(args)
-    model, tokenizer = _load(source, args, "cpu")
+    spec = ModelSpec.from_args(args)
+    source = spec.resolve()
+    model, tokenizer = spec.load("cpu", source)
     merge_lora(model)  # --lora_weight is part of the base model
-    adapters = {name: resolve_lora_path(path, args.save_dir, model.config.hidden_size, bool(args.use_moe))
-                for name, path in parse_lora(args.lora).items()}
-    kwargs = {"tokenizer": tokenizer, "dtype": None if args.dtype == "auto" else args.dtype,
+    adapters = {name: spec.lora_path(model.config.hidden_size, path) for name, path in parse_lora(args.lora).items()}
+    kwargs = {"tokenizer": tokenizer, "dtype": spec.dtype_or_none,
               "quantization": args.quantization, "max_model_len": args.max_model_len,
               "max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens,
               "enable_prefix_caching": not args.no_prefix_caching, "threads": args.threads,
               "kv_dtype": None if args.kv_cache_dtype == "auto" else args.kv_cache_dtype,
               "stream_interval": args.stream_interval}
-    name = args.served_model_name or str(source.get("weight") or "minimind")
+    name = args.served_model_name or source.weight or "minimind"
     if name in adapters:
         raise ValueError(f"--lora name {name!r} is the base model's id; pick another name")
     return {name: LLM(model, lora_adapters=adapters, **kwargs)}
@@ -124,8 +117,8 @@ def build_app(args: argparse.Namespace):
 def freeze_startup_heap() -> int:
     """Moves every object the startup made (torch, the model, FastAPI and pydantic, the tokenizer: ~10^5-10^6)
     out of the garbage collector's reach, as vLLM's server does. Python's full collection otherwise walks them all
-    every few thousand requests with the GIL held: 190 ms at 32 streams here, a stall of every stream and
-    of the engine (docs/benchmarks.md, "Fifteenth session"). -> objects frozen."""
+    every few thousand requests with the GIL held (~0.2 s at 32 streams on 2 cores), a stall of every stream and
+    of the engine. -> objects frozen."""
     gc.collect()
     gc.freeze()
     return gc.get_freeze_count()

@@ -1,7 +1,7 @@
 """Request -> (prompt token ids, SamplingParams), with the checks that must answer 400 before generation starts."""
 from __future__ import annotations
 
-from ..chat.template import render_prompt
+from ..text.template import render_prompt
 from ..engine import SamplingParams
 from .errors import APIError, context_overflow
 from .protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, SamplingFields

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from contextlib import closing
 from dataclasses import asdict, dataclass, field
 
-from ..chat.template import parse_tool_calls, split_reasoning
+from ..text.reply import parse_reply
 
 CONFIG_ENV = "MINIMIND_WEB_CONFIG"  # JSON of BackendConfig, how `minimind web` hands its flags to the UI process
 
@@ -106,7 +106,7 @@ class EngineBackend(Backend):
 
     def __init__(self, model=None, tokenizer=None, lora=None, *, dtype=None, open_thinking=None, pretrain=False,
                  **llm_kwargs):
-        from ..chat.generate import stop_token_ids
+        from ..text.template import stop_token_ids
         from ..engine import LLM
 
         def build() -> LLM:  # on the engine's own thread, which then runs every step (LLM.launch)
@@ -124,12 +124,12 @@ class EngineBackend(Backend):
         self.open_thinking, self.pretrain = open_thinking, bool(pretrain)
         self.starts_in_think = bool(open_thinking) and not self.pretrain
         # as `minimind chat`: a chat model that opens a new turn (<|im_start|>) has finished its answer
-        self._stop_ids = sorted(stop_token_ids(self.llm.tokenizer, self.llm))
+        self._stop_ids = sorted(stop_token_ids(self.llm.tokenizer, self.llm.config))
 
     def prompt(self, messages: list[dict]) -> str:
         """The text the engine sees: the chat template, or for pretrain weights bos + the last question only
         (the same prompts `minimind chat` builds, from the same functions)."""
-        from ..chat.template import pretrain_prompt, render_prompt
+        from ..text.template import pretrain_prompt, render_prompt
 
         if self.pretrain:
             question = next((m["content"] for m in reversed(messages) if m.get("role") == "user"), "")
@@ -221,9 +221,8 @@ def chat_stream(backend: Backend, messages: list[dict], settings: Settings) -> I
 
 def _reply(text: str, tokens: int, seconds: float, started_in_think: bool = False) -> Reply:
     text = text.replace("</think><think>", "")  # API reasoning deltas glued back together
-    reasoning, content = split_reasoning(text, started_in_think=started_in_think)
-    content, calls = parse_tool_calls(content)
-    return Reply(reasoning, content, calls, tokens, seconds)
+    reasoning, content, calls = parse_reply(text, started_in_think=started_in_think)
+    return Reply(reasoning, content, [c["function"] for c in calls], tokens, seconds)
 
 
 _CODE = re.compile(r"(```.*?(?:```|$)|`[^`\n]*`)", re.DOTALL)

@@ -1,16 +1,10 @@
-"""Prompts from the tokenizer's own chat template, and parsers for what the model writes back.
+"""Prompts from the tokenizer's own chat template, and the token ids that end a reply.
 
 MiniMind ships its chat templates inside tokenizer_config.json and they differ per release (minimind-compat.md,
 section 3): MiniMind2 adds a default system prompt, minimind-3 does not; 2510 and minimind-3 know tools and think
 blocks. Rendering through the tokenizer's own template keeps every release byte-exact without re-implementing it.
 """
 from __future__ import annotations
-
-import json
-import re
-
-THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
-_TOOL_CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
 
 
 def render_prompt(tokenizer, messages: list[dict], *, tools: list[dict] | None = None,
@@ -43,45 +37,18 @@ def pretrain_prompt(tokenizer, text: str) -> str:
     return (tokenizer.bos_token or "") + text
 
 
-def split_reasoning(text: str, *, started_in_think: bool = False) -> tuple[str, str]:
-    """(reasoning, content) of a reply that may contain a `<think>...</think>` block.
-
-    minimind-3 with open_thinking puts `<think>\\n` into the generation prompt, so the reply starts *inside* the
-    block and only `</think>` appears; that case is handled by the `</think>` split alone. A reply that has not
-    reached `</think>` yet is all reasoning if it opened the block itself or `started_in_think` says the prompt did.
-    """
-    stripped = text.lstrip()
-    if THINK_CLOSE in text:
-        head, _, tail = text.partition(THINK_CLOSE)
-        head = head.lstrip().removeprefix(THINK_OPEN)
-        return head.strip("\n"), tail.lstrip("\n")
-    if stripped.startswith(THINK_OPEN):
-        return stripped[len(THINK_OPEN):].lstrip("\n"), ""
-    if started_in_think:
-        return text.lstrip("\n"), ""
-    return "", text
-
-
-def parse_tool_calls(text: str) -> tuple[str, list[dict]]:
-    """(content, [{"name", "arguments"}]) from `<tool_call>{json}</tool_call>` blocks.
-
-    `arguments` is a JSON string, the OpenAI wire form. A block whose body is not a JSON object with a "name" stays
-    in the content untouched, so nothing the model wrote is silently lost.
-    """
-    calls: list[dict] = []
-
-    def take(match: re.Match) -> str:
-        try:
-            call = json.loads(match.group(1))
-        except json.JSONDecodeError:
-            return match.group(0)
-        if not isinstance(call, dict) or not isinstance(call.get("name"), str):
-            return match.group(0)
-        args = call.get("arguments", call.get("parameters", {}))
-        if not isinstance(args, str):
-            args = json.dumps(args, ensure_ascii=False)
-        calls.append({"name": call["name"], "arguments": args})
-        return ""
-
-    content = _TOOL_CALL.sub(take, text)
-    return (content.strip() if calls else content), calls
+def stop_token_ids(tokenizer, config=None) -> set[int]:
+    """eos ids of the tokenizer and the model config, plus ChatML's `<|im_start|>` / `<|im_end|>` when they are
+    tokens: a chat model that starts a new turn has finished its answer."""
+    ids: set[int] = set()
+    for value in (getattr(tokenizer, "eos_token_id", None), getattr(config, "eos_token_id", None)):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(v for v in value if isinstance(v, int))
+    unk = getattr(tokenizer, "unk_token_id", None)
+    for tok in ("<|im_start|>", "<|im_end|>"):
+        tid = tokenizer.convert_tokens_to_ids(tok)
+        if isinstance(tid, int) and tid >= 0 and (tid != unk or unk is None):
+            ids.add(tid)
+    return ids

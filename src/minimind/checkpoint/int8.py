@@ -1,0 +1,80 @@
+"""The int8 weight-only checkpoint folder (`minimind quantize`, `convert --dtype int8`): quantize, read back.
+
+Format (a `model_type: minimind` folder, readable without this module by anyone with safetensors):
+- config.json: our MiniMindConfig plus
+  `"quantization_config": {"quant_method": "minimind_int8", "bits": 8, "scheme": "symmetric_per_output_channel",
+  "scale_dtype": "float32", "quantized": [<weight keys>]}`.
+- model.safetensors: every quantized Linear weight `X.weight` is int8 [out, in] with `X.weight_scale` fp32 [out];
+  W ~= X.weight.float() * X.weight_scale[:, None], scale = max|W_row| / 127 (all-zero rows: 1e-8 / 127).
+  Quantized: q/k/v/o, gate/up/down of the MLPs and experts, and an *untied* lm_head. Kept in float (fp32 by
+  default): embed_tokens (an embedding lookup; a tied lm_head uses it), the norms and the MoE router.
+- tokenizer files and generation_config.json as in `--to hf`.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ..config import MiniMindConfig
+
+QUANT_METHOD = "minimind_int8"
+
+
+def is_quantizable(key: str, value: torch.Tensor) -> bool:
+    return value.dim() == 2 and (key.endswith("_proj.weight") or key == "lm_head.weight")
+
+
+def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-channel int8: (q int8 [out, in], scale fp32 [out])."""
+    w = w.float()
+    scale = w.abs().amax(dim=1).clamp(min=1e-8) / 127.0
+    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    return q.contiguous(), scale.contiguous()
+
+
+def quantize_state_dict(sd: dict[str, torch.Tensor], float_dtype=torch.float32) -> tuple[dict, list[str]]:
+    out, quantized = {}, []
+    for key, value in sd.items():
+        if is_quantizable(key, value):
+            out[key], out[key + "_scale"] = quantize_weight(value)
+            quantized.append(key)
+        else:
+            out[key] = value.to(float_dtype).contiguous().clone()
+    return out, quantized
+
+
+def dequantize_state_dict(sd: dict[str, torch.Tensor], dtype=torch.float32) -> dict[str, torch.Tensor]:
+    """The float state_dict an int8 folder stands for (for loaders without int8 kernels)."""
+    out = {}
+    for key, value in sd.items():
+        if key.endswith(".weight_scale"):
+            continue
+        scale = sd.get(key + "_scale")
+        out[key] = (value.float() * scale[:, None]).to(dtype) if scale is not None else value.to(dtype)
+    return out
+
+
+def is_int8_folder(path: str | Path) -> bool:
+    cfg = Path(path) / "config.json"
+    if not cfg.is_file():
+        return False
+    try:
+        raw = json.loads(cfg.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False
+    return (raw.get("quantization_config") or {}).get("quant_method") == QUANT_METHOD
+
+
+def read_int8_folder(folder: str | Path, dtype=torch.float32):
+    """(MiniMindConfig, dequantized state_dict) of an int8 folder; for `read_checkpoint` to call."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    raw = json.loads((folder / "config.json").read_text())
+    qcfg = raw.pop("quantization_config", {})
+    if qcfg.get("quant_method") != QUANT_METHOD:
+        raise ValueError(f"{folder}: not a {QUANT_METHOD} folder")
+    raw.pop("model_type", None)
+    return MiniMindConfig(**raw), dequantize_state_dict(load_file(str(folder / "model.safetensors")), dtype)

@@ -1,0 +1,183 @@
+"""ModelSpec: which model to run and how to load it, from the original eval_llm.py flags or from code.
+
+`minimind chat`, `serve` and `web` add the same flags with `ModelSpec.add_arguments` and turn the parsed
+arguments into a ModelSpec with `from_args`; nothing below this module sees an argparse Namespace.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from ..errors import CheckpointError
+
+SEED_HIDDEN_SIZES = (512, 768, 640)  # tried in this order when --hidden_size is not given
+NO_LORA = (None, "", "None", "none")
+
+
+def rope_scaling_arg(value: str):
+    """--inference_rope_scaling: nothing/1 = YaRN x16, 0 = off, 'legacy' = the Oct-Nov 2025 x4 formula."""
+    v = value.strip().lower()
+    if v == "legacy":
+        return "legacy"
+    if v in ("1", "true", "yes", "on", "yarn"):
+        return True
+    if v in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected nothing, 1/0 or 'legacy', got {value!r}")
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where weights and tokenizer come from. model None = the embedded default model."""
+
+    model: Path | None
+    tokenizer: Path | None
+    weight: str  # weight name (pretrain*, full_sft, ...): decides pretrain-style prompting
+
+
+@dataclass
+class ModelSpec:
+    """The model flags of `minimind chat` (the original eval_llm.py's, plus --model/--tokenizer/--device/--dtype)."""
+
+    load_from: str | None = None
+    save_dir: str = "out"
+    weight: str | None = None
+    lora_weight: str | None = None
+    hidden_size: int | None = None
+    num_hidden_layers: int | None = None  # read from the weights; a different value only warns
+    use_moe: bool = False
+    inference_rope_scaling: bool | str = False
+    model: str | None = None
+    tokenizer: str | None = None
+    device: str | None = None
+    dtype: str = "auto"
+
+    @staticmethod
+    def add_arguments(parser: argparse.ArgumentParser, only: tuple[str, ...] | None = None,
+                      title: str = "model (the original eval_llm.py flags)"):
+        """Add the model flags (all, or the fields named in `only`) as one argument group; returns it."""
+        g = parser.add_argument_group(title)
+
+        def add(name: str, *args, **kwargs) -> None:
+            if only is None or name in only:
+                g.add_argument(f"--{name}", *args, **kwargs)
+
+        add("load_from", default=None, metavar="PATH",
+            help="tokenizer folder of the original layout (weights then come from --save_dir/--weight/--hidden_size),"
+                 " or a Hugging Face model folder / GGUF file. Default: 'model' if --save_dir has .pth files, else the "
+                 "embedded default model")
+        add("save_dir", default="out", help="folder of the native .pth weights")
+        add("weight", default=None, help="weight name prefix: pretrain, full_sft, dpo, reason, grpo, ... (file "
+            "{save_dir}/{weight}_{hidden_size}[_moe].pth; default full_sft). pretrain* weights get bos + text instead "
+            "of the chat template")
+        add("lora_weight", default=None, help="LoRA name (e.g. lora_identity, looked up in every historic location "
+            "under --save_dir) or file; None = no LoRA")
+        add("hidden_size", type=int, default=None, help=f"hidden size in the weight file name (default: the first of "
+            f"{SEED_HIDDEN_SIZES} found, then any other size in --save_dir)")
+        add("num_hidden_layers", type=int, default=None,
+            help="accepted for compatibility: the layer count is read from the weights (warns if different)")
+        add("use_moe", type=int, choices=(0, 1), default=0, help="MoE weights (adds _moe to the file name)")
+        add("inference_rope_scaling", nargs="?", const=True, default=False, type=rope_scaling_arg, metavar="legacy",
+            help="YaRN RoPE extrapolation (x16, standard); 'legacy' = the Oct-Nov 2025 x4 formula")
+        add("model", default=None, metavar="PATH",
+            help="any checkpoint: native .pth, Hugging Face folder (minimind/llama/qwen3) or GGUF")
+        add("tokenizer", default=None, metavar="DIR", help="tokenizer folder (overrides --load_from)")
+        add("device", default=None, help="cuda, cpu, mps, cuda:1 ... (default: cuda if available, else cpu)")
+        add("dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+            help="auto = float32 on CPU, bfloat16 on CUDA (float16 on CPU is replaced by bfloat16)")
+        return g
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> ModelSpec:
+        spec = cls(**{f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)})
+        spec.use_moe = bool(spec.use_moe)
+        return spec
+
+    @property
+    def dtype_or_none(self) -> str | None:
+        return None if self.dtype == "auto" else self.dtype
+
+    def resolve(self) -> Source:
+        """Follows the original's rules, minus its `'model' in path` test: a tokenizer-only folder means the native
+        layout (`{save_dir}/{weight}_{hidden}[_moe].pth`); a model folder or GGUF is used as is."""
+        from . import detect as fmt
+
+        tokenizer = Path(self.tokenizer) if self.tokenizer else None
+        if self.model:
+            model = Path(self.model).expanduser()
+            if not model.exists():
+                raise CheckpointError(model, "does not exist (--model takes a .pth/.safetensors/.gguf file or a "
+                                      "model folder)")
+            if tokenizer is None:  # a bare .pth has no tokenizer: the original layout's folder if it is there
+                fallback = Path(self.load_from or "model")
+                bare = model.is_file() and fmt.sniff_file(model) != fmt.GGUF
+                tokenizer = fallback if bare and fallback.is_dir() else model
+            return Source(model, tokenizer, self.weight or model.stem)
+        save_dir = Path(self.save_dir)
+        if self.load_from is None and not any(save_dir.glob("*.pth")):
+            return Source(None, tokenizer, self.weight or "default")
+        load_from = Path(self.load_from or "model").expanduser()
+        if self.load_from is not None or tokenizer is None:
+            if not load_from.exists():
+                raise CheckpointError(load_from, "does not exist: --load_from takes the original layout's tokenizer "
+                                      "folder (`model/`), a Hugging Face model folder or a GGUF file (or pass "
+                                      "--tokenizer DIR)")
+            if load_from.is_file() or (load_from / "config.json").is_file() or len(list(load_from.glob("*.gguf"))) == 1:
+                return Source(load_from, tokenizer or load_from, self.weight or load_from.stem)
+        weight = self.weight or "full_sft"
+        sizes = [self.hidden_size] if self.hidden_size else _seed_sizes(save_dir, weight, self.use_moe)
+        tried = [seed_path(save_dir, weight, h, self.use_moe) for h in sizes]
+        found = next((p for p in tried if p.is_file()), None)
+        if found is None:
+            raise CheckpointError(tried[0], "not found (from --save_dir/--weight/--hidden_size/--use_moe; tried "
+                                  + ", ".join(map(str, tried)) + "); pass --model PATH for any other file")
+        return Source(found, tokenizer or load_from, weight)
+
+    def lora_path(self, hidden_size: int | None = None, name: str | None = None) -> Path | None:
+        """The LoRA file of `name` (default --lora_weight) for a model of `hidden_size`; None without a LoRA."""
+        from .lora import resolve_lora_path
+
+        name = self.lora_weight if name is None else name
+        if name in NO_LORA:
+            return None
+        return resolve_lora_path(name, self.save_dir, hidden_size or self.hidden_size or 512, self.use_moe)
+
+    def load(self, device: str = "cpu", source: Source | None = None):
+        """(model, tokenizer) with --lora_weight applied. On CPU the plain-torch model class (what the engine
+        runs; no transformers modeling stack), elsewhere MiniMindForCausalLM (HF generate)."""
+        from . import detect
+        from .loader import check_tokenizer_matches, load_model, load_tokenizer
+
+        source = source or self.resolve()
+        if source.model is None:
+            try:
+                from . import default_model  # noqa: F401  (present once the default model is installed)
+            except ImportError as exc:
+                raise RuntimeError(f"no model given and the embedded default model is unavailable ({exc}); pass "
+                                   "--model PATH, or --load_from/--save_dir/--weight for the original layout") from None
+        else:
+            detect.detect(source.model)  # an unusable model path is named as such, not as a tokenizer problem
+        tokenizer = load_tokenizer(source.tokenizer)  # before the weights: it is quick and fails early
+        model = load_model(source.model, inference_rope_scaling=self.inference_rope_scaling, dtype=self.dtype_or_none,
+                           device=device, light=device == "cpu")
+        check_tokenizer_matches(tokenizer, model.config, where=str(source.tokenizer or "default tokenizer"))
+        lora = self.lora_path(model.config.hidden_size)
+        if lora is not None:
+            from .lora import load_lora
+
+            load_lora(model, lora)
+        return model, tokenizer
+
+
+def seed_path(save_dir: str | Path, weight: str, hidden_size: int, use_moe: bool) -> Path:
+    """The original eval_llm.py naming: `{save_dir}/{weight}_{hidden_size}{_moe}.pth`."""
+    return Path(save_dir) / f"{weight}_{hidden_size}{'_moe' if use_moe else ''}.pth"
+
+
+def _seed_sizes(save_dir: Path, weight: str, use_moe: bool) -> list[int]:
+    """Hidden sizes to try: the released ones first, then any other `{weight}_{N}[_moe].pth` in save_dir."""
+    pattern = re.compile(rf"{re.escape(weight)}_(\d+){'_moe' if use_moe else ''}\.pth")
+    found = sorted({int(m.group(1)) for f in save_dir.glob(f"{weight}_*.pth") if (m := pattern.fullmatch(f.name))})
+    return [*SEED_HIDDEN_SIZES, *(h for h in found if h not in SEED_HIDDEN_SIZES)]

@@ -1,4 +1,4 @@
-"""engine/memory.py: after keep_freed_memory(), memory freed by one step is reused by the next without page
+"""engine/memory.py: after raise_malloc_thresholds(), memory freed by one step is reused by the next without page
 faults. Measured with the kernel's own minor-fault counter in fresh processes; the same allocation pattern
 without the call is the control that shows the pattern does fault (so this test fails if the call does nothing)."""
 import platform
@@ -12,9 +12,9 @@ import pytest
 # then take them from the heap and trim the heap's 30 MiB top after the step, so every step faults them in again
 PROBE = textwrap.dedent("""
     import ctypes, resource, sys
-    from minimind.engine.memory import keep_freed_memory
+    from minimind.engine.memory import raise_malloc_thresholds
     if sys.argv[1] == "tuned":
-        assert keep_freed_memory()
+        assert raise_malloc_thresholds()
     libc = ctypes.CDLL(None)
     libc.malloc.restype = ctypes.c_void_p
     libc.malloc.argtypes = [ctypes.c_size_t]
@@ -43,7 +43,7 @@ def _faults_per_page(mode: str) -> float:
 
 def test_freed_memory_is_reused_without_page_faults():
     if platform.libc_ver()[0] != "glibc":  # asked without calling it: this process's malloc stays as it is
-        pytest.skip("malloc is not glibc's here: keep_freed_memory() changes nothing")
+        pytest.skip("malloc is not glibc's here: raise_malloc_thresholds() changes nothing")
     control, tuned = _faults_per_page("default"), _faults_per_page("tuned")
     assert control > 0.5, f"the probe's pattern should fault with malloc's defaults ({control:.2f} faults/page)"
     assert tuned < 0.05, f"freed blocks were faulted in again: {tuned:.2f} faults per page and step"

@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from conftest import ERA_IDS, ERAS, tiny_model
-from minimind.errors import CheckpointError
-from minimind.checkpoint.loader import load_model, resolve_dtype
+from minimind.checkpoint.dtypes import resolve_dtype
+from minimind.checkpoint.loader import load_model
 from minimind.checkpoint.spec import seed_path as resolve_seed_path
+from minimind.errors import CheckpointError
 
 torch.set_grad_enabled(False)
 

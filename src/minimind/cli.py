@@ -7,7 +7,7 @@ import sys
 # name -> (module with main(argv), one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "chat": ("minimind.apps.chat", "chat in the terminal with any MiniMind checkpoint (default: the embedded model)"),
-    "serve": ("minimind.serve.openai_server", "OpenAI-compatible API server (127.0.0.1:8000 by default)"),
+    "serve": ("minimind.serve.launch", "OpenAI-compatible API server (127.0.0.1:8000 by default)"),
     "web": ("minimind.apps.web", "chat in the browser: Streamlit (default) or Gradio, on 127.0.0.1 (minimind[web])"),
     "bench": ("minimind.apps.bench", "measure prefill/decode/batched throughput against transformers and llama.cpp"),
     "convert": ("minimind.convert", "export to transformers/vLLM (hf), llama.cpp (gguf), Ollama, or the original .pth"),

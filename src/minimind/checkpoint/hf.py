@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 
 from ..config import MiniMindConfig
-from . import detect as fmt
 from ..errors import CheckpointError
+from . import detect as fmt
 
 _WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json",
                  "pytorch_model.bin")
@@ -76,7 +76,7 @@ def _read_file(path: Path, dtype: torch.dtype | None = None) -> dict[str, torch.
         from .safetensors_file import read_safetensors
 
         return read_safetensors(path, dtype)  # tensor by tensor, cast as read
-    from .loader import cast_state_dict
+    from .dtypes import cast_state_dict
     from .native import read_torch_file
 
     return cast_state_dict(read_torch_file(path), dtype)  # torch.load(weights_only=True): never runs pickled code

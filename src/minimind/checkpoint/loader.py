@@ -7,31 +7,11 @@ from pathlib import Path
 import torch
 
 from ..config import MiniMindConfig
-from . import detect as fmt
 from ..errors import CheckpointError
+from . import detect as fmt
+from .dtypes import cast_state_dict, resolve_dtype
 
 log = logging.getLogger("minimind")
-
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
-
-
-def resolve_dtype(dtype: str | torch.dtype | None, device: str | torch.device = "cpu") -> torch.dtype:
-    """None -> fp32 on CPU, bf16 on CUDA/MPS. fp16 is never used on CPU: bf16 is taken instead, with a warning."""
-    device_type = torch.device(device).type
-    if dtype is None or dtype == "auto":
-        return torch.float32 if device_type == "cpu" else (torch.bfloat16 if device_type == "cuda" else torch.float16)
-    if isinstance(dtype, str):
-        if dtype.lower() not in _DTYPES:
-            raise ValueError(f"unknown dtype {dtype!r}; choose from float32, bfloat16, float16")
-        dtype = _DTYPES[dtype.lower()]
-    if dtype == torch.float16 and device_type == "cpu":
-        log.warning("float16 is slow and poorly supported on CPU: using bfloat16 instead")
-        return torch.bfloat16
-    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise ValueError(f"unsupported dtype {dtype}")
-    return dtype
 
 
 def read_checkpoint(path: str | Path, *, weights_dtype: torch.dtype | None = None,
@@ -67,16 +47,6 @@ def read_checkpoint(path: str | Path, *, weights_dtype: torch.dtype | None = Non
     from .hf import read_hf_folder
 
     return read_hf_folder(path, kind, dtype=weights_dtype)
-
-
-def cast_state_dict(sd: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
-    """Floating tensors cast to dtype one at a time, each source tensor released as soon as it is cast."""
-    if dtype is None:
-        return sd
-    for key in list(sd):
-        if sd[key].is_floating_point():
-            sd[key] = sd[key].to(dtype)
-    return sd
 
 
 def load_model(path: str | Path | None = None, *, lora: str | Path | None = None,

@@ -13,7 +13,7 @@ import uuid
 import torch
 
 from .kv_cache import KVCache, SlotManager
-from .memory import keep_freed_memory
+from .memory import raise_malloc_thresholds
 from .model_runner import ModelRunner
 from .quant import native_bf16
 from .request import Request, RequestStream
@@ -40,22 +40,31 @@ class LLM:
     different adapters share batches (an unmerged LoRA already in the model is served merged).
     stream_interval: a running request's output is handed out once its completions have this many new tokens
     (its first token and its end at once): fewer, larger stream chunks (the serving work per chunk is fixed).
-    Like `threads`, one process-wide setting comes with it: glibc keeps freed memory instead of returning it
-    after every step (engine/memory.py), so RSS stays at the peak of a step's activations.
+
+    Three options change process-wide state, and only these (importing minimind changes nothing):
+    threads: torch's intra-op thread count (torch.set_num_threads); None leaves it as it is.
+    keep_freed_memory: glibc keeps freed memory instead of returning it to the OS after every step
+    (engine/memory.py: mallopt thresholds), so a step's activations are not page-faulted afresh; RSS then stays at
+    the peak of a step. False leaves malloc alone.
+    decode_mkldnn: whether decode-only steps use oneDNN (torch.backends.mkldnn, switched for the duration of
+    each step's forward and restored after it); None: on except for bf16, whose oneDNN GEMV is slower.
     """
 
     def __init__(self, model_or_path=None, *, tokenizer=None, dtype=None, quantization: str | None = None,
                  max_model_len: int | None = None, max_num_seqs: int = 8, max_num_batched_tokens: int = 512,
                  enable_prefix_caching: bool = True, threads: int | None = None, compile: bool = False,
                  draft_model=None, num_speculative_tokens: int = 4, decode_mkldnn: bool | None = None,
-                 kv_dtype=None, fused: bool = True, lora_adapters: dict | None = None, stream_interval: int = 1):
-        from ..errors import CheckpointError
-        from ..checkpoint.loader import load_model, load_tokenizer, resolve_dtype
+                 kv_dtype=None, fused: bool = True, lora_adapters: dict | None = None, stream_interval: int = 1,
+                 keep_freed_memory: bool = True):
+        from ..checkpoint.dtypes import resolve_dtype
+        from ..checkpoint.loader import load_model, load_tokenizer
         from ..checkpoint.lora import read_adapter
+        from ..errors import CheckpointError
 
         if threads:
             torch.set_num_threads(threads)
-        keep_freed_memory()  # process-wide, like the thread count: each step's tensors would page-fault afresh
+        if keep_freed_memory:
+            raise_malloc_thresholds()
         owned = not isinstance(model_or_path, torch.nn.Module)  # loaded here: nobody else holds these weights
         if not owned:
             model = model_or_path
@@ -219,12 +228,8 @@ class LLM:
         for seq in batch.decode:
             seq.num_computed += 1
         use_mkldnn = self.decode_mkldnn or bool(batch.prefill)  # oneDNN is the fast GEMM for prompt chunks
-        previous = torch.backends.mkldnn.enabled
-        torch.backends.mkldnn.enabled = use_mkldnn
-        try:
+        with torch.backends.mkldnn.flags(enabled=use_mkldnn):
             logits = self.runner.forward(inputs)
-        finally:
-            torch.backends.mkldnn.enabled = previous
         if not seqs:
             return []
         tokens, chosen, top_ids, top_lp = self.runner.sample(logits, seqs)

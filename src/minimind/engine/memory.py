@@ -2,10 +2,10 @@
 
 Each engine step allocates its activations afresh (torch's CPU allocator calls malloc). glibc returns a freed
 block to the kernel when it was mmap'd (above M_MMAP_THRESHOLD, which starts at 128 KiB) or sits at the top of
-a heap beyond M_TRIM_THRESHOLD; the next step then page-faults and zeroes the same memory again. On the
-2-vCPU machine of docs/benchmarks.md that was ~1 % of all CPU samples in kernel page clearing alone, and raising
-the thresholds made the engine 1-10 % faster (Small, 1-32 sequences; "Twelfth session"). The cost: the process
-keeps its peak transient memory (a few MB to a few hundred MB here) instead of returning it between steps.
+a heap beyond M_TRIM_THRESHOLD; the next step then page-faults and zeroes the same memory again (on 2 vCPUs
+raising the thresholds makes the engine 1-10 % faster at 1-32 sequences of MiniMind2-Small). The cost: the process
+keeps its peak transient memory (a few MB to a few hundred MB) instead of returning it between steps. `LLM` calls
+this unless built with keep_freed_memory=False.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ TOP_PAD = 64 << 20  # each heap extension asks for this much extra (untouched pa
 MMAP_THRESHOLD = 32 << 20  # blocks up to this come from the heap (glibc's maximum on 64-bit)
 
 
-def keep_freed_memory() -> bool:
+def raise_malloc_thresholds() -> bool:
     """Raise glibc's trim and mmap thresholds for this process; False where malloc is not glibc's (musl,
     macOS, Windows), which changes nothing. Idempotent."""
     try:

@@ -1,9 +1,7 @@
-"""The MiniMind model: config <- layers/attention/rope <- core (plain torch) <- modeling (HF classes); LoRA as a
-wrapper module.
+"""The MiniMind model: layers/attention/rope <- core (plain torch, what the engine loads) <- modeling (HF classes).
 
-Names are resolved on first access: the engine imports `minimind.model.rope` / `.core`, and running this file
-must not import modeling.py, which pulls in transformers' modeling_utils (~90 MB). Accessing an HF class
-(or importing modeling.py) registers model_type "minimind" with the transformers Auto classes.
+Names resolve on first access, so importing `minimind.model.core` never pulls in modeling.py and with it
+transformers' modeling_utils (~90 MB). Importing modeling.py registers model_type "minimind" with the Auto classes.
 """
 from __future__ import annotations
 

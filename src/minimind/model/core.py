@@ -1,10 +1,8 @@
-"""The decoder math in plain torch, and `MiniMindLM`: the causal LM the engine loads.
+"""The decoder in plain torch, and `MiniMindLM`: the causal LM the engine loads.
 
-`MiniMindLM` has exactly the submodules and state_dict keys of `MiniMindForCausalLM` (model.embed_tokens,
-model.layers.N..., model.norm, lm_head; a tied lm_head shares the embedding) but is a bare `nn.Module`, so
-loading it never imports transformers' `modeling_utils` / `GenerationMixin` (~90 MB of RSS before any weight).
-`MiniMindForCausalLM` (modeling.py, for HF generate, save_pretrained, export and the transformers peer) is
-built from the same mixins below, so both classes run one implementation of the forward.
+`MiniMindLM` has the submodules and state_dict keys of `MiniMindForCausalLM` (model.embed_tokens, model.layers.N...,
+model.norm, lm_head) but is a bare `nn.Module`: loading it never imports transformers' modeling_utils (~90 MB of
+RSS). Both classes are built from the mixins below, so they run one forward.
 """
 from __future__ import annotations
 
@@ -38,8 +36,7 @@ class DecoderLayer(nn.Module):
 
 
 def positions_from_mask(attention_mask, b: int, s: int, past: int, device) -> torch.Tensor:
-    """Position of each new token. With left padding the first real token gets position 0 (HF convention);
-    the original code used the raw offset, which shifts padded rows."""
+    """Position ids [B, S] of the new tokens; with left padding the first real token gets position 0 (as HF)."""
     if attention_mask is None or bool(attention_mask.all()):
         return torch.arange(past, past + s, device=device).expand(b, s)
     pos = attention_mask.long().cumsum(-1) - 1
@@ -53,19 +50,16 @@ def build_mask(attention_mask, b: int, s: int, past: int, device) -> torch.Tenso
     if not padded and (past == 0 or s == 1):
         return None
     total = past + s
-    q_pos = torch.arange(past, total, device=device)[:, None]
-    allowed = torch.arange(total, device=device)[None, :] <= q_pos  # [S, total]
-    allowed = allowed[None, None].expand(b, 1, s, total)
+    allowed = torch.ones(s, total, dtype=torch.bool, device=device).tril(past)  # [S, total]: key <= query position
     if padded:
-        allowed = allowed & attention_mask[:, None, None, -total:].bool()
+        allowed = allowed & attention_mask[:, None, None, -total:].bool()  # [B, 1, S, total]
     # finfo.min instead of -inf: fully padded query rows stay finite (their output is ignored).
-    mask = torch.zeros(b, 1, s, total, device=device)
-    return mask.masked_fill(~allowed, torch.finfo(torch.float32).min)
+    return torch.zeros(b, 1, s, total, device=device).masked_fill(~allowed, torch.finfo(torch.float32).min)
 
 
 class BackboneMixin:
-    """The decoder stack (embed_tokens, layers, norm, rotary_emb) for an nn.Module subclass: mixed into the plain
-    `MiniMindBackbone` and into the HF `MiniMindModel` (a PreTrainedModel), which keep their own __init__."""
+    """The decoder stack (embed_tokens, layers, norm, rotary_emb), mixed into the plain `MiniMindBackbone` and the
+    HF `MiniMindModel`, which keep their own __init__."""
 
     def _build_backbone(self, config: MiniMindConfig) -> None:
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
@@ -75,8 +69,8 @@ class BackboneMixin:
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, cache=None, **kwargs) -> torch.Tensor:
-        """-> final hidden states [B, S, H]. past_key_values (transformers >= 5.24: `cache`): any cache with `update`
-        and `get_seq_length`."""
+        """-> final hidden states [B, S, H]. past_key_values (transformers >= 5.24: `cache`): any cache with
+        `update` and `get_seq_length`."""
         past_key_values = cache if cache is not None else past_key_values
         h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # [B, S, H]
         b, s = h.shape[:2]
@@ -100,15 +94,6 @@ class CausalLMMixin:
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def get_input_embeddings(self):
-        return self.model.embed_tokens
-
-    def set_input_embeddings(self, value):
-        self.model.embed_tokens = value
-
-    def get_output_embeddings(self):
-        return self.lm_head
-
     def _logits(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, logits_to_keep: int | torch.Tensor = 0) -> torch.Tensor:
         h = self.model(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds)
@@ -116,8 +101,8 @@ class CausalLMMixin:
         return self.lm_head(h[:, keep, :])
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        """Accepts the original checkpoints as-is: strips DDP/compile prefixes, fills a missing tied lm_head,
-        and explains a config/checkpoint mismatch instead of listing 100 keys."""
+        """Accepts MiniMind's checkpoints as saved: strips DDP/compile prefixes, fills a missing tied lm_head, and
+        explains a config/checkpoint mismatch instead of listing 100 keys."""
         state_dict = normalize_state_dict(state_dict, self.config)
         if strict:
             problem = explain_mismatch(state_dict, self)
@@ -142,8 +127,8 @@ class LMOutput:
 
 
 class MiniMindLM(CausalLMMixin, nn.Module):
-    """The causal LM as a plain torch module (see the module docstring). Same weights, keys and logits as
-    MiniMindForCausalLM; no HF generate, save_pretrained or training loss: use that class for those."""
+    """The causal LM as a plain torch module: MiniMindForCausalLM's weights, keys and logits, without HF
+    generate, save_pretrained or a training loss."""
 
     def __init__(self, config: MiniMindConfig | None = None):
         nn.Module.__init__(self)
@@ -178,9 +163,9 @@ def _skip_init():
     # On the meta device torch runs `normal_`/`uniform_` through torch._refs, which imports torch._dynamo
     # (~70 MB of RSS) to produce values that loading replaces anyway; transformers' no_init_weights does the same.
     saved = {name: getattr(nn.init, name) for name in _INITS}
-    for name in _INITS:
-        setattr(nn.init, name, lambda tensor, *args, **kwargs: tensor)
     try:
+        for name in _INITS:
+            setattr(nn.init, name, lambda tensor, *args, **kwargs: tensor)
         yield
     finally:
         for name, fn in saved.items():

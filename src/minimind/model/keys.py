@@ -12,18 +12,13 @@ from ..errors import CheckpointError
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 _EXPERT = re.compile(r"\.mlp\.experts\.(\d+)\.")
+_WRAPPERS = re.compile(r"^(?:module\.|_orig_mod\.)+")
 _LEGACY_MARKERS = ("tok_embeddings.weight", "attention.wq.weight", "feed_forward.w1.weight")
 
 
 def strip_prefixes(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Remove DDP `module.` and torch.compile `_orig_mod.` prefixes."""
-    out = {}
-    for key, value in state_dict.items():
-        for prefix in ("module.", "_orig_mod."):
-            while key.startswith(prefix):
-                key = key[len(prefix):]
-        out[key] = value
-    return out
+    return {_WRAPPERS.sub("", key): value for key, value in state_dict.items()}
 
 
 def is_legacy(state_dict: dict) -> bool:
@@ -41,57 +36,52 @@ def infer_config(state_dict: dict[str, torch.Tensor], source: Path | str = "stat
     sd = strip_prefixes(state_dict)
     if is_legacy(sd):
         raise CheckpointError(source, LEGACY_MESSAGE)
-    try:
-        vocab, hidden = sd["model.embed_tokens.weight"].shape
-    except KeyError:
+    if "model.embed_tokens.weight" not in sd:
         raise CheckpointError(source, "has no `model.embed_tokens.weight`: not a MiniMind/Llama/Qwen3 state_dict "
-                              f"(first keys: {list(sd)[:5]})") from None
+                              f"(first keys: {list(sd)[:5]})")
+    vocab, hidden = sd["model.embed_tokens.weight"].shape
     layers = sorted({int(m.group(1)) for k in sd if (m := _LAYER.match(k))})
     if not layers:
         raise CheckpointError(source, "has no `model.layers.N.*` tensors")
     if layers != list(range(len(layers))):
         raise CheckpointError(source, f"layer indices are not contiguous: {layers}")
-    attn = "model.layers.0.self_attn."
-    need = [attn + "q_proj.weight", attn + "k_proj.weight", attn + "o_proj.weight"]
-    for key in need:
+    attn, mlp = "model.layers.0.self_attn.", "model.layers.0.mlp."
+    use_moe = any(".mlp.experts." in k for k in sd)
+    for key in (attn + "q_proj.weight", attn + "k_proj.weight", attn + "o_proj.weight",
+                *(() if use_moe else (mlp + "gate_proj.weight",))):
         if key not in sd:
             raise CheckpointError(source, f"missing tensor `{key}`")
-    q_out = sd[attn + "q_proj.weight"].shape[0]
-    k_out = sd[attn + "k_proj.weight"].shape[0]
+    q_out, k_out = sd[attn + "q_proj.weight"].shape[0], sd[attn + "k_proj.weight"].shape[0]
     v3 = attn + "q_norm.weight" in sd
     if v3:
         head_dim = sd[attn + "q_norm.weight"].shape[0]
         heads = q_out // head_dim
-    else:
-        # MiniMind2/2510 always had 8 query heads and head_dim = hidden / heads.
+    else:  # MiniMind2/2510 always have 8 query heads and head_dim = hidden / heads
         heads = overrides.pop("num_attention_heads", 8)
         head_dim = q_out // heads
-    kv_heads = k_out // head_dim
-    use_moe = any(".mlp.experts." in k for k in sd)
-    mlp = "model.layers.0.mlp."
     cfg: dict = dict(family="minimind3" if v3 else "minimind2", vocab_size=vocab, hidden_size=hidden,
-                     num_hidden_layers=len(layers), num_attention_heads=heads, num_key_value_heads=kv_heads,
-                     head_dim=head_dim, tie_word_embeddings=_is_tied(sd), use_moe=use_moe)
+                     num_hidden_layers=len(layers), num_attention_heads=heads, num_key_value_heads=k_out // head_dim,
+                     head_dim=head_dim, tie_word_embeddings=is_tied(sd), use_moe=use_moe)
     if use_moe:
-        experts = sorted({int(m.group(1)) for k in sd if k.startswith(mlp) and (m := _EXPERT.search(k))})
-        shared = {k for k in sd if k.startswith(mlp + "shared_experts.")}
+        experts = {int(m.group(1)) for k in sd if k.startswith(mlp) and (m := _EXPERT.search(k))}
+        shared = {k.split(".")[5] for k in sd if k.startswith(mlp + "shared_experts.")}
         width = sd[mlp + "experts.0.gate_proj.weight"].shape[0]
-        cfg.update(num_experts=len(experts), n_shared_experts=len({k.split(".")[5] for k in shared}),
-                   moe_intermediate_size=width, intermediate_size=width,
-                   num_experts_per_tok=2 if shared else 1)
+        cfg.update(num_experts=len(experts), n_shared_experts=len(shared), moe_intermediate_size=width,
+                   intermediate_size=width, num_experts_per_tok=2 if shared else 1)
     else:
-        if mlp + "gate_proj.weight" not in sd:
-            raise CheckpointError(source, f"missing tensor `{mlp}gate_proj.weight`")
         cfg["intermediate_size"] = sd[mlp + "gate_proj.weight"].shape[0]
-    cfg.update(overrides)
-    return MiniMindConfig(**cfg)
+    return MiniMindConfig(**{**cfg, **overrides})
 
 
-def _is_tied(sd: dict[str, torch.Tensor]) -> bool:
-    head = sd.get("lm_head.weight")
+def is_tied(sd: dict[str, torch.Tensor], declared: bool | None = None) -> bool:
+    """Whether lm_head is the embedding: always when lm_head is absent, else `declared`, else compare the tensors."""
+    head, emb = sd.get("lm_head.weight"), sd.get("model.embed_tokens.weight")
     if head is None:
         return True
-    emb = sd["model.embed_tokens.weight"]
+    if declared is not None:
+        return bool(declared)
+    if emb is None:
+        return False
     return head.data_ptr() == emb.data_ptr() or (head.shape == emb.shape and torch.equal(head, emb))
 
 
@@ -116,21 +106,25 @@ def explain_mismatch(state_dict: dict, model: torch.nn.Module, hint: bool = True
              if k in state_dict and tuple(state_dict[k].shape) != tuple(v.shape)]
     if not (missing or unexpected or wrong):
         return None
-    try:
-        if not hint:
-            raise CheckpointError("", "no hint")
-        found = infer_config(state_dict)
-        hint = (f" The checkpoint looks like {found.era}: hidden {found.hidden_size}, {found.num_hidden_layers} "
-                f"layers, {found.num_key_value_heads} kv heads, head_dim {found.head_dim}, FFN "
-                f"{found.intermediate_size}{', q/k norm' if found.qk_norm else ''}. Build the model from it with "
-                "`MiniMindConfig` fields matching those, or simply use `minimind.load_model(path)`, which infers them.")
-    except CheckpointError:
-        hint = ""
     parts = []
     if wrong:
-        parts.append(f"{len(wrong)} shape mismatch(es), e.g. {wrong[0][0]}: checkpoint {wrong[0][1]} vs model {wrong[0][2]}")
+        parts.append(f"{len(wrong)} shape mismatch(es), e.g. {wrong[0][0]}: checkpoint {wrong[0][1]} vs model "
+                     f"{wrong[0][2]}")
     if missing:
         parts.append(f"{len(missing)} missing key(s), e.g. {missing[:3]}")
     if unexpected:
         parts.append(f"{len(unexpected)} unexpected key(s), e.g. {unexpected[:3]}")
-    return "state_dict does not match the model config: " + "; ".join(parts) + "." + hint
+    hint_text = _describe(state_dict) if hint else ""
+    return "state_dict does not match the model config: " + "; ".join(parts) + "." + hint_text
+
+
+def _describe(state_dict: dict) -> str:
+    """What the checkpoint itself looks like, as a hint; empty when its architecture cannot be inferred."""
+    try:
+        found = infer_config(state_dict)
+    except CheckpointError:
+        return ""
+    return (f" The checkpoint looks like {found.era}: hidden {found.hidden_size}, {found.num_hidden_layers} "
+            f"layers, {found.num_key_value_heads} kv heads, head_dim {found.head_dim}, FFN "
+            f"{found.intermediate_size}{', q/k norm' if found.qk_norm else ''}. Build the model from it with "
+            "`MiniMindConfig` fields matching those, or simply use `minimind.load_model(path)`, which infers them.")

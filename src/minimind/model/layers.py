@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..config import MiniMindConfig
@@ -11,12 +10,6 @@ from ..config import MiniMindConfig
 # but importing `transformers.activations` pulls in its generation stack (~80 MB of RSS for the engine).
 _ACTIVATIONS = {"silu": nn.SiLU, "swish": nn.SiLU, "relu": nn.ReLU, "gelu": nn.GELU,
                 "gelu_pytorch_tanh": lambda: nn.GELU(approximate="tanh")}
-
-
-def activation(name: str) -> nn.Module:
-    if name not in _ACTIVATIONS:
-        raise ValueError(f"hidden_act {name!r} is not supported (supported: {', '.join(_ACTIVATIONS)})")
-    return _ACTIVATIONS[name]()
 
 
 class RMSNorm(nn.Module):
@@ -49,23 +42,10 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(config.hidden_size, width, bias=False)
         self.up_proj = nn.Linear(config.hidden_size, width, bias=False)
         self.down_proj = nn.Linear(width, config.hidden_size, bias=False)
-        self.act_fn = activation(config.hidden_act)
+        self.act_fn = _ACTIVATIONS[config.hidden_act]()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
-
-
-class MoEGate(nn.Module):
-    """Router weight [num_experts, hidden]; a bare parameter in MiniMind2, a bias-free Linear in minimind-3:
-    both serialise as `mlp.gate.weight` and compute logits = x @ W^T."""
-
-    def __init__(self, hidden_size: int, num_experts: int):
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))
-        nn.init.kaiming_uniform_(self.weight, a=5 ** 0.5)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight)
 
 
 class MoE(nn.Module):
@@ -77,7 +57,7 @@ class MoE(nn.Module):
         self.top_k = config.num_experts_per_tok
         # MiniMind2 renormalises only when top_k > 1; minimind-3 / Qwen3-MoE always (top-1 weight becomes 1.0).
         self.renormalize = config.norm_topk_prob and (self.top_k > 1 or config.family == "minimind3")
-        self.gate = MoEGate(config.hidden_size, config.num_experts)
+        self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)  # router: logits = x @ W^T
         self.experts = nn.ModuleList(MLP(config, config.moe_intermediate_size) for _ in range(config.num_experts))
         if config.n_shared_experts > 0:
             self.shared_experts = nn.ModuleList(MLP(config) for _ in range(config.n_shared_experts))

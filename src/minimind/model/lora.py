@@ -1,8 +1,8 @@
-"""MiniMind's own LoRA (not PEFT), as a wrapper module with the original key layout (files: checkpoint/lora.py).
+"""MiniMind's own LoRA (not PEFT) as a wrapper module with MiniMind's key layout (files: checkpoint/lora.py).
 
-Every square `nn.Linear` (q_proj and o_proj in all released configs) gets y = W x + B(A x): no alpha, no
-scaling. Files hold only `{module}.lora.A.weight` [r, in] and `{module}.lora.B.weight` [out, r]; the rank is
-8 in MiniMind2/2510 files and 16 in minimind-3 files, so it is always read from the shapes.
+Every square `nn.Linear` (q_proj and o_proj in all released configs) gets y = W x + B(A x), no alpha or scaling.
+Keys: `{module}.lora.A.weight` [r, in] and `{module}.lora.B.weight` [out, r]; r is 8 (MiniMind2/2510) or 16
+(minimind-3), so it is always read from the shapes.
 """
 from __future__ import annotations
 
@@ -26,17 +26,12 @@ class LoRAAdapter(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.B(self.A(x))
 
-    def delta(self) -> torch.Tensor:
-        """B @ A in fp32, [out, in]."""
-        return self.B.weight.float() @ self.A.weight.float()
-
 
 class LoRALinear(nn.Linear):
-    """An nn.Linear plus a `lora` child. It shares the wrapped Linear's Parameters, so the base weight keeps its
-    key (`...q_proj.weight`) and adapter keys are `...q_proj.lora.A.weight` / `.lora.B.weight` as in the original.
+    """An nn.Linear plus a `lora` child, sharing the wrapped Linear's Parameters so the base weight keeps its key.
 
-    After `merge()` the weight holds W + B A and forward stops adding the adapter; `state_dict()` then omits the
-    adapter keys, so `torch.save(model.state_dict())` after merging writes a plain, loadable model (as the seeds do).
+    After `merge()` the weight holds W + B A, forward stops adding the adapter and `state_dict()` omits the adapter
+    keys, so `torch.save(model.state_dict())` after merging writes a plain, loadable model.
     """
 
     def __init__(self, base: nn.Linear, rank: int):
@@ -70,7 +65,8 @@ class LoRALinear(nn.Linear):
         """W + B A rounded once to W's dtype (W itself when already merged)."""
         if self.merged:
             return self.weight.detach()
-        return (self.weight.detach().float() + self.lora.delta()).to(self.weight.dtype)
+        delta = self.lora.B.weight.float() @ self.lora.A.weight.float()  # [out, in]
+        return (self.weight.detach().float() + delta).to(self.weight.dtype)
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -109,7 +105,7 @@ def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
 
 
 def square_linears(model: nn.Module) -> dict[str, nn.Linear]:
-    """The original rule: every Linear with in == out (never anything inside an adapter)."""
+    """MiniMind's LoRA targets: every Linear with in == out (never anything inside an adapter)."""
     return {n: m for n, m in _unwrap(model).named_modules()
             if type(m) is nn.Linear and m.in_features == m.out_features and ".lora." not in f".{n}."}
 
@@ -123,13 +119,11 @@ def apply_lora(model: nn.Module, rank: int = 8) -> nn.Module:
         if ranks != {rank}:
             raise ValueError(f"LoRA already applied with rank {sorted(ranks)}, asked for rank {rank}")
         return model
-    root = _unwrap(model)
     targets = square_linears(model)
     if not targets:
         raise ValueError("model has no square nn.Linear to put a LoRA on")
     for name, linear in targets.items():
-        parent_name, _, child = name.rpartition(".")
-        setattr(root.get_submodule(parent_name), child, LoRALinear(linear, rank))
+        _unwrap(model).set_submodule(name, LoRALinear(linear, rank))
     return model
 
 
@@ -148,8 +142,8 @@ def unmerge_lora(model: nn.Module) -> nn.Module:
 
 
 def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """A plain state_dict (base keys only, adapters folded into W) that loads strictly into a model without LoRA.
-    The model itself is not changed."""
+    """A plain state_dict (base keys, adapters folded into W) that loads strictly into a model without LoRA; the
+    model is not changed."""
     layers = lora_layers(model)
     prefixes = tuple(f"{name}.lora." for name in layers)
     sd = {k: v for k, v in _unwrap(model).state_dict().items() if not k.startswith(prefixes)}

@@ -1,8 +1,7 @@
-"""MiniMindModel / MiniMindForCausalLM: the HF PreTrainedModel face of core.py's decoder (generate,
-save_pretrained, Auto classes), with the original parameter names (= HF Llama / Qwen3 names).
+"""MiniMindModel / MiniMindForCausalLM: core.py's decoder as HF PreTrainedModels (generate, save_pretrained, Auto
+classes), with MiniMind's parameter names (= HF Llama / Qwen3 names).
 
-Importing this module costs transformers' modeling_utils + GenerationMixin (~90 MB of RSS); the engine loads
-core.MiniMindLM instead. Importing it registers model_type "minimind" with the Auto classes.
+Importing this module costs transformers' modeling_utils (~90 MB of RSS) and registers model_type "minimind".
 """
 from __future__ import annotations
 
@@ -12,7 +11,7 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..config import MiniMindConfig
-from .core import BackboneMixin, CausalLMMixin, DecoderLayer, build_mask, positions_from_mask  # noqa: F401
+from .core import BackboneMixin, CausalLMMixin
 from .layers import RMSNorm
 from .rope import RotaryEmbedding, rope_frequencies
 
@@ -37,7 +36,7 @@ class MiniMindPreTrainedModel(PreTrainedModel):
 
 
 class MiniMindModel(BackboneMixin, MiniMindPreTrainedModel):
-    """The decoder stack as an HF PreTrainedModel; its submodules and forward come from core.BackboneMixin."""
+    """The decoder stack as an HF PreTrainedModel (submodules and forward from core.BackboneMixin)."""
 
     def __init__(self, config: MiniMindConfig):
         super().__init__(config)
@@ -47,7 +46,7 @@ class MiniMindModel(BackboneMixin, MiniMindPreTrainedModel):
 
 class MiniMindForCausalLM(CausalLMMixin, MiniMindPreTrainedModel, GenerationMixin):
     """The HF-compatible causal LM (generate, save_pretrained, Auto classes); same modules and math as
-    core.MiniMindLM, which the engine loads without transformers' modeling stack."""
+    core.MiniMindLM."""
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
@@ -87,14 +86,8 @@ def register_auto_classes() -> None:
     """Make AutoConfig / AutoModelForCausalLM know model_type 'minimind' without trust_remote_code."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    try:
-        AutoConfig.register("minimind", MiniMindConfig)
-    except ValueError:
-        pass  # already registered
-    try:
-        AutoModelForCausalLM.register(MiniMindConfig, MiniMindForCausalLM)
-    except ValueError:
-        pass
+    AutoConfig.register("minimind", MiniMindConfig, exist_ok=True)
+    AutoModelForCausalLM.register(MiniMindConfig, MiniMindForCausalLM, exist_ok=True)
 
 
 register_auto_classes()  # whoever can build the HF class can also load it through AutoModel

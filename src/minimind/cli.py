@@ -9,7 +9,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "chat": ("minimind.apps.chat", "chat in the terminal with any MiniMind checkpoint (default: the embedded model)"),
     "serve": ("minimind.serve.launch", "OpenAI-compatible API server (127.0.0.1:8000 by default)"),
     "web": ("minimind.apps.web", "chat in the browser: Streamlit (default) or Gradio, on 127.0.0.1 (minimind[web])"),
-    "bench": ("minimind.apps.bench", "measure prefill/decode/batched throughput against transformers and llama.cpp"),
+    "bench": ("minimind.apps.bench", "batch-1 prefill/decode speed against transformers and llama.cpp"),
     "convert": ("minimind.convert", "export to transformers/vLLM (hf), llama.cpp (gguf), Ollama, or the original .pth"),
     "quantize": ("minimind.convert.quantize", "write an int8 weight-only checkpoint folder"),
 }

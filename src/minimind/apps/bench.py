@@ -143,6 +143,7 @@ def measure(impls: list[str], a: dict) -> dict[str, dict]:
                 conn.send(message)
             answer = conn.recv()
         except (OSError, EOFError):  # the process died (out of memory, a crash in native code)
+            procs[impl][1].join(10)
             answer = ("error", f"worker exited with code {procs[impl][1].exitcode}")
         if isinstance(answer, tuple) and answer[0] == "error":
             out[impl] = {"error": answer[1]}
@@ -154,6 +155,7 @@ def measure(impls: list[str], a: dict) -> dict[str, dict]:
             conn, child = ctx.Pipe()
             procs[impl] = (conn, ctx.Process(target=worker, args=(impl, a, child), daemon=True))
             procs[impl][1].start()
+            child.close()  # the worker's end lives in the worker only: its death ends our recv() with EOFError
             ask(impl, "start")
         for r in range(a["repeats"]):
             for impl in impls[r % len(impls):] + impls[:r % len(impls)]:

@@ -18,6 +18,8 @@ import torch
 
 from ..config import MiniMindConfig
 from ..errors import CheckpointError
+from ..model.core import MiniMindLM, build_on_meta
+from .hf import hf_yarn, llama_or_qwen3_config
 
 SUPPORTED_ARCHS = ("llama", "qwen3", "qwen3moe")
 _EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(\w+)\.weight$")
@@ -86,18 +88,11 @@ def gguf_config(reader, path: Path) -> MiniMindConfig:
         bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id"),
         eos_token_id=_field(reader, "tokenizer.ggml.eos_token_id"),
         pad_token_id=_field(reader, "tokenizer.ggml.padding_token_id"))
-    if arch.startswith("qwen3"):  # HF Qwen3 semantics: per-head q/k norm, Llama's RMSNorm cast order
-        cfg.update(family="minimind3", qk_norm=True, rms_norm_fp32_weight=False)
-    if arch == "qwen3moe":  # llama.cpp's qwen3moe always renormalises the top-k weights; no shared expert
-        moe_width = int(need("expert_feed_forward_length"))
-        cfg.update(use_moe=True, num_experts=int(need("expert_count")), n_shared_experts=0, norm_topk_prob=True,
-                   num_experts_per_tok=int(need("expert_used_count")), moe_intermediate_size=moe_width)
-    elif arch == "llama":
-        cfg.update(family="minimind2", qk_norm=False, rms_norm_fp32_weight=False)
-    try:
-        return MiniMindConfig(**cfg)
-    except ValueError as exc:
-        raise CheckpointError(path, str(exc)) from None
+    if arch == "qwen3moe":  # llama.cpp's qwen3moe always renormalises the top-k weights
+        cfg.update(use_moe=True, num_experts=int(need("expert_count")), norm_topk_prob=True,
+                   num_experts_per_tok=int(need("expert_used_count")),
+                   moe_intermediate_size=int(need("expert_feed_forward_length")))
+    return llama_or_qwen3_config(path, qwen3=arch.startswith("qwen3"), **cfg)
 
 
 def _rope_scaling(reader, arch: str, max_pos: int, head_dim: int, theta: float, path: Path) -> dict | None:
@@ -108,8 +103,6 @@ def _rope_scaling(reader, arch: str, max_pos: int, head_dim: int, theta: float, 
     if kind == "linear":
         return {"rope_type": "linear", "factor": float(factor)}
     if kind == "yarn":
-        from .hf import hf_yarn
-
         key = f"{arch}.rope.scaling."
         params = {"factor": float(factor),
                   "original_max_position_embeddings": _field(reader, key + "original_context_length"),
@@ -136,15 +129,13 @@ def read_gguf(path: str | Path, progress: Callable[[int, int], None] | None = No
     import gguf
     from gguf.quants import dequantize
 
-    from ..model.core import MiniMindLM, build_on_meta  # MiniMindForCausalLM's keys, without transformers' modeling
-
     path = Path(path)
     reader = _open(path)
     config = gguf_config(reader, path)
     arch_name = _field(reader, "general.architecture")
     arch = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch_name)
     name_map = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
-    expected = build_on_meta(MiniMindLM, config).state_dict()
+    expected = build_on_meta(MiniMindLM, config).state_dict()  # MiniMindForCausalLM's keys, no HF modeling
     ours: dict[str, list] = {}  # GGUF name -> [(expert index or None, our name, shape)]
     for key, value in expected.items():
         if key == "lm_head.weight" and config.tie_word_embeddings:

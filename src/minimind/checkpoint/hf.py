@@ -1,4 +1,4 @@
-"""Hugging Face model folders in the four flavours MiniMind was ever exported to, read without remote code.
+"""Hugging Face model folders in the four flavours MiniMind is exported to, read without remote code.
 
 - `model_type: minimind`: the original custom export (any era) and the folders this tool writes itself.
 - `LlamaForCausalLM`: MiniMind2/2510 `convert_torch2transformers_llama`, and any Llama (e.g. SmolLM2).
@@ -18,7 +18,10 @@ import torch
 
 from ..config import MiniMindConfig
 from ..errors import CheckpointError
+from ..model.core import MiniMindLM, build_on_meta
+from ..model.keys import explain_mismatch, is_tied, normalize_state_dict
 from . import detect as fmt
+from .native import read_weights_file
 
 _WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json",
                  "pytorch_model.bin")
@@ -29,21 +32,16 @@ def read_hf_folder(path: Path, kind: str, dtype: torch.dtype | None = None
                    ) -> tuple[MiniMindConfig, dict[str, torch.Tensor]]:
     """(config, state_dict with our parameter names) for an HF folder of the flavour `kind` (detect.HF_*).
     dtype: floating tensors are cast to it one by one as they are read (None keeps the files' dtype)."""
-    path = Path(path)
-    cfg_path = path / "config.json"
+    cfg_path = Path(path) / "config.json"
     raw = json.loads(cfg_path.read_text())
-    weights_path, sd = read_weights(path, dtype)
-    if kind == fmt.HF_MINIMIND:
-        config = _minimind_config(raw, sd, cfg_path)
-    else:
-        config = _hf_config(raw, sd, kind, cfg_path)
+    weights_path, sd = read_weights(Path(path), dtype)
+    config = _minimind_config(raw, sd, cfg_path) if kind == fmt.HF_MINIMIND else _hf_config(raw, sd, kind, cfg_path)
     if kind == fmt.HF_QWEN3_MOE:
         sd = split_fused_experts(sd, weights_path)
     check_against_config(config, sd, weights_path, cfg_path)
     return config, sd
 
 
-# ---------------------------------------------------------------------------------------------- weights
 def read_weights(folder: Path, dtype: torch.dtype | None = None) -> tuple[Path, dict[str, torch.Tensor]]:
     """Load the folder's weights (single or sharded safetensors / pytorch_model.bin) -> (file named in errors, sd)."""
     for name in _WEIGHT_FILES:
@@ -65,21 +63,9 @@ def read_weights(folder: Path, dtype: torch.dtype | None = None) -> tuple[Path, 
             shard_path = folder / shard
             if not shard_path.is_file():
                 raise CheckpointError(shard_path, f"is listed in {candidate.name} but missing: download all shards")
-            sd.update(_read_file(shard_path, dtype))
+            sd.update(read_weights_file(shard_path, dtype))
         return candidate, sd
-    return candidate, _read_file(candidate, dtype)
-
-
-def _read_file(path: Path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    kind = fmt.sniff_file(path)  # raises on LFS pointers and empty files, naming the file
-    if path.suffix == ".safetensors" or kind == fmt.SAFETENSORS:
-        from .safetensors_file import read_safetensors
-
-        return read_safetensors(path, dtype)  # tensor by tensor, cast as read
-    from .dtypes import cast_state_dict
-    from .native import read_torch_file
-
-    return cast_state_dict(read_torch_file(path), dtype)  # torch.load(weights_only=True): never runs pickled code
+    return candidate, read_weights_file(candidate, dtype)
 
 
 def split_fused_experts(sd: dict[str, torch.Tensor], source: Path) -> dict[str, torch.Tensor]:
@@ -109,27 +95,12 @@ def split_fused_experts(sd: dict[str, torch.Tensor], source: Path) -> dict[str, 
 
 def check_against_config(config: MiniMindConfig, sd: dict, weights_path: Path, cfg_path: Path) -> None:
     """Compare names/shapes with a meta-device model built from the config, so errors name both files."""
-    from ..model.core import MiniMindLM, build_on_meta  # MiniMindForCausalLM's keys, without transformers' modeling
-    from ..model.keys import explain_mismatch, normalize_state_dict
-
-    model = build_on_meta(MiniMindLM, config)
+    model = build_on_meta(MiniMindLM, config)  # MiniMindForCausalLM's keys, without transformers' modeling stack
     problem = explain_mismatch(normalize_state_dict(sd, config), model, hint=False)
     if problem:
         raise CheckpointError(weights_path, f"does not match {cfg_path.name}: {problem} The folder is "
                               "inconsistent: re-download or re-export it (config.json and the weights must come "
                               "from the same model).")
-
-
-# ---------------------------------------------------------------------------------------------- configs
-def _is_tied(sd: dict, declared: bool | None) -> bool:
-    """A missing lm_head always means tied; otherwise the config decides (None = compare the tensors)."""
-    if "lm_head.weight" not in sd:
-        return True
-    if declared is not None:
-        return bool(declared)
-    emb = sd.get("model.embed_tokens.weight")
-    head = sd["lm_head.weight"]
-    return emb is not None and emb.shape == head.shape and torch.equal(emb, head)
 
 
 def _minimind_config(raw: dict, sd: dict, cfg_path: Path) -> MiniMindConfig:
@@ -141,8 +112,7 @@ def _minimind_config(raw: dict, sd: dict, cfg_path: Path) -> MiniMindConfig:
     if fields.get("family", family) != family:
         raise CheckpointError(cfg_path, f"says family {fields['family']!r} but the weights are {family} "
                               f"({'with' if has_qk_norm else 'without'} per-head q_norm/k_norm)")
-    fields["family"] = family
-    fields["tie_word_embeddings"] = _is_tied(sd, fields.get("tie_word_embeddings"))
+    fields.update(family=family, tie_word_embeddings=is_tied(sd, fields.get("tie_word_embeddings")))
     try:
         return MiniMindConfig(**fields)
     except (ValueError, TypeError) as exc:
@@ -161,28 +131,33 @@ def _hf_config(raw: dict, sd: dict, kind: str, cfg_path: Path) -> MiniMindConfig
         if getattr(hf, flag, False):
             raise CheckpointError(cfg_path, f"{flag}=true: linear layers with biases are not supported (MiniMind, "
                                   "Llama-as-exported and Qwen3 have none). Use a checkpoint without biases.")
-    theta, scaling = _rope(hf, cfg_path)
+    head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+    theta, scaling = _rope(hf, head_dim, cfg_path)
     cfg = dict(vocab_size=hf.vocab_size, hidden_size=hf.hidden_size, num_hidden_layers=hf.num_hidden_layers,
                num_attention_heads=hf.num_attention_heads, num_key_value_heads=hf.num_key_value_heads,
-               head_dim=getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads,
-               intermediate_size=hf.intermediate_size, hidden_act=hf.hidden_act,
+               head_dim=head_dim, intermediate_size=hf.intermediate_size, hidden_act=hf.hidden_act,
                max_position_embeddings=hf.max_position_embeddings, rms_norm_eps=hf.rms_norm_eps,
-               rope_theta=theta, rope_scaling=scaling, tie_word_embeddings=_is_tied(sd, hf.tie_word_embeddings),
+               rope_theta=theta, rope_scaling=scaling, tie_word_embeddings=is_tied(sd, hf.tie_word_embeddings),
                bos_token_id=hf.bos_token_id, eos_token_id=hf.eos_token_id, pad_token_id=hf.pad_token_id)
-    if kind == fmt.HF_LLAMA:
-        cfg.update(family="minimind2", qk_norm=False, rms_norm_fp32_weight=False)
-    else:  # Qwen3 semantics: per-head q/k norm, RMSNorm casts before the weight multiply (like Llama)
+    if kind != fmt.HF_LLAMA:
         _reject_sliding_window(hf, cfg_path)
-        cfg.update(family="minimind3", qk_norm=True, rms_norm_fp32_weight=False)
     if kind == fmt.HF_QWEN3_MOE:
         _reject_dense_layers(hf, cfg_path)
         cfg.update(use_moe=True, num_experts=hf.num_experts, num_experts_per_tok=hf.num_experts_per_tok,
-                   n_shared_experts=0, moe_intermediate_size=hf.moe_intermediate_size,
-                   norm_topk_prob=hf.norm_topk_prob)
+                   moe_intermediate_size=hf.moe_intermediate_size, norm_topk_prob=hf.norm_topk_prob)
+    return llama_or_qwen3_config(cfg_path, qwen3=kind != fmt.HF_LLAMA, **cfg)
+
+
+def llama_or_qwen3_config(source: Path, qwen3: bool, **fields) -> MiniMindConfig:
+    """MiniMindConfig of a Llama or Qwen3(-MoE) checkpoint (HF folder or GGUF): RMSNorm casts before the weight
+    multiply as in Llama, Qwen3 adds per-head q/k norm, and MoE layers have no shared expert."""
+    fields.update(family="minimind3" if qwen3 else "minimind2", qk_norm=qwen3, rms_norm_fp32_weight=False)
+    if fields.get("use_moe"):
+        fields["n_shared_experts"] = 0
     try:
-        return MiniMindConfig(**cfg)
+        return MiniMindConfig(**fields)
     except ValueError as exc:
-        raise CheckpointError(cfg_path, str(exc)) from None
+        raise CheckpointError(source, str(exc)) from None
 
 
 def _reject_sliding_window(hf, cfg_path: Path) -> None:
@@ -202,7 +177,7 @@ def _reject_dense_layers(hf, cfg_path: Path) -> None:
                               f"{step}); mixing dense and MoE layers is not supported: every layer must be MoE.")
 
 
-def _rope(hf, cfg_path: Path) -> tuple[float, dict | None]:
+def _rope(hf, head_dim: int, cfg_path: Path) -> tuple[float, dict | None]:
     """(rope_theta, our rope_scaling) from HF's standardised `rope_parameters`."""
     params = dict(getattr(hf, "rope_parameters", None) or {})
     if not params and getattr(hf, "rope_scaling", None):  # older transformers layouts
@@ -216,7 +191,6 @@ def _rope(hf, cfg_path: Path) -> tuple[float, dict | None]:
         raise CheckpointError(cfg_path, "partial_rotary_factor != 1 is not supported")
     if kind != "yarn":
         return float(theta), {**params, "rope_type": kind}  # llama3/linear/dynamic: rope.py runs HF's own code
-    head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
     return float(theta), hf_yarn(params, hf.max_position_embeddings, head_dim, theta, cfg_path)
 
 

@@ -1,17 +1,18 @@
 """`load_model` / `load_tokenizer`: one entry point for every checkpoint format of every MiniMind release."""
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import torch
 
 from ..config import MiniMindConfig
 from ..errors import CheckpointError
+from ..model.core import build_on_meta
+from ..model.keys import explain_mismatch, infer_config, normalize_state_dict
 from . import detect as fmt
 from .dtypes import cast_state_dict, resolve_dtype
 
-log = logging.getLogger("minimind")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
 def read_checkpoint(path: str | Path, *, weights_dtype: torch.dtype | None = None,
@@ -22,18 +23,10 @@ def read_checkpoint(path: str | Path, *, weights_dtype: torch.dtype | None = Non
     fp32 copy beside the bf16 weights (None keeps each file's own dtype; GGUF dequantizes to fp32)."""
     path = Path(path).expanduser()
     kind = fmt.detect(path)
-    if kind == fmt.NATIVE:
-        from ..model.keys import infer_config
-        from .native import read_torch_file
+    if kind in (fmt.NATIVE, fmt.SAFETENSORS):
+        from .native import read_weights_file
 
-        sd = read_torch_file(path)  # memory-mapped: a tensor is only read when cast or used
-        config = infer_config(sd, path, **config_overrides)
-        return config, cast_state_dict(sd, weights_dtype)
-    if kind == fmt.SAFETENSORS:
-        from ..model.keys import infer_config
-        from .safetensors_file import read_safetensors
-
-        sd = read_safetensors(path, weights_dtype)
+        sd = read_weights_file(path, weights_dtype)
         return infer_config(sd, path, **config_overrides), sd
     if kind == fmt.GGUF:
         from .gguf_reader import read_gguf
@@ -61,9 +54,6 @@ def load_model(path: str | Path | None = None, *, lora: str | Path | None = None
     modeling stack) instead of the HF `MiniMindForCausalLM` (HF generate, save_pretrained). Same weights and keys.
     Weights are cast to `dtype` tensor by tensor while they are read.
     """
-    from ..model.core import build_on_meta
-    from ..model.keys import normalize_state_dict
-
     if light:
         from ..model.core import MiniMindLM as model_class
     else:
@@ -80,7 +70,7 @@ def load_model(path: str | Path | None = None, *, lora: str | Path | None = None
     config.flash_attn = flash_attn
     model = build_on_meta(model_class, config)
     sd = normalize_state_dict(sd, config)
-    problem = _check_shapes(sd, model)
+    problem = explain_mismatch(sd, model)
     if problem:
         raise CheckpointError(path, problem)
     sd = cast_state_dict(sd, torch_dtype)  # no-op for tensors the reader already cast
@@ -96,12 +86,6 @@ def load_model(path: str | Path | None = None, *, lora: str | Path | None = None
     return model
 
 
-def _check_shapes(sd: dict, model) -> str | None:
-    from ..model.keys import explain_mismatch
-
-    return explain_mismatch(sd, model)
-
-
 def load_tokenizer(path: str | Path | None = None):
     """The HF tokenizer of a model folder, tokenizer folder or GGUF file (None -> the default model's)."""
     if path is None:
@@ -111,26 +95,22 @@ def load_tokenizer(path: str | Path | None = None):
     path = Path(path).expanduser()
     if not path.exists():
         raise CheckpointError(path, "does not exist (pass --tokenizer DIR with tokenizer.json / tokenizer_config.json)")
-    if path.is_file():
-        if fmt.sniff_file(path) == fmt.GGUF:
-            from .gguf_reader import gguf_tokenizer
-
-            return gguf_tokenizer(path)
+    if path.is_file() and fmt.sniff_file(path) != fmt.GGUF:
         raise CheckpointError(path, "is a weights file without a tokenizer: pass the tokenizer folder with "
                               "--tokenizer (for the original layout that is the repository's `model/` folder)")
-    if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+    if path.is_dir() and not any((path / f).is_file() for f in _TOKENIZER_FILES):
         ggufs = sorted(path.glob("*.gguf"))
-        if len(ggufs) == 1:
-            from .gguf_reader import gguf_tokenizer
+        if len(ggufs) != 1:
+            raise CheckpointError(path, "has no tokenizer.json / tokenizer_config.json")
+        path = ggufs[0]
+    if path.is_file():
+        from .gguf_reader import gguf_tokenizer
 
-            return gguf_tokenizer(ggufs[0])
-        raise CheckpointError(path, "has no tokenizer.json / tokenizer_config.json")
+        return gguf_tokenizer(path)
     from transformers import AutoConfig, AutoTokenizer
 
-    try:  # AutoTokenizer reads config.json: model_type "minimind" must be known (the config alone is enough)
-        AutoConfig.register("minimind", MiniMindConfig)
-    except ValueError:
-        pass  # already registered
+    # AutoTokenizer reads config.json: model_type "minimind" must be known (the config alone is enough)
+    AutoConfig.register("minimind", MiniMindConfig, exist_ok=True)
     try:
         return AutoTokenizer.from_pretrained(str(path))
     except Exception as exc:  # transformers raises many types here; name the folder and the cause

@@ -1,7 +1,5 @@
-"""The original's native checkpoints: config-less fp16 `.pth` state_dicts (`out/{weight}_{hidden}{_moe}.pth`).
-
-Everything about the architecture is inferred from key names and tensor shapes; the file name is never used.
-"""
+"""Single weights files: MiniMind's native config-less `.pth` state_dicts (`out/{weight}_{hidden}{_moe}.pth`, the
+architecture inferred from keys and shapes, never from the name), `.bin` and `.safetensors`."""
 from __future__ import annotations
 
 import pickle
@@ -11,6 +9,17 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError
+from . import detect as fmt
+from .dtypes import cast_state_dict
+from .safetensors_file import read_safetensors
+
+
+def read_weights_file(path: Path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """{name: tensor} of one .pth/.bin or .safetensors file, floating tensors cast to `dtype` (None keeps them)."""
+    kind = fmt.sniff_file(path)  # raises on LFS pointers and empty files, naming the file
+    if path.suffix == ".safetensors" or kind == fmt.SAFETENSORS:
+        return read_safetensors(path, dtype)  # tensor by tensor, cast as read
+    return cast_state_dict(read_torch_file(path), dtype)
 
 
 def read_torch_file(path: Path) -> dict[str, torch.Tensor]:
@@ -23,9 +32,9 @@ def read_torch_file(path: Path) -> dict[str, torch.Tensor]:
     except Exception as exc:  # torch's unpickler raises IndexError/KeyError/RuntimeError/... on garbage
         raise CheckpointError(path, "not a readable PyTorch checkpoint (truncated or corrupt?): "
                               f"{type(exc).__name__}: {exc}") from None
-    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]  # some trainers wrap it
-    if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict) and not any(
+    if isinstance(obj, dict) and isinstance(obj.get("model"), dict) and not any(
             isinstance(v, torch.Tensor) for v in obj.values()):
         obj = obj["model"]
     if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):

@@ -110,15 +110,19 @@ class Server:
             self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT, env=env,
                                          start_new_session=True)
         deadline, url = time.monotonic() + timeout, f"http://127.0.0.1:{port}"
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{name} exited with code {self.proc.returncode}: {log.read_text()[-800:]}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{name} did not answer /health within {timeout:.0f} s; see {log}")
-            time.sleep(0.5)
+        try:
+            while True:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"{name} exited with code {self.proc.returncode}: {log.read_text()[-800:]}")
+                with contextlib.suppress(httpx.HTTPError):
+                    if httpx.get(url + "/health", timeout=2).status_code == 200:
+                        break
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{name} did not answer /health within {timeout:.0f} s; see {log}")
+                time.sleep(0.5)
+        except BaseException:  # Ctrl-C included: a server that never came up is stopped too
+            _stop(self.proc)
+            raise
         self.client, self.cpu = StreamClient(url, MODEL_ID), 0.0
 
     def run_round(self, prompts, tokens: int, temperature: float) -> list[dict]:
@@ -292,7 +296,11 @@ def main() -> int:
         model, ggufs, vocab = prepare(args, work)
         for dtype in args.dtypes:
             for n in args.clients:
-                res = measure(n, dtype, model, ggufs.get(dtype), vocab, args, work)
+                try:
+                    res = measure(n, dtype, model, ggufs.get(dtype), vocab, args, work)
+                except (RuntimeError, OSError) as exc:  # this cell failed (its servers are stopped): the rest go on
+                    notes.append(f"{dtype} x{n}: {exc}")
+                    continue
                 for impl, r in res.items():
                     x = r["tok_s"] / res[LLAMA]["tok_s"] if impl == SERVE and LLAMA in res else None
                     rows.append({"dtype": dtype, "clients": n, "impl": impl, **r, "x_llama": x})

@@ -245,7 +245,7 @@ def print_table(report: dict) -> None:
     a, m = report["args"], report["machine"]
     table = Table(title=f"minimind bench: batch-1 tokens/s, best of {a['repeats']} (prompt {a['prompt_len']}, "
                         f"{a['decode_tokens']} decoded, {a['threads']} threads; {m['cpu']}, {m['cores']} cores)")
-    for col in ("model", "dtype", "impl", "prefill", "decode", "ours/it prefill", "ours/it decode", "peak RSS MB"):
+    for col in ("model", "dtype", "impl", "prefill", "decode", "ours/this prefill", "ours/this decode", "peak RSS MB"):
         table.add_column(col, justify="left" if col in ("model", "dtype", "impl") else "right")
     for r in report["results"]:
         cells = [f"[red]{escape(r['error'][:100])}"] if "error" in r else [

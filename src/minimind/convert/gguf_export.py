@@ -23,18 +23,25 @@ import numpy as np
 import torch
 
 from ..config import MiniMindConfig
-from .source import ConvertError, Source, atomic_file, progress
+from .hf_export import renormalizes, standard_rope
+from .source import ConvertError, Source, atomic_output, progress
+from .tokenizer_files import chat_template
 
 log = logging.getLogger("minimind")
-OUTTYPES = ("f32", "f16", "bf16", "q8_0")
+_FILE_TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0"}
+OUTTYPES = tuple(_FILE_TYPES)
+
+
+def check_outtype(outtype: str) -> None:
+    if outtype not in OUTTYPES:
+        raise ConvertError(f"unknown GGUF outtype {outtype!r}; choose from {', '.join(OUTTYPES)}")
 
 
 def gguf_arch(config: MiniMindConfig) -> str:
+    """The llama.cpp architecture whose graph computes exactly what this model does."""
     if not config.use_moe:
         return "qwen3" if config.qk_norm else "llama"
     if config.qk_norm and not config.n_shared_experts:
-        from .hf_export import renormalizes
-
         if not renormalizes(config) and config.num_experts_per_tok > 1:
             raise ConvertError("llama.cpp's qwen3moe always renormalises the top-k expert weights; this model "
                                "(norm_topk_prob=false, top_k>1) does not: no exact GGUF is possible")
@@ -57,16 +64,14 @@ def _tensors(config: MiniMindConfig, sd: dict[str, torch.Tensor], arch: str):
 
     arch_enum = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch)
     names = gguf.get_tensor_name_map(arch_enum, config.num_hidden_layers)
-    experts: dict[str, dict[int, torch.Tensor]] = {}
-    shared: dict[str, dict[int, torch.Tensor]] = {}
+    per_expert: dict[str, dict[int, torch.Tensor]] = {}
     if arch == "bailingmoe" and "lm_head.weight" not in sd:  # `output` is required there
         sd = {**sd, "lm_head.weight": sd["model.embed_tokens.weight"]}
     for key, value in sd.items():
-        parts = key.split(".")
         if ".mlp.experts." in key or ".mlp.shared_experts." in key:
             # model.layers.i.mlp.{experts,shared_experts}.e.proj.weight -> grouped per (layer, kind, proj)
-            group = experts if ".mlp.experts." in key else shared
-            group.setdefault(".".join(parts[:5] + parts[6:7]), {})[int(parts[5])] = value
+            parts = key.split(".")
+            per_expert.setdefault(".".join(parts[:5] + parts[6:7]), {})[int(parts[5])] = value
             continue
         stem, suffix = key.rsplit(".", 1)
         gname = names.get_name(stem)
@@ -77,14 +82,13 @@ def _tensors(config: MiniMindConfig, sd: dict[str, torch.Tensor], arch: str):
             heads = config.num_attention_heads if stem.endswith("q_proj") else config.num_key_value_heads
             data = permute_qk(data, heads)
         yield f"{gname}.{suffix}", data
-    for stem, per_expert in experts.items():
-        stacked = torch.stack([per_expert[e] for e in range(len(per_expert))]).float().numpy()
-        yield f"{names.get_name(stem)}.weight", stacked
-    for stem, per_expert in shared.items():
-        # several shared experts = one wider SwiGLU: gate/up rows and down columns concatenated
-        dim = 1 if stem.endswith("down_proj") else 0
-        wide = torch.cat([per_expert[e] for e in range(len(per_expert))], dim=dim).float().numpy()
-        yield f"{names.get_name(stem)}.weight", wide
+    for stem, by_index in per_expert.items():
+        weights = [by_index[e] for e in sorted(by_index)]
+        if ".shared_experts." in stem:  # several shared experts = one wider SwiGLU: gate/up rows, down columns
+            merged = torch.cat(weights, dim=1 if stem.endswith("down_proj") else 0)
+        else:
+            merged = torch.stack(weights)
+        yield f"{names.get_name(stem)}.weight", merged.float().numpy()
 
 
 def _encode(name: str, data: np.ndarray, outtype: str):
@@ -104,12 +108,9 @@ def _encode(name: str, data: np.ndarray, outtype: str):
     return quantize(data, qtype), qtype
 
 
-def detect_pre_tokenizer(tokenizer) -> str:
-    """llama.cpp pre-tokenizer name whose regex equals the HF tokenizer's pre-tokenizer."""
-    backend = getattr(tokenizer, "backend_tokenizer", None) or getattr(tokenizer, "_tokenizer", None)
-    if backend is None:
-        raise ConvertError("GGUF export needs a fast (tokenizer.json) tokenizer")
-    pre = json.loads(backend.to_str()).get("pre_tokenizer") or {}
+def detect_pre_tokenizer(spec: dict) -> str:
+    """The llama.cpp pre-tokenizer whose regex equals the pre-tokenizer of this tokenizer.json."""
+    pre = spec.get("pre_tokenizer") or {}
     steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
     kinds = [(s.get("type"), s.get("use_regex", True), s.get("individual_digits")) for s in steps]
     if len(kinds) == 1 and kinds[0][:2] == ("ByteLevel", True) and not steps[0].get("add_prefix_space"):
@@ -119,7 +120,7 @@ def detect_pre_tokenizer(tokenizer) -> str:
     raise ConvertError(f"pre-tokenizer {pre} has no known llama.cpp equivalent; tokenization would differ")
 
 
-def _vocab(tokenizer, vocab_size: int):
+def _vocab(tokenizer, spec: dict, vocab_size: int):
     """(tokens, token types, merges) for `tokenizer.ggml.*`; padded with unused tokens up to the model's rows."""
     from gguf import TokenType
 
@@ -127,17 +128,17 @@ def _vocab(tokenizer, vocab_size: int):
     added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
     if len(id_to_tok) > vocab_size:
         raise ConvertError(f"tokenizer has {len(id_to_tok)} tokens, the model only {vocab_size} embedding rows")
-    tokens, types = [], []
-    for i in range(vocab_size):
+
+    def token_type(i: int) -> TokenType:
         if i not in id_to_tok:
-            tokens.append(f"[PAD{i}]")
-            types.append(TokenType.UNUSED)
-            continue
-        tokens.append(id_to_tok[i])
-        tok = added.get(i)
-        types.append(TokenType.NORMAL if tok is None else (TokenType.CONTROL if tok.special else TokenType.USER_DEFINED))
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    model = json.loads(backend.to_str())["model"]
+            return TokenType.UNUSED
+        if i not in added:
+            return TokenType.NORMAL
+        return TokenType.CONTROL if added[i].special else TokenType.USER_DEFINED
+
+    tokens = [id_to_tok.get(i, f"[PAD{i}]") for i in range(vocab_size)]
+    types = [token_type(i) for i in range(vocab_size)]
+    model = spec["model"]
     if model.get("type") != "BPE":
         raise ConvertError(f"tokenizer model {model.get('type')} is not BPE; only GPT-2 style BPE is exported")
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
@@ -146,25 +147,25 @@ def _vocab(tokenizer, vocab_size: int):
 
 def _add_tokenizer(w, source: Source, pre: str | None) -> None:
     tok, config = source.tokenizer, source.config
-    tokens, types, merges = _vocab(tok, config.vocab_size)
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is None:
+        raise ConvertError("GGUF export needs a fast (tokenizer.json) tokenizer")
+    spec = json.loads(backend.to_str())
+    tokens, types, merges = _vocab(tok, spec, config.vocab_size)
     w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre(pre or detect_pre_tokenizer(tok))
+    w.add_tokenizer_pre(pre or detect_pre_tokenizer(spec))
     w.add_token_list(tokens)
     w.add_token_types(types)
     w.add_token_merges(merges)
-    ids = {"bos": tok.bos_token_id, "eos": tok.eos_token_id, "pad": tok.pad_token_id, "unk": tok.unk_token_id}
-    ids["bos"] = config.bos_token_id if ids["bos"] is None else ids["bos"]
-    ids["eos"] = config.eos_token_id if ids["eos"] is None else ids["eos"]
-    for kind, idx in ids.items():
-        if isinstance(idx, list):
-            idx = idx[0]
+    bos = config.bos_token_id if tok.bos_token_id is None else tok.bos_token_id
+    eos = config.eos_token_id if tok.eos_token_id is None else tok.eos_token_id
+    for add, idx in ((w.add_bos_token_id, bos), (w.add_eos_token_id, eos), (w.add_pad_token_id, tok.pad_token_id),
+                     (w.add_unk_token_id, tok.unk_token_id)):
         if idx is not None:
-            getattr(w, {"unk": "add_unk_token_id"}.get(kind, f"add_{kind}_token_id"))(int(idx))
+            add(int(idx[0] if isinstance(idx, list) else idx))  # a config's eos may be a list
     w.add_add_bos_token(bool(getattr(tok, "add_bos_token", False)))
     w.add_add_eos_token(False)
-    template = getattr(tok, "chat_template", None)
-    if isinstance(template, dict):
-        template = template.get("default") or next(iter(template.values()))
+    template = chat_template(tok)
     if template:
         w.add_chat_template(template)
 
@@ -184,24 +185,17 @@ def _add_hparams(w, config: MiniMindConfig, arch: str, outtype: str) -> None:
     w.add_key_length(config.head_dim)
     w.add_value_length(config.head_dim)
     w.add_vocab_size(config.vocab_size)
-    file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-                 "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[outtype]
-    w.add_file_type(file_type)
+    w.add_file_type(gguf.LlamaFileType[_FILE_TYPES[outtype]])
     if arch in ("qwen3moe", "bailingmoe"):
         w.add_expert_count(config.num_experts)
         w.add_expert_used_count(config.num_experts_per_tok)
         w.add_expert_feed_forward_length(config.moe_intermediate_size)
     if arch == "bailingmoe":
-        from .hf_export import renormalizes
-
         w.add_expert_shared_count(config.n_shared_experts)
         w.add_expert_weights_norm(renormalizes(config))
         w.add_expert_weights_scale(1.0)
         w.add_leading_dense_block_count(0)
-    scaling = config.rope_scaling
-    if scaling:
-        from .hf_export import standard_rope
-
+    if config.rope_scaling:
         hf = standard_rope(config)  # drops (with a warning) the legacy formula, which llama.cpp lacks too
         if hf and hf["rope_type"] != "yarn":
             raise ConvertError(f"RoPE scaling {hf['rope_type']!r} is not exported to GGUF")
@@ -217,23 +211,23 @@ def _add_hparams(w, config: MiniMindConfig, arch: str, outtype: str) -> None:
 
 def export_gguf(source: Source, dst: Path, *, outtype: str = "f16", force: bool = False,
                 pre_tokenizer: str | None = None, show_progress: bool = True) -> Path:
+    """Write `dst` (.gguf); outtype is f32, f16, bf16 or q8_0."""
     import gguf
 
-    if outtype not in OUTTYPES:
-        raise ConvertError(f"unknown GGUF outtype {outtype!r}; choose from {', '.join(OUTTYPES)}")
+    check_outtype(outtype)
     if source.tokenizer is None:
         raise ConvertError("a GGUF needs the tokenizer inside it: pass --tokenizer DIR (tokenizer.json folder)")
     config = source.config
     arch = gguf_arch(config)
     if config.vocab_size == 6400 and len(source.tokenizer) != 6400:
         log.warning("tokenizer has %d tokens for a 6400-row model", len(source.tokenizer))
-    with atomic_file(Path(dst), force) as tmp:
+    with atomic_output(dst, force) as tmp:
         w = gguf.GGUFWriter(str(tmp), arch)
         w.add_name(source.name)
         _add_hparams(w, config, arch, outtype)
         _add_tokenizer(w, source, pre_tokenizer)
-        count = len(source.state_dict)
-        with progress(f"Converting to GGUF {arch} {outtype.upper()}", count + 1, show_progress) as advance:
+        total = len(source.state_dict) + 1
+        with progress(f"Converting to GGUF {arch} {outtype.upper()}", total, show_progress) as advance:
             for name, data in _tensors(config, source.state_dict, arch):
                 array, raw = _encode(name, data, outtype)
                 w.add_tensor(name, array, raw_dtype=raw)

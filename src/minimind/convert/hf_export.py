@@ -12,21 +12,23 @@ Parameter names are already HF's, so the weights are written as they are (lm_hea
 """
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
 import torch
 
 from ..config import MiniMindConfig
-from .source import ConvertError, Source, atomic_dir, progress, resolve_export_dtype
+from .source import ConvertError, Source, atomic_output, export_dtype, progress, write_json
 from .tokenizer_files import save_tokenizer
 
 log = logging.getLogger("minimind")
-ARCHS = ("llama", "qwen3", "qwen3_moe", "qwen2_moe", "minimind")
 _CLASS = {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
           "qwen2_moe": "Qwen2MoeForCausalLM", "minimind": "MiniMindForCausalLM"}
-_DTYPE_NAME = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+ARCHS = tuple(_CLASS)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def choose_arch(config: MiniMindConfig) -> str:
@@ -68,9 +70,8 @@ def hf_config_dict(config: MiniMindConfig, arch: str, dtype: torch.dtype, allow_
     import transformers
 
     if arch == "minimind":
-        out = config.to_dict()
-        out.update(architectures=["MiniMindForCausalLM"], model_type="minimind", torch_dtype=_DTYPE_NAME[dtype])
-        return out
+        return {**config.to_dict(), "architectures": ["MiniMindForCausalLM"], "model_type": "minimind",
+                "torch_dtype": dtype_name(dtype)}
     out = dict(
         architectures=[_CLASS[arch]], model_type=arch, vocab_size=config.vocab_size,
         hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
@@ -80,7 +81,7 @@ def hf_config_dict(config: MiniMindConfig, arch: str, dtype: torch.dtype, allow_
         rope_theta=config.rope_theta, rope_scaling=standard_rope(config, allow_drop_rope),
         tie_word_embeddings=bool(config.tie_word_embeddings), attention_bias=False, attention_dropout=0.0,
         initializer_range=0.02, use_cache=True, bos_token_id=config.bos_token_id,
-        eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id, torch_dtype=_DTYPE_NAME[dtype],
+        eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id, torch_dtype=dtype_name(dtype),
         transformers_version=transformers.__version__)
     if arch == "llama":
         out.update(mlp_bias=False, pretraining_tp=1)
@@ -114,10 +115,7 @@ def _qwen2_moe_weights(config: MiniMindConfig, sd: dict) -> dict:
     """MiniMind2 MoE as Qwen2-MoE, exactly: Qwen2-MoE scales its shared expert by sigmoid(gate(x)); a zero gate
     gives 0.5, so the shared expert's down_proj is doubled (a power of two: exact). Several shared experts are one
     wider expert (their gate/up rows and down columns concatenated). Zero q/k/v biases."""
-    out = {}
-    for key, value in sd.items():
-        if ".shared_experts." not in key:
-            out[key] = value
+    out = {k: v for k, v in sd.items() if ".shared_experts." not in k}
     kv = config.num_key_value_heads * config.head_dim
     for i in range(config.num_hidden_layers):
         p = f"model.layers.{i}."
@@ -135,9 +133,10 @@ def _qwen2_moe_weights(config: MiniMindConfig, sd: dict) -> dict:
 
 
 def generation_config(config: MiniMindConfig) -> dict:
+    """generation_config.json: the special ids, and for MiniMind vocabularies MiniMind's sampling defaults."""
     out = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id,
            "pad_token_id": config.pad_token_id}
-    if config.vocab_size == 6400:  # MiniMind's own sampling defaults (eval_llm.py of each era)
+    if config.vocab_size == 6400:  # eval_llm.py of each era
         out.update(do_sample=True, temperature=0.85, top_p=0.95 if config.family == "minimind3" else 0.85, top_k=50)
     return out
 
@@ -150,28 +149,29 @@ def export_hf(source: Source, dst: Path, *, dtype=None, arch: str | None = None,
     config = source.config
     arch = arch or choose_arch(config)
     _check_arch(config, arch)
-    torch_dtype = resolve_export_dtype(dtype, source)
-    cfg = hf_config_dict(config, arch, torch_dtype, allow_drop_rope)
+    torch_dtype = export_dtype(dtype, source.dtype)
+    config_json = hf_config_dict(config, arch, torch_dtype, allow_drop_rope)
     sd = _qwen2_moe_weights(config, source.state_dict) if arch == "qwen2_moe" else source.state_dict
     if source.tokenizer is None:
         log.warning("no tokenizer given: the HF folder will have weights and config only (pass --tokenizer DIR)")
-    with atomic_dir(Path(dst), force) as tmp:
-        tensors = {}
-        with progress(f"Converting to {_CLASS[arch]} ({_DTYPE_NAME[torch_dtype]})", len(sd) + 1,
-                      show_progress) as advance:
-            for key, value in sd.items():
-                # clone: tied/shared storage is refused by safetensors, and a view must not alias the source
-                tensors[key] = value.to(torch_dtype).contiguous().clone()
-                advance()
+    with atomic_output(dst, force, folder=True) as tmp:
+        with progress(f"Converting to {_CLASS[arch]} ({dtype_name(torch_dtype)})", 1, show_progress) as advance:
+            # clone: safetensors refuses shared storage (a tied or viewed tensor), and must not alias the source
+            tensors = {k: v.to(torch_dtype).contiguous().clone() for k, v in sd.items()}
             save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
             advance()
-        (tmp / "config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
-        (tmp / "generation_config.json").write_text(json.dumps(generation_config(config), indent=2) + "\n")
-        if source.tokenizer is not None:
-            save_tokenizer(source.tokenizer, tmp)
+        write_metadata(tmp, config_json, source)
         if arch == "minimind":
             (tmp / "README.md").write_text(_MINIMIND_README.format(era=config.era))
     return Path(dst)
+
+
+def write_metadata(folder: Path, config_json: dict, source: Source) -> None:
+    """config.json, generation_config.json and, when there is one, the tokenizer."""
+    write_json(folder / "config.json", config_json)
+    write_json(folder / "generation_config.json", generation_config(source.config))
+    if source.tokenizer is not None:
+        save_tokenizer(source.tokenizer, folder)
 
 
 _MINIMIND_README = """# {era} (model_type: minimind)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .source import ConvertError, Source, atomic_file, resolve_export_dtype
+from .source import ConvertError, Source, atomic_output, export_dtype
 
 _CHECKED = ("family", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
             "head_dim", "intermediate_size", "rms_norm_eps", "rope_theta", "use_moe", "num_experts",
@@ -21,7 +21,8 @@ _CHECKED = ("family", "vocab_size", "hidden_size", "num_hidden_layers", "num_att
             "hidden_act")  # not rms_norm_fp32_weight: HF Qwen3 vs minimind-3 cast order differs only in fp16/bf16
 
 
-def native_state_dict(source: Source, dtype=torch.float16) -> dict[str, torch.Tensor]:
+def native_state_dict(source: Source, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The original layout: every key, lm_head included even when tied."""
     sd = {k: v.to(dtype).contiguous() for k, v in source.state_dict.items()}
     if source.config.tie_word_embeddings:
         sd["lm_head.weight"] = sd["model.embed_tokens.weight"]  # same storage: saved once by torch.save
@@ -46,9 +47,8 @@ def check_representable(source: Source, sd: dict[str, torch.Tensor]) -> None:
 
 def export_native(source: Source, dst: Path, *, dtype=None, force: bool = False) -> Path:
     """Write `dst` (.pth). dtype None/"auto" -> float16, the original's format."""
-    torch_dtype = torch.float16 if dtype in (None, "auto") else resolve_export_dtype(dtype, source)
-    sd = native_state_dict(source, torch_dtype)
+    sd = native_state_dict(source, export_dtype(dtype, torch.float16))
     check_representable(source, sd)
-    with atomic_file(Path(dst), force) as tmp:
+    with atomic_output(dst, force) as tmp:
         torch.save(sd, tmp)
     return Path(dst)

@@ -12,9 +12,12 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-# No `{{-` trim markers anywhere: every byte between actions is meant (the templates have no cosmetic whitespace).
-from .source import ConvertError, Source, atomic_dir
+from .gguf_export import export_gguf
+from .hf_export import generation_config
+from .source import ConvertError, Source, atomic_output
+from .tokenizer_files import chat_template
 
+# No `{{-` trim markers anywhere: every byte between actions is meant (the templates have no cosmetic whitespace).
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 
 # {{ $last }}: whether this is the final message; {{ $prev }}: the previous message's role (Go has no `sub`).
@@ -82,37 +85,35 @@ def chatml_template(default_system: str | None) -> str:
             f'{{{{ if and $last (ne .Role "assistant") }}}}{IM_START}assistant\n{{{{ end }}}}' + _LOOP_TAIL)
 
 
-def detect_template_era(chat_template: str | None) -> str:
+def detect_template_era(jinja: str | None) -> str:
     """Which hand-written TEMPLATE matches this Jinja chat template."""
-    if not chat_template:
+    if not jinja:
         raise ConvertError("the tokenizer has no chat template: an Ollama model needs one (use a chat tokenizer)")
-    if "open_thinking" in chat_template:
+    if "open_thinking" in jinja:
         return "minimind3"
-    if "enable_thinking" in chat_template and "# Tools" in chat_template:
+    if "enable_thinking" in jinja and "# Tools" in jinja:
         return "2510"
-    if "You are a helpful assistant" in chat_template and "tools" not in chat_template:
+    if "You are a helpful assistant" in jinja and "tools" not in jinja:
         return "minimind2"
-    if IM_START in chat_template and "tools" not in chat_template:
+    if IM_START in jinja and "tools" not in jinja:
         return "chatml"
     raise ConvertError("unrecognised chat template: no Ollama TEMPLATE is known for it; write one by hand "
                        "(https://github.com/ollama/ollama/blob/main/docs/template.md)")
 
 
-def go_template(chat_template: str) -> str:
-    era = detect_template_era(chat_template)
+def go_template(jinja: str) -> str:
+    """The Go TEMPLATE equivalent to this Jinja chat template."""
+    era = detect_template_era(jinja)
     if era == "minimind2":
         return minimind2_template()
     if era in ("2510", "minimind3"):
         return qwen_style_template(era)
-    m = re.search(r"<\|im_start\|>system\\n(.*?)<\|im_end\|>", chat_template) or re.search(
-        r"<\|im_start\|>system\n(.*?)<\|im_end\|>", chat_template)
-    return chatml_template(m.group(1) if m else None)
+    default_system = re.search(r"<\|im_start\|>system(?:\\n|\n)(.*?)<\|im_end\|>", jinja)  # real or escaped newline
+    return chatml_template(default_system.group(1) if default_system else None)
 
 
 def modelfile(gguf_name: str, source: Source) -> str:
-    from .hf_export import generation_config
-
-    template = go_template(getattr(source.tokenizer, "chat_template", None))
+    template = go_template(chat_template(source.tokenizer))
     if '"""' in template:
         raise ConvertError('the TEMPLATE contains """, which a Modelfile cannot quote')
     gen = generation_config(source.config)
@@ -128,11 +129,9 @@ def modelfile(gguf_name: str, source: Source) -> str:
 def export_ollama(source: Source, dst: Path, *, outtype: str = "f16", name: str | None = None,
                   force: bool = False, show_progress: bool = True) -> Path:
     """Folder with `model.gguf`, `Modelfile` and `README.txt` (the `ollama create` command)."""
-    from .gguf_export import export_gguf
-
     name = name or re.sub(r"[^a-z0-9._-]+", "-", source.name.lower()).strip("-") or "minimind"
     text = modelfile("model.gguf", source)  # fails early on an unknown template, before the slow GGUF
-    with atomic_dir(Path(dst), force) as tmp:
+    with atomic_output(dst, force, folder=True) as tmp:
         export_gguf(source, tmp / "model.gguf", outtype=outtype, force=True, show_progress=show_progress)
         (tmp / "Modelfile").write_text(text)
         (tmp / "README.txt").write_text(_README.format(name=name, dst=Path(dst).resolve()))

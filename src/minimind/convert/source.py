@@ -6,8 +6,10 @@ are bit-exact copies of the weights. A LoRA is merged in fp32 and rounded once, 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,8 +17,8 @@ from typing import Any
 
 import torch
 
-from ..errors import CheckpointError
 from ..config import MiniMindConfig
+from ..errors import CheckpointError
 
 
 class ConvertError(ValueError):
@@ -37,16 +39,18 @@ class Source:
 
     @property
     def dtype(self) -> torch.dtype:
-        """The storage dtype of the weights (the most common floating dtype)."""
+        """The storage dtype of the weights: the most common one, fp32 if that is not a float type."""
         counts: dict[torch.dtype, int] = {}
         for t in self.state_dict.values():
             counts[t.dtype] = counts.get(t.dtype, 0) + t.numel()
-        return max(counts, key=counts.get)
+        common = max(counts, key=counts.get)
+        return common if common in (torch.float32, torch.float16, torch.bfloat16) else torch.float32
 
 
-def resolve_export_dtype(dtype: str | torch.dtype | None, source: Source) -> torch.dtype:
+def export_dtype(dtype: str | torch.dtype | None, auto: torch.dtype) -> torch.dtype:
+    """The torch dtype a `dtype` argument names; None and "auto" mean `auto`."""
     if dtype in (None, "auto"):
-        return source.dtype if source.dtype in (torch.float32, torch.float16, torch.bfloat16) else torch.float32
+        return auto
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype.lower() not in DTYPES:
@@ -55,21 +59,20 @@ def resolve_export_dtype(dtype: str | torch.dtype | None, source: Source) -> tor
 
 
 def load_source(model_or_path, *, tokenizer=None, lora=None, need_tokenizer: bool = False) -> Source:
-    """Read a checkpoint path (anything `load_model` reads) or take a loaded MiniMindForCausalLM.
-
-    tokenizer: a tokenizer object, a folder/GGUF path, or None (taken from the source folder/GGUF if it has one).
-    lora: an original LoRA file merged into the weights first (its fit is checked by `load_lora`).
-    """
-    from ..checkpoint.loader import check_tokenizer_matches, load_tokenizer, read_checkpoint
+    """Read a checkpoint path (anything `load_model` reads; None = the embedded default model) or take a loaded
+    MiniMindForCausalLM. tokenizer: an object, a folder/GGUF path, or None (the source's own, if it has one)."""
+    from ..checkpoint.loader import check_tokenizer_matches, read_checkpoint
     from ..model.keys import normalize_state_dict
+    from ..model.lora import merged_state_dict
 
+    if model_or_path is None:
+        from ..checkpoint.default_model import default_model_dir
+
+        model_or_path = default_model_dir()
     if isinstance(model_or_path, torch.nn.Module):
-        config = model_or_path.config
-        from ..model.lora import lora_layers, merged_state_dict
-
-        sd = merged_state_dict(model_or_path) if lora_layers(model_or_path) else dict(model_or_path.state_dict())
-        name = Path(str(getattr(model_or_path, "name_or_path", "") or "minimind")).stem or "minimind"
+        config, sd = model_or_path.config, merged_state_dict(model_or_path)
         src_path = Path(getattr(model_or_path, "name_or_path", "") or ".")
+        name = Path(str(getattr(model_or_path, "name_or_path", "") or "minimind")).stem or "minimind"
     else:
         src_path = Path(model_or_path).expanduser()
         if not src_path.exists():
@@ -81,100 +84,75 @@ def load_source(model_or_path, *, tokenizer=None, lora=None, need_tokenizer: boo
         sd = _merge_lora(config, sd, lora)
     if config.tie_word_embeddings:
         sd.pop("lm_head.weight", None)
-    tok = _resolve_tokenizer(tokenizer, src_path, load_tokenizer)
+    tok = _tokenizer(tokenizer, src_path)
     if tok is not None:
         check_tokenizer_matches(tok, config)
     elif need_tokenizer:
-        raise ConvertError(f"{model_or_path if not isinstance(model_or_path, torch.nn.Module) else 'the model'} has "
-                           "no tokenizer next to the weights: pass --tokenizer DIR (the folder with tokenizer.json "
-                           "and tokenizer_config.json; for the original layout that is the repository's `model/`)")
+        what = "the model" if isinstance(model_or_path, torch.nn.Module) else model_or_path
+        raise ConvertError(f"{what} has no tokenizer next to the weights: pass --tokenizer DIR (the folder with "
+                           "tokenizer.json and tokenizer_config.json; for the original layout that is the "
+                           "repository's `model/`)")
     return Source(config, sd, tok, name)
 
 
-def _resolve_tokenizer(tokenizer, src_path: Path, load_tokenizer):
-    if tokenizer is not None and not isinstance(tokenizer, (str, Path)):
-        return tokenizer
+def _tokenizer(tokenizer, src_path: Path):
+    from ..checkpoint.loader import load_tokenizer
+
     if tokenizer is not None:
-        return load_tokenizer(tokenizer)
-    folder_has = src_path.is_dir() and any((src_path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
-    if folder_has or src_path.suffix == ".gguf" or (src_path.is_dir() and any(src_path.glob("*.gguf"))):
+        return load_tokenizer(tokenizer) if isinstance(tokenizer, (str, Path)) else tokenizer
+    has_files = src_path.is_dir() and any((src_path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
+    if has_files or src_path.suffix == ".gguf" or (src_path.is_dir() and any(src_path.glob("*.gguf"))):
         return load_tokenizer(src_path)
     return None
 
 
 def _merge_lora(config: MiniMindConfig, sd: dict, lora) -> dict:
     """W + B A for every adapter, in fp32; merged weights stay fp32 so the export dtype rounds them once."""
+    from ..checkpoint.lora import load_lora
     from ..model import MiniMindForCausalLM
-    from ..checkpoint.lora import load_lora, merged_state_dict
+    from ..model.lora import lora_layers, merged_state_dict
 
-    dtypes = {k: v.dtype for k, v in sd.items()}
     with torch.device("meta"):
         model = MiniMindForCausalLM(config)
     model.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True, assign=True)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     load_lora(model, lora)  # CheckpointError naming the file if it does not fit
-    merged = merged_state_dict(model)
-    changed = {k[: -len(".lora.A.weight")] + ".weight" for k in _lora_keys(lora, model)}
-    return {k: v if k in changed else v.to(dtypes.get(k, v.dtype)) for k, v in merged.items()}
+    adapted = {f"{name}.weight" for name in lora_layers(model)}
+    return {k: v if k in adapted or k not in sd else v.to(sd[k].dtype) for k, v in merged_state_dict(model).items()}
 
 
-def _lora_keys(lora, model) -> list[str]:
-    from ..model.lora import lora_layers
-
-    return [f"{name}.lora.A.weight" for name in lora_layers(model)]
-
-
-# ------------------------------------------------------------------------------------------------ safe output
-def check_destination(dst: Path, force: bool) -> None:
+@contextlib.contextmanager
+def atomic_output(dst: Path, force: bool = False, *, folder: bool = False):
+    """Yield a temporary file (or folder) path next to `dst` that replaces `dst` only if the block finishes:
+    a failed export leaves no half-written output behind and keeps the old one."""
+    dst = Path(dst)
     if dst.exists() and not force:
         kind = "folder" if dst.is_dir() else "file"
         raise ConvertError(f"{dst}: {kind} exists; pass --force (force=True) to replace it")
     dst.parent.mkdir(parents=True, exist_ok=True)
-
-
-@contextlib.contextmanager
-def atomic_file(dst: Path, force: bool = False):
-    """Yield a temp path next to `dst`; rename it to `dst` only if the block finished (no half-written file)."""
-    dst = Path(dst)
-    check_destination(dst, force)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
-    os.close(fd)
-    tmp = Path(tmp)
+    work = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent))
+    tmp, old = (work if folder else work / dst.name), work.with_suffix(".old")
     try:
         yield tmp
-        if dst.is_dir():
-            shutil.rmtree(dst)
+        if dst.exists():  # os.replace cannot put a file over a folder or a folder over anything
+            os.replace(dst, old)
         os.replace(tmp, dst)
     finally:
-        tmp.unlink(missing_ok=True)
+        for leftover in (work, old):
+            if leftover.is_dir():
+                shutil.rmtree(leftover, ignore_errors=True)
+            else:
+                leftover.unlink(missing_ok=True)
 
 
-@contextlib.contextmanager
-def atomic_dir(dst: Path, force: bool = False):
-    """Yield a temp folder next to `dst`; it replaces `dst` only if the block finished."""
-    dst = Path(dst)
-    check_destination(dst, force)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent))
-    try:
-        yield tmp
-        if dst.exists():
-            old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-            os.replace(dst, old)
-            os.replace(tmp, dst)
-            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
-        else:
-            os.replace(tmp, dst)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+def write_json(path: Path, data: dict) -> None:
+    Path(path).write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
 @contextlib.contextmanager
 def progress(description: str, total: int, enabled: bool = True):
     """A rich progress bar on stderr (transient); yields advance(n=1). Silent when disabled or not a terminal."""
-    import sys
-
     if not enabled or not sys.stderr.isatty():
         yield lambda n=1: None
         return

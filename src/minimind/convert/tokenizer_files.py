@@ -10,11 +10,22 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .source import write_json
+
 _V5_ONLY = ("backend", "is_local", "local_files_only", "model_specific_special_tokens", "name_or_path",
             "auto_map", "processor_class")
 
 
-def save_tokenizer(tokenizer, folder: Path, chat_template: str | None = None) -> None:
+def chat_template(tokenizer) -> str | None:
+    """The tokenizer's chat template; of named templates, the default one."""
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, dict):
+        template = template.get("default") or next(iter(template.values()))
+    return template
+
+
+def save_tokenizer(tokenizer, folder: Path) -> None:
+    """save_pretrained, then tokenizer_config.json rewritten so that transformers 4.x and 5.x both read it."""
     folder = Path(folder)
     tokenizer.save_pretrained(str(folder))
     cfg_path = folder / "tokenizer_config.json"
@@ -24,16 +35,13 @@ def save_tokenizer(tokenizer, folder: Path, chat_template: str | None = None) ->
         cfg["additional_special_tokens"] = extra
     for key in _V5_ONLY:
         cfg.pop(key, None)
-    template = chat_template if chat_template is not None else getattr(tokenizer, "chat_template", None)
-    if isinstance(template, dict):  # named templates: keep the default one
-        template = template.get("default") or next(iter(template.values()))
     cfg.update(tokenizer_class="PreTrainedTokenizerFast", extra_special_tokens={}, add_bos_token=False,
                add_eos_token=False)
     cfg.setdefault("clean_up_tokenization_spaces", False)
+    template = chat_template(tokenizer)
     if template:
         cfg["chat_template"] = template
         (folder / "chat_template.jinja").write_text(template)
-    cfg_path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
-    (folder / "special_tokens_map.json").write_text(json.dumps(
-        {k: cfg[k] for k in ("bos_token", "eos_token", "pad_token", "unk_token") if cfg.get(k)}, indent=2,
-        ensure_ascii=False) + "\n")
+    write_json(cfg_path, cfg)
+    write_json(folder / "special_tokens_map.json",
+               {k: cfg[k] for k in ("bos_token", "eos_token", "pad_token", "unk_token") if cfg.get(k)})

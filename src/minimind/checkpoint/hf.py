@@ -44,16 +44,13 @@ def read_hf_folder(path: Path, kind: str, dtype: torch.dtype | None = None
 
 def read_weights(folder: Path, dtype: torch.dtype | None = None) -> tuple[Path, dict[str, torch.Tensor]]:
     """Load the folder's weights (single or sharded safetensors / pytorch_model.bin) -> (file named in errors, sd)."""
-    for name in _WEIGHT_FILES:
-        candidate = folder / name
-        if candidate.is_file():
-            break
-    else:
+    candidate = next((folder / name for name in _WEIGHT_FILES if (folder / name).is_file()), None)
+    if candidate is None:
         found = sorted(p.name for p in folder.iterdir() if p.suffix in (".safetensors", ".bin", ".pth", ".gguf"))
         raise CheckpointError(folder, "has config.json but no weights file (expected one of "
                               f"{', '.join(_WEIGHT_FILES)}; found {found or 'none'}). Download the weights too "
                               "(for a git clone: `git lfs pull`).")
-    if name.endswith(".index.json"):
+    if candidate.name.endswith(".index.json"):
         try:
             weight_map = json.loads(candidate.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError, UnicodeDecodeError) as exc:
@@ -80,16 +77,13 @@ def split_fused_experts(sd: dict[str, torch.Tensor], source: Path) -> dict[str, 
         prefix, which = m.groups()
         if value.dim() != 3:
             raise CheckpointError(source, f"`{key}` has shape {tuple(value.shape)}; fused experts must be 3-D")
-        if which == "gate_up_proj":
-            if value.shape[1] % 2:
-                raise CheckpointError(source, f"`{key}` has an odd middle dimension {value.shape[1]} (expected 2*I)")
-            gate, up = value.chunk(2, dim=1)  # [E, I, H] each: gate first, as Qwen3MoeExperts.forward splits
+        if which == "gate_up_proj" and value.shape[1] % 2:
+            raise CheckpointError(source, f"`{key}` has an odd middle dimension {value.shape[1]} (expected 2*I)")
+        # gate first, as Qwen3MoeExperts.forward splits; down [E, H, I]: each [H, I] is nn.Linear(I, H).weight
+        parts = zip(("gate_proj", "up_proj"), value.chunk(2, dim=1)) if which == "gate_up_proj" else [(which, value)]
+        for name, stacked in parts:
             for e in range(value.shape[0]):
-                out[f"{prefix}.{e}.gate_proj.weight"] = gate[e]
-                out[f"{prefix}.{e}.up_proj.weight"] = up[e]
-        else:
-            for e in range(value.shape[0]):
-                out[f"{prefix}.{e}.down_proj.weight"] = value[e]  # [H, I] = nn.Linear(I, H).weight
+                out[f"{prefix}.{e}.{name}.weight"] = stacked[e]
     return out
 
 
@@ -139,10 +133,18 @@ def _hf_config(raw: dict, sd: dict, kind: str, cfg_path: Path) -> MiniMindConfig
                max_position_embeddings=hf.max_position_embeddings, rms_norm_eps=hf.rms_norm_eps,
                rope_theta=theta, rope_scaling=scaling, tie_word_embeddings=is_tied(sd, hf.tie_word_embeddings),
                bos_token_id=hf.bos_token_id, eos_token_id=hf.eos_token_id, pad_token_id=hf.pad_token_id)
-    if kind != fmt.HF_LLAMA:
-        _reject_sliding_window(hf, cfg_path)
+    layer_types = getattr(hf, "layer_types", None) or []
+    if kind != fmt.HF_LLAMA and getattr(hf, "sliding_window", None) and "sliding_attention" in layer_types:
+        raise CheckpointError(cfg_path, f"sliding-window attention is active (sliding_window={hf.sliding_window} on "
+                              f"{layer_types.count('sliding_attention')} layer(s)); only full attention is "
+                              "supported. Set use_sliding_window=false if the model was not trained with it.")
     if kind == fmt.HF_QWEN3_MOE:
-        _reject_dense_layers(hf, cfg_path)
+        step, dense_only = getattr(hf, "decoder_sparse_step", 1) or 1, getattr(hf, "mlp_only_layers", None) or []
+        dense = [i for i in range(hf.num_hidden_layers) if i in dense_only or (i + 1) % step]
+        if dense:
+            raise CheckpointError(cfg_path, f"layers {dense} are dense MLP layers (mlp_only_layers / "
+                                  f"decoder_sparse_step={step}); mixing dense and MoE layers is not supported: every "
+                                  "layer must be MoE.")
         cfg.update(use_moe=True, num_experts=hf.num_experts, num_experts_per_tok=hf.num_experts_per_tok,
                    moe_intermediate_size=hf.moe_intermediate_size, norm_topk_prob=hf.norm_topk_prob)
     return llama_or_qwen3_config(cfg_path, qwen3=kind != fmt.HF_LLAMA, **cfg)
@@ -158,23 +160,6 @@ def llama_or_qwen3_config(source: Path, qwen3: bool, **fields) -> MiniMindConfig
         return MiniMindConfig(**fields)
     except ValueError as exc:
         raise CheckpointError(source, str(exc)) from None
-
-
-def _reject_sliding_window(hf, cfg_path: Path) -> None:
-    layer_types = getattr(hf, "layer_types", None) or []
-    if getattr(hf, "sliding_window", None) and "sliding_attention" in layer_types:
-        raise CheckpointError(cfg_path, f"sliding-window attention is active (sliding_window={hf.sliding_window} on "
-                              f"{layer_types.count('sliding_attention')} layer(s)); only full attention is "
-                              "supported. Set use_sliding_window=false if the model was not trained with it.")
-
-
-def _reject_dense_layers(hf, cfg_path: Path) -> None:
-    n = hf.num_hidden_layers
-    step = getattr(hf, "decoder_sparse_step", 1) or 1
-    dense = [i for i in range(n) if i in (getattr(hf, "mlp_only_layers", None) or []) or (i + 1) % step]
-    if dense:
-        raise CheckpointError(cfg_path, f"layers {dense} are dense MLP layers (mlp_only_layers / decoder_sparse_step="
-                              f"{step}); mixing dense and MoE layers is not supported: every layer must be MoE.")
 
 
 def _rope(hf, head_dim: int, cfg_path: Path) -> tuple[float, dict | None]:

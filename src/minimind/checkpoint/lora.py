@@ -28,23 +28,19 @@ from .native import read_torch_file
 _KEY = re.compile(r"^(.+)\.lora\.([AB])\.weight$")
 
 
-def _read(source, model: nn.Module) -> tuple[str, dict[str, torch.Tensor]]:
-    if isinstance(source, dict):
-        return "LoRA state_dict", source
-    config = getattr(model, "config", None)
-    path = resolve_lora_path(source, hidden_size=getattr(config, "hidden_size", 512),
-                             use_moe=getattr(config, "use_moe", False))
-    return str(path), read_torch_file(path)
-
-
 def read_adapter(model: nn.Module, path_or_state_dict) -> tuple[int, dict[str, dict[str, torch.Tensor]]]:
-    """Read and check an original LoRA file (any era) against `model` without changing it.
+    """Read and check a MiniMind LoRA file (any era) or state_dict against `model` without changing it.
 
-    -> (rank, {layer name: {"A": [r, in], "B": [out, r]}}). Safe (weights-only) load; `module.`/`_orig_mod.`
-    prefixes stripped. The adapter must cover exactly the model's square Linears with fitting shapes, otherwise a
-    CheckpointError names the file and what does not fit.
+    -> (rank, {layer name: {"A": [r, in], "B": [out, r]}}). The adapter must cover exactly the model's square
+    Linears with fitting shapes, otherwise a CheckpointError names the file and what does not fit.
     """
-    where, raw = _read(path_or_state_dict, model)
+    config = getattr(model, "config", None)
+    if isinstance(path_or_state_dict, dict):
+        where, raw = "LoRA state_dict", path_or_state_dict
+    else:
+        path = resolve_lora_path(path_or_state_dict, hidden_size=getattr(config, "hidden_size", 512),
+                                 use_moe=getattr(config, "use_moe", False))
+        where, raw = str(path), read_torch_file(path)
     sd = strip_prefixes(raw)
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     other = []
@@ -69,7 +65,6 @@ def read_adapter(model: nn.Module, path_or_state_dict) -> tuple[int, dict[str, d
         raise CheckpointError(where, f"inconsistent adapter shapes (ranks found: {sorted(ranks)})")
     rank = ranks.pop()
     targets = lora_layers(model) or square_linears(model)
-    config = getattr(model, "config", None)
     model_hidden = getattr(config, "hidden_size", None) or next(iter(targets.values())).in_features
     for name, p in sorted(pairs.items()):
         layer = targets.get(name)
@@ -122,27 +117,19 @@ def save_lora(model: nn.Module, path: str | Path) -> Path:
     return path
 
 
-def lora_candidates(save_dir: str, name: str, hidden_size: int, use_moe: bool) -> list[Path]:
-    """Every place an original script of some era saved LoRA `name` (see minimind-compat.md, LoRA)."""
-    moe = "_moe" if use_moe else ""
-    base = Path(save_dir)
-    return [base / "lora" / f"{name}_{hidden_size}{moe}.pth", base / f"{name}_{hidden_size}{moe}.pth",
-            base / "lora" / f"{name}_{hidden_size}.pth", base / f"{name}_{hidden_size}.pth",
-            base.parent / "out" / "lora" / f"{name}_{hidden_size}.pth"]
-
-
 def resolve_lora_path(name_or_path: str | Path, save_dir: str | Path = "out", hidden_size: int = 512,
                       use_moe: bool = False) -> Path:
-    """An existing file as given, else the first existing historic location of LoRA `name`
-    (`out/lora/{name}_{h}.pth`, `out/{name}_{h}{_moe}.pth`, ...). Raises CheckpointError listing every path tried."""
+    """An existing file as given, else the first existing place a MiniMind script of some era saved LoRA `name`
+    (see minimind-compat.md, LoRA). Raises CheckpointError listing every path tried."""
     given = Path(name_or_path).expanduser()
     if given.is_file():
         return given
     tried = [given]
     if given.suffix not in (".pth", ".pt", ".bin") and len(given.parts) == 1:  # a bare name like lora_identity
-        name, base = str(name_or_path), Path(save_dir)
-        for cand in [*lora_candidates(str(save_dir), name, hidden_size, use_moe),
-                     base / "lora" / f"{name}.pth", base / f"{name}.pth"]:
+        sized, base, moe = f"{name_or_path}_{hidden_size}", Path(save_dir), "_moe" if use_moe else ""
+        for cand in (base / "lora" / f"{sized}{moe}.pth", base / f"{sized}{moe}.pth", base / "lora" / f"{sized}.pth",
+                     base / f"{sized}.pth", base.parent / "out" / "lora" / f"{sized}.pth",
+                     base / "lora" / f"{name_or_path}.pth", base / f"{name_or_path}.pth"):
             if cand not in tried:
                 tried.append(cand)
             if cand.is_file():

@@ -1,7 +1,7 @@
-"""ModelSpec: which model to run and how to load it, from the original eval_llm.py flags or from code.
+"""ModelSpec: which model to run and how to load it, from MiniMind's eval_llm.py flags or from code.
 
-`minimind chat`, `serve` and `web` add the same flags with `ModelSpec.add_arguments` and turn the parsed
-arguments into a ModelSpec with `from_args`; nothing below this module sees an argparse Namespace.
+`minimind chat`, `serve` and `web` add the flags with `ModelSpec.add_arguments` and build a ModelSpec with
+`from_args`; nothing below this module sees an argparse Namespace.
 """
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from ..errors import CheckpointError
+from . import detect as fmt
 
 SEED_HIDDEN_SIZES = (512, 768, 640)  # tried in this order when --hidden_size is not given
 NO_LORA = (None, "", "None", "none")
@@ -100,10 +101,8 @@ class ModelSpec:
         return None if self.dtype == "auto" else self.dtype
 
     def resolve(self) -> Source:
-        """Follows the original's rules, minus its `'model' in path` test: a tokenizer-only folder means the native
-        layout (`{save_dir}/{weight}_{hidden}[_moe].pth`); a model folder or GGUF is used as is."""
-        from . import detect as fmt
-
+        """eval_llm.py's rules minus its `'model' in path` test: a tokenizer-only folder means the native layout
+        (`{save_dir}/{weight}_{hidden}[_moe].pth`); a model folder or GGUF is used as is."""
         tokenizer = Path(self.tokenizer) if self.tokenizer else None
         if self.model:
             model = Path(self.model).expanduser()
@@ -145,20 +144,13 @@ class ModelSpec:
         return resolve_lora_path(name, self.save_dir, hidden_size or self.hidden_size or 512, self.use_moe)
 
     def load(self, device: str = "cpu", source: Source | None = None):
-        """(model, tokenizer) with --lora_weight applied. On CPU the plain-torch model class (what the engine
-        runs; no transformers modeling stack), elsewhere MiniMindForCausalLM (HF generate)."""
-        from . import detect
+        """(model, tokenizer) with --lora_weight applied: MiniMindLM on CPU (what the engine runs), elsewhere
+        MiniMindForCausalLM (HF generate)."""
         from .loader import check_tokenizer_matches, load_model, load_tokenizer
 
         source = source or self.resolve()
-        if source.model is None:
-            try:
-                from . import default_model  # noqa: F401  (present once the default model is installed)
-            except ImportError as exc:
-                raise RuntimeError(f"no model given and the embedded default model is unavailable ({exc}); pass "
-                                   "--model PATH, or --load_from/--save_dir/--weight for the original layout") from None
-        else:
-            detect.detect(source.model)  # an unusable model path is named as such, not as a tokenizer problem
+        if source.model is not None:
+            fmt.detect(source.model)  # an unusable model path is named as such, not as a tokenizer problem
         tokenizer = load_tokenizer(source.tokenizer)  # before the weights: it is quick and fails early
         model = load_model(source.model, inference_rope_scaling=self.inference_rope_scaling, dtype=self.dtype_or_none,
                            device=device, light=device == "cpu")

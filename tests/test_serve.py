@@ -1,49 +1,25 @@
-"""`minimind serve` against the official openai client: a real uvicorn server on 127.0.0.1 (random free port)
-serving a tiny random model with the real minimind-3 tokenizer. A second served id ("scripted") replays a fixed
-reply, so tool calls and reasoning can be checked although a random model never writes them."""
+"""`minimind serve` against the official openai client: a real server on 127.0.0.1 (random free port; the app
+under uvicorn and under hypercorn) serving a tiny random model with the real minimind-3 tokenizer. A second
+served id ("scripted") replays a fixed reply, so tool calls and reasoning can be checked although a random model
+never writes them."""
 from __future__ import annotations
 
-import contextlib
 import json
 import socket
-import threading
 import time
 
 import httpx
 import pytest
 import torch
 
-from conftest import tiny_model, tokenizer_dir
+from conftest import ASGI_SERVERS, serve, tiny_model, tokenizer_dir
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
-uvicorn = pytest.importorskip("uvicorn")
+pytest.importorskip("uvicorn")
+pytest.importorskip("hypercorn")
 
 MSG = [{"role": "user", "content": "你好"}]
-
-
-@contextlib.contextmanager
-def serve(app, listener: socket.socket | None = None):
-    """Run `app` on 127.0.0.1:<free port> (or on a bound `listener`) in a thread; yields the base URL; stops
-    (gracefully) on exit."""
-    if listener is None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-    else:
-        port = listener.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [listener] if listener else None}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
 
 
 def script(llm, tokenizer, text_holder: dict):
@@ -76,8 +52,8 @@ def tokenizer():
     return AutoTokenizer.from_pretrained(str(tokenizer_dir("minimind-3")))
 
 
-@pytest.fixture(scope="module")
-def server(tokenizer):
+@pytest.fixture(scope="module", params=ASGI_SERVERS)
+def server(tokenizer, request):
     from minimind.engine import LLM
     from minimind.serve import create_app
 
@@ -87,7 +63,7 @@ def server(tokenizer):
     holder = {"text": "hello"}
     script(scripted, tokenizer, holder)
     app = create_app({"tiny": llm, "scripted": scripted})
-    with serve(app) as url:
+    with serve(app, server=request.param) as url:
         yield {"url": url, "app": app, "holder": holder, "engine": app.state.ctx.engines["tiny"]}
 
 
@@ -97,7 +73,7 @@ def client(server):
 
 
 def test_chat_non_stream_usage_and_logprobs(client, tokenizer):
-    from minimind.chat.template import render_prompt
+    from minimind.text.template import render_prompt
 
     r = client.chat.completions.create(model="tiny", messages=MSG, max_tokens=8, temperature=0, logprobs=True,
                                        top_logprobs=3)
@@ -136,41 +112,23 @@ def test_sse_framing_and_done(server):
     assert "usage" not in json.loads(events[1][6:])  # no usage unless asked for
 
 
-@pytest.mark.parametrize("path", ["socket", "event loop"])
-def test_a_client_that_stops_reading_gets_every_chunk_in_order(tokenizer, monkeypatch, path):
-    """A client that reads nothing for a while fills the socket buffers. Written on the engine's thread
-    (socket_writer.SocketWriter), a send that does not take a whole chunk hands it and every later one to the
-    transport; on the event loop (sse.ChunkWriter: a server where the socket cannot be used), uvicorn's send waits
-    for the transport to drain and the writer queues the later chunks behind it. Once the client reads, every
-    choice streamed equals the same request not streamed."""
+@pytest.mark.parametrize("asgi", ASGI_SERVERS)
+def test_a_client_that_stops_reading_gets_everything_merged(tokenizer, asgi):
+    """A client that reads nothing fills the socket buffers; the engine does not wait for it and finishes the
+    request meanwhile, its outputs merged in the request's collector. Once the client reads, every choice streamed
+    equals the same request not streamed, in fewer chunks than tokens."""
     from minimind.engine import LLM
-    from minimind.serve import create_app, socket_writer, sse
+    from minimind.serve import create_app
 
-    waited = []
-    if path == "socket":
-        later = socket_writer.SocketWriter._write_later
-
-        def counted(self, frame):  # the real path, counted
-            waited.append(1)
-            later(self, frame)
-
-        monkeypatch.setattr(socket_writer.SocketWriter, "_write_later", counted)
-    else:
-        drain = sse.ChunkWriter._drain
-
-        async def counted(self, coro, awaited):
-            waited.append(1)
-            await drain(self, coro, awaited)
-
-        monkeypatch.setattr(sse.ChunkWriter, "_drain", counted)
-        monkeypatch.setattr(socket_writer.SocketWriter, "of", classmethod(lambda cls, send, sender: None))
     body = {"model": "tiny", "messages": MSG, "max_tokens": 64, "temperature": 0, "ignore_eos": True, "n": 4,
             "logprobs": True, "top_logprobs": 20}  # ~1 KB per token and choice: far more than the buffers hold
     llm = LLM(tiny_model("minimind3", vocab_size=6400), tokenizer=tokenizer, max_num_seqs=4, max_model_len=256)
+    app = create_app({"tiny": llm})
+    engine = app.state.ctx.engines["tiny"]
     listener = socket.socket()
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)  # inherited by its connections: a small kernel
     listener.bind(("127.0.0.1", 0))  # buffer, else the kernel would take megabytes before the server has to wait
-    with serve(create_app({"tiny": llm}), listener) as url, socket.socket() as sock:  # the server closes listener
+    with serve(app, listener, asgi) as url, socket.socket() as sock:  # the server closes listener
         whole = httpx.post(url + "/v1/chat/completions", json=body, timeout=120).json()
         payload = json.dumps({**body, "stream": True}).encode()
         host, port = url.removeprefix("http://").split(":")
@@ -178,10 +136,8 @@ def test_a_client_that_stops_reading_gets_every_chunk_in_order(tokenizer, monkey
         sock.connect((host, int(port)))
         sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                      b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(payload), payload))
-        deadline = time.monotonic() + 60
-        while not waited:  # not reading until a send has had to wait
-            assert time.monotonic() < deadline, "the server never had to wait for this client"
-            time.sleep(0.05)
+        time.sleep(0.2)  # the request is in
+        wait_idle(engine, 60)  # finished while the client read nothing
         sock.settimeout(60)
         raw = b"".join(iter(lambda: sock.recv(65536), b""))
     head, chunked = raw.split(b"\r\n\r\n", 1)
@@ -193,17 +149,19 @@ def test_a_client_that_stops_reading_gets_every_chunk_in_order(tokenizer, monkey
         pos = start + size + 2
     events = [e[6:] for e in b"".join(data).split(b"\n\n") if e]
     assert events[-1] == b"[DONE]"
-    content, tokens, finish = {}, {}, {}
+    content, tokens, finish, chunks = {}, {}, {}, {}
     for e in map(json.loads, events[:-1]):
         for c in e["choices"]:
             i = c["index"]
             content[i] = content.get(i, "") + (c["delta"].get("content") or "")
             tokens[i] = tokens.get(i, 0) + len((c.get("logprobs") or {}).get("content") or [])
             finish[i] = c["finish_reason"] or finish.get(i)
+            chunks[i] = chunks.get(i, 0) + 1
     for c in whole["choices"]:
         i = c["index"]
         assert content[i] == c["message"]["content"] and finish[i] == c["finish_reason"] == "length"
         assert tokens[i] == len(c["logprobs"]["content"]) == 64
+        assert chunks[i] < 64, "the outputs the client did not read were not merged"
 
 
 def test_completions_n_echo_and_stream(client):
@@ -307,20 +265,45 @@ def test_models_health_tokenize_detokenize_chat_metrics(server, tokenizer):
     assert httpx.get(url + "/docs").status_code == 200
 
 
-@pytest.mark.parametrize("route,prompt", [("chat", None), ("completions", "x"), ("completions", ["x", "y"])],
-                         ids=["chat", "completion", "two-prompt completion"])
-def test_client_disconnect_frees_slot(server, route, prompt):
-    # one prompt streams straight from its request handle, several through a relay: both abort on disconnect
+@pytest.mark.parametrize("route,prompt,stream", [("chat", None, True), ("completions", "x", True),
+                                                 ("completions", ["x", "y"], True), ("chat", None, False)],
+                         ids=["chat", "completion", "two-prompt completion", "chat not streamed"])
+def test_client_disconnect_aborts_the_requests(server, monkeypatch, route, prompt, stream):
+    """A client that leaves mid-answer: its requests end as aborted (not by running out of tokens) and free their
+    KV slots. Streamed: the response's body stops; not streamed: a watcher of the connection notices."""
+    import time as clock
+
     engine = server["engine"]
-    body = {"model": "tiny", "max_tokens": 150, "stream": True, "ignore_eos": True,
+    sample = engine.llm.runner.sample
+
+    def slow(logits, seqs):  # 400 tokens then take seconds: the requests cannot finish by themselves meanwhile
+        clock.sleep(0.005)
+        return sample(logits, seqs)
+
+    monkeypatch.setattr(engine.llm.runner, "sample", slow)
+    ended = {}
+
+    def hook(outs):
+        ended.update((o.request_id, o.outputs[0].finish_reason) for o in outs if o.finished)
+
+    engine.step_hooks.append(hook)
+    body = {"model": "tiny", "max_tokens": 400, "stream": stream, "ignore_eos": True,
             **({"messages": MSG} if route == "chat" else {"prompt": prompt})}
-    with httpx.stream("POST", f"{server['url']}/v1/{'chat/' if route == 'chat' else ''}completions", json=body,
-                      timeout=60) as r:
-        lines = r.iter_lines()
-        for _ in range(4):
-            next(lines)
-    s = wait_idle(engine)
+    url = f"{server['url']}/v1/{'chat/' if route == 'chat' else ''}completions"
+    try:
+        if stream:
+            with httpx.stream("POST", url, json=body, timeout=60) as r:
+                lines = r.iter_lines()
+                for _ in range(4):
+                    next(lines)
+        else:
+            with pytest.raises(httpx.ReadTimeout):  # the client gives up waiting and closes the connection
+                httpx.post(url, json=body, timeout=httpx.Timeout(60, read=0.3))
+        s = wait_idle(engine)
+    finally:
+        engine.step_hooks.remove(hook)
     assert s["running"] == 0
+    assert sorted(ended.values()) == ["abort"] * (len(prompt) if isinstance(prompt, list) else 1)
 
 
 SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 8}, "ok": {"type": "boolean"},
@@ -359,8 +342,8 @@ def test_lora_adapters_are_model_ids_sharing_one_engine(tokenizer):
     import copy
     from concurrent.futures import ThreadPoolExecutor
 
+    from minimind.checkpoint.lora import apply_lora, load_lora, lora_layers
     from minimind.engine import LLM
-    from minimind.model.lora import apply_lora, load_lora, lora_layers
     from minimind.serve import create_app
 
     base = tiny_model("minimind3", vocab_size=6400)

@@ -1,5 +1,6 @@
 """Every error case of `minimind serve` answers with the OpenAI envelope {"error": {message, type, param, code}}
-and the right status, checked with both raw HTTP and the official openai client."""
+and the right status, checked with both raw HTTP and the official openai client, under each ASGI server; the
+middlewares (API key, metrics, any the app adds) see every response, streamed ones included."""
 from __future__ import annotations
 
 import json
@@ -8,8 +9,8 @@ import time
 import httpx
 import pytest
 
-from conftest import tiny_model, tokenizer_dir
-from test_serve import MSG, serve, wait_idle
+from conftest import ASGI_SERVERS, serve, tiny_model, tokenizer_dir
+from test_serve import MSG, wait_idle
 
 openai = pytest.importorskip("openai")
 
@@ -30,10 +31,15 @@ def make_app(tokenizer, **kwargs):
     return create_app(llm, served_model_name="tiny", **kwargs), llm
 
 
+@pytest.fixture(scope="module", params=ASGI_SERVERS)
+def asgi(request):
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def url(tokenizer):
+def url(tokenizer, asgi):
     app, _ = make_app(tokenizer)
-    with serve(app) as base:
+    with serve(app, server=asgi) as base:
         yield base
 
 
@@ -87,9 +93,9 @@ def test_context_overflow_vllm_wording(url):
     assert "maximum context length is 128 tokens" in err["message"] and "input tokens" in err["message"]
 
 
-def test_api_key(tokenizer):
+def test_api_key(tokenizer, asgi):
     app, _ = make_app(tokenizer, api_key="sekret")
-    with serve(app) as base:
+    with serve(app, server=asgi) as base:
         assert envelope(post(base, {"messages": MSG}), 401)["type"] == "authentication_error"
         assert envelope(post(base, {"messages": MSG}, headers={"Authorization": "Bearer wrong"}), 401)
         ok = post(base, {"messages": MSG, "max_tokens": 2}, headers={"Authorization": "Bearer sekret"})
@@ -100,7 +106,7 @@ def test_api_key(tokenizer):
         assert openai.OpenAI(base_url=base + "/v1", api_key="sekret").models.list().data[0].id == "tiny"
 
 
-def test_queue_full_429_with_retry_after(tokenizer):
+def test_queue_full_429_with_retry_after(tokenizer, asgi):
     app, llm = make_app(tokenizer, max_num_seqs=1, max_queue=0)
     engine = app.state.ctx.engines["tiny"]
     original = llm.runner.sample
@@ -110,7 +116,7 @@ def test_queue_full_429_with_retry_after(tokenizer):
         return original(logits, seqs)
 
     llm.runner.sample = slow
-    with serve(app) as base:
+    with serve(app, server=asgi) as base:
         body = {"messages": MSG, "max_tokens": 100, "stream": True, "ignore_eos": True}
         with httpx.stream("POST", base + "/v1/chat/completions", json=body, timeout=60) as r:
             lines = r.iter_lines()  # keep a reference: a collected iterator closes the response (= disconnect)
@@ -121,7 +127,7 @@ def test_queue_full_429_with_retry_after(tokenizer):
         assert post(base, {"messages": MSG, "max_tokens": 2}).status_code == 200
 
 
-def test_engine_failure_mid_stream_is_an_error_event(tokenizer):
+def test_engine_failure_mid_stream_is_an_error_event(tokenizer, asgi):
     app, llm = make_app(tokenizer)
     original = llm.runner.sample
     state = {"calls": 0}
@@ -133,7 +139,7 @@ def test_engine_failure_mid_stream_is_an_error_event(tokenizer):
         return original(logits, seqs)
 
     llm.runner.sample = flaky
-    with serve(app) as base:
+    with serve(app, server=asgi) as base:
         body = {"messages": MSG, "max_tokens": 10, "stream": True, "ignore_eos": True}
         with httpx.stream("POST", base + "/v1/chat/completions", json=body, timeout=60) as r:
             events = [line[6:] for line in r.iter_lines() if line]
@@ -142,3 +148,48 @@ def test_engine_failure_mid_stream_is_an_error_event(tokenizer):
         assert "boom" in error["message"] and error["type"] == "internal_server_error"
         wait_idle(app.state.ctx.engines["tiny"])
         assert post(base, {"messages": MSG, "max_tokens": 2}).status_code == 200  # the server keeps serving
+
+
+class Recorder:
+    """A plain ASGI middleware that keeps every response's status and body as it passes through."""
+
+    def __init__(self, app, seen: list):
+        self.app, self.seen = app, seen
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        record = {"path": scope["path"], "status": None, "body": b""}
+        self.seen.append(record)
+
+        async def recording(message):
+            if message["type"] == "http.response.start":
+                record["status"] = message["status"]
+            elif message["type"] == "http.response.body":
+                record["body"] += message.get("body", b"")
+            await send(message)
+
+        await self.app(scope, receive, recording)
+
+
+def test_middlewares_see_streamed_responses(tokenizer, asgi):
+    """Every byte of a streamed response passes through the app's middlewares (a recorder and CORS added to the
+    app, the API key check and the request counter of create_app), like any other response's."""
+    from starlette.middleware.cors import CORSMiddleware
+
+    seen = []
+    app, _ = make_app(tokenizer, api_key="sekret")
+    app.add_middleware(Recorder, seen=seen)
+    app.add_middleware(CORSMiddleware, allow_origins=["http://example.test"])
+    key = {"Authorization": "Bearer sekret", "Origin": "http://example.test"}
+    with serve(app, server=asgi) as base:
+        for path, body in (("/v1/chat/completions", {"messages": MSG}), ("/v1/completions", {"prompt": "x"})):
+            stream = {**body, "max_tokens": 12, "stream": True, "ignore_eos": True}
+            assert envelope(post(base, stream, path), 401)["type"] == "authentication_error"  # key checked
+            r = post(base, stream, path, headers=key)
+            assert r.status_code == 200 and r.content.endswith(b"data: [DONE]\n\n") and r.content.count(b"data:") >= 3
+            assert r.headers["access-control-allow-origin"] == "http://example.test"
+            assert seen[-1] == {"path": path, "status": 200, "body": r.content}
+        metrics = httpx.get(base + "/metrics").text
+    for route in ("/v1/chat/completions", "/v1/completions"):
+        assert f'minimind_http_requests_total{{method="POST",route="{route}",status="200"}} 1.0' in metrics

@@ -11,15 +11,17 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import tiny_model, tokenizer_dir
-from test_serve import serve, wait_idle
+from conftest import ASGI_SERVERS, serve, start_server, tiny_model, tokenizer_dir
+from test_serve import wait_idle
 
 pytest.importorskip("fastapi")
 
 
-@pytest.fixture(scope="module", params=["thread", "inline"])
+@pytest.fixture(scope="module", params=[(loop, asgi) for asgi in ASGI_SERVERS for loop in ("thread", "inline")],
+                ids=lambda p: "-".join(p))
 def server(request):
-    """The engine stepped on its own thread, and inline on the event loop (`--engine-loop`)."""
+    """The engine stepped on its own thread, and inline on the event loop (`--engine-loop`), under each ASGI
+    server."""
     from transformers import AutoTokenizer
 
     from minimind.engine import LLM
@@ -28,8 +30,9 @@ def server(request):
 
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir("minimind2")))
     llm = LLM(tiny_model(vocab_size=6400), tokenizer=tok, max_num_seqs=8, max_model_len=128)
-    app = create_app({"tiny": AsyncEngine(llm, max_queue=128, inline=request.param == "inline")}, max_queue=128)
-    with serve(app) as url:
+    loop, asgi = request.param
+    app = create_app({"tiny": AsyncEngine(llm, max_queue=128, inline=loop == "inline")}, max_queue=128)
+    with serve(app, server=asgi) as url:
         yield url, app.state.ctx.engines["tiny"]
 
 
@@ -100,17 +103,17 @@ def test_64_streams_with_disconnects(server):
     assert s["running"] == 0 and s["waiting"] == 0
 
 
-@pytest.mark.parametrize("inline", [False, True])
-def test_graceful_shutdown_drains_running_streams(inline):
-    import socket
+@pytest.mark.parametrize("asgi", ASGI_SERVERS)
+@pytest.mark.parametrize("inline", [False, True], ids=["thread", "inline"])
+def test_graceful_shutdown_drains_running_streams(inline, asgi):
     import threading
     import time
 
-    import uvicorn
     from transformers import AutoTokenizer
 
     from minimind.engine import LLM
     from minimind.serve import create_app
+    from minimind.serve.engine_client import AsyncEngine
 
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir("minimind2")))
     llm = LLM(tiny_model(vocab_size=6400), tokenizer=tok, max_num_seqs=2, max_model_len=128)
@@ -124,24 +127,13 @@ def test_graceful_shutdown_drains_running_streams(inline):
         return original(logits, seqs)
 
     llm.runner.sample = slow
-    from minimind.serve.engine_client import AsyncEngine
-
     app = create_app({"tiny": AsyncEngine(llm, inline=inline)})
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                                          timeout_graceful_shutdown=30))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.02)
+    runner, thread, url = start_server(app, asgi)
     events = []
-    with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/chat/completions", timeout=60,
-                      json=body(1, stream=True, max_tokens=40)) as r:
+    with httpx.stream("POST", url + "/v1/chat/completions", timeout=60, json=body(1, stream=True, max_tokens=40)) as r:
         lines = r.iter_lines()
         events.append(next(lines))
-        server.should_exit = True  # like SIGTERM
+        runner.stop()  # like SIGTERM
         events += [line for line in lines if line]
     thread.join(timeout=60)
     assert not thread.is_alive()
@@ -149,30 +141,6 @@ def test_graceful_shutdown_drains_running_streams(inline):
     assert json.loads(events[-2][6:])["choices"][0]["finish_reason"] == "length"
     assert llm.scheduler.slots.num_free == 2
     assert (stepped_on == {thread.ident}) == inline  # inline: on the thread running the event loop
-
-
-def test_stream_channel_order_wakeup_and_a_cancelled_reader():
-    """The per-request channel between the engine's outputs and a handler (channel.OutputChannel)."""
-    from minimind.serve.channel import OutputChannel
-
-    async def main():
-        s = OutputChannel(asyncio.get_running_loop())
-        s.put(1)
-        s.put(2)
-        assert [await s.get(), await s.get()] == [1, 2]  # queued before the read: in order, no waiting
-        reader = asyncio.ensure_future(s.get())
-        await asyncio.sleep(0)
-        assert not reader.done()  # nothing queued: the reader waits ...
-        s.put(3)
-        assert await asyncio.wait_for(reader, 2) == 3  # ... and a put wakes it
-        gone = asyncio.ensure_future(s.get())
-        await asyncio.sleep(0)
-        gone.cancel()
-        await asyncio.sleep(0)
-        s.put(4)  # its reader was cancelled (a client that left): no error, and the item is still there
-        assert await asyncio.wait_for(s.get(), 2) == 4
-
-    asyncio.run(main())
 
 
 def test_a_non_streamed_request_gets_only_its_final_output():
@@ -200,70 +168,6 @@ def test_a_non_streamed_request_gets_only_its_final_output():
     assert len(whole) == 1 and whole[0].finished
     assert whole[0].outputs[0].token_ids == streamed[-1].outputs[0].token_ids
     assert whole[0].outputs[0].text == streamed[-1].outputs[0].text
-
-
-def test_chunk_writer_keeps_order_when_a_send_has_to_wait():
-    """sse.ChunkWriter drives the server's `send` by hand: a send that completes at once is done inside write();
-    one that waits (client not reading) goes on as a task and later chunks queue behind it, in order."""
-    from minimind.serve.sse import ChunkWriter
-
-    async def main():
-        sent, gate = [], asyncio.Event()
-
-        async def send(message):
-            if message["body"] == b"slow":
-                await gate.wait()  # a full socket buffer: uvicorn awaits its flow control here
-            sent.append(message["body"])
-
-        w = ChunkWriter(send)
-        w.write(b"a")
-        assert sent == [b"a"]  # no task switch was needed
-        w.write(b"slow")
-        w.write(b"b")
-        await asyncio.sleep(0)
-        assert sent == [b"a"]  # "b" waits behind "slow"
-        gate.set()
-        await w.flush()
-        w.write(b"c")
-        assert sent == [b"a", b"slow", b"b", b"c"]
-
-        async def broken(message):
-            raise ConnectionResetError("client went away")
-
-        w = ChunkWriter(broken)
-        with pytest.raises(ConnectionResetError):
-            w.write(b"x")
-        with pytest.raises(ConnectionResetError):  # and every later write says so too
-            w.write(b"y")
-
-    asyncio.run(main())
-
-
-def test_chunk_writer_sends_in_a_task_for_other_servers():
-    """A send that is not uvicorn's (by_hand=False: e.g. the test client's, which runs anyio and needs a task) is
-    always awaited inside a task, chunks in order, also when written from a plain event-loop callback."""
-    from minimind.serve.sse import ChunkWriter
-
-    async def main():
-        sent = []
-
-        async def send(message):
-            assert asyncio.current_task() is not None, "driven outside a task"
-            await asyncio.sleep(0)
-            sent.append(message["body"])
-
-        assert not ChunkWriter.drives_by_hand(send)
-        w = ChunkWriter(send, by_hand=False)
-        loop = asyncio.get_running_loop()
-        for data in (b"a", b"b", b"c"):
-            loop.call_soon(w.write, data)  # as the engine's hand-over calls it: a callback, not a task
-        await asyncio.sleep(0)
-        await w.flush()
-        w.write(b"d")
-        await w.flush()
-        assert sent == [b"a", b"b", b"c", b"d"]
-
-    asyncio.run(main())
 
 
 @settings(max_examples=300, deadline=None)

@@ -1,213 +1,168 @@
-"""Streamed outputs handed over on the engine's thread: the order of a request's outputs and of the bytes on the
-wire. Real sockets on 127.0.0.1 and a real engine on a tiny model."""
+"""The streaming path: the per-request OutputCollector (merging what a slow reader has not taken), and streamed
+responses over HTTP (the bytes on the wire, the error event after the headers, several prompts interleaved),
+under each ASGI server."""
 from __future__ import annotations
 
 import asyncio
 import json
-import os
-import socket
-import threading
-import time
 
+import httpx
+import orjson
 import pytest
 
-from conftest import tiny_model, tokenizer_dir
+from conftest import ASGI_SERVERS, serve, tiny_model, tokenizer_dir
+from test_serve import script, wait_idle
+
+pytest.importorskip("fastapi")
+pytest.importorskip("hypercorn")
+
+TRICKY = 'She said "hi" \\ then left.\nNext\tline: é, 你好, </tag> {"k": [1]} '
 
 
-def _chunks(raw: bytes) -> list[bytes]:
-    """The payloads of an HTTP/1.1 chunked body (no final empty chunk needed)."""
-    out, pos = [], 0
-    while pos < len(raw):
-        eol = raw.index(b"\r\n", pos)
-        size = int(raw[pos:eol], 16)
-        out.append(raw[eol + 2:eol + 2 + size])
-        pos = eol + 2 + size + 2
-    return out
+def _out(rid, finished, *completions, cached=0, metrics=None):
+    """A RequestOutput of completions given as (index, text, token_ids, delta_text, delta_ids, finish)."""
+    from minimind.engine import CompletionOutput, RequestOutput
+    from minimind.engine.sequence import TokenLogprob
+
+    outs = [CompletionOutput(i, text, ids, finish, "x" if finish else None, [TokenLogprob(t, -0.5) for t in ids],
+                             delta, dids) for i, text, ids, delta, dids, finish in completions]
+    return RequestOutput(rid, [1, 2], outs, finished, cached, metrics or {})
 
 
-@pytest.mark.parametrize("batched", [False, True], ids=["one by one", "a step's chunks in one C call"])
-def test_socket_writer_keeps_order_when_the_client_stops_reading(batched):
-    """Sent on the socket while it takes them; once a send takes only part of a chunk, the rest and every later
-    chunk go through the transport, even after the client has made room again by reading: bytes sent to the
-    socket then would overtake the ones still waiting in the transport. Batched: written between the Sender's
-    begin() and flush() as an engine step's hand-over does, several chunks per writer and flush."""
-    from minimind.serve.socket_writer import Sender, SocketWriter
-
-    sender = Sender.create()
-    if sender is None:
-        pytest.skip("no C compiler: the engine's kernels (and the Sender) cannot be built here")
+def test_collector_merges_what_the_reader_has_not_taken():
+    """Three outputs put before the reader comes back: it gets one, whose deltas are the three joined and whose
+    cumulative fields are the last one's; each completion of the request is merged on its own, and another
+    request's key is never merged into it."""
+    from minimind.serve.channel import OutputCollector
 
     async def main():
-        loop = asyncio.get_running_loop()
-        made = loop.create_future()
+        c = OutputCollector(asyncio.get_running_loop())
+        c.put(0, _out("r", False, (0, "a", [5], "a", [5], None), (1, "x", [7], "x", [7], None), cached=1,
+                      metrics={"t": 1}))
+        c.put(1, _out("s", False, (0, "z", [9], "z", [9], None)))
+        c.put(0, _out("r", False, (0, "ab\"", [5, 6], "b\"", [6], None), (1, "x", [7, 8], "", [8], None), cached=2,
+                      metrics={"t": 2}))
+        c.put(0, _out("r", True, (0, "ab\"c", [5, 6, 4], "c", [4], "stop"), (1, "xy", [7, 8, 3], "y", [3], "length"),
+                      cached=3, metrics={"t": 3}))
+        got = c.get()
+        try:  # something is pending: get() completes without ever suspending (no task switch)
+            got.send(None)
+            raise AssertionError("get() suspended although an output was pending")
+        except StopIteration as done:
+            k, out = done.value
+        assert k == 0 and out.request_id == "r" and out.finished and out.num_cached_tokens == 3
+        assert out.metrics == {"t": 3}
+        a, b = out.outputs
+        assert (a.index, a.delta_text, a.delta_token_ids) == (0, "ab\"c", [5, 6, 4])
+        assert (a.text, a.token_ids, a.finish_reason, a.stop_reason) == ("ab\"c", [5, 6, 4], "stop", "x")
+        assert [lp.token_id for lp in a.logprobs] == [5, 6, 4]
+        assert (b.index, b.delta_text, b.delta_token_ids, b.text, b.finish_reason) == (1, "xy", [7, 8, 3], "xy",
+                                                                                       "length")
+        k, out = await c.get()  # the other request, untouched
+        assert k == 1 and out.request_id == "s" and out.outputs[0].delta_text == "z"
+        reader = asyncio.ensure_future(c.get())
+        await asyncio.sleep(0)
+        assert not reader.done()  # nothing pending: the reader waits ...
+        c.put(1, _out("s", True, (0, "zq", [9, 2], "q", [2], "stop")))
+        k, out = await asyncio.wait_for(reader, 2)  # ... and a put wakes it
+        assert k == 1 and out.outputs[0].delta_text == "q"  # taken in time: nothing merged into it
+        gone = asyncio.ensure_future(c.get())
+        await asyncio.sleep(0)
+        gone.cancel()
+        await asyncio.sleep(0)
+        c.put(2, _out("t", False, (0, "w", [1], "w", [1], None)))  # its reader left: no error, the output stays
+        assert (await asyncio.wait_for(c.get(), 2))[0] == 2
+        c.fail(RuntimeError("boom"))
+        with pytest.raises(RuntimeError, match="engine step failed: RuntimeError: boom"):
+            await asyncio.wait_for(c.get(), 2)
 
-        class Keep(asyncio.Protocol):
-            def connection_made(self, transport):
-                made.set_result(transport)
-
-        server = await loop.create_server(Keep, "127.0.0.1", 0)
-        client = socket.socket()
-        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        client.connect(server.sockets[0].getsockname())
-        client.setblocking(False)
-        transport = await made
-        raw = transport.get_extra_info("socket")
-        raw.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-        w = SocketWriter(socket.socket(fileno=os.dup(raw.fileno())), transport, loop, sender)
-        expected, received = [], bytearray()
-
-        def put(i):
-            if batched:
-                sender.begin()
-            for k in range(3 if batched else 1):
-                data = b"chunk %06d.%d " % (i, k) + b"x" * 500
-                expected.append(data)
-                w.write(data)
-            if batched:
-                sender.flush()
-
-        def read_what_is_there():
-            try:
-                while data := client.recv(65536):
-                    received.extend(data)
-            except BlockingIOError:
-                pass
-
-        i = 0
-        while not w.queued:  # the client reads nothing: the kernel's buffers fill up
-            put(i)
-            i += 1
-            assert i < 10_000, "the socket never refused a chunk"
-        read_what_is_there()  # room again, while the rest of a chunk still waits for the event loop
-        for j in range(i, i + 20):
-            put(j)
-        w.close()
-        deadline = time.monotonic() + 30
-        while len(received) < sum(len(b"%x\r\n\r\n" % len(d)) + len(d) for d in expected):
-            assert time.monotonic() < deadline, "not every chunk arrived"
-            await asyncio.sleep(0.01)  # the transport writes what it holds
-            read_what_is_there()
-        transport.close()
-        client.close()
-        server.close()
-        return expected, bytes(received)
-
-    expected, received = asyncio.run(main())
-    assert _chunks(received) == expected
+    asyncio.run(main())
 
 
-def test_outputs_still_on_their_way_through_the_event_loop_come_first():
-    """A request subscribed with any_thread gets its outputs on the engine's thread, but only once every output
-    already handed to the event loop has been delivered there: the deltas, joined, are the final answer."""
+def test_a_reader_that_is_behind_gets_one_merged_output_from_the_engine():
+    """A real engine on its own thread finishes a 200-token request while its handler reads nothing: the handler
+    then gets one output, which carries every token and all the text as its delta; no queue of 200."""
     from transformers import AutoTokenizer
 
     from minimind.engine import LLM, SamplingParams
     from minimind.serve.engine_client import AsyncEngine
 
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir("minimind2")))
-    engine = AsyncEngine(LLM(tiny_model(vocab_size=6400), tokenizer=tok, max_num_seqs=2, max_model_len=512))
-    params = SamplingParams(temperature=0, max_tokens=400, ignore_eos=True)
-
-    def wait_in_flight(stream, n):  # blocks the event loop (on purpose) until n outputs wait for it
-        deadline = time.monotonic() + 30
-        while stream.in_flight < n:
-            assert time.monotonic() < deadline, f"{stream.in_flight} outputs on their way to the loop, not {n}"
-            time.sleep(0.001)
+    llm = LLM(tiny_model(vocab_size=6400), tokenizer=tok, max_num_seqs=2, max_model_len=512)
+    reference = llm.generate(tok.encode("你好"), SamplingParams(temperature=0, max_tokens=200, ignore_eos=True))
+    engine = AsyncEngine(llm)
 
     async def main():
-        handle = engine.submit(tok.encode("你好"), params)
-        while not handle._stream.items:  # the first outputs came through the event loop
-            await asyncio.sleep(0.001)
-        stream = handle._stream
-        wait_in_flight(stream, 2)  # the loop is busy: the engine's next outputs wait in its queue
-        in_flight = stream.in_flight
-        got, threads, done = [], [], asyncio.get_running_loop().create_future()
-
-        def on_output(out):
-            got.append(out)
-            threads.append(threading.get_ident())
-            if out.finished:
-                done.get_loop().call_soon_threadsafe(done.set_result, None)
-
-        handle.push_to(on_output, lambda exc: None, any_thread=True)
-        wait_in_flight(stream, in_flight + 2)  # still busy: the engine steps on and must keep handing them over
-        await done
-        return got, threads
+        handle = engine.submit(tok.encode("你好"), SamplingParams(temperature=0, max_tokens=200, ignore_eos=True))
+        while engine.num_active:  # the engine's hand-overs reach the collector meanwhile
+            await asyncio.sleep(0.01)
+        return [o async for o in handle]
 
     try:
-        got, threads = asyncio.run(main())
+        outs = asyncio.run(main())
     finally:
         engine.shutdown()
-    assert threading.get_ident() in threads and set(threads) - {threading.get_ident()}, "both threads delivered"
-    final = got[-1].outputs[0]
-    assert final.finished and len(final.token_ids) == 400
-    assert [t for o in got for t in o.outputs[0].delta_token_ids] == final.token_ids
-    assert "".join(o.outputs[0].delta_text for o in got) == final.text
+    final = reference[0].outputs[0]
+    assert len(outs) == 1 and outs[0].finished
+    o = outs[0].outputs[0]
+    assert o.delta_token_ids == o.token_ids == final.token_ids and len(final.token_ids) == 200
+    assert o.delta_text == o.text == final.text
 
 
-def test_plain_text_chunks_are_written_without_the_renderer(monkeypatch):
-    """A streamed completion with one choice and no logprobs: the engine's thread writes each chunk that only
-    brings new text itself (OutputChannel.plain), so the renderer sees little more than the final output; with
-    logprobs every output goes through it. Both streams carry the non-streamed text, JSON escapes included, in
-    events with the bytes orjson writes for them."""
-    import httpx
-    import orjson
+@pytest.fixture(scope="module", params=ASGI_SERVERS)
+def scripted(request):
+    """A server whose model writes TRICKY twice, then stops."""
     from transformers import AutoTokenizer
 
     from minimind.engine import LLM
     from minimind.serve import create_app
-    from minimind.serve.completions import CompletionStream
-    from test_serve import script, serve
 
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir("minimind-3")))
-    llm = LLM(tiny_model("minimind3", vocab_size=6400), tokenizer=tok, max_num_seqs=2, max_model_len=512)
-    script(llm, tok, {"text": 'She said "hi" \\ then left.\nNext\tline: é, 你好, </tag> ' * 2})
-    rendered = []
-    render = CompletionStream.render
-
-    def counted(self, k, out):
-        rendered.append(out.finished)
-        return render(self, k, out)
-
-    monkeypatch.setattr(CompletionStream, "render", counted)
+    llm = LLM(tiny_model("minimind3", vocab_size=6400), tokenizer=tok, max_num_seqs=4, max_model_len=512)
+    holder = {"text": TRICKY * 2}
+    script(llm, tok, holder)
     app = create_app({"tiny": llm})
-    body = {"model": "tiny", "prompt": "x", "max_tokens": 200}
-    with serve(app) as url:
-        if app.state.ctx.engines["tiny"].sender is None:
-            pytest.skip("the C kernels cannot be built here: streams go through the event loop")
-        answer = httpx.post(url + "/v1/completions", json=body, timeout=60).json()
-        whole, tokens = answer["choices"][0], answer["usage"]["completion_tokens"]
-        assert '"' in whole["text"] and "\\" in whole["text"] and "\n" in whole["text"] and tokens > 20
-        for logprobs in (None, 1):
-            rendered.clear()
-            raw = httpx.post(url + "/v1/completions", json={**body, "stream": True, "logprobs": logprobs},
-                             timeout=60).content
-            events = [e for e in raw.split(b"\n\n") if e]
-            assert events[-1] == b"data: [DONE]"
-            objs = [orjson.loads(e.removeprefix(b"data: ")) for e in events[:-1]]
-            assert [b"data: " + orjson.dumps(o) for o in objs] == events[:-1]
-            assert "".join(c["text"] for o in objs for c in o["choices"]) == whole["text"]
-            assert objs[-1]["choices"][0]["finish_reason"] == whole["finish_reason"] == "stop"
-            assert rendered[-1] is True and rendered.count(True) == 1
-            if logprobs is None:  # the outputs before the response subscribed may come through the event loop
-                assert rendered.count(False) < tokens // 2, rendered
-            else:
-                assert rendered.count(False) >= tokens - 1
+    with serve(app, server=request.param) as url:
+        yield url, holder, app.state.ctx.engines["tiny"]
 
 
-def test_a_plain_chunk_that_cannot_be_written_ends_the_stream_with_an_error(monkeypatch):
-    """If the engine's thread cannot render a plain text chunk, the output goes to the renderer, which reports
-    the failure in-band: an error event and [DONE], not a chunk that silently goes missing."""
-    import httpx
-    from transformers import AutoTokenizer
+def _events(raw: bytes) -> list[bytes]:
+    events = [e for e in raw.split(b"\n\n") if e]
+    assert events[-1] == b"data: [DONE]"
+    return [e.removeprefix(b"data: ") for e in events[:-1]]
 
-    from minimind.engine import LLM
-    from minimind.serve import create_app, socket_writer, sse
-    from test_serve import script, serve
 
-    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir("minimind-3")))
-    llm = LLM(tiny_model("minimind3", vocab_size=6400), tokenizer=tok, max_num_seqs=2, max_model_len=512)
-    script(llm, tok, {"text": "one two three four five six seven eight nine ten " * 20})
+@pytest.mark.parametrize("route,extra", [("completions", {}), ("completions", {"logprobs": 1}), ("chat", {}),
+                                         ("chat", {"logprobs": True, "top_logprobs": 2})],
+                         ids=["completion", "completion logprobs", "chat", "chat logprobs"])
+def test_streamed_text_is_the_non_streamed_text(scripted, route, extra):
+    """Quotes, backslashes, newlines, tabs and non-ASCII text arrive intact, each event exactly the bytes
+    orjson writes for its object, and joined they are the text of the same request not streamed."""
+    url, _, _ = scripted
+    path = "/v1/completions" if route == "completions" else "/v1/chat/completions"
+    body = {"model": "tiny", "max_tokens": 200, **extra,
+            **({"prompt": "x"} if route == "completions" else {"messages": [{"role": "user", "content": "hi"}]})}
+    whole = httpx.post(url + path, json=body, timeout=60).json()["choices"][0]
+    text = whole["text"] if route == "completions" else whole["message"]["content"]
+    assert text == TRICKY * 2 and whole["finish_reason"] == "stop"
+    raw = httpx.post(url + path, json={**body, "stream": True}, timeout=60).content
+    events = _events(raw)
+    objs = [orjson.loads(e) for e in events]
+    assert [orjson.dumps(o) for o in objs] == events
+    if route == "completions":
+        streamed = "".join(c["text"] for o in objs for c in o["choices"])
+    else:
+        streamed = "".join(c["delta"].get("content") or "" for o in objs for c in o["choices"])
+    assert streamed == text and objs[-1]["choices"][0]["finish_reason"] == "stop"
+
+
+def test_an_error_after_the_headers_is_an_error_event(scripted, monkeypatch):
+    """A chunk that cannot be rendered mid-stream ends the stream with an SSE error event and [DONE] (the status
+    line went out long before), after exactly the text rendered until then."""
+    from minimind.serve import sse
+
+    url, holder, engine = scripted
+    holder["text"] = "one two three four five six seven eight nine ten " * 20
     call = sse.ChunkTemplate.__call__
 
     def refuse(self, text):
@@ -216,20 +171,26 @@ def test_a_plain_chunk_that_cannot_be_written_ends_the_stream_with_an_error(monk
         return call(self, text)
 
     monkeypatch.setattr(sse.ChunkTemplate, "__call__", refuse)
-    close = socket_writer.SocketWriter.close
-
-    def slow_close(self):  # the engine steps on meanwhile: no plain chunk may follow the failed one
-        time.sleep(0.3)
-        close(self)
-
-    monkeypatch.setattr(socket_writer.SocketWriter, "close", slow_close)
-    app = create_app({"tiny": llm})
-    with serve(app) as url:
-        if app.state.ctx.engines["tiny"].sender is None:
-            pytest.skip("the C kernels cannot be built here: streams go through the event loop")
-        raw = httpx.post(url + "/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 300,
-                                                        "stream": True}, timeout=60).content
-    events = [e.removeprefix(b"data: ") for e in raw.split(b"\n\n") if e]
-    assert events[-1] == b"[DONE]" and b"cannot encode this text" in events[-2]
-    texts = [c["text"] for e in events[:-2] for c in json.loads(e)["choices"]]
+    try:
+        r = httpx.post(url + "/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 300,
+                                                      "stream": True}, timeout=60)
+    finally:
+        holder["text"] = TRICKY * 2
+    assert r.status_code == 200
+    events = _events(r.content)
+    error = json.loads(events[-1])["error"]
+    assert "cannot encode this text" in error["message"] and error["type"] == "internal_server_error"
+    texts = [c["text"] for e in events[:-1] for c in json.loads(e)["choices"]]
     assert "".join(texts) == "one two three four f"  # tokens: one| two| three| four| f|ive
+    wait_idle(engine)  # the request was aborted: its slot is free
+
+
+def test_several_prompts_stream_interleaved(scripted):
+    """One response over two prompts' requests sends each output as it comes, not one prompt after the other."""
+    url, _, _ = scripted
+    body = {"model": "tiny", "prompt": ["a", "b"], "max_tokens": 30, "stream": True}
+    order = [c["index"] for e in _events(httpx.post(url + "/v1/completions", json=body, timeout=60).content)
+             for c in json.loads(e)["choices"]]
+    assert set(order) == {0, 1}
+    last_of_first = max(i for i, k in enumerate(order) if k == order[0])
+    assert any(k != order[0] for k in order[:last_of_first]), order

@@ -22,7 +22,7 @@ import torch
 
 log = logging.getLogger("minimind")
 KERNELS = Path(__file__).with_name("kernels")
-SOURCES = ("decode.c", "linear.c", "q8.c", "attention.c", "sample.c", "sockets.c")  # one library; kernels.h shared
+SOURCES = ("decode.c", "linear.c", "q8.c", "attention.c", "sample.c")  # one library; kernels.h shared
 W_F32, W_BF16, W_I8 = 0, 1, 2
 P = ctypes.c_void_p
 
@@ -103,16 +103,7 @@ def _open(path: str) -> ctypes.CDLL:
     lib.minimind_stream_sum.argtypes = [P, ctypes.c_int64, ctypes.c_int]
     lib.minimind_gumbel_argmax.restype = None
     lib.minimind_gumbel_argmax.argtypes = [P, ctypes.c_int64, ctypes.c_int64, P, P, P, ctypes.c_int]
-    lib.minimind_send_many.restype = None
-    lib.minimind_send_many.argtypes = [ctypes.c_int64, P, P, P, P, ctypes.c_int]
     return lib
-
-
-def send_many_kernel():
-    """The kernels' minimind_send_many (serve/socket_writer.py: a step's stream chunks sent by the engine's own
-    OpenMP team), or None where the library cannot be built."""
-    lib = _linear_library()
-    return None if lib is None else lib.minimind_send_many
 
 
 @functools.cache

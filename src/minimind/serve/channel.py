@@ -1,13 +1,17 @@
-"""The per-request channel between the engine's step loop and a handler (OutputChannel), and the handle a
-handler holds (RequestHandle): iterate its outputs, or subscribe a callback that runs where the engine hands them
-over (engine_client.AsyncEngine._deliver)."""
+"""What a handler reads its requests' outputs from (OutputCollector), and the handle it holds (RequestHandle).
+
+The engine's step loop hands every output of a step to the event loop at once (engine_client.AsyncEngine._deliver);
+there each goes into the collector of its request. A collector keeps at most one pending output per request: when
+the reader has not taken the previous one yet, the new one is merged into it (deltas appended, everything else the
+newer one's), so a slow client costs one bigger chunk later, never a queue that grows with every token, and the
+engine never waits for a reader.
+"""
 from __future__ import annotations
 
 import asyncio
-from collections import deque
 from typing import TYPE_CHECKING
 
-from ..engine import RequestOutput
+from ..engine import CompletionOutput, RequestOutput
 
 if TYPE_CHECKING:
     from .engine_client import AsyncEngine
@@ -17,102 +21,89 @@ class EngineDead(RuntimeError):
     pass
 
 
-class OutputChannel:
-    """One request's outputs: appended on its event loop (AsyncEngine._put_all), read by its handler or passed
-    straight to a subscriber (RequestHandle.push_to). A deque and one waiter future; asyncio.Queue does the same
-    with its size bound, putters and join accounting on every item, which runs once per streamed token.
-    final_only: the handler answers in one piece, so only the final output is delivered (a hand-over per step
-    costs the event loop CPU that it takes from the engine's threads)."""
-
-    __slots__ = ("direct", "final_only", "in_flight", "items", "loop", "plain", "sink", "waiter")
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, final_only: bool = False):
-        self.loop, self.items, self.waiter, self.final_only = loop, deque(), None, final_only
-        self.sink = None  # a subscriber gets every item at once instead of a reader's get()
-        # the engine's lock guards these two: a subscriber that may run on the engine's thread, which gets an
-        # output there only while no earlier one is still on its way through the event loop (keeps the order)
-        self.direct = None
-        self.in_flight = 0
-        # with direct: (SocketWriter, ChunkTemplate) of a stream whose plain text deltas the engine's thread writes
-        # itself (AsyncEngine._deliver), skipping the subscriber's render for the most common chunk
-        self.plain = None
-
-    def put(self, item) -> None:
-        if self.sink is not None:
-            self.sink(item)
-            return
-        self.items.append(item)
-        waiter, self.waiter = self.waiter, None
-        if waiter is not None and not waiter.done():  # done: its reader was cancelled
-            waiter.set_result(None)
-
-    def subscribe(self, sink) -> None:
-        """sink(item) runs on the event loop for every item, first those already queued."""
-        while self.items:
-            sink(self.items.popleft())
-        self.sink = sink
-
-    async def get(self):
-        while not self.items:
-            self.waiter = self.loop.create_future()
-            await self.waiter
-        return self.items.popleft()
-
-
 def engine_dead(exc: BaseException) -> EngineDead:
     dead = EngineDead(f"engine step failed: {type(exc).__name__}: {exc}")
     dead.__cause__ = exc
     return dead
 
 
-class RequestHandle:
-    """Async iterator of one request's RequestOutput updates; `abort()` frees its slot at the next step."""
+def merge(old: RequestOutput, new: RequestOutput) -> RequestOutput:
+    """`new`, carrying also the deltas of `old` (an output its reader never took) in front of its own. The
+    cumulative fields (text, token_ids, logprobs, finish and stop reasons, finished, cached tokens, metrics) are
+    already the newest in `new`; a completion that only `old` mentions is kept."""
+    mine = {o.index: o for o in new.outputs}
+    for o in old.outputs:
+        n: CompletionOutput | None = mine.get(o.index)
+        if n is None:
+            new.outputs.append(o)
+        else:
+            n.delta_text = o.delta_text + n.delta_text
+            n.delta_token_ids = o.delta_token_ids + n.delta_token_ids
+    if len(new.outputs) > len(mine):
+        new.outputs.sort(key=lambda o: o.index)
+    return new
 
-    def __init__(self, engine: AsyncEngine, request_id: str, prompt_token_ids: list[int], stream: OutputChannel):
+
+class OutputCollector:
+    """The pending outputs of one response's requests (key k = the request's place in the response), read by one
+    handler on `loop`. put() and get() run on that loop.
+    final_only: the response is answered in one piece, so the engine hands over only final outputs (each hand-over
+    costs the event loop CPU that it takes from the engine's threads)."""
+
+    __slots__ = ("error", "final_only", "loop", "pending", "waiter")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, final_only: bool = False):
+        self.loop, self.final_only = loop, final_only
+        self.pending: dict[int, RequestOutput] = {}  # k -> the output not yet read (insertion order = arrival)
+        self.waiter: asyncio.Future | None = None
+        self.error: BaseException | None = None
+
+    def put(self, k: int, out: RequestOutput) -> None:
+        old = self.pending.get(k)
+        self.pending[k] = out if old is None else merge(old, out)
+        self._wake()
+
+    def fail(self, exc: BaseException) -> None:
+        """The engine failed: the reader gets EngineDead once it has read what is pending."""
+        self.error = exc
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter, self.waiter = self.waiter, None
+        if waiter is not None and not waiter.done():  # done: its reader was cancelled
+            waiter.set_result(None)
+
+    async def get(self) -> tuple[int, RequestOutput]:
+        """The oldest pending (k, output); at once when there is one (no task switch), else when one comes."""
+        while not self.pending:
+            if self.error is not None:
+                raise engine_dead(self.error)
+            self.waiter = self.loop.create_future()
+            await self.waiter
+        k = next(iter(self.pending))
+        return k, self.pending.pop(k)
+
+
+class RequestHandle:
+    """One engine request of a response: its id and prompt, its final output once read, abort()."""
+
+    def __init__(self, engine: AsyncEngine, request_id: str, prompt_token_ids: list[int], collector: OutputCollector,
+                 k: int = 0):
         self.engine, self.request_id, self.prompt_token_ids = engine, request_id, prompt_token_ids
-        self._stream = stream
+        self.collector, self.k = collector, k
         self.final: RequestOutput | None = None
 
     def __aiter__(self):
         return self
 
     async def __anext__(self) -> RequestOutput:
-        # a coroutine, not an async generator: one frame less per streamed token
+        """The request's outputs, when it is the only one of its collector."""
         if self.final is not None:
             raise StopAsyncIteration
-        item = await self._stream.get()
-        if isinstance(item, BaseException):
-            raise engine_dead(item)
-        if item.finished:
-            self.final = item
-        return item
-
-    def push_to(self, on_output, on_error, any_thread: bool = False, plain=None) -> None:
-        """Instead of iterating: on_output(RequestOutput) for every output (the last has `finished`), or
-        on_error(EngineDead) once, called on the event loop right where the engine's step hands them over
-        (sse.SSEResponse renders and sends a token there, without resuming a task). Both must not raise.
-        any_thread: they may also be called on the engine's thread, right after its step (in order, never two at
-        once): a streamed token then costs the event loop nothing (serve/socket_writer.py).
-        plain: with any_thread, (SocketWriter, ChunkTemplate) for outputs that are not finished and only bring new
-        text (one completion, no logprobs): the engine's thread writes template(text) to the writer itself, the
-        bytes the subscriber would render, without calling it; stop_plain() ends that."""
-
-        def deliver(item):
-            if isinstance(item, BaseException):
-                on_error(engine_dead(item))
-                return
-            if item.finished:
-                self.final = item
-            on_output(item)
-
-        self._stream.subscribe(deliver)
-        if any_thread:
-            with self.engine._lock:
-                self._stream.direct, self._stream.plain = deliver, plain
-
-    def stop_plain(self) -> None:
-        """Every later output goes to the subscriber (which drops them once its response has failed)."""
-        self._stream.plain = None
+        _, out = await self.collector.get()
+        if out.finished:
+            self.final = out
+        return out
 
     async def result(self) -> RequestOutput:
         async for _ in self:
@@ -120,5 +111,6 @@ class RequestHandle:
         return self.final
 
     def abort(self) -> None:
+        """Frees its KV slot at the next step; nothing once it finished."""
         if self.final is None:
             self.engine.abort(self.request_id)

@@ -15,8 +15,6 @@ from .params import chat_prompt, check_prompt, resolve_max_tokens, sampling_para
 from .protocol import ChatCompletionRequest, random_id
 from .sse import ChunkTemplate, SSEResponse, sse
 
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-
 
 def prepare_chat(ctx: ServingContext, req: ChatCompletionRequest):
     """Everything that can fail with a 4xx, done before the response starts."""
@@ -45,7 +43,7 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
     model_id, engine, ids, params, parse = prepare_chat(ctx, req)
     handle = engine.submit(ids, params, random_id("chatcmpl"), stream=req.stream)
     if req.stream:
-        return SSEResponse(ChatStream(ctx, engine, req, handle, model_id, parse), [handle], SSE_HEADERS)
+        return SSEResponse(ChatStream(ctx, engine, req, handle, model_id, parse), [handle])
     final = await final_output(raw, handle)
     token_text = ctx.token_text(engine)
     choices, completion_tokens = [], 0

@@ -2,14 +2,12 @@
 same batch, choice index = prompt index * n + completion index (OpenAI's order)."""
 from __future__ import annotations
 
-import asyncio
 import time
 
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
-from .chat import SSE_HEADERS
-from .context import ServingContext, watch_disconnect
+from .context import ServingContext, final_outputs
 from .errors import APIError
 from .formatting import completion_logprobs, usage
 from .params import check_prompt, completion_prompts, resolve_max_tokens, sampling_params
@@ -44,23 +42,18 @@ def prepare_completion(ctx: ServingContext, req: CompletionRequest):
 async def create_completion(ctx: ServingContext, req: CompletionRequest, raw: Request):
     model_id, engine, jobs = prepare_completion(ctx, req)
     base_id = random_id("cmpl")
-    handles = []
+    handles = []  # one collector for all: the response reads the prompts' outputs as they come
     try:
         for k, (ids, params) in enumerate(jobs):
-            handles.append(engine.submit(ids, params, f"{base_id}-{k}", stream=req.stream))
+            collector = handles[0].collector if handles else None
+            handles.append(engine.submit(ids, params, f"{base_id}-{k}", stream=req.stream, collector=collector, k=k))
     except BaseException:
         for h in handles:
             h.abort()
         raise
     if req.stream:
-        return SSEResponse(CompletionStream(ctx, engine, req, handles, base_id, model_id), handles, SSE_HEADERS)
-    watcher = watch_disconnect(raw.receive, *handles)
-    try:
-        finals = await asyncio.gather(*(h.result() for h in handles))
-    finally:
-        watcher.cancel()
-        for h in handles:
-            h.abort()
+        return SSEResponse(CompletionStream(ctx, engine, req, handles, base_id, model_id), handles)
+    finals = await final_outputs(raw, handles)
     token_text = ctx.token_text(engine)
     choices, prompt_tokens, completion_tokens, cached = [], 0, 0, 0
     for k, final in enumerate(finals):
@@ -97,21 +90,11 @@ class CompletionStream:
         self.offsets: dict[int, int] = {}
         self.text_chunks: dict[int, ChunkTemplate] = {}  # choice index -> its plain text chunk
 
-    def text_template(self, idx: int) -> ChunkTemplate:
+    def text_chunk(self, idx: int, text: str) -> bytes:
         if idx not in self.text_chunks:
             self.text_chunks[idx] = ChunkTemplate(
                 lambda t: self.chunk_obj([{"index": idx, "text": t, "logprobs": None, "finish_reason": None}]))
-        return self.text_chunks[idx]
-
-    def text_chunk(self, idx: int, text: str) -> bytes:
-        return self.text_template(idx)(text)
-
-    def plain(self, k: int) -> ChunkTemplate | None:
-        """render(k, out) of an unfinished output with new text and nothing else is this template's chunk when
-        there is one choice per prompt and neither logprobs nor per-chunk usage (sse.Renderer.plain)."""
-        if self.req.n != 1 or self.req.logprobs is not None or self.continuous:
-            return None
-        return self.text_template(k * self.req.n)
+        return self.text_chunks[idx](text)
 
     def chunk(self, choices) -> bytes:
         return sse(self.chunk_obj(choices))

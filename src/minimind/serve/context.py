@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from fastapi import Request
 
+from ..engine import RequestOutput
 from .engine_client import AsyncEngine, RequestHandle
 from .errors import APIError
 from .formatting import TokenText
@@ -41,7 +42,8 @@ class ServingContext:
 
 def watch_disconnect(receive, *handles: RequestHandle) -> asyncio.Task:
     """Abort the requests (freeing their KV slots at the next engine step) as soon as the client goes away, even
-    while they still wait in the queue and nothing is being sent. receive: the request's ASGI receive."""
+    while they still wait in the queue. For answers in one piece: until it is ready, nothing is sent, so nothing
+    else would notice. receive: the request's ASGI receive."""
 
     async def watch():
         while (await receive())["type"] != "http.disconnect":
@@ -52,11 +54,24 @@ def watch_disconnect(receive, *handles: RequestHandle) -> asyncio.Task:
     return asyncio.create_task(watch())
 
 
-async def final_output(request: Request, handle: RequestHandle):
-    """Wait for a non-streamed request's final output; a client that leaves aborts it, and so does any error."""
-    watcher = watch_disconnect(request.receive, handle)
+async def final_outputs(request: Request, handles: list[RequestHandle]) -> list[RequestOutput]:
+    """The final outputs of a non-streamed response's requests (they share one collector; handle k's outputs have
+    key k); a client that leaves aborts them, and so does any error."""
+    watcher = watch_disconnect(request.receive, *handles)
+    collector = handles[0].collector
     try:
-        return await handle.result()
+        left = len(handles)
+        while left:
+            k, out = await collector.get()  # only final outputs are handed over for these
+            if out.finished and handles[k].final is None:
+                handles[k].final = out
+                left -= 1
+        return [h.final for h in handles]
     finally:
         watcher.cancel()
-        handle.abort()
+        for h in handles:
+            h.abort()
+
+
+async def final_output(request: Request, handle: RequestHandle) -> RequestOutput:
+    return (await final_outputs(request, [handle]))[0]

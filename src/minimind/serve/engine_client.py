@@ -1,23 +1,20 @@
 """AsyncEngine: the bridge between asyncio handlers and the engine's step loop.
 
 One thread owns the model and calls `LLM.step()` (continuous batching across every request); handlers submit
-token ids through the engine's thread-safe `add_request` and get their outputs through their own channel
-(channel.py): read item by item, or a subscribed callback that a streamed response renders and writes in. The
-engine thread fills the channels with one `loop.call_soon_threadsafe` per step, or calls a streamed response's
-callback itself right after the step, and the Sender sends all their chunks in one C call (socket_writer.py).
-No handler ever blocks the event loop or touches the model, and no handler polls. We drive `step()` ourselves
-instead of `LLM.start()` because the engine's own loop delivers into blocking `queue.Queue`s, which an event loop
-could only read by parking one thread per request.
+token ids through the engine's thread-safe `add_request` and read their outputs from an OutputCollector
+(channel.py). After each step the engine thread hands all of that step's outputs to the event loop with one
+`loop.call_soon_threadsafe`, which puts each into its request's collector: one wake-up of the loop per step,
+whatever the number of streams. No handler ever blocks the event loop or touches the model, and no handler polls.
+We drive `step()` ourselves instead of `LLM.start()` because the engine's own loop delivers into blocking
+`queue.Queue`s, which an event loop could only read by parking one thread per request.
 
 `minimind serve` builds the model on the same EngineThread that later runs every step: libgomp gives each thread
 that opens parallel regions a team of its own, and a second team (model built on the main thread, stepped on
 another) puts more OpenMP threads than CPUs in the process, which makes libgomp stop spinning and pay a futex
-wake-up at every parallel region (docs/benchmarks.md, "Where the HTTP cost goes").
+wake-up at every parallel region.
 
 `--engine-loop inline` steps the engine on the event loop's thread instead (`inline=True`, the model built
-there). It used to be the cheaper path for one stream, when every token still went through the loop; now that the
-engine's thread sends its tokens itself, the thread is cheaper at 1 stream too (bf16 4.5 % against 7.2 %, int8
-6.8 % against 9.6 %, 50-60 interleaved rounds; docs/benchmarks.md, "Eleventh session").
+there): a step, then one turn of the loop in which the handlers send what the step produced.
 """
 from __future__ import annotations
 
@@ -30,9 +27,8 @@ import uuid
 from concurrent.futures import Future
 
 from ..engine import LLM, RequestOutput, SamplingParams
-from .channel import OutputChannel, RequestHandle
+from .channel import OutputCollector, RequestHandle
 from .errors import APIError
-from .socket_writer import Sender
 
 log = logging.getLogger("minimind.serve")
 
@@ -84,7 +80,7 @@ class AsyncEngine:
         self._loop_done: Future | None = None
         self.llm, self.max_queue = llm, max_queue
         self.tokenizer, self.max_model_len = llm.tokenizer, llm.max_model_len
-        self._streams: dict[str, OutputChannel] = {}
+        self._streams: dict[str, tuple[OutputCollector, int]] = {}  # request id -> its collector and key
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
@@ -92,7 +88,6 @@ class AsyncEngine:
         self.accepting = True
         self.error: BaseException | None = None
         self.step_hooks: list = []  # callables(outputs) run on the engine thread after each step (metrics)
-        self.sender = Sender.create()  # streamed chunks sent by the engine's thread (None: through the loop)
 
     # ---------------------------------------------------------------- lifecycle
     def start(self) -> AsyncEngine:
@@ -175,8 +170,10 @@ class AsyncEngine:
                 "kv_usage": 1 - slots.num_free / max(slots.num_slots, 1)}
 
     def submit(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None,
-               lora: str | None = None, stream: bool = True) -> RequestHandle:
-        """stream=False: the handle yields only the final output (non-streamed answers)."""
+               lora: str | None = None, stream: bool = True, collector: OutputCollector | None = None,
+               k: int = 0) -> RequestHandle:
+        """stream=False: only the final output is handed over (non-streamed answers). collector: another
+        request's, for a response that reads several requests (k tells them apart); default a new one."""
         if not self.accepting:
             raise APIError(503, "the server is shutting down", code="shutting_down")
         capacity = self.llm.max_num_seqs + self.max_queue
@@ -186,9 +183,10 @@ class AsyncEngine:
         if not self._running:
             self.start()
         request_id = request_id or uuid.uuid4().hex
-        channel = OutputChannel(asyncio.get_running_loop(), final_only=not stream)
+        if collector is None:
+            collector = OutputCollector(asyncio.get_running_loop(), final_only=not stream)
         with self._lock:  # registered before the engine can emit anything for it
-            self._streams[request_id] = channel
+            self._streams[request_id] = (collector, k)
         try:
             self.llm.add_request(prompt_token_ids, params, request_id, lora=lora)
         except BaseException:
@@ -196,7 +194,7 @@ class AsyncEngine:
                 self._streams.pop(request_id, None)
             raise
         self._kick()
-        return RequestHandle(self, request_id, prompt_token_ids, channel)
+        return RequestHandle(self, request_id, prompt_token_ids, collector, k)
 
     def abort(self, request_id: str) -> None:
         self.llm.abort(request_id)
@@ -204,7 +202,7 @@ class AsyncEngine:
 
     # ---------------------------------------------------------------- stepping
     async def _step_task(self) -> None:
-        """Inline: one step, then one turn of the event loop (each stream writes its chunk; new requests get
+        """Inline: one step, then one turn of the event loop (the handlers send what it produced; new requests get
         in), and so on; idle, it waits for submit/abort."""
         while not self._stopping:
             self._awake.clear()
@@ -239,73 +237,47 @@ class AsyncEngine:
         self._deliver(outputs)
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
-        """One wake-up of each event loop per step (not one per request: each costs the loop a self-pipe read)."""
+        """One wake-up of each event loop per step for all of the step's outputs (not one per request: each costs
+        the loop a self-pipe read and a turn)."""
         by_loop: dict = {}
-        here = []  # (subscriber, output) handed over on this thread
-        plain = []  # (writer, template, text, subscriber, output): new text of a plain stream (OutputChannel.plain)
+        streams = self._streams
         with self._lock:
             for out in outputs:
-                rid = out.request_id
-                stream = self._streams.pop(rid, None) if out.finished else self._streams.get(rid)
-                if stream is None or (stream.final_only and not out.finished):
+                entry = streams.pop(out.request_id, None) if out.finished else streams.get(out.request_id)
+                if entry is None or (entry[0].final_only and not out.finished):
                     continue
-                if stream.direct is not None and stream.in_flight == 0:
-                    if stream.plain is not None and not out.finished:
-                        text = out.outputs[0].delta_text
-                        if not text:  # nothing new to show (text held back): the subscriber would write nothing
-                            continue
-                        writer, template = stream.plain
-                        if writer.error is None:  # else the subscriber's write raises it and ends the stream
-                            plain.append((writer, template, text, stream.direct, out))
-                            continue
-                    here.append((stream.direct, out))
-                else:
-                    stream.in_flight += 1
-                    by_loop.setdefault(stream.loop, []).append((stream, out))
-        if here or plain:  # the subscribers render; their SocketWriters' chunks go out together at the flush
-            sender = self.sender
-            if sender is not None:
-                sender.begin()
-            try:
-                for writer, template, text, sink, out in plain:
-                    try:
-                        writer.write(template(text))
-                    except Exception:  # noqa: BLE001 - e.g. text orjson refuses: the subscriber renders and reports it
-                        sink(out)
-                for sink, out in here:
-                    sink(out)
-            finally:
-                if sender is not None:
-                    sender.flush()
+                items = by_loop.get(entry[0].loop)
+                if items is None:
+                    items = by_loop[entry[0].loop] = []
+                items.append((entry, out))
         for loop, items in by_loop.items():
             if self.inline:  # already on that loop
-                self._put_all(items)
+                _put_all(items)
                 continue
             try:
-                loop.call_soon_threadsafe(self._put_all, items)
+                loop.call_soon_threadsafe(_put_all, items)
             except RuntimeError:  # the event loop is closed (shutdown): nobody is listening any more
                 pass
-
-    def _put_all(self, items: list) -> None:
-        for stream, out in items:
-            stream.put(out)
-        with self._lock:  # only now may the engine's thread hand these streams their next outputs itself
-            for stream, _ in items:
-                stream.in_flight -= 1
 
     def _fail_all(self, exc: BaseException) -> None:
         with self._lock:
             streams, self._streams = dict(self._streams), {}
-        for rid, stream in streams.items():
+        for rid, (collector, _) in streams.items():
             self.llm.abort(rid)
             try:
-                stream.loop.call_soon_threadsafe(stream.put, exc)
+                collector.loop.call_soon_threadsafe(collector.fail, exc)
             except RuntimeError:
                 pass
         try:  # the aborts are applied (and the slots released) at the start of the next step
             self.llm.step()
         except BaseException:
             log.exception("engine cleanup after a failed step also failed")
+
+
+def _put_all(items: list) -> None:
+    """On the event loop: each output into its request's collector."""
+    for (collector, k), out in items:
+        collector.put(k, out)
 
 
 class AdapterEngine:
@@ -316,8 +288,9 @@ class AdapterEngine:
         self.engine, self.lora = engine, lora
 
     def submit(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None,
-               stream: bool = True) -> RequestHandle:
-        return self.engine.submit(prompt_token_ids, params, request_id, lora=self.lora, stream=stream)
+               stream: bool = True, collector: OutputCollector | None = None, k: int = 0) -> RequestHandle:
+        return self.engine.submit(prompt_token_ids, params, request_id, lora=self.lora, stream=stream,
+                                  collector=collector, k=k)
 
     def __getattr__(self, name):
         return getattr(self.engine, name)

@@ -11,7 +11,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
-from ..chat.template import render_prompt
+from ..text.template import render_prompt
 from .chat import create_chat_completion
 from .completions import create_completion
 from .context import ServingContext
@@ -35,19 +35,8 @@ from .protocol import (
     TokenizeResponse,
     random_id,
 )
-from .sse import RAW_SEND
 
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 429, 500, 503)}
-
-
-class ServingApp(FastAPI):
-    """FastAPI that also hands the server's own `send` to the handlers (scope[RAW_SEND]): an SSE stream sends its
-    body chunks there directly instead of through every middleware's send wrapper (five awaits per streamed token,
-    each only looking for the response start, which still goes through them)."""
-
-    async def __call__(self, scope, receive, send) -> None:
-        scope[RAW_SEND] = send
-        await super().__call__(scope, receive, send)
 
 
 def _as_engines(engine, served_model_name: str | None, max_queue: int) -> dict[str, AsyncEngine]:
@@ -93,7 +82,7 @@ def create_app(engine, *, served_model_name: str | None = None, api_key: str | N
         for e in engines.values():
             await e.drain(drain_timeout)
 
-    app = ServingApp(title="minimind serve", version="1", lifespan=lifespan,
+    app = FastAPI(title="minimind serve", version="1", lifespan=lifespan,
                   description="OpenAI-compatible API for MiniMind checkpoints")
     app.state.ctx = ctx
     install_handlers(app)

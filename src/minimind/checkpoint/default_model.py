@@ -6,6 +6,7 @@ format (config.json + fp32 model.safetensors + tokenizer files) under the cache 
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -75,7 +76,10 @@ def import_gguf(gguf_path: Path, target: Path, label: str | None = None) -> Path
     from .gguf_reader import gguf_tokenizer, read_gguf
 
     target.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temps(target)
+    for old in target.parent.glob(f".{target.name}.tmp-*"):
+        with contextlib.suppress(OSError):  # another process may remove it first
+            if time.time() - old.stat().st_mtime > _STALE_SECONDS:
+                shutil.rmtree(old, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     try:
@@ -105,12 +109,3 @@ def import_gguf(gguf_path: Path, target: Path, label: str | None = None) -> Path
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # left only by a failure or a lost race
     return target
-
-
-def _remove_stale_temps(target: Path) -> None:
-    for old in target.parent.glob(f".{target.name}.tmp-*"):
-        try:
-            if time.time() - old.stat().st_mtime > _STALE_SECONDS:
-                shutil.rmtree(old, ignore_errors=True)
-        except OSError:
-            pass

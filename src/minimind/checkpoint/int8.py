@@ -57,12 +57,9 @@ def dequantize_state_dict(sd: dict[str, torch.Tensor], dtype=torch.float32) -> d
 
 
 def is_int8_folder(path: str | Path) -> bool:
-    cfg = Path(path) / "config.json"
-    if not cfg.is_file():
-        return False
     try:
-        raw = json.loads(cfg.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
+        raw = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):  # no config.json, or not JSON
         return False
     return (raw.get("quantization_config") or {}).get("quant_method") == QUANT_METHOD
 
@@ -73,8 +70,7 @@ def read_int8_folder(folder: str | Path, dtype=torch.float32):
 
     folder = Path(folder)
     raw = json.loads((folder / "config.json").read_text())
-    qcfg = raw.pop("quantization_config", {})
-    if qcfg.get("quant_method") != QUANT_METHOD:
+    if raw.pop("quantization_config", {}).get("quant_method") != QUANT_METHOD:
         raise ValueError(f"{folder}: not a {QUANT_METHOD} folder")
     raw.pop("model_type", None)
     return MiniMindConfig(**raw), dequantize_state_dict(load_file(str(folder / "model.safetensors")), dtype)

@@ -7,10 +7,16 @@ import torch
 
 from ..config import MiniMindConfig
 from ..errors import CheckpointError
-from ..model.core import build_on_meta
+from ..model.core import MiniMindLM, build_on_meta
 from ..model.keys import explain_mismatch, infer_config, normalize_state_dict
 from . import detect as fmt
+from .default_model import default_model_dir
 from .dtypes import cast_state_dict, resolve_dtype
+from .gguf_reader import gguf_tokenizer, read_gguf
+from .hf import read_hf_folder
+from .int8 import is_int8_folder, read_int8_folder
+from .lora import load_lora
+from .native import read_weights_file
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
@@ -24,21 +30,12 @@ def read_checkpoint(path: str | Path, *, weights_dtype: torch.dtype | None = Non
     path = Path(path).expanduser()
     kind = fmt.detect(path)
     if kind in (fmt.NATIVE, fmt.SAFETENSORS):
-        from .native import read_weights_file
-
         sd = read_weights_file(path, weights_dtype)
         return infer_config(sd, path, **config_overrides), sd
     if kind == fmt.GGUF:
-        from .gguf_reader import read_gguf
-
         return read_gguf(path, dtype=weights_dtype)
-    if kind == fmt.HF_MINIMIND:
-        from .int8 import is_int8_folder, read_int8_folder
-
-        if is_int8_folder(path):  # `minimind quantize` output: int8 weights + per-channel scales
-            return read_int8_folder(path, weights_dtype or torch.float32)
-    from .hf import read_hf_folder
-
+    if kind == fmt.HF_MINIMIND and is_int8_folder(path):  # `minimind quantize` output: int8 + per-channel scales
+        return read_int8_folder(path, weights_dtype or torch.float32)
     return read_hf_folder(path, kind, dtype=weights_dtype)
 
 
@@ -55,13 +52,10 @@ def load_model(path: str | Path | None = None, *, lora: str | Path | None = None
     Weights are cast to `dtype` tensor by tensor while they are read.
     """
     if light:
-        from ..model.core import MiniMindLM as model_class
+        model_class = MiniMindLM
     else:
-        from ..model import MiniMindForCausalLM as model_class
-    if path is None:
-        from .default_model import default_model_dir
-
-        path = default_model_dir()
+        from ..model import MiniMindForCausalLM as model_class  # imports transformers' modeling stack
+    path = default_model_dir() if path is None else path
     torch_dtype = resolve_dtype(dtype, device)
     config, sd = read_checkpoint(path, weights_dtype=torch_dtype, **config_overrides)
     if inference_rope_scaling:
@@ -80,19 +74,13 @@ def load_model(path: str | Path | None = None, *, lora: str | Path | None = None
     model = model.to(device=device).eval()
     model.name_or_path = str(path)
     if lora is not None:
-        from .lora import load_lora
-
         load_lora(model, lora)  # wraps the square Linears first if needed; rank comes from the file
     return model
 
 
 def load_tokenizer(path: str | Path | None = None):
     """The HF tokenizer of a model folder, tokenizer folder or GGUF file (None -> the default model's)."""
-    if path is None:
-        from .default_model import default_model_dir
-
-        path = default_model_dir()
-    path = Path(path).expanduser()
+    path = Path(default_model_dir() if path is None else path).expanduser()
     if not path.exists():
         raise CheckpointError(path, "does not exist (pass --tokenizer DIR with tokenizer.json / tokenizer_config.json)")
     if path.is_file() and fmt.sniff_file(path) != fmt.GGUF:
@@ -104,8 +92,6 @@ def load_tokenizer(path: str | Path | None = None):
             raise CheckpointError(path, "has no tokenizer.json / tokenizer_config.json")
         path = ggufs[0]
     if path.is_file():
-        from .gguf_reader import gguf_tokenizer
-
         return gguf_tokenizer(path)
     from transformers import AutoConfig, AutoTokenizer
 

@@ -8,6 +8,7 @@ so the peak is the model in its target dtype plus one tensor in the file's dtype
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from pathlib import Path
@@ -65,11 +66,8 @@ def read_safetensors(path: str | Path, dtype: torch.dtype | None = None) -> dict
                 raise _corrupt(path, f"tensor `{name}` has unsupported dtype {info.get('dtype')!r}")
             start, end = info["data_offsets"]
             shape = [int(n) for n in info["shape"]]
-            count = 1
-            for n in shape:
-                count *= n
-            nbytes = count * src.itemsize
-            if end - start != nbytes or base + end > file_size:
+            count = math.prod(shape)
+            if end - start != count * src.itemsize or base + end > file_size:
                 raise _corrupt(path, f"tensor `{name}` needs bytes {start}-{end} of the data section, the file has "
                                f"{file_size - base}")
             cast = dtype is not None and src.is_floating_point and src != dtype
@@ -77,8 +75,8 @@ def read_safetensors(path: str | Path, dtype: torch.dtype | None = None) -> dict
             f.seek(base + start)
             if not cast:
                 _read_into(f, tensor, path, name)
-            else:  # convert through a small buffer: no full-size copy in the file's dtype (113 MB for an fp32
-                flat = tensor.view(-1)  # 49152 x 576 embedding)
+            else:  # through a small buffer: no full-size copy in the file's dtype (113 MB for a 49152 x 576 fp32)
+                flat = tensor.view(-1)
                 step = max(_CHUNK // src.itemsize, 1)
                 buf = buffers.setdefault(src, torch.empty(step, dtype=src))
                 for lo in range(0, count, step):

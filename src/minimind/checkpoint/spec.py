@@ -147,6 +147,7 @@ class ModelSpec:
         """(model, tokenizer) with --lora_weight applied: MiniMindLM on CPU (what the engine runs), elsewhere
         MiniMindForCausalLM (HF generate)."""
         from .loader import check_tokenizer_matches, load_model, load_tokenizer
+        from .lora import load_lora
 
         source = source or self.resolve()
         if source.model is not None:
@@ -157,8 +158,6 @@ class ModelSpec:
         check_tokenizer_matches(tokenizer, model.config, where=str(source.tokenizer or "default tokenizer"))
         lora = self.lora_path(model.config.hidden_size)
         if lora is not None:
-            from .lora import load_lora
-
             load_lora(model, lora)
         return model, tokenizer
 

@@ -21,8 +21,6 @@ class MiniMindPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     _no_split_modules = ["DecoderLayer"]
     _supports_sdpa = True
-    _supports_cache_class = True
-    _supports_static_cache = True
 
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Embedding)):

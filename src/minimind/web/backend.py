@@ -31,6 +31,11 @@ class Settings:
     model: str | None = None  # API mode: model / LoRA adapter id from /v1/models
 
 
+# The sliders of both UIs: Settings field -> (UI text key, min, max, step); each starts at the Settings default.
+SLIDERS = {"history_turns": ("turns", 0, 10, 1), "temperature": ("temperature", 0.0, 2.0, 0.05),
+           "top_p": ("top_p", 0.05, 1.0, 0.05), "max_tokens": ("max_tokens", 1, 4096, 1)}
+
+
 @dataclass
 class Reply:
     """A snapshot of the answer so far."""
@@ -42,12 +47,9 @@ class Reply:
     seconds: float = 0.0
     done: bool = False
 
-    @property
-    def tokens_per_s(self) -> float:
-        return self.tokens / self.seconds if self.seconds > 0 else 0.0
-
     def speed_text(self) -> str:
-        return f"{self.tokens} tokens · {self.tokens_per_s:.1f} tokens/s"
+        per_second = self.tokens / self.seconds if self.seconds > 0 else 0.0
+        return f"{self.tokens} tokens · {per_second:.1f} tokens/s"
 
 
 @dataclass
@@ -66,8 +68,7 @@ class BackendConfig:
 
     @classmethod
     def from_env(cls) -> BackendConfig:
-        raw = os.environ.get(CONFIG_ENV)
-        return cls(**json.loads(raw)) if raw else cls()
+        return cls(**json.loads(os.environ.get(CONFIG_ENV) or "{}"))
 
 
 def build_messages(history: list[dict], question: str, settings: Settings) -> list[dict]:
@@ -106,8 +107,8 @@ class EngineBackend(Backend):
 
     def __init__(self, model=None, tokenizer=None, lora=None, *, dtype=None, open_thinking=None, pretrain=False,
                  **llm_kwargs):
-        from ..text.template import stop_token_ids
         from ..engine import LLM
+        from ..text.template import stop_token_ids
 
         def build() -> LLM:  # on the engine's own thread, which then runs every step (LLM.launch)
             weights, tok = model, tokenizer
@@ -207,22 +208,17 @@ def chat_stream(backend: Backend, messages: list[dict], settings: Settings) -> I
     garbage-collected, so the engine request is aborted and its slot freed right away.
     """
     text, tokens, start = "", 0, time.perf_counter()
-    think = backend.starts_in_think
-    reply = Reply()
+
+    def reply(done: bool = False) -> Reply:
+        joined = text.replace("</think><think>", "")  # API reasoning deltas glued back together
+        reasoning, content, calls = parse_reply(joined, started_in_think=backend.starts_in_think)
+        return Reply(reasoning, content, [c["function"] for c in calls], tokens, time.perf_counter() - start, done)
+
     with closing(backend.stream(messages, settings)) as deltas:
         for delta, n in deltas:
             text, tokens = text + delta, tokens + n
-            reply = _reply(text, tokens, time.perf_counter() - start, think)
-            yield reply
-    reply = _reply(text, tokens, time.perf_counter() - start, think)
-    reply.done = True
-    yield reply
-
-
-def _reply(text: str, tokens: int, seconds: float, started_in_think: bool = False) -> Reply:
-    text = text.replace("</think><think>", "")  # API reasoning deltas glued back together
-    reasoning, content, calls = parse_reply(text, started_in_think=started_in_think)
-    return Reply(reasoning, content, [c["function"] for c in calls], tokens, seconds)
+            yield reply()
+    yield reply(done=True)
 
 
 _CODE = re.compile(r"(```.*?(?:```|$)|`[^`\n]*`)", re.DOTALL)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import html
 from contextlib import closing
 
-from .backend import Backend, Settings, build_messages, chat_stream, escape_html
+from .backend import SLIDERS, Backend, Settings, build_messages, chat_stream, escape_html
 from .text import TEXT
 
 
@@ -41,11 +41,10 @@ def history_from_gradio(history: list) -> list[dict]:
 def make_chat_fn(backend: Backend, lang: str = "en"):
     t = TEXT[lang]
 
-    def chat(message, history, system="", turns=2, temperature=0.85, top_p=0.85, max_tokens=512, model=None):
-        question = _text(message) or ""
-        settings = Settings(system=system or "", history_turns=int(turns), temperature=float(temperature),
-                            top_p=float(top_p), max_tokens=int(max_tokens), model=model or None)
-        messages = build_messages(history_from_gradio(history), question, settings)
+    def chat(message, history, system="", *values):
+        """values: the additional inputs after the system prompt, the sliders in SLIDERS order, then the model."""
+        settings = Settings(system=system or "", **dict(zip([*SLIDERS, "model"], values)))
+        messages = build_messages(history_from_gradio(history), _text(message) or "", settings)
         with closing(chat_stream(backend, messages, settings)) as replies:  # closed on stop: see the docstring
             for reply in replies:
                 yield _messages(reply, t)
@@ -73,14 +72,10 @@ def build_app(backend: Backend, lang: str = "en"):
     if lang not in TEXT:
         raise ValueError(f"unknown UI language {lang!r}; choose from {', '.join(TEXT)}")
     t = TEXT[lang]
-    models = backend.models()
-    inputs = [
-        gr.Textbox(label=t["system"], lines=2),
-        gr.Slider(0, 10, value=2, step=1, label=t["turns"]),
-        gr.Slider(0.0, 2.0, value=0.85, step=0.05, label=t["temperature"]),
-        gr.Slider(0.05, 1.0, value=0.85, step=0.05, label=t["top_p"]),
-        gr.Slider(1, 4096, value=512, step=1, label=t["max_tokens"]),
-    ]
+    models, defaults = backend.models(), Settings()
+    inputs = [gr.Textbox(label=t["system"], lines=2)]
+    inputs += [gr.Slider(low, high, value=getattr(defaults, field), step=step, label=t[key])
+               for field, (key, low, high, step) in SLIDERS.items()]
     if len(models) > 1:
         inputs.append(gr.Dropdown(models, value=models[0], label=t["model"]))
     chatbot = gr.Chatbot(label="MiniMind", sanitize_html=True, render_markdown=True, allow_tags=False)
@@ -93,9 +88,8 @@ def build_app(backend: Backend, lang: str = "en"):
 
 
 def theme_js(theme: str) -> str | None:
-    """Page-load JS forcing Gradio's dark or light mode. Gradio takes the mode from the `?__theme=` URL parameter
-    (else the browser's preference), so add it and reload once; a mode the user picked in Settings (already in
-    the URL) is kept. None for "auto": the browser decides."""
+    """Page-load JS forcing dark or light mode (None for "auto": the browser decides). Gradio reads the mode from
+    the `?__theme=` URL parameter, so add it and reload once; a mode already in the URL is kept."""
     if theme == "auto":
         return None
     if theme not in ("dark", "light"):

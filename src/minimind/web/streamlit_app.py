@@ -8,22 +8,20 @@ from contextlib import closing
 
 import streamlit as st
 
-from minimind.web.backend import BackendConfig, Reply, Settings, build_messages, chat_stream, make_backend
+from minimind.web.backend import SLIDERS, BackendConfig, Reply, Settings, build_messages, chat_stream, make_backend
 from minimind.web.text import LANG_NAMES, TEXT, default_lang
 
 
 @st.cache_resource(show_spinner="Loading the model / 正在加载模型 ...")
-def _shared_backend(config_json: str):
-    import json
-
-    return make_backend(BackendConfig(**json.loads(config_json)))
+def _shared_backend():
+    return make_backend(BackendConfig.from_env())
 
 
 def get_backend():
     """The backend of this process (session_state["backend"] wins: for embedding the app and for tests)."""
     if "backend" in st.session_state:
         return st.session_state["backend"]
-    return _shared_backend(BackendConfig.from_env().to_env())
+    return _shared_backend()
 
 
 def render_reply(reply: Reply, t: dict) -> None:
@@ -40,7 +38,7 @@ def render_reply(reply: Reply, t: dict) -> None:
 
 def main() -> None:
     st.set_page_config(page_title="MiniMind chat", page_icon="💬")
-    st.session_state.setdefault("history", [])  # [{"role", "content", "reply"?, "stopped"?}]
+    st.session_state.setdefault("history", [])  # [{"role", "content", "reply" (assistant)}]
     with st.sidebar:
         st.header("MiniMind")
         langs = list(TEXT)
@@ -54,10 +52,9 @@ def main() -> None:
         models = backend.models()
         model = st.selectbox(t["model"], models, key="model") if len(models) > 1 else None
         system = st.text_area(t["system"], key="system", value="")
-        turns = st.slider(t["turns"], 0, 10, 2, key="turns")
-        temperature = st.slider(t["temperature"], 0.0, 2.0, 0.85, 0.05, key="temperature")
-        top_p = st.slider(t["top_p"], 0.05, 1.0, 0.85, 0.05, key="top_p")
-        max_tokens = st.slider(t["max_tokens"], 1, 4096, 512, key="max_tokens")
+        defaults = Settings()
+        sliders = {field: st.slider(t[key], low, high, getattr(defaults, field), step, key=key)
+                   for field, (key, low, high, step) in SLIDERS.items()}
         if st.button(t["clear"], key="clear"):
             st.session_state["history"] = []
 
@@ -74,20 +71,17 @@ def main() -> None:
     question = st.chat_input(t["ask"])
     if not question:
         return
-    settings = Settings(system=system, history_turns=turns, temperature=temperature, top_p=top_p,
-                        max_tokens=max_tokens, model=model)
+    settings = Settings(system=system, model=model, **sliders)
     messages = build_messages(st.session_state["history"], question, settings)
     with st.chat_message("user"):
         st.markdown(question)
-    # The answer goes into the history before it streams and is updated as it grows: clicking Stop (or any
-    # widget) reruns the script, which interrupts this one mid-answer, and the partial answer must survive that.
+    # Clicking Stop (any widget) reruns the script, interrupting this one mid-answer with an exception at its next
+    # st call. So the answer is in the history before it streams and grows there, and closing() closes the stream
+    # at once: the in-process engine aborts the request and frees its slot.
     entry = {"role": "assistant", "content": "", "reply": Reply()}
     st.session_state["history"] += [{"role": "user", "content": question}, entry]
     with st.chat_message("assistant"):
         box = st.empty()
-        # Any click reruns the script; the rerun interrupts this loop with an exception at its next st call, and
-        # closing() then closes the stream (chat_stream -> backend): the in-process engine aborts the request and
-        # frees its slot at once, not whenever the interrupted frame happens to be garbage-collected.
         stop = st.empty()
         stop.button(t["stop"], key="stop", icon=":material/stop_circle:")
         with closing(chat_stream(backend, messages, settings)) as replies:

@@ -1,10 +1,8 @@
 """GGUF files (llama.cpp) of the `llama`, `qwen3` and `qwen3moe` architectures -> (MiniMindConfig, state_dict).
 
-Tensors are read with `gguf.GGUFReader` and dequantized to fp32 with `gguf.quants.dequantize` (F32, F16, BF16,
-Q8_0, Q4_0/1, Q5_0/1 and the K-quants). Tensor names are translated with gguf's own `get_tensor_name_map`.
-llama.cpp's converter permutes the rows of Q and K for `llama` (interleaved RoPE inside llama.cpp); that
-permutation is undone here, `qwen3` files are stored unpermuted. The tokenizer is built by transformers from the
-GGUF metadata (vocabulary, merges, special ids and `tokenizer.chat_template`).
+Tensors are dequantized to fp32 by `gguf.quants.dequantize` (F32/F16/BF16, Q8_0, Q4/Q5 and the K-quants) and
+named through gguf's `get_tensor_name_map`. llama.cpp permutes the Q/K rows of `llama` files for its interleaved
+RoPE; that is undone here (`qwen3` files are not permuted). transformers builds the tokenizer from the metadata.
 """
 from __future__ import annotations
 

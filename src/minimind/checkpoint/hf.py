@@ -1,11 +1,7 @@
-"""Hugging Face model folders in the four flavours MiniMind is exported to, read without remote code.
-
-- `model_type: minimind`: the original custom export (any era) and the folders this tool writes itself.
-- `LlamaForCausalLM`: MiniMind2/2510 `convert_torch2transformers_llama`, and any Llama (e.g. SmolLM2).
-- `Qwen3ForCausalLM` / `Qwen3MoeForCausalLM`: minimind-3 exports (transformers 4 per-expert or 5 fused experts).
-
-HF configs are parsed by transformers' own config classes, so their defaults (Llama tie=False, Qwen3
-head_dim=128, rope_theta=10000, ...) and the transformers 4/5 `rope_scaling`/`rope_parameters` forms are HF's.
+"""Hugging Face model folders, read without remote code: `model_type: minimind` (MiniMind's custom export of any
+era, and ours), `LlamaForCausalLM` (MiniMind2/2510's llama export, any Llama) and `Qwen3ForCausalLM` /
+`Qwen3MoeForCausalLM` (minimind-3; per-expert or fused experts). HF configs are parsed by transformers' own config
+classes, so their defaults and both `rope_scaling`/`rope_parameters` forms are HF's.
 """
 from __future__ import annotations
 

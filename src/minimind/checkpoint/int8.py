@@ -1,14 +1,8 @@
-"""The int8 weight-only checkpoint folder (`minimind quantize`, `convert --dtype int8`): quantize, read back.
+"""The int8 weight-only folder of `minimind quantize` / `convert --dtype int8` (docs/deploy.md): write, read back.
 
-Format (a `model_type: minimind` folder, readable without this module by anyone with safetensors):
-- config.json: our MiniMindConfig plus
-  `"quantization_config": {"quant_method": "minimind_int8", "bits": 8, "scheme": "symmetric_per_output_channel",
-  "scale_dtype": "float32", "quantized": [<weight keys>]}`.
-- model.safetensors: every quantized Linear weight `X.weight` is int8 [out, in] with `X.weight_scale` fp32 [out];
-  W ~= X.weight.float() * X.weight_scale[:, None], scale = max|W_row| / 127 (all-zero rows: 1e-8 / 127).
-  Quantized: q/k/v/o, gate/up/down of the MLPs and experts, and an *untied* lm_head. Kept in float (fp32 by
-  default): embed_tokens (an embedding lookup; a tied lm_head uses it), the norms and the MoE router.
-- tokenizer files and generation_config.json as in `--to hf`.
+A `model_type: minimind` folder whose config.json has `quantization_config.quant_method = "minimind_int8"`. Each
+`*_proj.weight` and an untied lm_head is int8 [out, in] with `X.weight_scale` fp32 [out]: W ~= q * scale[:, None],
+scale = max|W_row| / 127. The embedding (which a tied lm_head uses), the norms and the MoE router stay in float.
 """
 from __future__ import annotations
 

@@ -72,8 +72,7 @@ def read_adapter(model: nn.Module, path_or_state_dict) -> tuple[int, dict[str, d
             continue  # reported below together with the other layer mismatches
         want_a, want_b = (rank, layer.in_features), (layer.out_features, rank)
         if tuple(p["A"].shape) != want_a or tuple(p["B"].shape) != want_b:
-            file_hidden = p["A"].shape[1]
-            raise CheckpointError(where, f"rank {rank} adapter for hidden {file_hidden}, model hidden is "
+            raise CheckpointError(where, f"rank {rank} adapter for hidden {p['A'].shape[1]}, model hidden is "
                                   f"{model_hidden} ({name}: A {tuple(p['A'].shape)}, B {tuple(p['B'].shape)}; "
                                   f"expected A {want_a}, B {want_b})")
     extra, missing = sorted(set(pairs) - set(targets)), sorted(set(targets) - set(pairs))

@@ -6,7 +6,6 @@ RSS). Both classes are built from the mixins below, so they run one forward.
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -158,22 +157,17 @@ _INITS = ("normal_", "uniform_", "kaiming_uniform_", "kaiming_normal_", "xavier_
           "trunc_normal_")
 
 
-@contextmanager
-def _skip_init():
-    # On the meta device torch runs `normal_`/`uniform_` through torch._refs, which imports torch._dynamo
-    # (~70 MB of RSS) to produce values that loading replaces anyway; transformers' no_init_weights does the same.
+def build_on_meta(model_class, config: MiniMindConfig):
+    """An instance of model_class(config) without storage or init, ready for load_state_dict(assign=True).
+    Non-persistent buffers (RoPE frequencies) are real: RotaryEmbedding computes them on the CPU."""
+    # nn.init is skipped: on the meta device torch runs `normal_`/`uniform_` through torch._refs, which imports
+    # torch._dynamo (~70 MB of RSS) for values that loading replaces; transformers' no_init_weights does the same.
     saved = {name: getattr(nn.init, name) for name in _INITS}
     try:
         for name in _INITS:
             setattr(nn.init, name, lambda tensor, *args, **kwargs: tensor)
-        yield
+        with torch.device("meta"):
+            return model_class(config)
     finally:
         for name, fn in saved.items():
             setattr(nn.init, name, fn)
-
-
-def build_on_meta(model_class, config: MiniMindConfig):
-    """An instance of model_class(config) without storage or init, ready for load_state_dict(assign=True).
-    Non-persistent buffers (RoPE frequencies) are real: RotaryEmbedding computes them on the CPU."""
-    with _skip_init(), torch.device("meta"):
-        return model_class(config)

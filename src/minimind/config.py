@@ -61,44 +61,27 @@ class MiniMindConfig(PretrainedConfig):
     model_type = "minimind"
 
     def __init__(
-        self,
-        *,
-        family: str = "minimind2",
-        vocab_size: int = 6400,
-        hidden_size: int = 512,
-        num_hidden_layers: int = 8,
-        num_attention_heads: int = 8,
-        num_key_value_heads: int | None = 2,
-        head_dim: int | None = None,
-        intermediate_size: int | None = None,
-        hidden_act: str = "silu",
-        max_position_embeddings: int = 32768,
-        rms_norm_eps: float | None = None,
-        rope_theta: float = 1e6,
-        rope_scaling: dict | None = None,
-        inference_rope_scaling: bool | str = False,
-        tie_word_embeddings: bool = True,
-        qk_norm: bool | None = None,
-        rms_norm_fp32_weight: bool | None = None,
+        self, *, family: str = "minimind2",
+        # shape (None: the family's default)
+        vocab_size: int = 6400, hidden_size: int = 512, num_hidden_layers: int = 8, num_attention_heads: int = 8,
+        num_key_value_heads: int | None = 2, head_dim: int | None = None, intermediate_size: int | None = None,
+        hidden_act: str = "silu", max_position_embeddings: int = 32768, rms_norm_eps: float | None = None,
+        # positions, norms, attention
+        rope_theta: float = 1e6, rope_scaling: dict | None = None, inference_rope_scaling: bool | str = False,
+        tie_word_embeddings: bool = True, qk_norm: bool | None = None, rms_norm_fp32_weight: bool | None = None,
         flash_attn: bool = True,
-        use_moe: bool = False,
-        num_experts: int | None = None,
-        num_experts_per_tok: int | None = None,
-        n_shared_experts: int | None = None,
-        moe_intermediate_size: int | None = None,
-        norm_topk_prob: bool = True,
-        bos_token_id: int | None = 1,
-        eos_token_id: int | list[int] | None = 2,
-        pad_token_id: int | None = 0,
+        # mixture of experts
+        use_moe: bool = False, num_experts: int | None = None, num_experts_per_tok: int | None = None,
+        n_shared_experts: int | None = None, moe_intermediate_size: int | None = None, norm_topk_prob: bool = True,
+        # special tokens
+        bos_token_id: int | None = 1, eos_token_id: int | list[int] | None = 2, pad_token_id: int | None = 0,
         **kwargs: Any,
     ):
-        # MiniMind2 wrote `n_routed_experts`; minimind-3 and Qwen3-MoE write `num_experts`.
-        if "n_routed_experts" in kwargs:
-            routed = kwargs.pop("n_routed_experts")
-            num_experts = num_experts if num_experts is not None else routed
-        kwargs.pop("rope_parameters", None) if rope_scaling is not None else None
-        if rope_scaling is None and isinstance(kwargs.get("rope_parameters"), dict):
-            rope_scaling = kwargs.pop("rope_parameters")
+        routed = kwargs.pop("n_routed_experts", None)  # MiniMind2's name; minimind-3 and Qwen3-MoE write num_experts
+        num_experts = routed if num_experts is None else num_experts
+        rope_parameters = kwargs.pop("rope_parameters", None)  # transformers 5's name for rope_scaling
+        if rope_scaling is None and isinstance(rope_parameters, dict):
+            rope_scaling = rope_parameters
         unknown = [k for k in kwargs if k not in _HF_BOOKKEEPING and k not in _ORIGINAL_IGNORED]
         if unknown:
             known = sorted(set(_signature_fields()) | {"n_routed_experts"})
@@ -136,12 +119,10 @@ class MiniMindConfig(PretrainedConfig):
         self.n_shared_experts = n_shared_experts if n_shared_experts is not None else (0 if v3 else 1)
         self.moe_intermediate_size = moe_intermediate_size or self.intermediate_size
         self.norm_topk_prob = bool(norm_topk_prob)
-        kwargs.setdefault("tie_word_embeddings", tie_word_embeddings)
-        super().__init__(bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id, **kwargs)
-        self.tie_word_embeddings = tie_word_embeddings
+        super().__init__(bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+                         tie_word_embeddings=tie_word_embeddings, **kwargs)
         self._validate()
 
-    # ------------------------------------------------------------------ validation
     def _validate(self) -> None:
         def fail(msg: str) -> None:
             raise ValueError(f"MiniMindConfig: {msg}")
@@ -167,7 +148,6 @@ class MiniMindConfig(PretrainedConfig):
             if self.n_shared_experts < 0:
                 fail(f"n_shared_experts must be >= 0, got {self.n_shared_experts}")
 
-    # ------------------------------------------------------------------ helpers
     # transformers 5 turned `rope_scaling` into an alias of `rope_parameters` and rewrites it; MiniMind's
     # dicts (and the legacy formula) must stay as written, so keep our own storage.
     @property
@@ -197,12 +177,10 @@ class MiniMindConfig(PretrainedConfig):
         return cls(**data)
 
     def to_dict(self) -> dict[str, Any]:
-        out = super().to_dict()
+        internal = ("rope_parameters", "_rope_scaling", "_output_attentions", "_attn_implementation",
+                    "_experts_implementation")
+        out = {k: v for k, v in super().to_dict().items() if k not in internal}
         out["rope_scaling"] = self.rope_scaling
-        out.pop("rope_parameters", None)
-        out.pop("_rope_scaling", None)
-        for key in ("_output_attentions", "_attn_implementation", "_experts_implementation"):
-            out.pop(key, None)
         return out
 
     def ctor_kwargs(self) -> dict[str, Any]:
@@ -223,12 +201,10 @@ def _signature_fields() -> list[str]:
 
 
 def _resolve_rope_scaling(rope_scaling: dict | None, inference_rope_scaling: bool | str) -> dict | None:
-    """The original code overwrites rope_scaling from `inference_rope_scaling`; True = standard YaRN x16,
-    "legacy" = the Oct-Nov 2025 formula x4 (the one the seeds describe)."""
-    if _is_legacy_yarn(rope_scaling) and inference_rope_scaling in (True, "legacy"):
-        # A 2510-era config.json (Oct-Nov 2025) stores the factor-4 dict next to `inference_rope_scaling: true`.
-        return {**YARN_LEGACY, "rope_type": "minimind_legacy_yarn"}
-    if inference_rope_scaling == "legacy":
+    """The original code overwrites rope_scaling from `inference_rope_scaling`: True = standard YaRN x16,
+    "legacy" = MiniMind's factor-4 formula. A 2510 config.json with the factor-4 dict next to
+    `inference_rope_scaling: true` means the legacy formula."""
+    if inference_rope_scaling == "legacy" or (inference_rope_scaling is True and _is_legacy_yarn(rope_scaling)):
         return {**YARN_LEGACY, "rope_type": "minimind_legacy_yarn"}
     if inference_rope_scaling is True:
         return dict(YARN_STANDARD)

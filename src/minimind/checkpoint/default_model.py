@@ -60,9 +60,8 @@ def is_complete(folder: Path) -> bool:
 def default_model_dir() -> Path:
     """The imported default model folder; imports it on first use (a few seconds), instant afterwards."""
     target = cache_dir() / "models" / MODEL_NAME
-    if is_complete(target):
-        return target
-    import_gguf(find_default_gguf(), target, label="SmolLM2-135M-Instruct")
+    if not is_complete(target):
+        import_gguf(find_default_gguf(), target, label="SmolLM2-135M-Instruct")
     return target
 
 

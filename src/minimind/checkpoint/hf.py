@@ -34,7 +34,12 @@ def read_hf_folder(path: Path, kind: str, dtype: torch.dtype | None = None
     config = _minimind_config(raw, sd, cfg_path) if kind == fmt.HF_MINIMIND else _hf_config(raw, sd, kind, cfg_path)
     if kind == fmt.HF_QWEN3_MOE:
         sd = split_fused_experts(sd, weights_path)
-    check_against_config(config, sd, weights_path, cfg_path)
+    # names and shapes against a meta-device MiniMindLM (MiniMindForCausalLM's keys), so an error names both files
+    problem = explain_mismatch(normalize_state_dict(sd, config), build_on_meta(MiniMindLM, config), hint=False)
+    if problem:
+        raise CheckpointError(weights_path, f"does not match {cfg_path.name}: {problem} The folder is "
+                              "inconsistent: re-download or re-export it (config.json and the weights must come "
+                              "from the same model).")
     return config, sd
 
 
@@ -81,16 +86,6 @@ def split_fused_experts(sd: dict[str, torch.Tensor], source: Path) -> dict[str, 
             for e in range(value.shape[0]):
                 out[f"{prefix}.{e}.{name}.weight"] = stacked[e]
     return out
-
-
-def check_against_config(config: MiniMindConfig, sd: dict, weights_path: Path, cfg_path: Path) -> None:
-    """Compare names/shapes with a meta-device model built from the config, so errors name both files."""
-    model = build_on_meta(MiniMindLM, config)  # MiniMindForCausalLM's keys, without transformers' modeling stack
-    problem = explain_mismatch(normalize_state_dict(sd, config), model, hint=False)
-    if problem:
-        raise CheckpointError(weights_path, f"does not match {cfg_path.name}: {problem} The folder is "
-                              "inconsistent: re-download or re-export it (config.json and the weights must come "
-                              "from the same model).")
 
 
 def _minimind_config(raw: dict, sd: dict, cfg_path: Path) -> MiniMindConfig:

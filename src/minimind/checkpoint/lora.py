@@ -45,8 +45,7 @@ def read_adapter(model: nn.Module, path_or_state_dict) -> tuple[int, dict[str, d
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     other = []
     for key, value in sd.items():
-        m = _KEY.match(key)
-        if m:
+        if m := _KEY.match(key):
             pairs.setdefault(m.group(1), {})[m.group(2)] = value
         else:
             other.append(key)

@@ -54,7 +54,7 @@ def read_safetensors(path: str | Path, dtype: torch.dtype | None = None) -> dict
     file_size = os.path.getsize(path)
     out: dict[str, torch.Tensor] = {}
     buffers: dict[torch.dtype, torch.Tensor] = {}  # one conversion buffer per source dtype, reused
-    with open(path, "rb", buffering=0) as f:
+    with open(path, "rb") as f:
         base, header = read_header(f, path)
         try:
             entries = sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0])
@@ -88,13 +88,6 @@ def read_safetensors(path: str | Path, dtype: torch.dtype | None = None) -> dict
 
 
 def _read_into(f, tensor: torch.Tensor, path: Path, name: str) -> None:
-    """Fill a contiguous tensor with the next bytes of f (unbuffered reads may return less than asked)."""
-    if not tensor.numel():
-        return
-    view = memoryview(tensor.view(-1).view(torch.uint8).numpy())
-    got = 0
-    while got < len(view):
-        n = f.readinto(view[got:])
-        if not n:
-            raise _corrupt(path, f"file ended inside tensor `{name}`")
-        got += n
+    """Fill a contiguous tensor with the next bytes of f (a buffered reader: readinto fills it unless at EOF)."""
+    if f.readinto(memoryview(tensor.view(-1).view(torch.uint8).numpy())) != tensor.numel() * tensor.element_size():
+        raise _corrupt(path, f"file ended inside tensor `{name}`")

@@ -13,7 +13,7 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: str | torch.device = "cpu") -> torch.dtype:
-    """None -> fp32 on CPU, bf16 on CUDA/MPS. fp16 is never used on CPU: bf16 is taken instead, with a warning."""
+    """None -> fp32 on CPU, bf16 on CUDA, fp16 elsewhere (MPS). fp16 on CPU becomes bf16, with a warning."""
     device_type = torch.device(device).type
     if dtype is None or dtype == "auto":
         return torch.float32 if device_type == "cpu" else (torch.bfloat16 if device_type == "cuda" else torch.float16)

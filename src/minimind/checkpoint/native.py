@@ -16,8 +16,7 @@ from .safetensors_file import read_safetensors
 
 def read_weights_file(path: Path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """{name: tensor} of one .pth/.bin or .safetensors file, floating tensors cast to `dtype` (None keeps them)."""
-    kind = fmt.sniff_file(path)  # raises on LFS pointers and empty files, naming the file
-    if path.suffix == ".safetensors" or kind == fmt.SAFETENSORS:
+    if fmt.sniff_file(path) == fmt.SAFETENSORS:  # by content; raises on LFS pointers and empty files
         return read_safetensors(path, dtype)  # tensor by tensor, cast as read
     return cast_state_dict(read_torch_file(path), dtype)
 

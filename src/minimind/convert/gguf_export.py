@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from ..config import MiniMindConfig
-from .hf_export import renormalizes, standard_rope
+from .hf_export import merge_shared_experts, renormalizes, standard_rope
 from .source import ConvertError, Source, atomic_output, progress
 from .tokenizer_files import chat_template
 
@@ -64,14 +64,14 @@ def _tensors(config: MiniMindConfig, sd: dict[str, torch.Tensor], arch: str):
 
     arch_enum = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch)
     names = gguf.get_tensor_name_map(arch_enum, config.num_hidden_layers)
-    per_expert: dict[str, dict[int, torch.Tensor]] = {}
-    if arch == "bailingmoe" and "lm_head.weight" not in sd:  # `output` is required there
-        sd = {**sd, "lm_head.weight": sd["model.embed_tokens.weight"]}
+    if arch == "bailingmoe":
+        sd = merge_shared_experts(config, sd)
+        sd.setdefault("lm_head.weight", sd["model.embed_tokens.weight"])  # `output` is required there
+    experts: dict[str, dict[int, torch.Tensor]] = {}
     for key, value in sd.items():
-        if ".mlp.experts." in key or ".mlp.shared_experts." in key:
-            # model.layers.i.mlp.{experts,shared_experts}.e.proj.weight -> grouped per (layer, kind, proj)
+        if ".mlp.experts." in key:  # model.layers.i.mlp.experts.e.proj.weight -> grouped per (layer, proj)
             parts = key.split(".")
-            per_expert.setdefault(".".join(parts[:5] + parts[6:7]), {})[int(parts[5])] = value
+            experts.setdefault(".".join(parts[:5] + parts[6:7]), {})[int(parts[5])] = value
             continue
         stem, suffix = key.rsplit(".", 1)
         gname = names.get_name(stem)
@@ -82,13 +82,9 @@ def _tensors(config: MiniMindConfig, sd: dict[str, torch.Tensor], arch: str):
             heads = config.num_attention_heads if stem.endswith("q_proj") else config.num_key_value_heads
             data = permute_qk(data, heads)
         yield f"{gname}.{suffix}", data
-    for stem, by_index in per_expert.items():
-        weights = [by_index[e] for e in sorted(by_index)]
-        if ".shared_experts." in stem:  # several shared experts = one wider SwiGLU: gate/up rows, down columns
-            merged = torch.cat(weights, dim=1 if stem.endswith("down_proj") else 0)
-        else:
-            merged = torch.stack(weights)
-        yield f"{names.get_name(stem)}.weight", merged.float().numpy()
+    for stem, by_index in experts.items():
+        stacked = torch.stack([by_index[e] for e in sorted(by_index)])
+        yield f"{names.get_name(stem)}.weight", stacked.float().numpy()
 
 
 def _encode(name: str, data: np.ndarray, outtype: str):

@@ -99,13 +99,10 @@ def hf_config_dict(config: MiniMindConfig, arch: str, dtype: torch.dtype, allow_
 
 
 def _check_arch(config: MiniMindConfig, arch: str) -> None:
-    fits = {"llama": not config.use_moe and not config.qk_norm, "qwen3": not config.use_moe and config.qk_norm,
-            "qwen3_moe": config.use_moe and config.qk_norm and not config.n_shared_experts,
-            "qwen2_moe": config.use_moe and not config.qk_norm and config.n_shared_experts > 0,
-            "minimind": True}
-    if arch not in fits:
+    if arch not in ARCHS:
         raise ConvertError(f"unknown HF architecture {arch!r}; choose from {', '.join(ARCHS)}")
-    if not fits[arch]:
+    as_qwen2_moe = config.use_moe and not config.qk_norm and config.n_shared_experts > 0
+    if arch not in ("minimind", choose_arch(config)) and not (arch == "qwen2_moe" and as_qwen2_moe):
         raise ConvertError(f"a {config.era} model ({'MoE' if config.use_moe else 'dense'}, "
                            f"{'with' if config.qk_norm else 'without'} q/k norm) cannot be expressed as {arch}; "
                            f"the matching architecture is {choose_arch(config)}")
@@ -113,22 +110,28 @@ def _check_arch(config: MiniMindConfig, arch: str) -> None:
 
 def _qwen2_moe_weights(config: MiniMindConfig, sd: dict) -> dict:
     """MiniMind2 MoE as Qwen2-MoE, exactly: Qwen2-MoE scales its shared expert by sigmoid(gate(x)); a zero gate
-    gives 0.5, so the shared expert's down_proj is doubled (a power of two: exact). Several shared experts are one
-    wider expert (their gate/up rows and down columns concatenated). Zero q/k/v biases."""
-    out = {k: v for k, v in sd.items() if ".shared_experts." not in k}
+    gives 0.5, so the shared expert's down_proj is doubled (a power of two: exact). Zero q/k/v biases."""
+    out = merge_shared_experts(config, sd)
     kv = config.num_key_value_heads * config.head_dim
     for i in range(config.num_hidden_layers):
         p = f"model.layers.{i}."
-        w = sd[p + "self_attn.q_proj.weight"]
+        dtype = sd[p + "self_attn.q_proj.weight"].dtype
         for name, rows in (("q_proj", config.num_attention_heads * config.head_dim), ("k_proj", kv), ("v_proj", kv)):
-            out[f"{p}self_attn.{name}.bias"] = torch.zeros(rows, dtype=w.dtype)
-        shared = range(config.n_shared_experts)
-        for proj in ("gate_proj", "up_proj"):
-            out[f"{p}mlp.shared_expert.{proj}.weight"] = torch.cat(
-                [sd[f"{p}mlp.shared_experts.{j}.{proj}.weight"] for j in shared], dim=0)
-        out[f"{p}mlp.shared_expert.down_proj.weight"] = torch.cat(
-            [sd[f"{p}mlp.shared_experts.{j}.down_proj.weight"] for j in shared], dim=1) * 2
-        out[f"{p}mlp.shared_expert_gate.weight"] = torch.zeros(1, config.hidden_size, dtype=w.dtype)
+            out[f"{p}self_attn.{name}.bias"] = torch.zeros(rows, dtype=dtype)
+        out[f"{p}mlp.shared_expert.down_proj.weight"] = out[f"{p}mlp.shared_expert.down_proj.weight"] * 2
+        out[f"{p}mlp.shared_expert_gate.weight"] = torch.zeros(1, config.hidden_size, dtype=dtype)
+    return out
+
+
+def merge_shared_experts(config: MiniMindConfig, sd: dict) -> dict:
+    """`mlp.shared_experts.{j}` as one wider SwiGLU `mlp.shared_expert` (gate/up rows and down columns
+    concatenated), which computes their sum."""
+    out = {k: v for k, v in sd.items() if ".shared_experts." not in k}
+    for i in range(config.num_hidden_layers):
+        p = f"model.layers.{i}.mlp."
+        for proj, dim in (("gate_proj", 0), ("up_proj", 0), ("down_proj", 1)):
+            parts = [sd[f"{p}shared_experts.{j}.{proj}.weight"] for j in range(config.n_shared_experts)]
+            out[f"{p}shared_expert.{proj}.weight"] = torch.cat(parts, dim=dim)
     return out
 
 

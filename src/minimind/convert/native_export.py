@@ -21,14 +21,6 @@ _CHECKED = ("family", "vocab_size", "hidden_size", "num_hidden_layers", "num_att
             "hidden_act")  # not rms_norm_fp32_weight: HF Qwen3 vs minimind-3 cast order differs only in fp16/bf16
 
 
-def native_state_dict(source: Source, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The original layout: every key, lm_head included even when tied."""
-    sd = {k: v.to(dtype).contiguous() for k, v in source.state_dict.items()}
-    if source.config.tie_word_embeddings:
-        sd["lm_head.weight"] = sd["model.embed_tokens.weight"]  # same storage: saved once by torch.save
-    return sd
-
-
 def check_representable(source: Source, sd: dict[str, torch.Tensor]) -> None:
     """Refuse when re-reading the .pth would infer a different architecture than the source has."""
     from ..model.keys import infer_config
@@ -47,7 +39,10 @@ def check_representable(source: Source, sd: dict[str, torch.Tensor]) -> None:
 
 def export_native(source: Source, dst: Path, *, dtype=None, force: bool = False) -> Path:
     """Write `dst` (.pth). dtype None/"auto" -> float16, the original's format."""
-    sd = native_state_dict(source, export_dtype(dtype, torch.float16))
+    torch_dtype = export_dtype(dtype, torch.float16)
+    sd = {k: v.to(torch_dtype).contiguous() for k, v in source.state_dict.items()}
+    if source.config.tie_word_embeddings:
+        sd["lm_head.weight"] = sd["model.embed_tokens.weight"]  # same storage: saved once by torch.save
     check_representable(source, sd)
     with atomic_output(dst, force) as tmp:
         torch.save(sd, tmp)

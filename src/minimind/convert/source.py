@@ -71,8 +71,8 @@ def load_source(model_or_path, *, tokenizer=None, lora=None, need_tokenizer: boo
         model_or_path = default_model_dir()
     if isinstance(model_or_path, torch.nn.Module):
         config, sd = model_or_path.config, merged_state_dict(model_or_path)
-        src_path = Path(getattr(model_or_path, "name_or_path", "") or ".")
-        name = Path(str(getattr(model_or_path, "name_or_path", "") or "minimind")).stem or "minimind"
+        origin = str(getattr(model_or_path, "name_or_path", "") or "")
+        src_path, name = Path(origin or "."), Path(origin).stem or "minimind"
     else:
         src_path = Path(model_or_path).expanduser()
         if not src_path.exists():

@@ -138,11 +138,10 @@ def read_gguf(path: str | Path, progress: Callable[[int, int], None] | None = No
     for key, value in expected.items():
         if key == "lm_head.weight" and config.tie_word_embeddings:
             continue
+        name, index = key, None
         if m := _EXPERT.match(key):  # qwen3moe stacks experts: blk.i.ffn_{gate,up,down}_exps [E, out, in]
-            stem, index, suffix = f"{m[1]}.{m[3]}", int(m[2]), "weight"
-        else:
-            (stem, suffix), index = key.rsplit(".", 1), None
-        ours.setdefault(f"{name_map.get_name(stem)}.{suffix}", []).append((index, key, tuple(value.shape)))
+            name, index = f"{m[1]}.{m[3]}.weight", int(m[2])
+        ours.setdefault(name_map.get_name(name, try_suffixes=(".weight",)), []).append((index, key, tuple(value.shape)))
 
     sd: dict[str, torch.Tensor] = {}
     total = len(reader.tensors)

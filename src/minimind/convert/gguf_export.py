@@ -191,18 +191,17 @@ def _add_hparams(w, config: MiniMindConfig, arch: str, outtype: str) -> None:
         w.add_expert_weights_norm(renormalizes(config))
         w.add_expert_weights_scale(1.0)
         w.add_leading_dense_block_count(0)
-    if config.rope_scaling:
-        hf = standard_rope(config)  # drops (with a warning) the legacy formula, which llama.cpp lacks too
-        if hf and hf["rope_type"] != "yarn":
-            raise ConvertError(f"RoPE scaling {hf['rope_type']!r} is not exported to GGUF")
-        if hf:
-            log.warning("YaRN in GGUF: llama.cpp's YaRN implementation was not verified against MiniMind's here")
-            w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
-            w.add_rope_scaling_factor(float(hf["factor"]))
-            w.add_rope_scaling_orig_ctx_len(int(hf["original_max_position_embeddings"]))
-            w.add_rope_scaling_yarn_beta_fast(float(hf.get("beta_fast", 32)))
-            w.add_rope_scaling_yarn_beta_slow(float(hf.get("beta_slow", 1)))
-            w.add_rope_scaling_yarn_attn_factor(float(hf.get("attention_factor", 1.0)))
+    scaling = standard_rope(config)  # drops (with a warning) the legacy formula, which llama.cpp lacks too
+    if scaling and scaling["rope_type"] != "yarn":
+        raise ConvertError(f"RoPE scaling {scaling['rope_type']!r} is not exported to GGUF")
+    if scaling:
+        log.warning("YaRN in GGUF: llama.cpp's YaRN implementation was not verified against MiniMind's here")
+        w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        w.add_rope_scaling_factor(float(scaling["factor"]))
+        w.add_rope_scaling_orig_ctx_len(int(scaling["original_max_position_embeddings"]))
+        w.add_rope_scaling_yarn_beta_fast(float(scaling.get("beta_fast", 32)))
+        w.add_rope_scaling_yarn_beta_slow(float(scaling.get("beta_slow", 1)))
+        w.add_rope_scaling_yarn_attn_factor(float(scaling.get("attention_factor", 1.0)))
 
 
 def export_gguf(source: Source, dst: Path, *, outtype: str = "f16", force: bool = False,

@@ -17,49 +17,52 @@ from .hf_export import generation_config
 from .source import ConvertError, Source, atomic_output
 from .tokenizer_files import chat_template
 
-# No `{{-` trim markers anywhere: every byte between actions is meant (the templates have no cosmetic whitespace).
+# The templates spell out ChatML's <|im_start|> / <|im_end|> and have no `{{-` trim markers: every byte between
+# actions is meant (there is no cosmetic whitespace).
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+_FIRST_IS_SYSTEM = 'and .Messages (eq (index .Messages 0).Role "system")'
 
-# {{ $last }}: whether this is the final message; {{ $prev }}: the previous message's role (Go has no `sub`).
+# $last: whether this is the final message; $prev / $next: the neighbouring messages' roles (Go has no `sub`).
 _LOOP_HEAD = ('{{ $prev := "" }}{{ range $i, $m := .Messages }}'
               '{{ $last := eq (len (slice $.Messages $i)) 1 }}'
               '{{ $next := "" }}{{ if not $last }}{{ $next = (index (slice $.Messages $i) 1).Role }}{{ end }}')
 _LOOP_TAIL = '{{ $prev = .Role }}{{ end }}'
-_FIRST_IS_SYSTEM = 'and .Messages (eq (index .Messages 0).Role "system")'
 
 _TOOLS_BLOCK = (
-    f'{IM_START}system\n{{{{ if {_FIRST_IS_SYSTEM} }}}}{{{{ (index .Messages 0).Content }}}}\n\n{{{{ end }}}}'
+    '<|im_start|>system\n{{ if ' + _FIRST_IS_SYSTEM + ' }}{{ (index .Messages 0).Content }}\n\n{{ end }}'
     '# Tools\n\nYou may call one or more functions to assist with the user query.\n\n'
     'You are provided with function signatures within <tools></tools> XML tags:\n<tools>'
     '{{ range .Tools }}\n{{ json . }}{{ end }}\n</tools>\n\n'
     'For each function call, return a json object with function name and arguments within '
     '<tool_call></tool_call> XML tags:\n<tool_call>\n{"name": <function-name>, "arguments": <args-json-object>}\n'
-    f'</tool_call>{IM_END}\n')
+    '</tool_call><|im_end|>\n')
 
 _TOOL_CALLS = ('{{ range $j, $tc := .ToolCalls }}{{ if or (and (eq $j 0) $m.Content) (gt $j 0) }}\n{{ end }}'
                '<tool_call>\n{"name": "{{ .Function.Name }}", "arguments": {{ json .Function.Arguments }}}\n'
                '</tool_call>{{ end }}')
 
-_TOOL_RESULT = (f'{{{{ else if eq .Role "tool" }}}}{{{{ if ne $prev "tool" }}}}{IM_START}user{{{{ end }}}}'
+_TOOL_RESULT = ('{{ else if eq .Role "tool" }}{{ if ne $prev "tool" }}<|im_start|>user{{ end }}'
                 '\n<tool_response>\n{{ .Content }}\n</tool_response>'
-                f'{{{{ if ne $next "tool" }}}}{IM_END}\n{{{{ end }}}}')
+                '{{ if ne $next "tool" }}<|im_end|>\n{{ end }}')
 
-_USER = (f'{{{{ if or (eq .Role "user") (and (eq .Role "system") (ne $i 0)) }}}}'
-         f'{IM_START}{{{{ .Role }}}}\n{{{{ .Content }}}}{IM_END}\n')
+_USER = ('{{ if or (eq .Role "user") (and (eq .Role "system") (ne $i 0)) }}'
+         '<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n')
+
+_GENERATION = '{{ if and $last (ne .Role "assistant") }}<|im_start|>assistant\n'
 
 
 def _system(default: str | None) -> str:
     """The leading system block: the first message if it is a system one, else the default (if any)."""
-    fallback = f'{{{{ else }}}}{IM_START}system\n{default}{IM_END}\n' if default is not None else ""
-    return (f'{{{{ if {_FIRST_IS_SYSTEM} }}}}{IM_START}system\n{{{{ (index .Messages 0).Content }}}}{IM_END}\n'
-            f'{fallback}{{{{ end }}}}')
+    fallback = '{{ else }}<|im_start|>system\n' + default + '<|im_end|>\n' if default is not None else ""
+    return ('{{ if ' + _FIRST_IS_SYSTEM + ' }}<|im_start|>system\n{{ (index .Messages 0).Content }}<|im_end|>\n'
+            + fallback + '{{ end }}')
 
 
 def minimind2_template() -> str:
     """MiniMind2: default system prompt; every user turn opens the assistant turn; no tools, no think."""
     return (_system("You are a helpful assistant") + '{{ range .Messages }}'
-            f'{{{{ if eq .Role "user" }}}}{IM_START}user\n{{{{ .Content }}}}{IM_END}\n{IM_START}assistant\n'
-            f'{{{{ else if eq .Role "assistant" }}}}{{{{ .Content }}}}{IM_END}\n{{{{ end }}}}{{{{ end }}}}')
+            '{{ if eq .Role "user" }}<|im_start|>user\n{{ .Content }}<|im_end|>\n<|im_start|>assistant\n'
+            '{{ else if eq .Role "assistant" }}{{ .Content }}<|im_end|>\n{{ end }}{{ end }}')
 
 
 def qwen_style_template(era: str) -> str:
@@ -67,22 +70,21 @@ def qwen_style_template(era: str) -> str:
     default system prompt, every assistant turn carries a think block, `<think>\\n` opens when thinking is on)."""
     v3 = era == "minimind3"
     head = '{{ if .Tools }}' + _TOOLS_BLOCK + '{{ else }}' + _system(None if v3 else "You are a helpful assistant")
-    head += '{{ end }}'
-    think_hist = '<think>\n{{ .Thinking }}\n</think>\n\n' if v3 else ''
-    assistant = (f'{{{{ else if eq .Role "assistant" }}}}{IM_START}assistant\n{think_hist}{{{{ .Content }}}}'
-                 f'{_TOOL_CALLS}{IM_END}\n')
-    gen_think = ('{{ if $.Think }}<think>\n{{ else }}<think>\n\n</think>\n\n{{ end }}' if v3 else
-                 '{{ if and $.IsThinkSet (not $.Think) }}<think>\n\n</think>\n\n{{ end }}')
-    gen = f'{{{{ if and $last (ne .Role "assistant") }}}}{IM_START}assistant\n{gen_think}{{{{ end }}}}'
-    return head + _LOOP_HEAD + _USER + assistant + _TOOL_RESULT + '{{ end }}' + gen + _LOOP_TAIL
+    think_history = '<think>\n{{ .Thinking }}\n</think>\n\n' if v3 else ''
+    assistant = ('{{ else if eq .Role "assistant" }}<|im_start|>assistant\n' + think_history + '{{ .Content }}'
+                 + _TOOL_CALLS + '<|im_end|>\n')
+    think = ('{{ if $.Think }}<think>\n{{ else }}<think>\n\n</think>\n\n{{ end }}' if v3 else
+             '{{ if and $.IsThinkSet (not $.Think) }}<think>\n\n</think>\n\n{{ end }}')
+    return (head + '{{ end }}' + _LOOP_HEAD + _USER + assistant + _TOOL_RESULT + '{{ end }}'
+            + _GENERATION + think + '{{ end }}' + _LOOP_TAIL)
 
 
 def chatml_template(default_system: str | None) -> str:
     """Plain ChatML (the default SmolLM2 model): optional default system prompt, every role as is."""
-    fallback = (f'{{{{ if not (and .Messages (eq (index .Messages 0).Role "system")) }}}}{IM_START}system\n'
-                f'{default_system}{IM_END}\n{{{{ end }}}}') if default_system is not None else ""
-    return (fallback + _LOOP_HEAD + f'{IM_START}{{{{ .Role }}}}\n{{{{ .Content }}}}{IM_END}\n'
-            f'{{{{ if and $last (ne .Role "assistant") }}}}{IM_START}assistant\n{{{{ end }}}}' + _LOOP_TAIL)
+    fallback = ('{{ if not (' + _FIRST_IS_SYSTEM + ') }}<|im_start|>system\n' + default_system
+                + '<|im_end|>\n{{ end }}') if default_system is not None else ""
+    return (fallback + _LOOP_HEAD + '<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n' + _GENERATION
+            + '{{ end }}' + _LOOP_TAIL)
 
 
 def detect_template_era(jinja: str | None) -> str:

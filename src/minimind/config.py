@@ -11,6 +11,7 @@ explicitly, which is how a Qwen3 (qk_norm, Llama cast order) checkpoint fits the
 from __future__ import annotations
 
 import difflib
+import inspect
 import json
 import math
 from pathlib import Path
@@ -195,8 +196,6 @@ class MiniMindConfig(PretrainedConfig):
 
 
 def _signature_fields() -> list[str]:
-    import inspect
-
     return [p for p in inspect.signature(MiniMindConfig.__init__).parameters if p not in ("self", "kwargs")]
 
 
@@ -226,12 +225,12 @@ def _resolve_rope_scaling(rope_scaling: dict | None, inference_rope_scaling: boo
 
 
 def _is_legacy_yarn(scaling: dict | None) -> bool:
+    """MiniMind's factor-4 formula: named so, or the dict the original code wrote for it (YARN_LEGACY)."""
     if not isinstance(scaling, dict):
         return False
-    if scaling.get("rope_type") == "minimind_legacy_yarn":
-        return True
-    return (scaling.get("type", scaling.get("rope_type")) == "yarn" and "attention_factor" not in scaling
-            and scaling.get("factor") == 4 and scaling.get("beta_fast") == 4)
+    return scaling.get("rope_type") == "minimind_legacy_yarn" or (
+        scaling.get("type", scaling.get("rope_type")) == "yarn" and "attention_factor" not in scaling
+        and scaling.get("factor") == 4 and scaling.get("beta_fast") == 4)
 
 
 PRESETS: dict[str, dict[str, Any]] = {

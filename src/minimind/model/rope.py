@@ -84,7 +84,6 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         with torch.device("cpu"):  # real numbers even when the model is built on the meta device
             inv_freq, self.attention_scaling = rope_frequencies(config)
-        # Kept in fp32 even when the model is cast (see _apply).
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def _apply(self, fn, recurse=True):

@@ -8,6 +8,8 @@ from ..errors import CheckpointError
 
 NATIVE, SAFETENSORS, GGUF = "native-pth", "safetensors", "gguf"
 HF_MINIMIND, HF_LLAMA, HF_QWEN3, HF_QWEN3_MOE = "hf-minimind", "hf-llama", "hf-qwen3", "hf-qwen3-moe"
+INT8 = "minimind-int8"  # a `model_type: minimind` folder written by `minimind quantize` (see int8.py)
+INT8_QUANT_METHOD = "minimind_int8"
 _HF_KINDS = {"minimind": HF_MINIMIND, "llama": HF_LLAMA, "qwen3": HF_QWEN3, "qwen3_moe": HF_QWEN3_MOE}
 _LFS = b"version https://git-lfs"
 
@@ -51,4 +53,6 @@ def detect(path: Path) -> str:
     if model_type not in _HF_KINDS:
         raise CheckpointError(cfg_path, f"model_type {model_type!r} is not supported (supported: "
                               f"{', '.join(_HF_KINDS)})")
+    if model_type == "minimind" and (cfg.get("quantization_config") or {}).get("quant_method") == INT8_QUANT_METHOD:
+        return INT8
     return _HF_KINDS[model_type]

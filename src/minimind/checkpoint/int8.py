@@ -12,8 +12,7 @@ from pathlib import Path
 import torch
 
 from ..config import MiniMindConfig
-
-QUANT_METHOD = "minimind_int8"
+from .detect import INT8_QUANT_METHOD as QUANT_METHOD
 
 
 def is_quantizable(key: str, value: torch.Tensor) -> bool:
@@ -48,14 +47,6 @@ def dequantize_state_dict(sd: dict[str, torch.Tensor], dtype=torch.float32) -> d
         scale = sd.get(key + "_scale")
         out[key] = (value.float() * scale[:, None]).to(dtype) if scale is not None else value.to(dtype)
     return out
-
-
-def is_int8_folder(path: str | Path) -> bool:
-    try:
-        raw = json.loads((Path(path) / "config.json").read_text())
-    except (OSError, ValueError):  # no config.json, or not JSON
-        return False
-    return (raw.get("quantization_config") or {}).get("quant_method") == QUANT_METHOD
 
 
 def read_int8_folder(folder: str | Path, dtype=torch.float32):

@@ -14,7 +14,7 @@ from .default_model import default_model_dir
 from .dtypes import cast_state_dict, resolve_dtype
 from .gguf_reader import gguf_tokenizer, read_gguf
 from .hf import read_hf_folder
-from .int8 import is_int8_folder, read_int8_folder
+from .int8 import read_int8_folder
 from .lora import load_lora
 from .native import read_weights_file
 
@@ -34,7 +34,7 @@ def read_checkpoint(path: str | Path, *, weights_dtype: torch.dtype | None = Non
         return infer_config(sd, path, **config_overrides), sd
     if kind == fmt.GGUF:
         return read_gguf(path, dtype=weights_dtype)
-    if kind == fmt.HF_MINIMIND and is_int8_folder(path):  # `minimind quantize` output: int8 + per-channel scales
+    if kind == fmt.INT8:
         return read_int8_folder(path, weights_dtype or torch.float32)
     return read_hf_folder(path, kind, dtype=weights_dtype)
 

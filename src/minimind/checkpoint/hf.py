@@ -105,6 +105,7 @@ def _minimind_config(raw: dict, sd: dict, cfg_path: Path) -> MiniMindConfig:
 
 
 def _hf_config(raw: dict, sd: dict, kind: str, cfg_path: Path) -> MiniMindConfig:
+    """A Llama / Qwen3 / Qwen3-MoE config.json, parsed by transformers' own config class, as a MiniMindConfig."""
     from transformers import AutoConfig
 
     fields = {k: v for k, v in raw.items() if k not in ("model_type", "auto_map")}

@@ -26,8 +26,8 @@ def read_torch_file(path: Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as exc:
-        raise CheckpointError(path, "refused to unpickle it: it contains objects other than tensors "
-                              f"(a crafted or non-weights pickle). Only plain state_dicts are loaded. ({exc})") from None
+        raise CheckpointError(path, "refused to unpickle it: it contains objects other than tensors (a crafted or "
+                              f"non-weights pickle). Only plain state_dicts are loaded. ({exc})") from None
     except Exception as exc:  # torch's unpickler raises IndexError/KeyError/RuntimeError/... on garbage
         raise CheckpointError(path, "not a readable PyTorch checkpoint (truncated or corrupt?): "
                               f"{type(exc).__name__}: {exc}") from None

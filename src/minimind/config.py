@@ -90,7 +90,8 @@ class MiniMindConfig(PretrainedConfig):
                      for k in unknown]
             raise ValueError(f"MiniMindConfig: unknown field(s) {', '.join(hints)}. Known fields: {', '.join(known)}")
         if kwargs.get("scoring_func", "softmax") != "softmax":
-            raise ValueError(f"MiniMindConfig: scoring_func={kwargs['scoring_func']!r} is not supported (only 'softmax')")
+            raise ValueError(f"MiniMindConfig: scoring_func={kwargs['scoring_func']!r} is not supported "
+                             "(only 'softmax')")
         for key in _ORIGINAL_IGNORED:
             kwargs.pop(key, None)
 

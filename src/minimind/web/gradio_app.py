@@ -79,9 +79,9 @@ def build_app(backend: Backend, lang: str = "en"):
     if len(models) > 1:
         inputs.append(gr.Dropdown(models, value=models[0], label=t["model"]))
     chatbot = gr.Chatbot(label="MiniMind", sanitize_html=True, render_markdown=True, allow_tags=False)
-    return gr.ChatInterface(make_chat_fn(backend, lang), chatbot=chatbot, additional_inputs=inputs,
-                            textbox=gr.Textbox(placeholder=t["ask"], show_label=False, label="", scale=7, autofocus=True,
-                                               submit_btn=True, stop_btn=t["stop"]),
+    textbox = gr.Textbox(placeholder=t["ask"], show_label=False, label="", scale=7, autofocus=True, submit_btn=True,
+                         stop_btn=t["stop"])
+    return gr.ChatInterface(make_chat_fn(backend, lang), chatbot=chatbot, additional_inputs=inputs, textbox=textbox,
                             title="💬 MiniMind", description=t["pretrain"] if backend.pretrain else None,
                             additional_inputs_accordion=gr.Accordion(t["settings"], open=False), api_name="chat",
                             flagging_mode="never")

@@ -200,3 +200,117 @@ def test_several_prompts_stream_interleaved(scripted):
     assert set(order) == {0, 1}
     last_of_first = max(i for i, k in enumerate(order) if k == order[0])
     assert any(k != order[0] for k in order[:last_of_first]), order
+
+
+@pytest.mark.parametrize("asgi", ASGI_SERVERS)
+def test_a_client_that_leaves_while_its_socket_is_full_aborts_the_request(asgi):
+    """The client reads nothing (the server's send waits for room), then closes the connection: the request ends
+    as aborted, not by running out of tokens, and frees its slot."""
+    import socket
+    import time
+
+    from transformers import AutoTokenizer
+
+    from minimind.engine import LLM
+    from minimind.serve import create_app
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir("minimind2")))
+    llm = LLM(tiny_model(vocab_size=6400), tokenizer=tok, max_num_seqs=4, max_model_len=512)
+    sample = llm.runner.sample
+
+    def slow(logits, seqs):  # 400 tokens then take seconds: the request cannot finish by itself meanwhile
+        time.sleep(0.005)
+        return sample(logits, seqs)
+
+    llm.runner.sample = slow
+    app = create_app({"tiny": llm})
+    engine = app.state.ctx.engines["tiny"]
+    ended = {}
+    engine.step_hooks.append(lambda outs: ended.update((o.request_id, o.outputs[0].finish_reason)
+                                                       for o in outs if o.finished))
+    body = json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 400,
+                       "ignore_eos": True, "n": 4, "logprobs": True, "top_logprobs": 20, "stream": True}).encode()
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    listener.bind(("127.0.0.1", 0))
+    with serve(app, listener, asgi) as url:
+        host, port = url.removeprefix("http://").split(":")
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.connect((host, int(port)))
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            deadline = time.monotonic() + 30
+            while not any(s.output_token_ids for s in llm.scheduler.running):  # streaming, buffers filling
+                assert time.monotonic() < deadline, "the request never started"
+                time.sleep(0.01)
+            time.sleep(0.3)  # ~60 tokens of ~4 KB each: far more than both buffers hold
+        wait_idle(engine)
+    assert list(ended.values()) == ["abort"]
+
+
+def test_a_send_that_raises_for_a_gone_client_aborts_the_request():
+    """An ASGI 2.4 server's `send` raises OSError once the client has gone, which ends the response while the
+    body generator waits at a yield and is never resumed: the request is aborted right then, not once the
+    generator is garbage-collected (the exception held here keeps it alive)."""
+    import time
+
+    from transformers import AutoTokenizer
+
+    from minimind.engine import LLM
+    from minimind.serve import create_app
+    from minimind.serve.engine_client import AsyncEngine
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir("minimind2")))
+    llm = LLM(tiny_model(vocab_size=6400), tokenizer=tok, max_num_seqs=2, max_model_len=512)
+    sample = llm.runner.sample
+
+    def slow(logits, seqs):  # 400 tokens then take seconds: the request cannot finish by itself meanwhile
+        time.sleep(0.005)
+        return sample(logits, seqs)
+
+    llm.runner.sample = slow
+    engine = AsyncEngine(llm)
+    ended = {}
+    engine.step_hooks.append(lambda outs: ended.update((o.request_id, o.outputs[0].finish_reason)
+                                                       for o in outs if o.finished))
+    app = create_app({"tiny": engine})
+    body = json.dumps({"model": "tiny", "prompt": "x", "max_tokens": 400, "ignore_eos": True,
+                       "stream": True}).encode()
+    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.4"}, "http_version": "1.1",
+             "method": "POST", "scheme": "http", "path": "/v1/completions", "raw_path": b"/v1/completions",
+             "root_path": "", "query_string": b"", "headers": [(b"content-type", b"application/json")],
+             "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}
+
+    async def main():
+        requests = [{"type": "http.request", "body": body, "more_body": False}]
+        bodies = []
+
+        async def receive():
+            if requests:
+                return requests.pop()
+            await asyncio.Event().wait()  # a 2.4 server need not report the disconnect here
+
+        async def send(message):
+            if message["type"] == "http.response.body":
+                bodies.append(message)
+                if len(bodies) == 3:
+                    raise OSError("the client has gone")
+
+        caught = None
+        try:
+            await app(scope, receive, send)
+        except Exception as exc:  # noqa: BLE001 - Starlette's ClientDisconnect: kept, and its frames with it
+            caught = exc
+        deadline = time.monotonic() + 30
+        while not ended:
+            assert time.monotonic() < deadline, "the request was not aborted"
+            await asyncio.sleep(0.01)
+        return caught, bodies
+
+    try:
+        caught, bodies = asyncio.run(main())
+    finally:
+        engine.shutdown()
+    assert len(bodies) == 3 and caught is not None
+    assert list(ended.values()) == ["abort"]

@@ -82,9 +82,10 @@ async def sse_events(renderer: Renderer, handles: list):
 
 
 class SSEResponse(StreamingResponse):
-    """StreamingResponse of sse_events(renderer, handles) that also closes the body when the response ends
-    early: a disconnect seen while a chunk is being sent stops the response without resuming the generator, and
-    its `finally` (the aborts) must still run now, not whenever the generator is garbage-collected."""
+    """StreamingResponse of sse_events(renderer, handles) that also closes the body however the response ends.
+    A server whose `send` raises once the client has gone (ASGI spec 2.4) ends the response while the generator
+    waits at a `yield`, never resumed: its `finally` (the aborts) must still run now, not whenever the generator
+    happens to be garbage-collected."""
 
     media_type = "text/event-stream"
 

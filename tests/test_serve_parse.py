@@ -75,8 +75,8 @@ def test_lora_adapters_become_model_ids(tmp_path):
     import torch
 
     from conftest import tiny_model, tokenizer_dir
-    from minimind.engine import SamplingParams
     from minimind.checkpoint.lora import apply_lora, lora_layers, save_lora
+    from minimind.engine import SamplingParams
     from minimind.serve.launch import build_parser, load_engines
 
     tok = tokenizer_dir("minimind2")

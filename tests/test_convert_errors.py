@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from minimind.errors import CheckpointError
+from minimind.checkpoint.int8 import dequantize_state_dict, read_int8_folder
 from minimind.checkpoint.loader import load_model
 from minimind.convert import ConvertError, export_gguf, export_hf, export_native, main, quantize_int8
-from minimind.checkpoint.int8 import dequantize_state_dict, read_int8_folder
+from minimind.errors import CheckpointError
 from test_convert_util import native_era
 
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from minimind.engine import LLM, SamplingParams
 from minimind.checkpoint.lora import apply_lora, load_lora, lora_layers
+from minimind.engine import LLM, SamplingParams
 
 GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
 PROMPTS = [[5, 6, 7], list(range(10, 40)), [9], list(range(100, 117))]

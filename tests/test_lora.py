@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from conftest import ERA_IDS, ERAS, tiny_model
-from minimind.errors import CheckpointError
 from minimind.checkpoint import lora as L
+from minimind.errors import CheckpointError
 
 IDS = torch.tensor([[1, 5, 9, 17, 33, 65, 129, 200], [3, 4, 5, 6, 7, 8, 9, 10]])
 ATTN = ("self_attn.q_proj", "self_attn.o_proj")

@@ -182,8 +182,8 @@ def test_streamlit_in_chromium(tmp_path, browser):
 def test_gradio_in_chromium_greedy_answer_matches_engine(tmp_path, browser):
     """Gradio on a tiny real model, temperature 0 and 6 max tokens set in the page: the answer shown is what the
     engine alone gives for the chat-template prompt (not through the web backend). Dark theme in a light browser."""
-    from minimind.text.template import render_prompt, stop_token_ids
     from minimind.engine import SamplingParams
+    from minimind.text.template import render_prompt, stop_token_ids
     from minimind.web.backend import EngineBackend
 
     tok = tokenizer_dir("minimind2")

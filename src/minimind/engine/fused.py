@@ -99,8 +99,6 @@ def _open(path: str) -> ctypes.CDLL:
     lib.minimind_decode.argtypes = [ctypes.POINTER(Model), ctypes.c_int64, P, P, P, P, P, P, ctypes.c_int]
     lib.minimind_linear.restype = ctypes.c_int
     lib.minimind_linear.argtypes = [ctypes.POINTER(Mat), P, ctypes.c_int64, P, ctypes.c_int]
-    lib.minimind_stream_sum.restype = ctypes.c_double
-    lib.minimind_stream_sum.argtypes = [P, ctypes.c_int64, ctypes.c_int]
     lib.minimind_gumbel_argmax.restype = None
     lib.minimind_gumbel_argmax.argtypes = [P, ctypes.c_int64, ctypes.c_int64, P, P, P, ctypes.c_int]
     return lib
@@ -137,15 +135,6 @@ def packed_linear(weight: torch.Tensor, x: torch.Tensor, scales: torch.Tensor | 
     if lib.minimind_linear(ctypes.byref(mat), x.data_ptr(), x.shape[0], y.data_ptr(), torch.get_num_threads()):
         raise MemoryError("packed linear could not allocate its scratch buffers")
     return y
-
-
-def stream_sum(x: torch.Tensor, threads: int) -> float | None:
-    """sum(x) of a contiguous fp32 tensor, read once by `threads` threads in C (a memory-bandwidth probe); None
-    when the kernels cannot be built here."""
-    lib = _linear_library()
-    if lib is None or x.dtype != torch.float32 or not x.is_contiguous():
-        return None
-    return lib.minimind_stream_sum(x.data_ptr(), x.numel(), threads)
 
 
 def gumbel_argmax(logits: torch.Tensor, seeds: torch.Tensor, steps: torch.Tensor) -> torch.Tensor | None:

@@ -91,7 +91,7 @@ class LLM:
         self.max_model_len = min(max_model_len or 2048, cfg.max_position_embeddings)
         self.max_num_seqs = max_num_seqs
         # KV holds the activation dtype's values; bf16 ones may be stored as fp32 (kv_dtype="float32") because
-        # the CPU attention kernels run several times faster in fp32 (docs/benchmarks.md).
+        # the CPU attention kernels run several times faster in fp32.
         if kv_dtype is None:  # without AVX512-BF16, bf16 attention is emulated and several times slower
             native = act_dtype == torch.float32 or (native_bf16() and not (fused and not compile))
             kv_dtype = act_dtype if native else torch.float32  # the fused decode kernel keeps KV in fp32

@@ -207,8 +207,7 @@ class ModelRunner:
 
     # ---------------------------------------------------------------- forward
     def compile(self) -> None:
-        """torch.compile the decode-only step (dynamic batch and KV length). Costs minutes of compile time
-        on 2 cores; see docs/benchmarks.md for whether it pays."""
+        """torch.compile the decode-only step (dynamic batch and KV length); minutes of compile time on 2 cores."""
         self._compiled_decode = torch.compile(self._decode_forward, dynamic=True)
 
     def forward(self, inp: StepInputs) -> torch.Tensor:

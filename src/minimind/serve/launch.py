@@ -53,9 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "fp16, attention still computes in fp32); auto: fp32 on CPU")
     eng.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     eng.add_argument("--engine-loop", default="auto", choices=("auto", "thread", "inline"),
-                     help="where engine steps run: thread (the engine's own thread, which also renders and sends "
-                          "every streamed token; the event loop does nothing per token) or inline on the event "
-                          "loop's thread (kept to compare: it costs more even for one stream); auto: thread")
+                     help="where engine steps run: thread (the engine's own thread; the event loop only renders and "
+                          "sends) or inline on the event loop's thread (slower: steps and HTTP share one thread); "
+                          "auto: thread")
     eng.add_argument("--stream-interval", type=_positive, default=1, metavar="N",
                      help="tokens per streamed chunk: 1 (default) sends every token; N > 1 sends a stream's first "
                           "token at once, then a chunk per N tokens (less HTTP work per token on a small CPU)")

@@ -1,7 +1,7 @@
 """`minimind serve`: an OpenAI-compatible HTTP API over the continuous-batching engine.
 
-create_app(engine) builds the FastAPI app around engines it is given (no module globals); main(argv) loads the
-checkpoint with the same flags as `minimind chat` and runs uvicorn on 127.0.0.1 by default.
+create_app(engines) builds the FastAPI app around engines it is given (no module globals); launch.py is the
+command line (the same model flags as `minimind chat`; 127.0.0.1 by default).
 """
 from __future__ import annotations
 
@@ -11,14 +11,15 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
+from ..text.reply import parse_reply
 from ..text.template import render_prompt
-from .chat import create_chat_completion
+from .chat_completions import create_chat_completion
 from .completions import create_completion
-from .context import ServingContext
+from .context import ServingContext, final_output
 from .engine_client import AdapterEngine, AsyncEngine
 from .errors import APIError, install_handlers
 from .middleware import AuthAndCount
-from .params import message_dicts, open_thinking_of, sampling_params
+from .params import chat_prompt, check_prompt, message_dicts, open_thinking_of, resolve_max_tokens, sampling_params
 from .protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -151,28 +152,15 @@ def create_app(engine, *, served_model_name: str | None = None, api_key: str | N
         """The seeds' minimal endpoint: {messages, max_tokens, temperature} -> {"response": text}."""
         full = ChatCompletionRequest(messages=req.messages, max_tokens=req.max_tokens, temperature=req.temperature)
         _, e = ctx.engine_for(None)
-        from .params import chat_prompt, check_prompt, resolve_max_tokens
-
         _, ids = chat_prompt(e.tokenizer, full)
         check_prompt(ids, e.llm.config.vocab_size, "messages")
         max_tokens = min(req.max_tokens, max(1, e.max_model_len - len(ids)))  # the seeds never errored on length
         resolve_max_tokens(None, len(ids), e.max_model_len, "messages")
         params = sampling_params(full, max_tokens=max_tokens, vocab_size=e.llm.config.vocab_size, logprobs=None)
         handle = e.submit(ids, params, random_id("chat"), stream=False)
-        from .context import final_output
-
         final = await final_output(raw, handle)
-        from .chat_parse import ChatOutputParser, collect
-
-        parser = ChatOutputParser()
-        _, content, _ = collect(parser.feed(final.outputs[0].text) + parser.finish())
+        _, content, _ = parse_reply(final.outputs[0].text, parse_tools=False)
         return SimpleChatResponse(response=content)
 
     app.state.started = time.time()
     return app
-
-
-def main(argv: list[str] | None = None) -> int:
-    from .launch import main as launch_main
-
-    return launch_main(argv)

@@ -1,8 +1,8 @@
 """Request -> (prompt token ids, SamplingParams), with the checks that must answer 400 before generation starts."""
 from __future__ import annotations
 
-from ..text.template import render_prompt
 from ..engine import SamplingParams
+from ..text.template import render_prompt
 from .errors import APIError, context_overflow
 from .protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, SamplingFields
 

@@ -326,34 +326,3 @@ int minimind_linear(const Mat *m, const float *x, int64_t M, float *y, int nthre
     free(xp); free(wfs);
     return status;
 }
-
-/* sum of x [n] read once by nthreads threads: how fast this machine streams memory, the bound of batch-1 decode
- * (`minimind bench` reports it; torch.sum reads at half this rate here, so it cannot tell) */
-double minimind_stream_sum(const float *x, int64_t n, int nthreads) {
-    double total = 0.0;
-#pragma omp parallel for num_threads(nthreads) schedule(static) reduction(+ : total)
-    for (int64_t c = 0; c < n / 4096; c++) {
-        const float *p = x + c * 4096;
-        float s = 0.f;
-#ifdef __AVX512F__
-        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-        for (int64_t i = 0; i < 4096; i += 64) {
-            a0 = _mm512_add_ps(a0, _mm512_loadu_ps(p + i)), a1 = _mm512_add_ps(a1, _mm512_loadu_ps(p + i + 16));
-            a2 = _mm512_add_ps(a2, _mm512_loadu_ps(p + i + 32)), a3 = _mm512_add_ps(a3, _mm512_loadu_ps(p + i + 48));
-        }
-        s = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
-#elif defined(__AVX2__)
-        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-        for (int64_t i = 0; i < 4096; i += 32) {
-            a0 = _mm256_add_ps(a0, _mm256_loadu_ps(p + i)), a1 = _mm256_add_ps(a1, _mm256_loadu_ps(p + i + 8));
-            a2 = _mm256_add_ps(a2, _mm256_loadu_ps(p + i + 16)), a3 = _mm256_add_ps(a3, _mm256_loadu_ps(p + i + 24));
-        }
-        s = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
-#else
-        for (int64_t i = 0; i < 4096; i++) s += p[i];
-#endif
-        total += s;
-    }
-    for (int64_t i = n / 4096 * 4096; i < n; i++) total += x[i];
-    return total;
-}

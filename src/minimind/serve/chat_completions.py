@@ -1,5 +1,5 @@
 """POST /v1/chat/completions: prompt from the checkpoint's own chat template, streamed or whole answers with
-reasoning_content and tool_calls split out of the text (chat_parse.py)."""
+reasoning_content and tool_calls split out of the text (text/reply.py)."""
 from __future__ import annotations
 
 import time
@@ -7,7 +7,7 @@ import time
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
-from .chat_parse import ChatOutputParser, collect
+from ..text.reply import ReplyParser, collect
 from .context import ServingContext, final_output
 from .errors import APIError
 from .formatting import chat_logprob_entries, finish_reason, usage
@@ -48,7 +48,7 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
     token_text = ctx.token_text(engine)
     choices, completion_tokens = [], 0
     for o in final.outputs:
-        p = ChatOutputParser(**parse)
+        p = ReplyParser(**parse)
         reasoning, content, calls = collect(p.feed(o.text) + p.finish())
         completion_tokens += len(o.token_ids)
         message = {"role": "assistant", "content": content if (content or not calls) else None,
@@ -75,7 +75,7 @@ class ChatStream:
         opts = req.stream_options
         self.include_usage = bool(opts and opts.include_usage)
         self.continuous = bool(opts and opts.continuous_usage_stats)
-        self.parsers = [ChatOutputParser(**parse) for _ in range(req.n)]
+        self.parsers = [ReplyParser(**parse) for _ in range(req.n)]
         self.sent_lp, self.generated = [0] * req.n, [0] * req.n
         self.token_text = ctx.token_text(engine)
         self.top_n = (req.top_logprobs or 0) if req.logprobs else None

@@ -11,16 +11,15 @@ from ..text.reply import ReplyParser, collect
 from .context import ServingContext, final_output
 from .errors import APIError
 from .formatting import chat_logprob_entries, finish_reason, usage
-from .params import chat_prompt, check_prompt, resolve_max_tokens, sampling_params
+from .params import chat_prompt, check_prompt, check_stream_options, resolve_max_tokens, sampling_params
 from .protocol import ChatCompletionRequest, random_id
-from .sse import ChunkTemplate, SSEResponse, sse
+from .sse import SSEResponse, StreamRenderer
 
 
 def prepare_chat(ctx: ServingContext, req: ChatCompletionRequest):
     """Everything that can fail with a 4xx, done before the response starts."""
     model_id, engine = ctx.engine_for(req.model)
-    if req.stream_options is not None and not req.stream:
-        raise APIError(400, "stream_options can only be set when stream is true", param="stream_options")
+    check_stream_options(req)
     if req.top_logprobs and not req.logprobs:
         raise APIError(400, "top_logprobs requires logprobs to be true", param="top_logprobs")
     text, ids = chat_prompt(engine.tokenizer, req)
@@ -29,11 +28,8 @@ def prepare_chat(ctx: ServingContext, req: ChatCompletionRequest):
     max_tokens = resolve_max_tokens(requested, len(ids), engine.max_model_len, "messages")
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
     params = sampling_params(req, max_tokens=max_tokens, vocab_size=engine.llm.config.vocab_size, logprobs=logprobs)
-    if req.response_format is not None and req.response_format.type != "text":
-        if ctx.guided is None:
-            raise APIError(400, "response_format needs constrained decoding: install the `serve` extra "
-                                "(llguidance)", param="response_format")
-        ctx.guided.attach(engine, params, req.response_format)
+    ctx.constrain(engine, params, req.response_format,
+                  "response_format needs constrained decoding: install the `serve` extra (llguidance)")
     parse = {"started_in_think": text.rstrip(" ").endswith(("<think>", "<think>\n")),
              "parse_tools": bool(req.tools) and req.tool_choice != "none"}
     return model_id, engine, ids, params, parse
@@ -43,7 +39,7 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
     model_id, engine, ids, params, parse = prepare_chat(ctx, req)
     handle = engine.submit(ids, params, random_id("chatcmpl"), stream=req.stream)
     if req.stream:
-        return SSEResponse(ChatStream(ctx, engine, req, handle, model_id, parse), [handle])
+        return SSEResponse(ChatStream(req, handle, model_id, ctx.token_text(engine), parse))
     final = await final_output(raw, handle)
     token_text = ctx.token_text(engine)
     choices, completion_tokens = [], 0
@@ -59,47 +55,34 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
             lp = {"content": chat_logprob_entries(token_text, o.logprobs or [], params.logprobs)}
         choices.append({"index": o.index, "message": message, "logprobs": lp,
                         "finish_reason": finish_reason(o.finish_reason, bool(calls)), "stop_reason": o.stop_reason})
-    body = {"id": handle.request_id, "object": "chat.completion", "created": int(time.time()), "model": model_id,
-            "choices": choices, "usage": usage(len(ids), completion_tokens, final.num_cached_tokens),
-            "system_fingerprint": None}
-    return JSONResponse(body)
+    return JSONResponse({"id": handle.request_id, "object": "chat.completion", "created": int(time.time()),
+                         "model": model_id, "choices": choices,
+                         "usage": usage(len(ids), completion_tokens, final.num_cached_tokens),
+                         "system_fingerprint": None})
 
 
-class ChatStream:
-    """The SSE chunks of one streamed chat completion (sse.Renderer): a role chunk per choice, then deltas of
-    content / reasoning_content / tool_calls as the parser splits them out, a finish chunk per choice, and the
-    usage chunk when stream_options asks for it."""
+def _choice(index: int, delta: dict, logprobs=None, finish: str | None = None) -> dict:
+    return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
 
-    def __init__(self, ctx: ServingContext, engine, req: ChatCompletionRequest, handle, model_id: str, parse: dict):
-        self.handle, self.model_id, self.n, self.created = handle, model_id, req.n, int(time.time())
-        opts = req.stream_options
-        self.include_usage = bool(opts and opts.include_usage)
-        self.continuous = bool(opts and opts.continuous_usage_stats)
+
+def _content_choice(index: int, text: str) -> dict:
+    return _choice(index, {"content": text})
+
+
+class ChatStream(StreamRenderer):
+    """A role chunk per choice, then deltas of content / reasoning_content / tool_calls as the parser splits them
+    out, a finish chunk per choice, and the usage chunk when stream_options asks for it."""
+
+    object = "chat.completion.chunk"
+
+    def __init__(self, req: ChatCompletionRequest, handle, model_id: str, token_text, parse: dict):
+        super().__init__(req, [handle], handle.request_id, model_id, token_text)
+        self.n = req.n
         self.parsers = [ReplyParser(**parse) for _ in range(req.n)]
-        self.sent_lp, self.generated = [0] * req.n, [0] * req.n
-        self.token_text = ctx.token_text(engine)
         self.top_n = (req.top_logprobs or 0) if req.logprobs else None
-        self.prompt_tokens = len(handle.prompt_token_ids)
-        self.content_chunks: dict[int, ChunkTemplate] = {}  # choice index -> its plain content chunk
-
-    def chunk(self, index, delta, logprobs=None, finish=None) -> bytes:
-        return sse(self.chunk_obj(index, delta, logprobs, finish))
-
-    def chunk_obj(self, index, delta, logprobs=None, finish=None) -> dict:
-        c = {"id": self.handle.request_id, "object": "chat.completion.chunk", "created": self.created,
-             "model": self.model_id,
-             "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]}
-        if self.include_usage:
-            c["usage"] = usage(self.prompt_tokens, sum(self.generated)) if self.continuous else None
-        return c
-
-    def content_chunk(self, index: int, text: str) -> bytes:
-        if index not in self.content_chunks:
-            self.content_chunks[index] = ChunkTemplate(lambda t: self.chunk_obj(index, {"content": t}))
-        return self.content_chunks[index](text)
 
     def head(self) -> list[bytes]:
-        return [self.chunk(i, {"role": "assistant", "content": ""}) for i in range(self.n)]
+        return [self.chunk(_choice(i, {"role": "assistant", "content": ""})) for i in range(self.n)]
 
     def render(self, _k: int, out) -> list[bytes]:
         chunks = []
@@ -110,10 +93,8 @@ class ChatStream:
             if o.finished:
                 events += self.parsers[i].finish()
             lp = None
-            if self.top_n is not None and o.logprobs is not None and len(o.logprobs) > self.sent_lp[i] \
-                    and (events or o.finished):
-                lp = {"content": chat_logprob_entries(self.token_text, o.logprobs[self.sent_lp[i]:], self.top_n)}
-                self.sent_lp[i] = len(o.logprobs)
+            if self.top_n is not None and (events or o.finished) and (new := self.new_logprobs(i, o)):
+                lp = {"content": chat_logprob_entries(self.token_text, new, self.top_n)}
             delta: dict = {}
             for kind, value in events:
                 if kind == "tool_call":
@@ -122,17 +103,10 @@ class ChatStream:
                     key = "reasoning_content" if kind == "reasoning" else "content"
                     delta[key] = delta.get(key, "") + value
             if lp is None and not self.continuous and len(delta) == 1 and "content" in delta:
-                chunks.append(self.content_chunk(i, delta["content"]))
+                chunks.append(self.text_chunk(i, delta["content"], _content_choice))
             elif delta or lp:
-                chunks.append(self.chunk(i, delta, lp))
+                chunks.append(self.chunk(_choice(i, delta, lp)))
             if o.finished:
-                chunks.append(self.chunk(i, {}, None, finish_reason(o.finish_reason, self.parsers[i].num_tool_calls > 0)))
+                reason = finish_reason(o.finish_reason, self.parsers[i].num_tool_calls > 0)
+                chunks.append(self.chunk(_choice(i, {}, None, reason)))
         return chunks
-
-    def tail(self) -> list[bytes]:
-        if not self.include_usage:
-            return []
-        cached = self.handle.final.num_cached_tokens if self.handle.final is not None else 0
-        return [sse({"id": self.handle.request_id, "object": "chat.completion.chunk", "created": self.created,
-                     "model": self.model_id, "choices": [],
-                     "usage": usage(self.prompt_tokens, sum(self.generated), cached)})]

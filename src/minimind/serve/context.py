@@ -39,25 +39,28 @@ class ServingContext:
             self.token_texts[key] = TokenText(engine.tokenizer)
         return self.token_texts[key]
 
-
-def watch_disconnect(receive, *handles: RequestHandle) -> asyncio.Task:
-    """Abort the requests (freeing their KV slots at the next engine step) as soon as the client goes away, even
-    while they still wait in the queue. For answers in one piece: until it is ready, nothing is sent, so nothing
-    else would notice. receive: the request's ASGI receive."""
-
-    async def watch():
-        while (await receive())["type"] != "http.disconnect":
-            pass
-        for h in handles:
-            h.abort()
-
-    return asyncio.create_task(watch())
+    def constrain(self, engine: AsyncEngine, params, response_format, unavailable: str) -> None:
+        """Add the grammar of a json_object / json_schema response_format to params (a 400 with `unavailable` when
+        no grammar library is installed)."""
+        if response_format is None or response_format.type == "text":
+            return
+        if self.guided is None:
+            raise APIError(400, unavailable, param="response_format")
+        self.guided.attach(engine, params, response_format)
 
 
 async def final_outputs(request: Request, handles: list[RequestHandle]) -> list[RequestOutput]:
     """The final outputs of a non-streamed response's requests (they share one collector; handle k's outputs have
-    key k); a client that leaves aborts them, and so does any error."""
-    watcher = watch_disconnect(request.receive, *handles)
+    key k). They are aborted on any error, and as soon as the client goes away, even while they still wait in the
+    queue: nothing is sent before the answer is ready, so nothing else would notice."""
+
+    async def watch_disconnect():
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        for h in handles:
+            h.abort()
+
+    watcher = asyncio.create_task(watch_disconnect())
     collector = handles[0].collector
     try:
         left = len(handles)

@@ -3,10 +3,10 @@
 One thread owns the model and calls `LLM.step()` (continuous batching across every request); handlers submit
 token ids through the engine's thread-safe `add_request` and read their outputs from an OutputCollector
 (channel.py). After each step the engine thread hands all of that step's outputs to the event loop with one
-`loop.call_soon_threadsafe`, which puts each into its request's collector: one wake-up of the loop per step,
-whatever the number of streams. No handler ever blocks the event loop or touches the model, and no handler polls.
-We drive `step()` ourselves instead of `LLM.start()` because the engine's own loop delivers into blocking
-`queue.Queue`s, which an event loop could only read by parking one thread per request.
+`loop.call_soon_threadsafe`: one wake-up of the loop per step, whatever the number of streams, and no handler
+blocks the event loop, touches the model or polls. We drive `step()` ourselves instead of `LLM.start()` because the
+engine's own loop delivers into blocking `queue.Queue`s, which an event loop could only read by parking one thread
+per request.
 
 `minimind serve` builds the model on the same EngineThread that later runs every step: libgomp gives each thread
 that opens parallel regions a team of its own, and a second team (model built on the main thread, stepped on
@@ -33,8 +33,18 @@ from .errors import APIError
 log = logging.getLogger("minimind.serve")
 
 
+def _settle(future: Future, fn) -> None:
+    """Run fn into future (its exceptions go to whoever waits on it)."""
+    if not future.set_running_or_notify_cancel():
+        return
+    try:
+        future.set_result(fn())
+    except BaseException as exc:  # noqa: BLE001
+        future.set_exception(exc)
+
+
 class EngineThread:
-    """One long-lived thread for everything that computes: `call(build)` runs the model loading there, and the
+    """One long-lived thread for everything that computes: `call(build)` loads the model there, and the
     AsyncEngine given this thread runs its step loop there afterwards (one engine loop per EngineThread).
     A daemon thread (not a ThreadPoolExecutor worker, which the interpreter joins at exit): a forced shutdown
     (second Ctrl-C) must not hang on a step loop that is still running."""
@@ -45,17 +55,11 @@ class EngineThread:
 
     def _run(self) -> None:
         while True:
-            fn, future = self._jobs.get()
-            if not future.set_running_or_notify_cancel():
-                continue
-            try:
-                future.set_result(fn())
-            except BaseException as exc:  # noqa: BLE001 - delivered to whoever waits on the future
-                future.set_exception(exc)
+            _settle(*self._jobs.get())
 
     def submit(self, fn) -> Future:
         future: Future = Future()
-        self._jobs.put((fn, future))
+        self._jobs.put((future, fn))
         return future
 
     def call(self, fn, *args, **kwargs):
@@ -65,7 +69,7 @@ class EngineThread:
 
 class AsyncEngine:
     """Wraps an LLM (not started) for one served model id. max_queue bounds waiting requests (429 beyond it).
-    thread: the EngineThread that built the LLM (its step loop then runs there); None starts a plain thread.
+    thread: the EngineThread that built the LLM (its step loop then runs there); None starts a thread of its own.
     inline: step on the event loop instead (a task started by `start()` inside the loop; build the LLM on the
     thread that runs that loop)."""
 
@@ -75,15 +79,14 @@ class AsyncEngine:
         if inline and thread is not None:
             raise ValueError("an inline engine steps on the event loop: it takes no EngineThread")
         self.engine_thread, self.inline = thread, inline
-        self._task: asyncio.Task | None = None
-        self._awake: asyncio.Event | None = None
-        self._loop_done: Future | None = None
         self.llm, self.max_queue = llm, max_queue
         self.tokenizer, self.max_model_len = llm.tokenizer, llm.max_model_len
         self._streams: dict[str, tuple[OutputCollector, int]] = {}  # request id -> its collector and key
         self._lock = threading.Lock()
-        self._wake = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._wake = threading.Event()  # thread mode: new work or an abort
+        self._awake: asyncio.Event | None = None  # inline mode: the same
+        self._task: asyncio.Task | None = None  # inline: the step loop
+        self._loop_done: Future | None = None  # thread: the step loop
         self._stopping = False
         self.accepting = True
         self.error: BaseException | None = None
@@ -100,15 +103,15 @@ class AsyncEngine:
         elif self.engine_thread is not None:
             self._loop_done = self.engine_thread.submit(self._loop)
         else:
-            self._thread = threading.Thread(target=self._loop, name="minimind-serve-engine", daemon=True)
-            self._thread.start()
+            self._loop_done = Future()
+            threading.Thread(target=_settle, args=(self._loop_done, self._loop), name="minimind-serve-engine",
+                             daemon=True).start()
         return self
 
     @property
     def _running(self) -> bool:
-        if self._task is not None:
-            return not self._task.done()
-        return self._thread is not None or (self._loop_done is not None and not self._loop_done.done())
+        running = self._task or self._loop_done
+        return running is not None and not running.done()
 
     def _kick(self) -> None:
         """Wake the step loop: new work or an abort. Inline, callers are on the event loop."""
@@ -118,22 +121,21 @@ class AsyncEngine:
             self._wake.set()
 
     async def drain(self, timeout: float = 30.0) -> None:
-        """Graceful shutdown: refuse new requests, let running ones finish (up to timeout), then stop."""
+        """Graceful shutdown: refuse new requests, let running ones finish (up to timeout), abort the rest, stop."""
         self.accepting = False
         deadline = time.monotonic() + timeout
         while self._streams and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        if self.inline:  # the steps run on this loop: wait here for the aborts to come out, then stop them
-            for rid in list(self._streams):
-                self.abort(rid)
-            deadline = time.monotonic() + 5
-            while self._running and self._streams and time.monotonic() < deadline:
-                await asyncio.sleep(0.01)
+        for rid in list(self._streams):
+            self.abort(rid)
+        deadline = time.monotonic() + 5
+        while self._running and self._streams and time.monotonic() < deadline:  # the aborts come out of a step
+            await asyncio.sleep(0.01)
         self.shutdown()
 
     def shutdown(self) -> None:
         self.accepting = False
-        if self._task is not None:  # inline: drain() already waited; a step never stops half-way (no await in it)
+        if self._task is not None:  # inline: a step never stops half-way (there is no await in it)
             self._stopping = True
             self._task.cancel()
             self._task = None
@@ -148,14 +150,12 @@ class AsyncEngine:
             time.sleep(0.01)
         self._stopping = True
         self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
         if self._loop_done is not None:
             try:
                 self._loop_done.result(timeout=10)
             except Exception:  # noqa: BLE001 - a timeout here must not block shutdown
                 log.warning("engine loop did not stop within 10 s")
-        self._thread = self._loop_done = None
+        self._loop_done = None
 
     # ---------------------------------------------------------------- requests (event-loop side)
     @property
@@ -282,21 +282,13 @@ def _put_all(items: list) -> None:
 
 class AdapterEngine:
     """The served model id of one LoRA adapter: requests go to the shared AsyncEngine (same thread, batches and
-    KV cache) tagged with the adapter; everything else is the shared engine's."""
+    KV cache) tagged with the adapter; every other attribute is the shared engine's."""
 
     def __init__(self, engine: AsyncEngine, lora: str):
         self.engine, self.lora = engine, lora
 
-    def submit(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None,
-               stream: bool = True, collector: OutputCollector | None = None, k: int = 0) -> RequestHandle:
-        return self.engine.submit(prompt_token_ids, params, request_id, lora=self.lora, stream=stream,
-                                  collector=collector, k=k)
+    def submit(self, *args, **kwargs) -> RequestHandle:
+        return self.engine.submit(*args, lora=self.lora, **kwargs)
 
     def __getattr__(self, name):
         return getattr(self.engine, name)
-
-    def __setattr__(self, name, value):
-        if name in ("engine", "lora"):
-            object.__setattr__(self, name, value)
-        else:  # e.g. `accepting = False` at shutdown applies to the shared engine
-            setattr(self.engine, name, value)

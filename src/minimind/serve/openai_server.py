@@ -5,7 +5,6 @@ command line (the same model flags as `minimind chat`; 127.0.0.1 by default).
 """
 from __future__ import annotations
 
-import time
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
@@ -13,13 +12,13 @@ from fastapi.responses import JSONResponse, Response
 
 from ..text.reply import parse_reply
 from ..text.template import render_prompt
-from .chat_completions import create_chat_completion
+from .chat_completions import create_chat_completion, prepare_chat
 from .completions import create_completion
 from .context import ServingContext, final_output
 from .engine_client import AdapterEngine, AsyncEngine
 from .errors import APIError, install_handlers
 from .middleware import AuthAndCount
-from .params import chat_prompt, check_prompt, message_dicts, open_thinking_of, resolve_max_tokens, sampling_params
+from .params import message_dicts, open_thinking_of
 from .protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -78,16 +77,16 @@ def create_app(engine, *, served_model_name: str | None = None, api_key: str | N
         for e in engines.values():
             e.start()
         yield
-        for e in engines.values():  # graceful: running requests finish, new ones get 503
+        shared = [e for e in engines.values() if isinstance(e, AsyncEngine)]  # not the LoRA adapters' ids
+        for e in shared:  # graceful: running requests finish, new ones get 503
             e.accepting = False
-        for e in engines.values():
+        for e in shared:
             await e.drain(drain_timeout)
 
     app = FastAPI(title="minimind serve", version="1", lifespan=lifespan,
                   description="OpenAI-compatible API for MiniMind checkpoints")
     app.state.ctx = ctx
     install_handlers(app)
-
     app.add_middleware(AuthAndCount, ctx=ctx)
 
     @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=ERRORS)
@@ -150,17 +149,11 @@ def create_app(engine, *, served_model_name: str | None = None, api_key: str | N
     @app.post("/chat", response_model=SimpleChatResponse, responses=ERRORS)
     async def simple_chat(req: SimpleChatRequest, raw: Request):
         """The seeds' minimal endpoint: {messages, max_tokens, temperature} -> {"response": text}."""
-        full = ChatCompletionRequest(messages=req.messages, max_tokens=req.max_tokens, temperature=req.temperature)
-        _, e = ctx.engine_for(None)
-        _, ids = chat_prompt(e.tokenizer, full)
-        check_prompt(ids, e.llm.config.vocab_size, "messages")
-        max_tokens = min(req.max_tokens, max(1, e.max_model_len - len(ids)))  # the seeds never errored on length
-        resolve_max_tokens(None, len(ids), e.max_model_len, "messages")
-        params = sampling_params(full, max_tokens=max_tokens, vocab_size=e.llm.config.vocab_size, logprobs=None)
-        handle = e.submit(ids, params, random_id("chat"), stream=False)
-        final = await final_output(raw, handle)
+        full = ChatCompletionRequest(messages=req.messages, temperature=req.temperature)
+        _, e, ids, params, _ = prepare_chat(ctx, full)
+        params.max_tokens = min(req.max_tokens, params.max_tokens)  # the seeds cut answers at the context's end
+        final = await final_output(raw, e.submit(ids, params, random_id("chat"), stream=False))
         _, content, _ = parse_reply(final.outputs[0].text, parse_tools=False)
         return SimpleChatResponse(response=content)
 
-    app.state.started = time.time()
     return app

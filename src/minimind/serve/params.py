@@ -69,6 +69,11 @@ def completion_prompts(tokenizer, req: CompletionRequest) -> list[list[int]]:
     return prompts
 
 
+def check_stream_options(req: SamplingFields) -> None:
+    if req.stream_options is not None and not req.stream:
+        raise APIError(400, "stream_options can only be set when stream is true", param="stream_options")
+
+
 def check_prompt(ids: list[int], vocab_size: int, what: str) -> None:
     if not ids:
         raise APIError(400, f"the {what} is empty after tokenization", param=what)

@@ -24,6 +24,7 @@ log = logging.getLogger("minimind")
 KERNELS = Path(__file__).with_name("kernels")
 SOURCES = ("decode.c", "linear.c", "q8.c", "attention.c", "sample.c")  # one library; kernels.h shared
 W_F32, W_BF16, W_I8 = 0, 1, 2
+CODES = {torch.float32: W_F32, torch.bfloat16: W_BF16, torch.int8: W_I8}  # weight dtype -> Mat.type
 P = ctypes.c_void_p
 
 
@@ -44,35 +45,20 @@ class Model(ctypes.Structure):
         ("kv_f16", ctypes.c_int64)]
 
 
-def _cache_dir() -> Path:
-    from ..checkpoint.default_model import cache_dir  # the one minimind cache root ($MINIMIND_HOME, XDG, ~/.cache)
-
-    return cache_dir() / "kernels"
-
-
-def _compiler() -> str | None:
-    for cc in (os.environ.get("CC"), "cc", "gcc", "clang"):
-        if cc and shutil.which(cc):
-            return shutil.which(cc)
-    return None
-
-
-def _openmp_flags() -> list[str]:
-    # torch's wheel ships libgomp with the system soname (libgomp.so.1); torch is imported first, so the loader
-    # binds our library to that same runtime: one OpenMP thread pool per process, not two.
-    return ["-fopenmp", "-lm"]
-
-
-def build(verbose: bool = False) -> Path:
+def build() -> Path:
     """Compile kernels/*.c for this CPU (cached by sources, compiler and flags) -> path of the .so."""
-    cc = _compiler()
+    cc = next((shutil.which(c) for c in (os.environ.get("CC"), "cc", "gcc", "clang") if c and shutil.which(c)), None)
     if cc is None:
         raise OSError("no C compiler found (set $CC or install gcc)")
-    flags = ["-O3", "-march=native", "-fPIC", "-shared"] + _openmp_flags()
+    # torch's wheel ships libgomp with the system soname (libgomp.so.1); torch is imported first, so the loader
+    # binds our library to that same runtime: one OpenMP thread pool per process, not two.
+    flags = ["-O3", "-march=native", "-fPIC", "-shared", "-fopenmp", "-lm"]
     sources = [KERNELS / name for name in SOURCES]
     source = b"".join(path.read_bytes() for path in [*sources, KERNELS / "kernels.h"])
     key = hashlib.sha256(source + cc.encode() + " ".join(flags).encode() + sys.platform.encode()).hexdigest()[:16]
-    out = _cache_dir() / f"decode-{key}.so"
+    from ..checkpoint.default_model import cache_dir  # the one minimind cache root ($MINIMIND_HOME, XDG, ~/.cache)
+
+    out = cache_dir() / "kernels" / f"decode-{key}.so"
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -83,8 +69,6 @@ def build(verbose: bool = False) -> Path:
         if run.returncode != 0:
             raise OSError(f"compiling {', '.join(SOURCES)} failed: {' '.join(cmd)}\n{run.stderr.strip()[-2000:]}")
         os.replace(tmp_so, out)
-    if verbose:
-        log.info("built %s", out)
     return out
 
 
@@ -118,16 +102,8 @@ def packed_linear(weight: torch.Tensor, x: torch.Tensor, scales: torch.Tensor | 
     the packed micro-kernel (bf16 widened in registers: no fp32 copy per call), int8 weights with their fp32 per-row
     `scales` through int8-quantized activations (kernels/q8.c; K a multiple of 32, else widened like bf16), exactly
     as the fused decode step computes them. None when the kernel cannot be built here or does not take this weight."""
-    lib = _linear_library()
-    if lib is None or x.dim() != 2 or not weight.is_contiguous():
-        return None
-    if weight.dtype == torch.int8:
-        if scales is None:
-            return None
-        code = W_I8  # the C side picks int8 activations or, for widths q8.c does not take, fp32 ones (as decode)
-    elif weight.dtype in (torch.float32, torch.bfloat16):
-        code = W_F32 if weight.dtype == torch.float32 else W_BF16
-    else:
+    lib, code = _linear_library(), CODES.get(weight.dtype)
+    if lib is None or code is None or (code == W_I8 and scales is None) or x.dim() != 2 or not weight.is_contiguous():
         return None
     x = x.float().contiguous()
     y = torch.empty(x.shape[0], weight.shape[0], dtype=torch.float32)
@@ -175,7 +151,7 @@ def _mat_parts(lin):
     """(weight tensor, fp32 scales or None, type code) for linears the kernel reads, else None."""
     weight = getattr(lin, "weight", None)
     if weight is not None and weight.dtype in (torch.float32, torch.bfloat16) and weight.is_contiguous():
-        return weight, None, W_F32 if weight.dtype == torch.float32 else W_BF16
+        return weight, None, CODES[weight.dtype]
     qweight = getattr(lin, "qweight", None)
     if qweight is not None and qweight.dtype == torch.int8:
         return qweight, lin.scales_f32, W_I8
@@ -198,12 +174,13 @@ class FusedDecoder:
                               self._mat(lw.qkv), self._mat(lw.o), self._mat(lw.gate_up), self._mat(lw.down),
                               kv.k[i].data_ptr(), kv.v[i].data_ptr())
         self._layers = layers
-        inter = runner.layers[0].down.weight.shape[1] if hasattr(runner.layers[0].down, "weight") else \
-            runner.layers[0].down.qweight.shape[1]
+        inter = _mat_parts(runner.layers[0].down)[0].shape[1]
         self.vocab = cfg.vocab_size
+        embed = runner.embed.contiguous()
+        self._keep.append(embed)
         self.model = Model(len(runner.layers), cfg.hidden_size, runner.num_heads, runner.num_kv_heads,
-                           runner.head_dim, inter, cfg.vocab_size, kv.max_len, eps.pop(),
-                           ctypes.cast(layers, P), self._mat_tensor(runner.embed), self._vec(runner.norm),
+                           runner.head_dim, inter, cfg.vocab_size, kv.max_len, eps.pop(), ctypes.cast(layers, P),
+                           Mat(embed.data_ptr(), None, CODES[embed.dtype], *embed.shape), self._vec(runner.norm),
                            self._mat(runner.lm_head), int(kv.k.dtype == torch.float16))
         # [max_len, D] fp32 RoPE tables; the kernel reads row positions[b] for row b
         self.cos, self.sin = (t.float().contiguous() for t in (runner.cos_table, runner.sin_table))
@@ -214,11 +191,6 @@ class FusedDecoder:
         w = norm.weight.detach().float().contiguous()
         self._keep.append(w)
         return w.data_ptr()
-
-    def _mat_tensor(self, w: torch.Tensor) -> Mat:
-        w = w.contiguous()
-        self._keep.append(w)
-        return Mat(w.data_ptr(), None, W_F32 if w.dtype == torch.float32 else W_BF16, w.shape[0], w.shape[1])
 
     def _mat(self, lin) -> Mat:
         w, scales, code = _mat_parts(lin)

@@ -29,25 +29,24 @@ class LLM:
 
     model_or_path: a MiniMindForCausalLM, a checkpoint path, or None for the embedded default model.
     dtype: "float32" / "bfloat16" (None keeps the model's). quantization: None, "int8" (int8 weights, one scale
-    per output channel; with the C kernels activations are quantized to int8 per 32 values for integer products,
-    llama.cpp's Q8_0 scheme, kernels/q8.c) or "dynamic" (torch.ao quantize_dynamic, the seeds' path).
+    per output channel; the C kernels quantize activations per 32 values, kernels/q8.c) or "dynamic" (torch.ao
+    quantize_dynamic).
     max_model_len / max_num_seqs size the KV cache once; more requests wait in a queue. kv_dtype: its storage,
     None (fp32 when the fused kernel runs or the CPU lacks native bf16, else the activation dtype), "float32",
-    "bfloat16" or "float16" (storage only: half the memory and half the bytes attention reads; it computes in fp32).
-    fused: decode-only steps of dense models on CPU run as one C call, and prompt-chunk products of dense weights
-    use its packed GEMM (engine/fused.py, built at first use); False, or no C compiler, keeps every step on torch.
+    "bfloat16" or "float16" (storage only: half the memory and bytes attention reads; it computes in fp32).
+    fused: decode-only steps of dense models on CPU run as one C call, and prompt-chunk products use its packed
+    GEMM (engine/fused.py, built at first use); False, or no C compiler, keeps every step on torch.
     lora_adapters: {name: LoRA file or state_dict}; a request picks one with `lora=name` and requests for
     different adapters share batches (an unmerged LoRA already in the model is served merged).
     stream_interval: a running request's output is handed out once its completions have this many new tokens
-    (its first token and its end at once): fewer, larger stream chunks (the serving work per chunk is fixed).
+    (its first token and its end at once): fewer, larger stream chunks.
 
-    Three options change process-wide state, and only these (importing minimind changes nothing):
-    threads: torch's intra-op thread count (torch.set_num_threads); None leaves it as it is.
-    keep_freed_memory: glibc keeps freed memory instead of returning it to the OS after every step
-    (engine/memory.py: mallopt thresholds), so a step's activations are not page-faulted afresh; RSS then stays at
-    the peak of a step. False leaves malloc alone.
-    decode_mkldnn: whether decode-only steps use oneDNN (torch.backends.mkldnn, switched for the duration of
-    each step's forward and restored after it); None: on except for bf16, whose oneDNN GEMV is slower.
+    Only three options change process-wide state (importing minimind changes nothing):
+    threads: torch.set_num_threads; None leaves it as it is.
+    keep_freed_memory: glibc keeps freed memory between steps (engine/memory.py), so a step's activations are not
+    page-faulted afresh; RSS then stays at the peak of a step.
+    decode_mkldnn: whether decode-only steps use oneDNN (switched around each step's forward); None: on except
+    for bf16, whose oneDNN GEMV is slower.
     """
 
     def __init__(self, model_or_path=None, *, tokenizer=None, dtype=None, quantization: str | None = None,
@@ -79,22 +78,21 @@ class LLM:
         if isinstance(tokenizer, str):
             tokenizer = load_tokenizer(tokenizer)
         self.tokenizer = tokenizer
-        model_dtype = next(model.parameters()).dtype
-        act_dtype = resolve_dtype(dtype) if dtype is not None else model_dtype
-        if quantization == "int8" and dtype is None:
-            act_dtype = torch.bfloat16
         if quantization == "dynamic":
             act_dtype = torch.float32
+        elif dtype is not None:
+            act_dtype = resolve_dtype(dtype)
+        else:
+            act_dtype = torch.bfloat16 if quantization == "int8" else next(model.parameters()).dtype
         self.dtype, self.quantization = act_dtype, quantization
         self.config = cfg = model.config
         model = model.eval()
         self.max_model_len = min(max_model_len or 2048, cfg.max_position_embeddings)
         self.max_num_seqs = max_num_seqs
-        # KV holds the activation dtype's values; bf16 ones may be stored as fp32 (kv_dtype="float32") because
-        # the CPU attention kernels run several times faster in fp32.
-        if kv_dtype is None:  # without AVX512-BF16, bf16 attention is emulated and several times slower
+        if kv_dtype is None:  # bf16 KV only where attention runs natively in bf16: the fused kernel keeps fp32,
+            # and without AVX512-BF16 bf16 attention is emulated and several times slower than fp32
             native = act_dtype == torch.float32 or (native_bf16() and not (fused and not compile))
-            kv_dtype = act_dtype if native else torch.float32  # the fused decode kernel keeps KV in fp32
+            kv_dtype = act_dtype if native else torch.float32
         # float16 is a KV storage format (half the bytes attention streams, 11-bit mantissa), never a compute dtype
         half = kv_dtype == torch.float16 or str(kv_dtype).lower() in ("float16", "fp16", "half")
         self.kv_dtype = torch.float16 if half else resolve_dtype(kv_dtype)
@@ -232,20 +230,17 @@ class LLM:
             logits = self.runner.forward(inputs)
         if not seqs:
             return []
-        tokens, chosen, top_ids, top_lp = self.runner.sample(logits, seqs)
-        tokens = tokens.tolist()
-        logprobs = [None] * len(seqs)
-        if chosen is not None:
-            chosen = chosen.tolist()
-            top_ids = top_ids.tolist() if top_ids is not None else None
-            top_lp = top_lp.tolist() if top_lp is not None else None
-            for i, seq in enumerate(seqs):
-                k = seq.params.logprobs
-                if k is None:
-                    continue
+        tokens, chosen, top_ids, top_lp = (None if t is None else t.tolist() for t in self.runner.sample(logits, seqs))
+        if chosen is None:
+            return [(seq, [(token, None)]) for seq, token in zip(seqs, tokens)]
+        results = []
+        for i, (seq, token) in enumerate(zip(seqs, tokens)):
+            k, logprob = seq.params.logprobs, None
+            if k is not None:
                 top = [TopLogprob(t, v) for t, v in zip(top_ids[i][:k], top_lp[i][:k])] if k and top_ids else []
-                logprobs[i] = TokenLogprob(tokens[i], chosen[i], top)
-        return [(seq, [(tok, lp)]) for seq, tok, lp in zip(seqs, tokens, logprobs)]
+                logprob = TokenLogprob(token, chosen[i], top)
+            results.append((seq, [(token, logprob)]))
+        return results
 
     def _drain_inbox(self, touched: dict) -> None:
         while True:
@@ -378,9 +373,9 @@ class LLM:
 
 
 def _eos_ids(cfg, tokenizer) -> set[int]:
-    ids = set()
     eos = cfg.eos_token_id
-    ids.update(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
-    if tokenizer is not None and tokenizer.eos_token_id is not None:
+    ids = set(eos if isinstance(eos, (list, tuple)) else [eos])
+    if tokenizer is not None:
         ids.add(tokenizer.eos_token_id)
+    ids.discard(None)
     return ids

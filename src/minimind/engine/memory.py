@@ -2,17 +2,13 @@
 
 Each engine step allocates its activations afresh (torch's CPU allocator calls malloc). glibc returns a freed
 block to the kernel when it was mmap'd (above M_MMAP_THRESHOLD, which starts at 128 KiB) or sits at the top of
-a heap beyond M_TRIM_THRESHOLD; the next step then page-faults and zeroes the same memory again (on 2 vCPUs
-raising the thresholds makes the engine 1-10 % faster at 1-32 sequences of MiniMind2-Small). The cost: the process
-keeps its peak transient memory (a few MB to a few hundred MB) instead of returning it between steps. `LLM` calls
-this unless built with keep_freed_memory=False.
+a heap beyond M_TRIM_THRESHOLD; the next step then page-faults and zeroes the same memory again. The cost: the
+process keeps its peak transient memory instead of returning it between steps. `LLM` calls this unless built with
+keep_freed_memory=False.
 """
 from __future__ import annotations
 
 import ctypes
-import logging
-
-log = logging.getLogger("minimind.engine")
 
 # mallopt(3) parameters
 M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
@@ -31,9 +27,6 @@ def raise_malloc_thresholds() -> bool:
     except (OSError, AttributeError, TypeError):
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    done = [mallopt(param, value) for param, value in
+    done = [mallopt(param, value) for param, value in  # each one tried: a refused one leaves the others set
             ((M_MMAP_THRESHOLD, MMAP_THRESHOLD), (M_TRIM_THRESHOLD, TRIM_THRESHOLD), (M_TOP_PAD, TOP_PAD))]
-    ok = all(d == 1 for d in done)  # each one tried: a refused one leaves the others set
-    if not ok:
-        log.debug("mallopt refused a threshold; malloc keeps its defaults for it")
-    return ok
+    return all(d == 1 for d in done)

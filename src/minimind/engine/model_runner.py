@@ -17,7 +17,7 @@ from ..model.rope import rotate_half
 from .kv_cache import KVCache
 from .lora_rows import RowLoRA
 from .quant import DenseLinear, Int8Linear, make_linear
-from .sampling import SamplingBatch, sample
+from .sampling import build_sampling_batch, sample
 from .scheduler import Batch
 
 
@@ -32,7 +32,8 @@ class StepInputs:
     cos: torch.Tensor | None = None  # [N, 1, D] fp32
     sin: torch.Tensor | None = None
     write_idx: torch.Tensor | None = None  # [N * H_kv] rows of KVCache.k_rows
-    decode_slots: torch.Tensor | slice = field(default_factory=lambda: slice(0, 0))  # slice when the decode slots are contiguous (no gather)
+    # [B_d] KV slots of the decode rows; a slice when they are contiguous (no gather)
+    decode_slots: torch.Tensor | slice = field(default_factory=lambda: slice(0, 0))
     decode_len: int = 0  # keys attended by the longest decode row
     decode_mask: torch.Tensor | None = None  # [B_d, 1, 1, decode_len] additive, None when all rows are equally long
     chunks: list = field(default_factory=list)  # (row0, n, slot, pos0, mask [n, pos0+n])
@@ -46,18 +47,21 @@ class LayerWeights:
     def __init__(self, layer, quantization: str | None, dtype: torch.dtype, weight_dtype: torch.dtype):
         attn = layer.self_attn
         self.ln1, self.ln2 = _cast(layer.input_layernorm, dtype), _cast(layer.post_attention_layernorm, dtype)
-        self.q_norm, self.k_norm = _cast(getattr(attn, "q_norm", None), dtype), _cast(getattr(attn, "k_norm", None), dtype)
-        wqkv = torch.cat([_weight(attn.q_proj), _weight(attn.k_proj), _weight(attn.v_proj)])
-        self.qkv = make_linear(wqkv, quantization, dtype, weight_dtype)
-        self.o = make_linear(_weight(attn.o_proj), quantization, dtype, weight_dtype)
+        self.q_norm = _cast(getattr(attn, "q_norm", None), dtype)
+        self.k_norm = _cast(getattr(attn, "k_norm", None), dtype)
+
+        def linear(*projections):  # several: fused into one matrix; one: its own weight, no copy
+            weights = [_weight(p) for p in projections]
+            w = torch.cat(weights) if len(weights) > 1 else weights[0]
+            return make_linear(w, quantization, dtype, weight_dtype)
+
+        self.qkv, self.o = linear(attn.q_proj, attn.k_proj, attn.v_proj), linear(attn.o_proj)
         mlp = layer.mlp
         if hasattr(mlp, "gate_proj"):  # dense SwiGLU
-            self.gate_up = make_linear(torch.cat([_weight(mlp.gate_proj), _weight(mlp.up_proj)]), quantization,
-                                       dtype, weight_dtype)
-            self.down = make_linear(_weight(mlp.down_proj), quantization, dtype, weight_dtype)
+            self.gate_up, self.down = linear(mlp.gate_proj, mlp.up_proj), linear(mlp.down_proj)
             self.act, self.moe = mlp.act_fn, None
         else:  # MoE: the model's module routes the step's tokens per expert
-            self.gate_up = None
+            self.gate_up = self.down = None
             self.moe = _cast(mlp, dtype)  # not quantized: experts stay in the activation dtype
 
 
@@ -105,7 +109,7 @@ class ModelRunner:
         from .fused import FusedDecoder, unsupported_reason
 
         for lw in self.layers:
-            for lin in (lw.qkv, lw.o, lw.gate_up, getattr(lw, "down", None), self.lm_head):  # MoE: no gate_up/down
+            for lin in (lw.qkv, lw.o, lw.gate_up, lw.down, self.lm_head):
                 if isinstance(lin, (DenseLinear, Int8Linear)):
                     lin.packed = True
         reason = unsupported_reason(self)
@@ -120,28 +124,20 @@ class ModelRunner:
     def weight_bytes(self) -> int:
         """Bytes of the matrices the runner computes with, each storage once (a tied embedding and lm_head of the
         same dtype are one tensor)."""
-        seen: set[int] = set()
-
-        def size(t: torch.Tensor) -> int:
-            storage = t.untyped_storage()
-            if storage.data_ptr() in seen:
-                return 0
-            seen.add(storage.data_ptr())
-            return storage.nbytes()
-
+        storages: dict[int, int] = {}  # data_ptr -> bytes
+        total = 0  # torch.ao packed weights, which expose no tensors
         parts = [self.embed, self.lm_head]
-        for lw in self.layers:
-            parts += [lw.qkv, lw.o, lw.gate_up, getattr(lw, "down", None),  # MoE layers: experts instead
-                      *(lw.moe.parameters() if lw.moe is not None else ())]
-        total = 0
+        for lw in self.layers:  # MoE layers: experts instead of gate_up and down
+            parts += [lw.qkv, lw.o, lw.gate_up, lw.down, *(lw.moe.parameters() if lw.moe is not None else ())]
         for part in parts:
-            if isinstance(part, torch.Tensor):
-                total += size(part)
-                continue
-            tensors = [t for t in (getattr(part, n, None) for n in ("weight", "qweight", "scales", "scales_bf16"))
-                       if isinstance(t, torch.Tensor)]
-            total += sum(size(t) for t in tensors) if tensors else getattr(part, "nbytes", 0)  # torch.ao packed
-        return total
+            tensors = [part] if isinstance(part, torch.Tensor) else [
+                t for t in (getattr(part, n, None) for n in ("weight", "qweight", "scales", "scales_bf16"))
+                if isinstance(t, torch.Tensor)]
+            if not tensors:
+                total += getattr(part, "nbytes", 0)
+            for t in tensors:
+                storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return total + sum(storages.values())
 
     # ---------------------------------------------------------------- batch -> tensors
     def prepare(self, batch: Batch) -> tuple[StepInputs, list]:
@@ -239,9 +235,9 @@ class ModelRunner:
         h = _rms_norm(self.norm, h[inp.sample_rows])
         return self.lm_head(h).float()
 
-    def _project_qkv(self, lw: LayerWeights, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                     layer_idx: int = 0, groups=()):
-        """x [N, H] -> q [N, Hq, D], k [N, H_kv, D] (RoPE applied), v [N, H_kv * D]."""
+    def _qkv_to_cache(self, layer_idx: int, lw: LayerWeights, x: torch.Tensor, cos: torch.Tensor,
+                      sin: torch.Tensor, write_idx: torch.Tensor, groups=()) -> torch.Tensor:
+        """x [N, H] -> q [N, Hq, D] (RoPE applied); k (RoPE applied) and v go into the KV rows write_idx."""
         n, hq, hkv, d = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
         qkv = self.lora.apply(lw.qkv(x), x, layer_idx, "qkv", groups)  # [N, (Hq + 2 H_kv) * D]
         if lw.q_norm is None:  # q and k heads are adjacent: one RoPE call for both
@@ -251,39 +247,37 @@ class ModelRunner:
             q = lw.q_norm(qkv[:, :hq * d].view(n, hq, d))
             k = lw.k_norm(qkv[:, hq * d:(hq + hkv) * d].view(n, hkv, d))
             q, k = _rope(q, cos, sin), _rope(k, cos, sin)
-        return q, k, qkv[:, (hq + hkv) * d:]
+        v = qkv[:, (hq + hkv) * d:]  # [N, H_kv * D]
+        self.kv.k_rows[layer_idx].index_copy_(0, write_idx, k.reshape(n * hkv, d).to(self.kv_dtype))
+        self.kv.v_rows[layer_idx].index_copy_(0, write_idx, v.reshape(n * hkv, d).to(self.kv_dtype))
+        return q
+
+    def _attend_decode(self, layer_idx: int, q: torch.Tensor, slots, length: int, mask) -> torch.Tensor:
+        """q [B, Hq, D], one query per row, over the first `length` keys of KV slots [B] -> [B, Hq * D]."""
+        keys = self.kv.k[layer_idx][slots, :, :length].to(self.attn_dtype)  # [B, H_kv, L, D]
+        values = self.kv.v[layer_idx][slots, :, :length].to(self.attn_dtype)
+        o = F.scaled_dot_product_attention(q[:, :, None].to(self.attn_dtype), keys, values, attn_mask=mask,
+                                           scale=self.scale, enable_gqa=self.gqa)  # [B, Hq, 1, D]
+        return o.reshape(q.shape[0], -1)
 
     def _decode_forward(self, ids, cos, sin, write_idx, slots, mask) -> torch.Tensor:
         """Decode rows only, tensors only (what torch.compile sees): ids [B], slots [B], mask [B, 1, 1, L]."""
-        n, hq, hkv, d = ids.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
-        length = mask.shape[-1]
         h = F.embedding(ids, self.embed).to(self.dtype)
         for layer_idx, lw in enumerate(self.layers):
-            q, k, v = self._project_qkv(lw, _rms_norm(lw.ln1, h), cos, sin)
-            self.kv.k_rows[layer_idx].index_copy_(0, write_idx, k.reshape(n * hkv, d).to(self.kv_dtype))
-            self.kv.v_rows[layer_idx].index_copy_(0, write_idx, v.reshape(n * hkv, d).to(self.kv_dtype))
-            keys = self.kv.k[layer_idx][slots, :, :length].to(self.attn_dtype)
-            values = self.kv.v[layer_idx][slots, :, :length].to(self.attn_dtype)
-            o = F.scaled_dot_product_attention(q[:, :, None].to(self.attn_dtype), keys, values, attn_mask=mask, scale=self.scale,
-                                               enable_gqa=self.gqa)
-            h = h + lw.o(o.reshape(n, hq * d).to(self.dtype))
+            q = self._qkv_to_cache(layer_idx, lw, _rms_norm(lw.ln1, h), cos, sin, write_idx)
+            o = self._attend_decode(layer_idx, q, slots, mask.shape[-1], mask)
+            h = h + lw.o(o.to(self.dtype))
             h = h + _ffn(lw, _rms_norm(lw.ln2, h))
         return self.lm_head(_rms_norm(self.norm, h)).float()
 
     def _attention(self, layer_idx: int, lw: LayerWeights, x: torch.Tensor, inp: StepInputs) -> torch.Tensor:
-        n, hq, hkv, d = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
-        q, k, v = self._project_qkv(lw, x, inp.cos, inp.sin, layer_idx, inp.lora_groups)
-        self.kv.k_rows[layer_idx].index_copy_(0, inp.write_idx, k.reshape(n * hkv, d).to(self.kv_dtype))
-        self.kv.v_rows[layer_idx].index_copy_(0, inp.write_idx, v.reshape(n * hkv, d).to(self.kv_dtype))
-        k_cache, v_cache = self.kv.k[layer_idx], self.kv.v[layer_idx]  # [slots, H_kv, T, D]
+        n, hq, d = x.shape[0], self.num_heads, self.head_dim
+        q = self._qkv_to_cache(layer_idx, lw, x, inp.cos, inp.sin, inp.write_idx, inp.lora_groups)
         out = torch.empty(n, hq * d, dtype=x.dtype)
         nd = inp.num_decode
         if nd:
-            keys = k_cache[inp.decode_slots, :, :inp.decode_len].to(self.attn_dtype)  # [B_d, H_kv, L, D]
-            values = v_cache[inp.decode_slots, :, :inp.decode_len].to(self.attn_dtype)
-            o = F.scaled_dot_product_attention(q[:nd, :, None].to(self.attn_dtype), keys, values, attn_mask=inp.decode_mask,
-                                               scale=self.scale, enable_gqa=self.gqa)  # [B_d, H, 1, D]
-            out[:nd] = o.reshape(nd, hq * d)
+            out[:nd] = self._attend_decode(layer_idx, q[:nd], inp.decode_slots, inp.decode_len, inp.decode_mask)
+        k_cache, v_cache = self.kv.k[layer_idx], self.kv.v[layer_idx]  # [slots, H_kv, T, D]
         for row0, length, slot, pos0, mask in inp.chunks:
             qc = q[row0:row0 + length].transpose(0, 1)[None].to(self.attn_dtype)  # [1, H, n, D]
             keys = k_cache[slot:slot + 1, :, :pos0 + length].to(self.attn_dtype)
@@ -326,39 +320,6 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
     """x [N, H, D]; cos/sin [N, 1, D] fp32; computed in fp32 like model.rope.apply_rotary."""
     xf = x.float()
     return (xf * cos + rotate_half(xf) * sin).to(x.dtype)
-
-
-def build_sampling_batch(seqs: list, vocab: int) -> SamplingBatch:
-    params = [s.params for s in seqs]
-    b = len(seqs)
-    batch = SamplingBatch(
-        temperature=torch.tensor([p.temperature for p in params], dtype=torch.float32),
-        top_k=torch.tensor([p.top_k for p in params]) if any(p.top_k for p in params) else None,
-        top_p=torch.tensor([p.top_p for p in params]) if any(p.top_p < 1 for p in params) else None,
-        min_p=torch.tensor([p.min_p for p in params]) if any(p.min_p > 0 for p in params) else None,
-        seeds=torch.tensor([s.seed for s in seqs], dtype=torch.int64),
-        steps=torch.tensor([len(s.output_token_ids) for s in seqs], dtype=torch.int64))
-    if any(p.needs_penalties for p in params):
-        batch.repetition = torch.tensor([p.repetition_penalty for p in params])
-        batch.presence = torch.tensor([p.presence_penalty for p in params])
-        batch.frequency = torch.tensor([p.frequency_penalty for p in params])
-        batch.seen = torch.zeros(b, vocab, dtype=torch.bool)
-        batch.counts = torch.zeros(b, vocab)
-        for i, s in enumerate(seqs):  # only rows that asked for penalties
-            if s.params.needs_penalties:
-                batch.seen[i, torch.tensor(s.token_ids)] = True
-                if s.output_token_ids:
-                    out = torch.tensor(s.output_token_ids)
-                    batch.counts[i].index_add_(0, out, torch.ones(len(out)))
-    if any(p.logit_bias for p in params):
-        batch.bias = torch.zeros(b, vocab)
-        for i, p in enumerate(params):
-            for token, value in (p.logit_bias or {}).items():
-                if 0 <= int(token) < vocab:
-                    batch.bias[i, int(token)] = float(value)
-    wanted = [p.logprobs for p in params if p.logprobs is not None]
-    batch.num_logprobs = max(wanted) if wanted else None
-    return batch
 
 
 def _ffn(lw, x: torch.Tensor, extra=None) -> torch.Tensor:

@@ -15,8 +15,8 @@ import torch.nn.functional as F
 # chunks and batched decode. There, from this many rows on, weights are upcast per call and fp32 GEMM runs.
 UPCAST_ROWS = 8
 PACKED_FP32_MAX_ROWS = 512  # fp32 prompt chunks up to this many rows use the packed kernel, not MKL sgemm
-INT8_DEQUANT_ROWS = 64
-QUANT_BLOCK_ROWS = 2048  # rows quantized at a time (bounds the fp32 temporaries while loading)  # the int8 GEMV kernel wins below this many rows, dequantize + fp32 GEMM above
+INT8_DEQUANT_ROWS = 64  # the int8 GEMV kernel wins below this many rows, dequantize + fp32 GEMM above
+QUANT_BLOCK_ROWS = 2048  # rows quantized at a time (bounds the fp32 temporaries while loading)
 
 
 def native_bf16() -> bool:
@@ -35,24 +35,20 @@ class DenseLinear:
         packed = self.packed and ((self.upcast and self.weight.dtype == torch.bfloat16) or (
             self.weight.dtype == x.dtype == torch.float32 and rows <= PACKED_FP32_MAX_ROWS))
         if packed and rows >= UPCAST_ROWS and x.dim() == 2:
-            # prompt chunks: the fused kernels' packed GEMM (engine/fused.py) widens bf16 in registers, 1.2x torch's
-            # per-call fp32 copy + sgemm at 256 rows, 1.5-3x at 8-64 rows; for fp32 weights 1.8-2.3x MKL at 32 rows
+            # prompt chunks: the packed GEMM (engine/fused.py) widens bf16 in registers, faster than torch's
+            # per-call fp32 copy + sgemm; for fp32 weights faster than MKL at these row counts
             from .fused import packed_linear
 
             y = packed_linear(self.weight, x)
             if y is not None:
                 return y.to(x.dtype)
         if x.dtype != self.weight.dtype:  # bf16 weights, fp32 activations (CPUs without native bf16)
-            if x.shape[0] < UPCAST_ROWS:  # a GEMV (torch-path decode): the bf16 kernel reads half the bytes
+            if rows < UPCAST_ROWS:  # a GEMV (torch-path decode): the bf16 kernel reads half the bytes
                 return F.linear(x.to(self.weight.dtype), self.weight).to(x.dtype)
             return F.linear(x, self.weight.to(x.dtype))
-        if self.upcast and x.shape[0] >= UPCAST_ROWS:
+        if self.upcast and rows >= UPCAST_ROWS:
             return F.linear(x.float(), self.weight.float()).to(x.dtype)
         return F.linear(x, self.weight)
-
-    @property
-    def nbytes(self) -> int:
-        return self.weight.numel() * self.weight.element_size()
 
 
 class Int8Linear:
@@ -71,8 +67,8 @@ class Int8Linear:
         self.scales_f32 = self.scales.float()  # what the C kernels multiply by (decode step and prompt chunks)
         self.act_dtype = act_dtype
         self.upcast = not native_bf16()
-        # every product through the C kernels (int8 weights x int8-quantized activations, kernels/q8.c), so prompt
-        # chunks compute exactly what fused decode steps compute: ModelRunner.enable_fused turns it on
+        # every product through the C kernels (kernels/q8.c), so prompt chunks compute exactly what fused decode
+        # steps compute: ModelRunner.enable_fused turns it on
         self.packed = False
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -84,17 +80,12 @@ class Int8Linear:
                 return y.to(self.act_dtype)
         if self.upcast and x.shape[0] >= INT8_DEQUANT_ROWS:  # the int8 kernel is a GEMV: dequantize for GEMMs
             return F.linear(x.float(), self.dequantize()).to(self.act_dtype)
-        # torch's int8 kernel is ~25x slower with fp32 input than with bf16 (27.7 vs 1.1 ms for 2816x512 at 32
-        # rows here): feed it bf16 and return the activation dtype
+        # torch's int8 kernel is an order of magnitude slower with fp32 input than with bf16: feed it bf16
         out = torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), self.qweight, self.scales_bf16)
         return out.to(self.act_dtype)
 
     def dequantize(self) -> torch.Tensor:
         return self.qweight.float() * self.scales.float()[:, None]
-
-    @property
-    def nbytes(self) -> int:
-        return self.qweight.numel() + self.scales.numel() * self.scales.element_size()
 
 
 class DynamicInt8Linear:

@@ -42,27 +42,18 @@ class SamplingParams:
     stop_list: list[str] = field(init=False, repr=False, default_factory=list)
 
     def __post_init__(self):
-        if self.n < 1:
-            raise ValueError(f"n must be >= 1, got {self.n}")
-        if self.max_tokens is not None and self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if not 0 <= self.min_p <= 1:
-            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
-        if self.repetition_penalty <= 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
-        if self.logprobs is not None and self.logprobs < 0:
-            raise ValueError(f"logprobs must be >= 0, got {self.logprobs}")
+        for name, ok, rule in (("n", self.n >= 1, ">= 1"),
+                               ("max_tokens", self.max_tokens is None or self.max_tokens >= 1, ">= 1"),
+                               ("temperature", self.temperature >= 0, ">= 0"),
+                               ("top_p", 0 < self.top_p <= 1, "in (0, 1]"),
+                               ("min_p", 0 <= self.min_p <= 1, "in [0, 1]"),
+                               ("repetition_penalty", self.repetition_penalty > 0, "> 0"),
+                               ("logprobs", self.logprobs is None or self.logprobs >= 0, ">= 0")):
+            if not ok:
+                raise ValueError(f"{name} must be {rule}, got {getattr(self, name)}")
         # any k at or above the vocabulary keeps every token; clamped so a huge k still fits the int64 batch tensor
         self.top_k = 0 if self.top_k is None or self.top_k < 0 else min(int(self.top_k), 2**31 - 1)
         self.stop_list = [self.stop] if isinstance(self.stop, str) else [s for s in (self.stop or []) if s]
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
 
     @property
     def is_plain_greedy(self) -> bool:
@@ -116,6 +107,40 @@ class SamplingBatch:
     counts: torch.Tensor | None = None  # [B, V] fp32: occurrences in the output
     bias: torch.Tensor | None = None  # [B, V] fp32 logit_bias
     num_logprobs: int | None = None  # max top_logprobs over rows, None if no row wants logprobs
+
+
+def build_sampling_batch(seqs: list, vocab: int) -> SamplingBatch:
+    """The step's SamplingBatch from its sequences (their params, seeds and tokens so far)."""
+    params = [s.params for s in seqs]
+    b = len(seqs)
+    batch = SamplingBatch(
+        temperature=torch.tensor([p.temperature for p in params], dtype=torch.float32),
+        top_k=torch.tensor([p.top_k for p in params]) if any(p.top_k for p in params) else None,
+        top_p=torch.tensor([p.top_p for p in params]) if any(p.top_p < 1 for p in params) else None,
+        min_p=torch.tensor([p.min_p for p in params]) if any(p.min_p > 0 for p in params) else None,
+        seeds=torch.tensor([s.seed for s in seqs], dtype=torch.int64),
+        steps=torch.tensor([len(s.output_token_ids) for s in seqs], dtype=torch.int64))
+    if any(p.needs_penalties for p in params):
+        batch.repetition = torch.tensor([p.repetition_penalty for p in params])
+        batch.presence = torch.tensor([p.presence_penalty for p in params])
+        batch.frequency = torch.tensor([p.frequency_penalty for p in params])
+        batch.seen = torch.zeros(b, vocab, dtype=torch.bool)
+        batch.counts = torch.zeros(b, vocab)
+        for i, s in enumerate(seqs):  # only rows that asked for penalties
+            if s.params.needs_penalties:
+                batch.seen[i, torch.tensor(s.token_ids)] = True
+                if s.output_token_ids:
+                    out = torch.tensor(s.output_token_ids)
+                    batch.counts[i].index_add_(0, out, torch.ones(len(out)))
+    if any(p.logit_bias for p in params):
+        batch.bias = torch.zeros(b, vocab)
+        for i, p in enumerate(params):
+            for token, value in (p.logit_bias or {}).items():
+                if 0 <= int(token) < vocab:
+                    batch.bias[i, int(token)] = float(value)
+    wanted = [p.logprobs for p in params if p.logprobs is not None]
+    batch.num_logprobs = max(wanted) if wanted else None
+    return batch
 
 
 def apply_penalties(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:

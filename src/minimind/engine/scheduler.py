@@ -22,18 +22,16 @@ class Chunk:
     logits: str = "auto"  # "auto": last row when the chunk completes the prompt; "last"; "all"
 
     @property
-    def completes_prompt(self) -> bool:
-        return self.start + self.length == self.seq.num_prompt_tokens
-
-    @property
     def token_ids(self) -> list[int]:
-        return self.tokens if self.tokens is not None else self.seq.prompt_token_ids[self.start:self.start + self.length]
+        if self.tokens is not None:
+            return self.tokens
+        return self.seq.prompt_token_ids[self.start:self.start + self.length]
 
     @property
     def sample_rows(self) -> range:
         if self.logits == "all":
             return range(self.length)
-        if self.logits == "last" or self.completes_prompt:
+        if self.logits == "last" or self.start + self.length == len(self.seq.prompt_token_ids):
             return range(self.length - 1, self.length)
         return range(0)
 
@@ -45,10 +43,6 @@ class Batch:
 
     def __bool__(self) -> bool:
         return bool(self.decode or self.prefill)
-
-    @property
-    def num_tokens(self) -> int:
-        return len(self.decode) + sum(c.length for c in self.prefill)
 
 
 class Scheduler:
@@ -89,7 +83,7 @@ class Scheduler:
 
     @staticmethod
     def _add_chunk(batch: Batch, seq: Sequence, budget: int) -> int:
-        n = min(seq.num_prompt_tokens - seq.num_computed, budget)
+        n = min(len(seq.prompt_token_ids) - seq.num_computed, budget)
         batch.prefill.append(Chunk(seq, seq.num_computed, n))
         return n
 

@@ -9,6 +9,7 @@ import enum
 from dataclasses import dataclass, field
 from itertools import count
 
+from ..text.detok import IncrementalDetokenizer
 from .sampling import SamplingParams
 
 
@@ -57,12 +58,6 @@ class RequestOutput:
     metrics: dict = field(default_factory=dict)  # arrival / first_token / finished times (perf_counter)
 
 
-def _make_detokenizer(tokenizer, skip_special_tokens: bool):
-    from ..text.detok import IncrementalDetokenizer
-
-    return IncrementalDetokenizer(tokenizer, skip_special_tokens=skip_special_tokens)
-
-
 class Sequence:
     _ids = count()
     lora = -1  # index of the LoRA adapter this sequence runs with (ModelRunner.lora), -1 = the base model
@@ -90,7 +85,8 @@ class Sequence:
         self._emitted_text = 0  # chars of self.text already handed out as deltas
         self._emitted_tokens = 0
         self._holdback = max((len(s) for s in params.stop_list), default=1) - 1
-        self._detok = _make_detokenizer(tokenizer, params.skip_special_tokens) if tokenizer is not None else None
+        self._detok = None if tokenizer is None else IncrementalDetokenizer(
+            tokenizer, skip_special_tokens=params.skip_special_tokens)
 
     # ---------------------------------------------------------------- counters
     @property
@@ -99,10 +95,6 @@ class Sequence:
 
     def __len__(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
-
-    @property
-    def num_prompt_tokens(self) -> int:
-        return len(self.prompt_token_ids)
 
     @property
     def in_prefill(self) -> bool:
@@ -123,7 +115,8 @@ class Sequence:
             self._add_text(self._detok.push(token_id))
             if self.is_finished:
                 return
-        if self.params.max_tokens is not None and len(self.output_token_ids) >= self.params.max_tokens or len(self) >= max_len:
+        max_tokens = self.params.max_tokens
+        if max_tokens is not None and len(self.output_token_ids) >= max_tokens or len(self) >= max_len:
             self._finish("length")
 
     def _add_text(self, piece: str) -> None:

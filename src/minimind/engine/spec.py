@@ -36,11 +36,7 @@ class Speculator:
         if batch.prefill or len(batch.decode) != 1:
             return False
         p = batch.decode[0].params
-        return p.greedy and not p.needs_penalties and not p.logit_bias and p.logprobs is None and not p.logits_processors
-
-    def _forward(self, runner: ModelRunner, chunk: Chunk) -> torch.Tensor:
-        inputs, _ = runner.prepare(Batch(prefill=[chunk]))
-        return runner.forward(inputs)
+        return p.is_plain_greedy and not p.logits_processors
 
     @torch.no_grad()
     def step(self, batch: Batch):
@@ -54,14 +50,14 @@ class Speculator:
             return self.llm._run(batch)
         # Draft: catch up on tokens it has not seen in this slot, then propose k tokens greedily.
         have = min(common_prefix_len(self.slot_tokens[seq.slot], tokens), n - 1)
-        logits = self._forward(self.runner, Chunk(seq, have, n - have, tokens[have:], logits="last"))
+        logits = _forward(self.runner, Chunk(seq, have, n - have, tokens[have:], logits="last"))
         draft = [int(logits[-1].argmax())]
         for i in range(k - 1):
-            logits = self._forward(self.runner, Chunk(seq, n + i, 1, [draft[-1]], logits="last"))
+            logits = _forward(self.runner, Chunk(seq, n + i, 1, [draft[-1]], logits="last"))
             draft.append(int(logits[-1].argmax()))
         # Target: score the last real token and every draft token in one chunk.
         verify = Chunk(seq, n - 1, k + 1, [tokens[-1]] + draft, logits="all")
-        target = self._forward(self.llm.runner, verify).argmax(dim=-1).tolist()  # [k + 1]
+        target = _forward(self.llm.runner, verify).argmax(dim=-1).tolist()  # [k + 1]
         accepted = 0
         while accepted < k and draft[accepted] == target[accepted]:
             accepted += 1
@@ -69,3 +65,8 @@ class Speculator:
         seq.num_computed += accepted + 1  # the last token and the accepted drafts now have target KV
         self.slot_tokens[seq.slot] = tokens + draft[:min(accepted, k - 1)]
         return [(seq, [(t, None) for t in draft[:accepted] + [target[accepted]]])]
+
+
+def _forward(runner: ModelRunner, chunk: Chunk) -> torch.Tensor:
+    inputs, _ = runner.prepare(Batch(prefill=[chunk]))
+    return runner.forward(inputs)

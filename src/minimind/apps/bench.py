@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import shutil
 import sys
 import tempfile
@@ -29,8 +30,6 @@ SERVER_MOVED = ("the server load test and throughput at N concurrent streams mov
 
 # ---------------------------------------------------------------- the implementations, one process each
 def prompt(length: int, vocab: int, seed: int) -> list[int]:
-    import random
-
     rng = random.Random(seed)
     return [rng.randrange(3, vocab) for _ in range(length)]
 
@@ -122,10 +121,16 @@ def worker(kind: str, a: dict, conn) -> None:
             conn.send((a["prompt_len"] / impl.prefill(prompt(a["prompt_len"], impl.vocab, 100 + r)),
                        (n - 1) / impl.decode(prompt(32, impl.vocab, 200 + r), n)))  # first token excluded
         # VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec, so it could be the parent's peak
-        conn.send(next(int(line.split()[1]) / 1024 for line in Path("/proc/self/status").read_text().splitlines()
-                       if line.startswith("VmHWM:")))
+        conn.send(int(proc_field("/proc/self/status", "VmHWM").split()[0]) / 1024)
     except Exception as exc:  # noqa: BLE001 - reported as this implementation's error; the others go on
         conn.send(("error", f"{type(exc).__name__}: {exc}"))
+
+
+def proc_field(path: str, key: str) -> str | None:
+    """The value of `key` in a /proc text file ("key<tabs>: value" lines); None when absent."""
+    lines = Path(path).read_text().splitlines() if Path(path).exists() else []
+    return next((value.strip() for name, _, value in (line.partition(":") for line in lines)
+                 if name.strip() == key), None)
 
 
 # ---------------------------------------------------------------- orchestration
@@ -221,18 +226,16 @@ def run(args) -> dict:
                         notes.append(f"llama.cpp skipped for {label} {dtype}: GGUF export failed ({exc})")
                 print(f"  {label} {dtype}: {', '.join(impls)} ...", file=sys.stderr, flush=True)
                 rows += [{"model": label, "dtype": dtype, "impl": k, **v} for k, v in measure(impls, a).items()]
-    cpu = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-           if line.startswith("model name")] if Path("/proc/cpuinfo").exists() else []
-    machine = {"cpu": cpu[0] if cpu else "?", "cores": os.cpu_count(), "time": time.strftime("%Y-%m-%d %H:%M UTC",
-                                                                                           time.gmtime())}
+    machine = {"cpu": proc_field("/proc/cpuinfo", "model name") or "?", "cores": os.cpu_count(),
+               "time": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     return {"machine": machine, "args": vars(args), "notes": notes, "results": rows}
 
 
 # ---------------------------------------------------------------- reporting
 def ratios(rows: list[dict], row: dict) -> list[float | None]:
     """[prefill, decode] of ours over this row's implementation (same model and dtype); None on our own row."""
-    ours = next((r for r in rows if (r["model"], r["dtype"], r["impl"]) == (row["model"], row["dtype"], "minimind")),
-                {})
+    same = (row["model"], row["dtype"], "minimind")
+    ours = next((r for r in rows if (r["model"], r["dtype"], r["impl"]) == same), {})
     return [ours[k] / row[k] if row["impl"] != "minimind" and ours.get(k) and row.get(k) else None
             for k in ("prefill_tps", "decode_tps")]
 
@@ -285,13 +288,18 @@ def draw_chart(report: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def comma_list(value: str) -> list[str]:
+    return [x for x in value.split(",") if x]
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="minimind bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--models", default="small,base,default", help="comma list of small, base, default, or paths "
-                   "(small/base: random weights of the MiniMind2-Small / MiniMind2 shape)")
-    p.add_argument("--dtypes", default="fp32,bf16,int8", help="comma list of fp32, bf16, int8, dynamic "
-                   "(llama.cpp: F32 / F16 / Q8_0 / none)")
-    p.add_argument("--peers", default="transformers,llama.cpp", help="comma list (empty for ours only)")
+    p.add_argument("--models", type=comma_list, default="small,base,default", help="comma list of small, base, "
+                   "default, or paths (small/base: random weights of the MiniMind2-Small / MiniMind2 shape)")
+    p.add_argument("--dtypes", type=comma_list, default="fp32,bf16,int8", help="comma list of fp32, bf16, int8, "
+                   "dynamic (llama.cpp: F32 / F16 / Q8_0 / none)")
+    p.add_argument("--peers", type=comma_list, default="transformers,llama.cpp", help="comma list (empty for ours "
+                   "only)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--prompt-len", type=int, default=256, help="prompt tokens of the prefill measurement")
     p.add_argument("--decode-tokens", type=int, default=128, help="tokens of the decode measurement")
@@ -312,8 +320,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     p = build_parser()
     args = p.parse_args(argv)
-    args.models, args.dtypes, args.peers = ([x for x in v.split(",") if x] for v in (args.models, args.dtypes,
-                                                                                     args.peers))
     if bad := [d for d in args.dtypes if d not in DTYPES]:
         p.error(f"unknown dtype(s) {', '.join(bad)}; choose from {', '.join(DTYPES)}")
     if min(args.repeats, args.threads, args.prompt_len, args.decode_tokens - 1) < 1:

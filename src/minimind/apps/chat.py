@@ -89,13 +89,6 @@ QUESTIONS_EN = ["What are you good at?", "Why is the sky blue?",
                 "Compare cats and dogs as pets.", "What is machine learning?", "Recommend some Chinese dishes."]
 
 
-def _utf8_safe() -> None:
-    # A non-UTF-8 console must not crash mid-answer on a Chinese character.
-    for stream in (sys.stdout, sys.stderr):
-        if (stream.encoding or "").lower().replace("-", "") != "utf8" and hasattr(stream, "reconfigure"):
-            stream.reconfigure(errors="replace")
-
-
 def run(args: argparse.Namespace) -> int:
     import warnings
     from functools import partial
@@ -109,7 +102,9 @@ def run(args: argparse.Namespace) -> int:
 
     # torch warns about the protocol of a non-checkpoint pickle right before the loader's own clear error
     warnings.filterwarnings("ignore", message="Detected pickle protocol")
-    _utf8_safe()
+    for stream in (sys.stdout, sys.stderr):  # a non-UTF-8 console must not crash mid-answer on a Chinese character
+        if (stream.encoding or "").lower().replace("-", "") != "utf8" and hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="replace")
     single = args.prompt is not None
     info = Console(stderr=single, highlight=False)
     spec = ModelSpec.from_args(args)
@@ -127,13 +122,11 @@ def run(args: argparse.Namespace) -> int:
     name = "embedded default model (SmolLM2-135M-Instruct)" if source.model is None else str(source.model)
     size = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()) / 1e6
     dtype = str(next(model.parameters()).dtype).replace("torch.", "")
-    context = cfg.max_position_embeddings
     if device == "cpu":  # the engine keeps its own (fused) copies of the weights: the model is dropped
-        generate = partial(engine_tokens, LLM(model, tokenizer=tokenizer, max_num_seqs=1,
-                                              max_model_len=min(context, 4096)))
-        context = min(context, 4096)
+        context = min(cfg.max_position_embeddings, 4096)
+        generate = partial(engine_tokens, LLM(model, tokenizer=tokenizer, max_num_seqs=1, max_model_len=context))
     else:
-        generate = partial(hf_tokens, model)
+        context, generate = cfg.max_position_embeddings, partial(hf_tokens, model)
     del model
     conversation = Conversation(generate, tokenizer, params, info, context=context, system=args.system,
                                 historys=args.historys,

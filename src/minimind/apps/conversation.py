@@ -49,11 +49,10 @@ def hf_tokens(model, ids: list[int], params) -> Iterator[int]:
         prompt = True
 
         def put(self, value):
-            if self.prompt:
-                self.prompt = False
-            else:
+            if not self.prompt:
                 for t in value.reshape(-1).tolist():
                     tokens.put(t)
+            self.prompt = False
 
         def end(self):
             tokens.put(None)

@@ -131,7 +131,6 @@ class LLM:
         self._wakeup = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
-        self._error: BaseException | None = None
 
     # ---------------------------------------------------------------- requests (any thread)
     def encode(self, prompt) -> list[int]:
@@ -170,20 +169,19 @@ class LLM:
         base_seed = params.seed if params.seed is not None else new_seed()
         seqs = [Sequence(request_id, i, ids, params, base_seed + i, self.eos_token_ids, self.tokenizer)
                 for i in range(params.n)]
-        for sibling in seqs[1:]:
-            sibling.wait_for = seqs[0]
-        if lora is not None:
-            for seq in seqs:
-                seq.lora = self.lora_names[lora]
+        for seq in seqs:
+            seq.wait_for = seqs[0] if seq is not seqs[0] else None
+            seq.lora = -1 if lora is None else self.lora_names[lora]
         req = Request(request_id, ids, seqs, queue.Queue() if stream else None, {"arrival": time.perf_counter()})
-        self._inbox.put(("add", req))
-        with self._wakeup:
-            self._wakeup.notify()
+        self._post("add", req)
         return req
 
     def abort(self, request_id: str) -> None:
         """Stop a request; its slot is freed at the next step. Thread-safe."""
-        self._inbox.put(("abort", request_id))
+        self._post("abort", request_id)
+
+    def _post(self, kind: str, item) -> None:
+        self._inbox.put((kind, item))
         with self._wakeup:
             self._wakeup.notify()
 
@@ -355,7 +353,6 @@ class LLM:
                 self.step()
             except BaseException as exc:  # surface it to every waiting stream instead of dying silently
                 log.exception("engine step failed")
-                self._error = exc
                 for req in list(self._requests.values()):
                     if req.stream is not None:
                         req.stream.put(exc)

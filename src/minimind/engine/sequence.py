@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from itertools import count
 
 from ..text.detok import IncrementalDetokenizer
 from .sampling import SamplingParams
@@ -59,12 +58,10 @@ class RequestOutput:
 
 
 class Sequence:
-    _ids = count()
     lora = -1  # index of the LoRA adapter this sequence runs with (ModelRunner.lora), -1 = the base model
 
     def __init__(self, request_id: str, index: int, prompt_token_ids: list[int], params: SamplingParams,
                  seed: int, eos_token_ids: set[int], tokenizer=None):
-        self.seq_id = next(Sequence._ids)
         self.request_id = request_id
         self.index = index  # position among the request's n completions
         self.prompt_token_ids = prompt_token_ids

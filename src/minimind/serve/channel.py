@@ -1,10 +1,8 @@
 """What a handler reads its requests' outputs from (OutputCollector), and the handle it holds (RequestHandle).
 
-The engine's step loop hands every output of a step to the event loop at once (engine_client.AsyncEngine._deliver);
-there each goes into the collector of its request. A collector keeps at most one pending output per request: when
-the reader has not taken the previous one yet, the new one is merged into it (deltas appended, everything else the
-newer one's), so a slow client costs one bigger chunk later, never a queue that grows with every token, and the
-engine never waits for a reader.
+A collector keeps at most one pending output per request: when the reader has not taken the previous one yet, the
+new one is merged into it, so a slow client costs one bigger chunk later, never a queue that grows with every
+token, and the engine never waits for a reader.
 """
 from __future__ import annotations
 
@@ -19,12 +17,6 @@ if TYPE_CHECKING:
 
 class EngineDead(RuntimeError):
     pass
-
-
-def engine_dead(exc: BaseException) -> EngineDead:
-    dead = EngineDead(f"engine step failed: {type(exc).__name__}: {exc}")
-    dead.__cause__ = exc
-    return dead
 
 
 def merge(old: RequestOutput, new: RequestOutput) -> RequestOutput:
@@ -77,7 +69,7 @@ class OutputCollector:
         """The oldest pending (k, output); at once when there is one (no task switch), else when one comes."""
         while not self.pending:
             if self.error is not None:
-                raise engine_dead(self.error)
+                raise EngineDead(f"engine step failed: {type(self.error).__name__}: {self.error}") from self.error
             self.waiter = self.loop.create_future()
             await self.waiter
         k = next(iter(self.pending))

@@ -1,20 +1,15 @@
 """AsyncEngine: the bridge between asyncio handlers and the engine's step loop.
 
-One thread owns the model and calls `LLM.step()` (continuous batching across every request); handlers submit
-token ids through the engine's thread-safe `add_request` and read their outputs from an OutputCollector
-(channel.py). After each step the engine thread hands all of that step's outputs to the event loop with one
-`loop.call_soon_threadsafe`: one wake-up of the loop per step, whatever the number of streams, and no handler
-blocks the event loop, touches the model or polls. We drive `step()` ourselves instead of `LLM.start()` because the
-engine's own loop delivers into blocking `queue.Queue`s, which an event loop could only read by parking one thread
-per request.
+One thread owns the model and calls `LLM.step()`; handlers submit token ids through the engine's thread-safe
+`add_request` and read their outputs from an OutputCollector (channel.py). After each step the engine thread hands
+all of that step's outputs to the event loop with one `loop.call_soon_threadsafe`, whatever the number of streams.
+We drive `step()` ourselves because `LLM.start()`'s loop delivers into blocking queues, which an event loop could
+only read by parking one thread per request.
 
-`minimind serve` builds the model on the same EngineThread that later runs every step: libgomp gives each thread
-that opens parallel regions a team of its own, and a second team (model built on the main thread, stepped on
-another) puts more OpenMP threads than CPUs in the process, which makes libgomp stop spinning and pay a futex
-wake-up at every parallel region.
-
-`--engine-loop inline` steps the engine on the event loop's thread instead (`inline=True`, the model built
-there): a step, then one turn of the loop in which the handlers send what the step produced.
+The model is built on the thread that later runs every step (EngineThread, or the event loop's thread for
+`--engine-loop inline`): libgomp gives each thread that opens parallel regions a team of its own, and a second
+team puts more OpenMP threads than CPUs in the process, which makes libgomp pay a futex wake-up at every parallel
+region.
 """
 from __future__ import annotations
 
@@ -34,20 +29,18 @@ log = logging.getLogger("minimind.serve")
 
 
 def _settle(future: Future, fn) -> None:
-    """Run fn into future (its exceptions go to whoever waits on it)."""
     if not future.set_running_or_notify_cancel():
         return
     try:
         future.set_result(fn())
-    except BaseException as exc:  # noqa: BLE001
+    except BaseException as exc:  # noqa: BLE001 - raised to whoever waits on the future
         future.set_exception(exc)
 
 
 class EngineThread:
-    """One long-lived thread for everything that computes: `call(build)` loads the model there, and the
-    AsyncEngine given this thread runs its step loop there afterwards (one engine loop per EngineThread).
-    A daemon thread (not a ThreadPoolExecutor worker, which the interpreter joins at exit): a forced shutdown
-    (second Ctrl-C) must not hang on a step loop that is still running."""
+    """One thread for everything that computes: `call(build)` loads the model, then the AsyncEngine given this
+    thread runs its step loop there. A daemon thread (a ThreadPoolExecutor worker is joined at exit): a forced
+    shutdown must not hang on a running step loop."""
 
     def __init__(self, name: str = "minimind-engine"):
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
@@ -63,15 +56,14 @@ class EngineThread:
         return future
 
     def call(self, fn, *args, **kwargs):
-        """Run fn on the engine thread and return its result (exceptions propagate to the caller)."""
+        """fn(*args, **kwargs) run on the engine thread."""
         return self.submit(lambda: fn(*args, **kwargs)).result()
 
 
 class AsyncEngine:
     """Wraps an LLM (not started) for one served model id. max_queue bounds waiting requests (429 beyond it).
-    thread: the EngineThread that built the LLM (its step loop then runs there); None starts a thread of its own.
-    inline: step on the event loop instead (a task started by `start()` inside the loop; build the LLM on the
-    thread that runs that loop)."""
+    thread: the EngineThread that built the LLM; None starts a thread of its own. inline: step on the event loop
+    (a task that `start()` creates: call it inside the loop), a step and then one turn of the loop."""
 
     def __init__(self, llm: LLM, *, max_queue: int = 256, thread: EngineThread | None = None, inline: bool = False):
         if llm._thread is not None:
@@ -202,8 +194,6 @@ class AsyncEngine:
 
     # ---------------------------------------------------------------- stepping
     async def _step_task(self) -> None:
-        """Inline: one step, then one turn of the event loop (the handlers send what it produced; new requests get
-        in), and so on; idle, it waits for submit/abort."""
         while not self._stopping:
             self._awake.clear()
             if not self.llm.has_unfinished():

@@ -33,10 +33,6 @@ def error_body(status: int, message: str, param: str | None = None, code: str | 
                       "code": code}}
 
 
-def error_response(exc: APIError) -> JSONResponse:
-    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
-
-
 def context_overflow(max_model_len: int, prompt_tokens: int, max_tokens: int | None, what: str) -> APIError:
     """vLLM's wording, which downstream clients pattern-match ("maximum context length is N tokens")."""
     if max_tokens is None:
@@ -73,7 +69,7 @@ def validation_message(errors: list[dict]) -> tuple[str, str | None]:
 def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
-        return error_response(exc)
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):

@@ -9,10 +9,9 @@ import sys
 
 from ..checkpoint.spec import ModelSpec
 
-# Tokens per engine step in the server. Requests reach a server spread over a few milliseconds, so the first step
-# of a burst takes only the first few prompts and the rest wait for it: at 32 streaming clients 256-token steps
-# start them ~30 % sooner than 512 (TTFT p50) at the same aggregate tokens/s. `LLM` keeps 512 for offline batches,
-# which arrive at once.
+# Tokens per engine step in the server: requests arrive spread over a few milliseconds, so the first step of a
+# burst takes only the first prompts and the rest wait for it; smaller steps start them sooner. (`LLM` keeps 512
+# for offline batches, which arrive at once.)
 SERVE_BATCHED_TOKENS = 256
 
 
@@ -74,8 +73,7 @@ def parse_lora(specs: list[str]) -> dict[str, str]:
 
 
 def load_engines(args: argparse.Namespace) -> dict:
-    """{model id: LLM}: the base model (with --lora_weight merged if given) carrying every --lora adapter; the
-    server exposes each adapter as its own model id and batches their requests together."""
+    """{model id: LLM}: the base model (with --lora_weight merged) carrying every --lora adapter."""
     from ..checkpoint.lora import merge_lora
     from ..engine import LLM
 
@@ -97,14 +95,13 @@ def load_engines(args: argparse.Namespace) -> dict:
 
 
 def build_app(args: argparse.Namespace):
-    """The FastAPI app of `minimind serve` for parsed args; the model is loaded on the thread that will run every
-    step of it (one OpenMP team in the process: engine_client.EngineThread): the engine thread, or for
-    --engine-loop inline the calling thread, which must then run the event loop (main() does)."""
+    """The FastAPI app of `minimind serve`; the model is loaded on the thread that will run its steps
+    (engine_client.py): an EngineThread, or for --engine-loop inline the calling thread, which must then run the
+    event loop (main() does)."""
     from .engine_client import AsyncEngine, EngineThread
     from .openai_server import create_app
 
-    inline = args.engine_loop == "inline"
-    if inline:  # built here, on the thread that runs the event loop and so every step
+    if args.engine_loop == "inline":
         engines = {name: AsyncEngine(llm, max_queue=args.max_queue, inline=True)
                    for name, llm in load_engines(args).items()}
     else:
@@ -115,10 +112,9 @@ def build_app(args: argparse.Namespace):
 
 
 def freeze_startup_heap() -> int:
-    """Moves every object the startup made (torch, the model, FastAPI and pydantic, the tokenizer: ~10^5-10^6)
-    out of the garbage collector's reach, as vLLM's server does. Python's full collection otherwise walks them all
-    every few thousand requests with the GIL held (~0.2 s at 32 streams on 2 cores), a stall of every stream and
-    of the engine. -> objects frozen."""
+    """Moves every object the startup made (torch, the model, FastAPI, the tokenizer) out of the garbage
+    collector's reach, as vLLM's server does: a full collection would otherwise walk them all every few thousand
+    requests with the GIL held, stalling every stream and the engine. -> objects frozen."""
     gc.collect()
     gc.freeze()
     return gc.get_freeze_count()

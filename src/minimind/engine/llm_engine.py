@@ -65,9 +65,8 @@ class LLM:
         if keep_freed_memory:
             raise_malloc_thresholds()
         owned = not isinstance(model_or_path, torch.nn.Module)  # loaded here: nobody else holds these weights
-        if not owned:
-            model = model_or_path
-        else:
+        model = model_or_path
+        if owned:
             # the plain-torch MiniMindLM: the engine needs no transformers modeling code (~90 MB of RSS)
             model = load_model(model_or_path, dtype="float32" if quantization else dtype, light=True)
             if tokenizer is None:

@@ -93,8 +93,7 @@ class ModelRunner:
         self.norm = _cast(inner.norm, dtype)
         self.lm_head = make_linear(model.lm_head.weight, quantization, dtype, weight_dtype)
         if release_model:
-            _release_matrices(model.lm_head)
-            _release_matrices(inner.embed_tokens)
+            _release_matrices(model.lm_head, inner.embed_tokens)
         positions = torch.arange(kv.max_len)[None]
         with torch.no_grad():
             cos, sin = inner.rotary_emb(positions)  # [1, T, D] fp32, same values the model computes
@@ -146,9 +145,8 @@ class ModelRunner:
         ids = [s.output_token_ids[-1] if s.output_token_ids else s.prompt_token_ids[-1] for s in decode]
         pos = [s.num_computed for s in decode]
         slots = [s.slot for s in decode]
-        plain = all(s.lora < 0 for s in decode)
         fused = None
-        if decode and self.fused is not None and plain:  # the fused kernel needs ids, positions, slots
+        if decode and self.fused is not None and all(s.lora < 0 for s in decode):  # the kernel runs no LoRA
             ids_t, pos_t, slots_t = torch.tensor([ids, pos, slots])
             fused = StepInputs(ids=ids_t, positions=pos_t, slots=slots_t, num_decode=len(decode))
             if not batch.prefill:

@@ -79,10 +79,8 @@ class OutputCollector:
 class RequestHandle:
     """One engine request of a response: its id and prompt, its final output once read, abort()."""
 
-    def __init__(self, engine: AsyncEngine, request_id: str, prompt_token_ids: list[int], collector: OutputCollector,
-                 k: int = 0):
-        self.engine, self.request_id, self.prompt_token_ids = engine, request_id, prompt_token_ids
-        self.collector, self.k = collector, k
+    def __init__(self, engine: AsyncEngine, request_id: str, prompt_token_ids: list[int], collector: OutputCollector):
+        self.engine, self.request_id, self.prompt_token_ids, self.collector = engine, request_id, prompt_token_ids, collector
         self.final: RequestOutput | None = None
 
     def __aiter__(self):
@@ -96,11 +94,6 @@ class RequestHandle:
         if out.finished:
             self.final = out
         return out
-
-    async def result(self) -> RequestOutput:
-        async for _ in self:
-            pass
-        return self.final
 
     def abort(self) -> None:
         """Frees its KV slot at the next step; nothing once it finished."""

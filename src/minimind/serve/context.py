@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from fastapi import Request
@@ -9,7 +10,7 @@ from fastapi import Request
 from ..engine import RequestOutput
 from .engine_client import AsyncEngine, RequestHandle
 from .errors import APIError
-from .formatting import TokenText
+from .formatting import token_text_of
 
 
 @dataclass
@@ -18,7 +19,7 @@ class ServingContext:
     api_key: str | None = None
     metrics: object | None = None
     guided: object | None = None  # GuidedDecoding when a grammar library is installed
-    token_texts: dict[int, TokenText] = field(default_factory=dict)
+    token_texts: dict[int, Callable[[int], str]] = field(default_factory=dict)  # id(tokenizer) -> token_text_of
 
     @property
     def base_model(self) -> str:
@@ -33,10 +34,10 @@ class ServingContext:
                            code="model_not_found")
         return model, self.engines[model]
 
-    def token_text(self, engine: AsyncEngine) -> TokenText:
+    def token_text(self, engine: AsyncEngine) -> Callable[[int], str]:
         key = id(engine.tokenizer)
         if key not in self.token_texts:
-            self.token_texts[key] = TokenText(engine.tokenizer)
+            self.token_texts[key] = token_text_of(engine.tokenizer)
         return self.token_texts[key]
 
     def constrain(self, engine: AsyncEngine, params, response_format, unavailable: str) -> None:

@@ -186,7 +186,7 @@ class AsyncEngine:
                 self._streams.pop(request_id, None)
             raise
         self._kick()
-        return RequestHandle(self, request_id, prompt_token_ids, collector, k)
+        return RequestHandle(self, request_id, prompt_token_ids, collector)
 
     def abort(self, request_id: str) -> None:
         self.llm.abort(request_id)

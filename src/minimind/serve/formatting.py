@@ -2,18 +2,18 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from functools import lru_cache
 
 
-class TokenText:
-    """id -> the text of that token alone (what vLLM reports as `token`), cached per tokenizer."""
+def token_text_of(tokenizer) -> Callable[[int], str]:
+    """id -> the text of that token alone (what vLLM reports as `token`), cached."""
 
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-        self.text = lru_cache(maxsize=65536)(self._decode)
+    @lru_cache(maxsize=65536)
+    def token_text(token_id: int) -> str:
+        return tokenizer.decode([token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
-    def _decode(self, token_id: int) -> str:
-        return self.tokenizer.decode([token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    return token_text
 
 
 def _finite(x: float) -> float:
@@ -21,28 +21,28 @@ def _finite(x: float) -> float:
     return x if math.isfinite(x) else -9999.0
 
 
-def chat_logprob_entries(token_text: TokenText, logprobs, top_n: int) -> list[dict]:
+def chat_logprob_entries(token_text: Callable[[int], str], logprobs, top_n: int) -> list[dict]:
     out = []
     for lp in logprobs:
-        tok = token_text.text(lp.token_id)
+        tok = token_text(lp.token_id)
         entry = {"token": tok, "logprob": _finite(lp.logprob), "bytes": list(tok.encode("utf-8")), "top_logprobs": []}
         for top in lp.top[:top_n]:
-            t = token_text.text(top.token_id)
+            t = token_text(top.token_id)
             entry["top_logprobs"].append({"token": t, "logprob": _finite(top.logprob), "bytes": list(t.encode("utf-8"))})
         out.append(entry)
     return out
 
 
-def completion_logprobs(token_text: TokenText, logprobs, top_n: int, offset0: int = 0) -> dict:
+def completion_logprobs(token_text: Callable[[int], str], logprobs, top_n: int, offset0: int = 0) -> dict:
     tokens, token_lps, tops, offsets = [], [], [], []
     offset = offset0
     for lp in logprobs:
-        tok = token_text.text(lp.token_id)
+        tok = token_text(lp.token_id)
         tokens.append(tok)
         token_lps.append(_finite(lp.logprob))
         top = {}
         for t in lp.top[:top_n]:
-            top.setdefault(token_text.text(t.token_id), _finite(t.logprob))
+            top.setdefault(token_text(t.token_id), _finite(t.logprob))
         tops.append(top if top_n else None)
         offsets.append(offset)
         offset += len(tok)

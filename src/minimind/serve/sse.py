@@ -1,8 +1,6 @@
 """Server-sent events: a streamed response is an async generator over its requests' OutputCollector that renders
 each output into SSE bytes, sent by Starlette's StreamingResponse (so every middleware and any ASGI server see it).
-
-The API shapes differ only in their StreamRenderer (head / render / tail, returning bytes):
-chat_completions.ChatStream and completions.CompletionStream.
+The API shapes differ only in their StreamRenderer.
 """
 from __future__ import annotations
 
@@ -24,9 +22,8 @@ def sse(obj) -> bytes:
 
 
 class ChunkTemplate:
-    """sse(make(text)) for any string `text`, without building and serializing the whole object each time: the
-    event is rendered once by sse() itself around a marker string and split there, so the bytes are the same as
-    the object's. A plain text delta is most of a stream's chunks."""
+    """sse(make(text)) for any string `text`, without building and serializing the whole object each time (a
+    plain text delta is most of a stream's chunks): rendered once by sse() around a marker and split there."""
 
     _MARKER = "\x00minimind-text\x00"
 
@@ -40,9 +37,9 @@ class ChunkTemplate:
 
 
 class StreamRenderer:
-    """The chunks of one streamed response: head() before any output, render(k, out) for each RequestOutput of
-    handle k, tail() once every handle finished. This base holds what every API shape shares: the chunk envelope
-    (with usage as stream_options asks), cached templates for plain text chunks, the closing usage chunk."""
+    """The chunks of one streamed response: head() before any output, render(k, out) for each output of handle k,
+    tail() once every handle finished. The base has what the API shapes share: the chunk envelope with usage as
+    stream_options asks, templates for plain text chunks, the closing usage chunk."""
 
     object = ""  # the chunks' `object`
 
@@ -99,9 +96,8 @@ class StreamRenderer:
 
 async def sse_events(renderer: StreamRenderer):
     """The body of a streamed response: the head, every output of every handle as it comes (they share one
-    collector; handle k's outputs have key k), the tail, then [DONE]. An error after the headers went out becomes
-    an error event (vLLM's shape). However it ends (a client that disconnects cancels it), its requests are
-    aborted: their KV slots are freed at the next step."""
+    collector; handle k's outputs have key k), the tail, then [DONE]. However it ends (a client that disconnects
+    cancels it), its requests are aborted."""
     handles = renderer.handles
     collector = handles[0].collector
     closing = b""  # the tail (or an error event) goes out with [DONE]: one chunk
@@ -118,7 +114,7 @@ async def sse_events(renderer: StreamRenderer):
             if chunks:  # a token's text chunk and its choice's finish chunk: one send
                 yield chunks[0] if len(chunks) == 1 else b"".join(chunks)
         closing = b"".join(renderer.tail())
-    except Exception as exc:  # noqa: BLE001 - headers are out: report any failure in-band
+    except Exception as exc:  # noqa: BLE001 - headers are out: report any failure in-band (vLLM's shape)
         closing = sse(exc.body() if isinstance(exc, APIError) else error_body(500, f"{type(exc).__name__}: {exc}"))
     finally:
         for h in handles:
@@ -127,10 +123,9 @@ async def sse_events(renderer: StreamRenderer):
 
 
 class SSEResponse(StreamingResponse):
-    """StreamingResponse of sse_events(renderer) that also closes the body however the response ends. A server
-    whose `send` raises once the client has gone (ASGI spec 2.4) ends the response while the generator waits at a
-    `yield`, never resumed: its `finally` (the aborts) must still run now, not whenever the generator happens to
-    be garbage-collected."""
+    """StreamingResponse of sse_events(renderer) that closes the body however the response ends: a server whose
+    `send` raises once the client has gone (ASGI 2.4) leaves the generator at a `yield`, and its `finally` (the
+    aborts) must run now, not whenever the generator is garbage-collected."""
 
     media_type = "text/event-stream"
 

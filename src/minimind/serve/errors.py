@@ -46,9 +46,9 @@ def context_overflow(max_model_len: int, prompt_tokens: int, max_tokens: int | N
 
 
 def _loc(loc) -> str:
-    parts = [str(p) for p in loc if p != "body"]
+    """("body", "messages", 0, "role") -> "messages[0].role"."""
     out = ""
-    for p in parts:
+    for p in (str(p) for p in loc if p != "body"):
         out += f"[{p}]" if p.isdigit() else (f".{p}" if out else p)
     return out
 

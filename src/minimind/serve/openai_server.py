@@ -72,12 +72,13 @@ def create_app(engine, *, served_model_name: str | None = None, api_key: str | N
         for name, e in engines.items():
             ctx.metrics.attach(name, e)
 
+    shared = [e for e in engines.values() if isinstance(e, AsyncEngine)]  # the LoRA adapters' ids run on these
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        for e in engines.values():
+        for e in shared:
             e.start()
         yield
-        shared = [e for e in engines.values() if isinstance(e, AsyncEngine)]  # not the LoRA adapters' ids
         for e in shared:  # graceful: running requests finish, new ones get 503
             e.accepting = False
         for e in shared:

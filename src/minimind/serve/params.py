@@ -62,11 +62,7 @@ def completion_prompts(tokenizer, req: CompletionRequest) -> list[list[int]]:
         raise APIError(400, "prompt must not be empty", param="prompt")
     if all(isinstance(x, int) for x in p):
         return [list(p)]
-    prompts = []
-    for item in p:
-        ids = list(tokenizer.encode(item, add_special_tokens=False)) if isinstance(item, str) else list(item)
-        prompts.append(ids)
-    return prompts
+    return [list(tokenizer.encode(x, add_special_tokens=False)) if isinstance(x, str) else list(x) for x in p]
 
 
 def check_stream_options(req: SamplingFields) -> None:
@@ -83,13 +79,9 @@ def check_prompt(ids: list[int], vocab_size: int, what: str) -> None:
 
 def resolve_max_tokens(requested: int | None, prompt_len: int, max_model_len: int, what: str) -> int:
     """vLLM's rule: no max_tokens = the rest of the context; too many = 400 naming both numbers."""
-    if prompt_len >= max_model_len:
+    if prompt_len >= max_model_len or (requested is not None and prompt_len + requested > max_model_len):
         raise context_overflow(max_model_len, prompt_len, requested, what)
-    if requested is None:
-        return max_model_len - prompt_len
-    if prompt_len + requested > max_model_len:
-        raise context_overflow(max_model_len, prompt_len, requested, what)
-    return requested
+    return max_model_len - prompt_len if requested is None else requested
 
 
 def sampling_params(req: SamplingFields, *, max_tokens: int, vocab_size: int, logprobs: int | None,

@@ -118,8 +118,7 @@ class AsyncEngine:
         deadline = time.monotonic() + timeout
         while self._streams and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        for rid in list(self._streams):
-            self.abort(rid)
+        self._abort_all()
         deadline = time.monotonic() + 5
         while self._running and self._streams and time.monotonic() < deadline:  # the aborts come out of a step
             await asyncio.sleep(0.01)
@@ -132,10 +131,7 @@ class AsyncEngine:
             self._task.cancel()
             self._task = None
             return
-        with self._lock:
-            pending = list(self._streams)
-        for rid in pending:
-            self.llm.abort(rid)
+        self._abort_all()
         deadline = time.monotonic() + 5
         while self._running and self._streams and time.monotonic() < deadline:
             self._wake.set()
@@ -191,6 +187,12 @@ class AsyncEngine:
     def abort(self, request_id: str) -> None:
         self.llm.abort(request_id)
         self._kick()
+
+    def _abort_all(self) -> None:
+        with self._lock:
+            pending = list(self._streams)
+        for rid in pending:
+            self.abort(rid)
 
     # ---------------------------------------------------------------- stepping
     async def _step_task(self) -> None:

@@ -80,7 +80,8 @@ class RequestHandle:
     """One engine request of a response: its id and prompt, its final output once read, abort()."""
 
     def __init__(self, engine: AsyncEngine, request_id: str, prompt_token_ids: list[int], collector: OutputCollector):
-        self.engine, self.request_id, self.prompt_token_ids, self.collector = engine, request_id, prompt_token_ids, collector
+        self.engine, self.request_id, self.prompt_token_ids = engine, request_id, prompt_token_ids
+        self.collector = collector
         self.final: RequestOutput | None = None
 
     def __aiter__(self):

@@ -28,7 +28,8 @@ def chat_logprob_entries(token_text: Callable[[int], str], logprobs, top_n: int)
         entry = {"token": tok, "logprob": _finite(lp.logprob), "bytes": list(tok.encode("utf-8")), "top_logprobs": []}
         for top in lp.top[:top_n]:
             t = token_text(top.token_id)
-            entry["top_logprobs"].append({"token": t, "logprob": _finite(top.logprob), "bytes": list(t.encode("utf-8"))})
+            entry["top_logprobs"].append({"token": t, "logprob": _finite(top.logprob),
+                                          "bytes": list(t.encode("utf-8"))})
         out.append(entry)
     return out
 

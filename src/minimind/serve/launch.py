@@ -35,7 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--served-model-name", default=None, help="model id clients send (default: the weight name)")
     srv.add_argument("--lora", action="append", default=[], metavar="NAME=PATH",
                      help="serve a LoRA adapter as its own model id NAME (repeatable)")
-    srv.add_argument("--max-queue", type=int, default=256, help="requests waiting beyond the running ones; more get 429")
+    srv.add_argument("--max-queue", type=int, default=256,
+                     help="requests waiting beyond the running ones; more get 429")
     srv.add_argument("--drain-timeout", type=float, default=30.0, help="seconds running requests get at shutdown")
     srv.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     eng = p.add_argument_group("engine")

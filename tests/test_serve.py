@@ -375,6 +375,11 @@ def test_lora_adapters_are_model_ids_sharing_one_engine(tokenizer):
 
         with ThreadPoolExecutor(6) as pool:
             results = list(pool.map(ask, ["alpha", "tiny", "beta", "alpha", "beta", "tiny"]))
+        metrics = httpx.get(url + "/metrics").text
+    # six requests, each counted once (the adapters run on the base model's engine and count under its id)
+    counted = sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+                  if line.startswith("minimind_request_success_total{"))
+    assert counted == 6
     texts = {}
     for model_id, text in results:
         assert text == tokenizer.decode(expected(refs[model_id]), skip_special_tokens=True), model_id

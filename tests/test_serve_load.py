@@ -164,7 +164,9 @@ def test_a_non_streamed_request_gets_only_its_final_output():
         streamed, whole = asyncio.run(main())
     finally:
         engine.shutdown()
-    assert len(streamed) == 8 and [o.finished for o in streamed] == [False] * 7 + [True]
+    # streamed outputs a busy reader did not take in time are merged (serve/channel.py): 1 to 8 of them
+    assert 1 <= len(streamed) <= 8 and [o.finished for o in streamed] == [False] * (len(streamed) - 1) + [True]
+    assert [t for o in streamed for t in o.outputs[0].delta_token_ids] == streamed[-1].outputs[0].token_ids
     assert len(whole) == 1 and whole[0].finished
     assert whole[0].outputs[0].token_ids == streamed[-1].outputs[0].token_ids
     assert whole[0].outputs[0].text == streamed[-1].outputs[0].text

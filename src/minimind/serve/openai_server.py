@@ -68,9 +68,10 @@ def create_app(engine, *, served_model_name: str | None = None, api_key: str | N
 
     ctx = ServingContext(engines, api_key=api_key, metrics=ServerMetrics() if metrics else None,
                          guided=guided or None)
-    if ctx.metrics is not None:
+    if ctx.metrics is not None:  # one hook per engine: a LoRA adapter's requests count under its base model's id
         for name, e in engines.items():
-            ctx.metrics.attach(name, e)
+            if isinstance(e, AsyncEngine):
+                ctx.metrics.attach(name, e)
 
     shared = [e for e in engines.values() if isinstance(e, AsyncEngine)]  # the LoRA adapters' ids run on these
 

@@ -249,3 +249,18 @@ def test_hf_generate_path_gives_the_engines_greedy_tokens():
     hf = list(hf_tokens(model, prompt, params))
     engine = list(engine_tokens(LLM(model, max_num_seqs=1, fused=False), prompt, params))
     assert len(hf) == 12 and hf == engine
+
+
+def test_hf_generate_path_raises_what_generate_raised():
+    """A failure inside generate (on its worker thread) reaches the reader instead of leaving it waiting."""
+    from minimind.apps.conversation import hf_tokens
+    from minimind.engine import SamplingParams
+
+    class Broken:
+        device = torch.device("cpu")
+
+        def generate(self, **kwargs):
+            raise RuntimeError("out of memory on the device")
+
+    with pytest.raises(RuntimeError, match="out of memory"):
+        list(hf_tokens(Broken(), [1, 2], SamplingParams(max_tokens=4, temperature=0)))

@@ -67,11 +67,20 @@ def hf_tokens(model, ids: list[int], params) -> Iterator[int]:
     kwargs = dict(do_sample=sample, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k) \
         if sample else dict(do_sample=False)
     input_ids = torch.tensor([ids], device=model.device)
-    worker = threading.Thread(target=model.generate, daemon=True, kwargs=dict(
-        input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=params.max_tokens,
-        repetition_penalty=params.repetition_penalty, eos_token_id=sorted(params.stop_token_ids or ()),
-        pad_token_id=next(iter(params.stop_token_ids or [0])), streamer=Streamer(), stopping_criteria=[Stop()],
-        **kwargs))
+    failed: list[BaseException] = []
+
+    def run():
+        try:
+            model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                           max_new_tokens=params.max_tokens, repetition_penalty=params.repetition_penalty,
+                           eos_token_id=sorted(params.stop_token_ids or ()),
+                           pad_token_id=next(iter(params.stop_token_ids or [0])), streamer=Streamer(),
+                           stopping_criteria=[Stop()], **kwargs)
+        except BaseException as exc:  # noqa: BLE001 - re-raised on the caller's thread
+            failed.append(exc)
+        tokens.put(None)  # the reader stops at the first None (end() put one already when generate finished)
+
+    worker = threading.Thread(target=run, daemon=True)
     worker.start()
     stops = set(params.stop_token_ids or ())
     try:
@@ -81,6 +90,8 @@ def hf_tokens(model, ids: list[int], params) -> Iterator[int]:
     finally:
         done.set()
         worker.join()
+    if failed:
+        raise failed[0]
 
 
 class Conversation:

@@ -86,6 +86,8 @@ llm.generate([[1, 2, 3]], minimind.SamplingParams(max_tokens=3, temperature=0))
 after = (torch.get_num_threads(), torch.backends.mkldnn.enabled)
 print(before == after, before, after)
 """
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False)
+    # -W error: a step must not warn either (what `minimind chat` would print between the question and the answer)
+    res = subprocess.run([sys.executable, "-W", "error::UserWarning", "-c", code], capture_output=True, text=True,
+                         timeout=300, check=False)
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stdout.split()[0] == "True", res.stdout

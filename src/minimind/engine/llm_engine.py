@@ -223,8 +223,13 @@ class LLM:
         for seq in batch.decode:
             seq.num_computed += 1
         use_mkldnn = self.decode_mkldnn or bool(batch.prefill)  # oneDNN is the fast GEMM for prompt chunks
-        with torch.backends.mkldnn.flags(enabled=use_mkldnn):
+        # set and restored by hand: mkldnn.flags() would also reset oneDNN's TF32 setting, with a warning
+        previous = torch.backends.mkldnn.enabled
+        torch.backends.mkldnn.enabled = use_mkldnn
+        try:
             logits = self.runner.forward(inputs)
+        finally:
+            torch.backends.mkldnn.enabled = previous
         if not seqs:
             return []
         tokens, chosen, top_ids, top_lp = (None if t is None else t.tolist() for t in self.runner.sample(logits, seqs))

@@ -202,6 +202,27 @@ def test_several_prompts_stream_interleaved(scripted):
     assert any(k != order[0] for k in order[:last_of_first]), order
 
 
+def _slow_llm(max_num_seqs: int):
+    """A tiny engine whose every sampled token takes 5 ms: 400 tokens take seconds, so a request cannot finish by
+    itself while a test makes its client go away."""
+    import time
+
+    from transformers import AutoTokenizer
+
+    from minimind.engine import LLM
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir("minimind2")))
+    llm = LLM(tiny_model(vocab_size=6400), tokenizer=tok, max_num_seqs=max_num_seqs, max_model_len=512)
+    sample = llm.runner.sample
+
+    def slow(logits, seqs):
+        time.sleep(0.005)
+        return sample(logits, seqs)
+
+    llm.runner.sample = slow
+    return llm
+
+
 @pytest.mark.parametrize("asgi", ASGI_SERVERS)
 def test_a_client_that_leaves_while_its_socket_is_full_aborts_the_request(asgi):
     """The client reads nothing (the server's send waits for room), then closes the connection: the request ends
@@ -209,20 +230,9 @@ def test_a_client_that_leaves_while_its_socket_is_full_aborts_the_request(asgi):
     import socket
     import time
 
-    from transformers import AutoTokenizer
-
-    from minimind.engine import LLM
     from minimind.serve import create_app
 
-    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir("minimind2")))
-    llm = LLM(tiny_model(vocab_size=6400), tokenizer=tok, max_num_seqs=4, max_model_len=512)
-    sample = llm.runner.sample
-
-    def slow(logits, seqs):  # 400 tokens then take seconds: the request cannot finish by itself meanwhile
-        time.sleep(0.005)
-        return sample(logits, seqs)
-
-    llm.runner.sample = slow
+    llm = _slow_llm(max_num_seqs=4)
     app = create_app({"tiny": llm})
     engine = app.state.ctx.engines["tiny"]
     ended = {}
@@ -255,21 +265,10 @@ def test_a_send_that_raises_for_a_gone_client_aborts_the_request():
     generator is garbage-collected (the exception held here keeps it alive)."""
     import time
 
-    from transformers import AutoTokenizer
-
-    from minimind.engine import LLM
     from minimind.serve import create_app
     from minimind.serve.engine_client import AsyncEngine
 
-    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir("minimind2")))
-    llm = LLM(tiny_model(vocab_size=6400), tokenizer=tok, max_num_seqs=2, max_model_len=512)
-    sample = llm.runner.sample
-
-    def slow(logits, seqs):  # 400 tokens then take seconds: the request cannot finish by itself meanwhile
-        time.sleep(0.005)
-        return sample(logits, seqs)
-
-    llm.runner.sample = slow
+    llm = _slow_llm(max_num_seqs=2)
     engine = AsyncEngine(llm)
     ended = {}
     engine.step_hooks.append(lambda outs: ended.update((o.request_id, o.outputs[0].finish_reason)

@@ -143,8 +143,10 @@ def _ask_streamlit(page, url: str, question: str):
     return page.get_by_test_id("stChatMessage")
 
 
-def _ask_gradio(page, url: str, question: str, placeholder: str = "Ask something", **sliders):
+def _ask_gradio(page, url: str, question: str, placeholder: str = "Ask something", themed: bool = False, **sliders):
     page.goto(url, timeout=60_000)
+    if themed:  # the theme JS reloads the page once with ?__theme=...; settings typed before that reload are lost
+        page.wait_for_url(re.compile(r"__theme="), timeout=60_000)
     box = page.get_by_placeholder(placeholder)
     box.wait_for(timeout=60_000)
     if sliders:
@@ -192,7 +194,7 @@ def test_gradio_in_chromium_greedy_answer_matches_engine(tmp_path, browser):
         question = "What is MiniMind?"
         with gradio_app(backend, theme="dark") as url:
             page = browser.new_page(color_scheme="light")
-            _ask_gradio(page, url, question, Temperature=0, **{"Max tokens": 6})
+            _ask_gradio(page, url, question, themed=True, Temperature=0, **{"Max tokens": 6})
             page.get_by_text("tokens/s").first.wait_for(timeout=120_000)
             bot = page.get_by_test_id("bot")
             answer = bot.first.locator(".message-content").inner_text()
@@ -240,7 +242,7 @@ def test_html_in_answer_is_text_gradio(tmp_path, browser):
     """As above, for Gradio (light theme in a dark browser)."""
     with gradio_app(ScriptedBackend([XSS_ANSWER]), theme="light") as url:
         page = browser.new_page(color_scheme="dark")
-        _ask_gradio(page, url, "show me HTML")
+        _ask_gradio(page, url, "show me HTML", themed=True)
         page.get_by_text("tokens/s").first.wait_for(timeout=60_000)
         _assert_html_shown_as_text(page, page.get_by_test_id("bot").first)
         background = page.locator("gradio-app").evaluate("e => getComputedStyle(e).backgroundColor")

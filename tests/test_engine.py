@@ -350,3 +350,18 @@ def test_engine_from_path_releases_its_own_model_only(tmp_path, kwargs):
         assert a.outputs[0].token_ids == b.outputs[0].token_ids
         assert [x.logprob for x in a.outputs[0].logprobs] == [x.logprob for x in b.outputs[0].logprobs]
     assert all(torch.equal(v, module.state_dict()[k]) for k, v in before.items())
+
+
+@pytest.mark.parametrize("field, params", [
+    ("stop_token_ids", SamplingParams(stop_token_ids=[5, -1])),
+    ("stop_token_ids", SamplingParams(stop_token_ids=[10**12])),
+    ("logit_bias", SamplingParams(logit_bias={10**12: 1.0})),
+    ("logit_bias", SamplingParams(logit_bias={-3: -100.0})),
+])
+def test_token_ids_outside_the_vocabulary_are_refused(model, field, params):
+    """A token id the model cannot produce in stop_token_ids or logit_bias is an error naming the field, not a
+    silent no-op."""
+    llm = LLM(model, max_num_seqs=1, max_model_len=64)
+    with pytest.raises(ValueError, match=rf"{field}: token id -?\d+ is outside the vocabulary \(0 to "):
+        llm.add_request([1, 2, 3], params)
+    assert not llm.has_unfinished()

@@ -162,8 +162,12 @@ class LLM:
             raise ValueError("empty prompt")
         if len(ids) >= self.max_model_len:
             raise ValueError(f"prompt has {len(ids)} tokens; max_model_len is {self.max_model_len}")
-        if max(ids) >= self.config.vocab_size or min(ids) < 0:
-            raise ValueError(f"token id out of range for vocabulary of {self.config.vocab_size}")
+        vocab = self.config.vocab_size
+        for field, tokens in (("prompt", ids), ("stop_token_ids", params.stop_token_ids or ()),
+                              ("logit_bias", params.logit_bias or {})):
+            bad = next((t for t in tokens if not 0 <= int(t) < vocab), None)
+            if bad is not None:
+                raise ValueError(f"{field}: token id {bad} is outside the vocabulary (0 to {vocab - 1})")
         request_id = request_id or uuid.uuid4().hex
         base_seed = params.seed if params.seed is not None else new_seed()
         seqs = [Sequence(request_id, i, ids, params, base_seed + i, self.eos_token_ids, self.tokenizer)

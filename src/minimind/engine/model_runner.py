@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from ..model.rope import rotate_half
+from ..model.rope import apply_rotary
 from .kv_cache import KVCache
 from .lora_rows import RowLoRA
 from .quant import DenseLinear, Int8Linear, make_linear
@@ -226,11 +226,11 @@ class ModelRunner:
         h = F.embedding(inp.ids, self.embed).to(self.dtype)  # [N, H]
         groups = inp.lora_groups
         for layer_idx, lw in enumerate(self.layers):
-            a = self._attention(layer_idx, lw, _rms_norm(lw.ln1, h), inp)
+            a = self._attention(layer_idx, lw, lw.ln1(h), inp)
             h = h + self.lora.apply(lw.o(a), a, layer_idx, "o", groups)
             extra = (lambda name, y, x, i=layer_idx: self.lora.apply(y, x, i, name, groups)) if groups else None
-            h = h + _ffn(lw, _rms_norm(lw.ln2, h), extra)
-        h = _rms_norm(self.norm, h[inp.sample_rows])
+            h = h + _ffn(lw, lw.ln2(h), extra)
+        h = self.norm(h[inp.sample_rows])
         return self.lm_head(h).float()
 
     def _qkv_to_cache(self, layer_idx: int, lw: LayerWeights, x: torch.Tensor, cos: torch.Tensor,
@@ -239,12 +239,12 @@ class ModelRunner:
         n, hq, hkv, d = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
         qkv = self.lora.apply(lw.qkv(x), x, layer_idx, "qkv", groups)  # [N, (Hq + 2 H_kv) * D]
         if lw.q_norm is None:  # q and k heads are adjacent: one RoPE call for both
-            qk = _rope(qkv[:, :(hq + hkv) * d].view(n, hq + hkv, d), cos, sin)
+            qk = apply_rotary(qkv[:, :(hq + hkv) * d].view(n, hq + hkv, d), cos, sin)
             q, k = qk[:, :hq], qk[:, hq:]
         else:  # per-head norm before RoPE (minimind-3, Qwen3)
             q = lw.q_norm(qkv[:, :hq * d].view(n, hq, d))
             k = lw.k_norm(qkv[:, hq * d:(hq + hkv) * d].view(n, hkv, d))
-            q, k = _rope(q, cos, sin), _rope(k, cos, sin)
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         v = qkv[:, (hq + hkv) * d:]  # [N, H_kv * D]
         self.kv.k_rows[layer_idx].index_copy_(0, write_idx, k.reshape(n * hkv, d).to(self.kv_dtype))
         self.kv.v_rows[layer_idx].index_copy_(0, write_idx, v.reshape(n * hkv, d).to(self.kv_dtype))
@@ -262,11 +262,11 @@ class ModelRunner:
         """Decode rows only, tensors only (what torch.compile sees): ids [B], slots [B], mask [B, 1, 1, L]."""
         h = F.embedding(ids, self.embed).to(self.dtype)
         for layer_idx, lw in enumerate(self.layers):
-            q = self._qkv_to_cache(layer_idx, lw, _rms_norm(lw.ln1, h), cos, sin, write_idx)
+            q = self._qkv_to_cache(layer_idx, lw, lw.ln1(h), cos, sin, write_idx)
             o = self._attend_decode(layer_idx, q, slots, mask.shape[-1], mask)
             h = h + lw.o(o.to(self.dtype))
-            h = h + _ffn(lw, _rms_norm(lw.ln2, h))
-        return self.lm_head(_rms_norm(self.norm, h)).float()
+            h = h + _ffn(lw, lw.ln2(h))
+        return self.lm_head(self.norm(h)).float()
 
     def _attention(self, layer_idx: int, lw: LayerWeights, x: torch.Tensor, inp: StepInputs) -> torch.Tensor:
         n, hq, d = x.shape[0], self.num_heads, self.head_dim
@@ -302,22 +302,6 @@ def _cast(module, dtype: torch.dtype):
     if all(p.dtype == dtype for p in module.parameters()):
         return module
     return copy.deepcopy(module).to(dtype)
-
-
-def _rms_norm(norm, x: torch.Tensor) -> torch.Tensor:
-    """The model's RMSNorm (fp32 statistics, its weight cast order) with the fused aten kernel."""
-    if x.dtype == torch.float32 and norm.weight.dtype == torch.float32:
-        return F.rms_norm(x, (x.shape[-1],), norm.weight, norm.eps)
-    normed = F.rms_norm(x.float(), (x.shape[-1],), eps=norm.eps)
-    if norm.fp32_weight:
-        return (norm.weight.float() * normed).to(x.dtype)
-    return norm.weight * normed.to(x.dtype)
-
-
-def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [N, H, D]; cos/sin [N, 1, D] fp32; computed in fp32 like model.rope.apply_rotary."""
-    xf = x.float()
-    return (xf * cos + rotate_half(xf) * sin).to(x.dtype)
 
 
 def _ffn(lw, x: torch.Tensor, extra=None) -> torch.Tensor:

@@ -42,7 +42,7 @@ class Attention(nn.Module):
         if hasattr(self, "q_norm"):  # per-head norm before RoPE
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, S, D]
-        cos, sin = rope
+        cos, sin = rope[0][:, None], rope[1][:, None]  # [B, 1, S, D]: one table for every head
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)  # [B, H_kv, S_total, D]

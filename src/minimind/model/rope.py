@@ -106,7 +106,7 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, H, S, D]; cos/sin [B, S, D] fp32. Computed in fp32, returned in x's dtype."""
-    cos, sin = cos[:, None], sin[:, None]
+    """x [..., D]; cos/sin fp32, broadcastable to x ([B, 1, S, D] for x [B, H, S, D]). Computed in fp32, returned
+    in x's dtype."""
     xf = x.float()
     return (xf * cos + rotate_half(xf) * sin).to(x.dtype)

@@ -1,5 +1,5 @@
-"""`minimind bench` on a tiny model: the workers' measurements, the table's ratios, JSON and chart, and the flags
-of the server load test that moved to benchmarks/. No timing asserts: only that every number is produced."""
+"""`minimind bench` on a tiny model: the workers' measurements, the table's ratios, JSON and chart. No timing
+asserts: only that every number is produced."""
 from __future__ import annotations
 
 import json
@@ -49,18 +49,12 @@ def test_command_writes_json_and_plot(tmp_path, capsys):
     model = _tiny(tmp_path)
     rc = bench.main(["--models", model, "--dtypes", "fp32", "--peers", "", "--repeats", "1", "--threads", "1",
                      "--prompt-len", "16", "--decode-tokens", "4", "--json", str(tmp_path / "b.json"),
-                     "--png", str(tmp_path / "b.png")])
+                     "--plot", str(tmp_path / "b.png")])
     assert rc == 0
     report = json.loads((tmp_path / "b.json").read_text())
     assert [(r["model"], r["dtype"], r["impl"]) for r in report["results"]] == [("tiny", "fp32", "minimind")]
     assert report["results"][0]["decode_tps"] > 0 and (tmp_path / "b.png").stat().st_size > 0
     assert "minimind bench" in capsys.readouterr().out
-
-
-def test_server_flags_point_to_the_load_test(capsys):
-    for argv in (["--server"], ["--models", "small", "--llama-server", "x"], ["--concurrency=1,8"]):
-        assert bench.main(argv) == 2
-        assert "benchmarks/serve_load.py" in capsys.readouterr().err
 
 
 def test_plot_without_matplotlib_is_a_clear_error(monkeypatch, capsys):

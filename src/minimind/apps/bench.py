@@ -18,14 +18,13 @@ import tempfile
 import time
 from pathlib import Path
 
+from ..checkpoint.spec import ModelSpec
+
 MODELS = {"small": "minimind2-small", "base": "minimind2", "default": None}  # None = the embedded model
 DTYPES = ("fp32", "bf16", "int8", "dynamic")
 LLAMA_TYPES = {"fp32": "f32", "bf16": "f16", "int8": "q8_0"}  # llama.cpp's precision matched to ours
+TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16"}  # int8 and dynamic load fp32 weights and quantize them
 SHARED_TOKENIZER = Path(__file__).resolve().parents[3].parent / "shared" / "minimind-tokenizers" / "minimind2"
-SERVER_FLAGS = ("--server", "--llama-server", "--concurrency", "--peer-concurrency", "--stream-interval")
-SERVER_MOVED = ("the server load test and throughput at N concurrent streams moved to benchmarks/serve_load.py "
-                "in the repository:\n  python benchmarks/serve_load.py --model small --dtypes bf16,int8 "
-                "--clients 1,8,32 --llama-server ~/llama-build/build/bin/llama-server")
 
 
 # ---------------------------------------------------------------- the implementations, one process each
@@ -38,8 +37,7 @@ class Ours:
     def __init__(self, a: dict):
         from minimind.engine import LLM, SamplingParams
 
-        kw = {"quantization": a["dtype"]} if a["dtype"] in ("int8", "dynamic") else {
-            "dtype": {"fp32": "float32", "bf16": "bfloat16"}[a["dtype"]]}
+        kw = {"dtype": TORCH_DTYPES[a["dtype"]]} if a["dtype"] in TORCH_DTYPES else {"quantization": a["dtype"]}
         self.llm = LLM(a["model"], max_num_seqs=1, max_model_len=max(a["prompt_len"], 32) + a["decode_tokens"] + 8,
                        threads=a["threads"], max_num_batched_tokens=max(512, a["prompt_len"]), compile=a["compile"],
                        **kw)
@@ -64,7 +62,7 @@ class Transformers:
         from minimind import load_model
 
         torch.set_num_threads(a["threads"])
-        self.model = load_model(a["model"], dtype="bfloat16" if a["dtype"] == "bf16" else "float32")
+        self.model = load_model(a["model"], dtype=TORCH_DTYPES.get(a["dtype"], "float32"))
         if a["dtype"] in ("int8", "dynamic"):  # torch's dynamic int8 quantization of every Linear
             self.model = torch.ao.quantization.quantize_dynamic(self.model, {torch.nn.Linear}, dtype=torch.qint8)
         self.vocab = self.model.config.vocab_size
@@ -126,8 +124,7 @@ def worker(kind: str, a: dict, conn) -> None:
         conn.send(("error", f"{type(exc).__name__}: {exc}"))
 
 
-def proc_field(path: str, key: str) -> str | None:
-    """The value of `key` in a /proc text file ("key<tabs>: value" lines); None when absent."""
+def proc_field(path: str, key: str) -> str | None:  # /proc text files have "key<tabs>: value" lines
     lines = Path(path).read_text().splitlines() if Path(path).exists() else []
     return next((value.strip() for name, _, value in (line.partition(":") for line in lines)
                  if name.strip() == key), None)
@@ -205,7 +202,8 @@ def run(args) -> dict:
     llama = "llama.cpp" in args.peers and importlib.util.find_spec("llama_cpp") is not None
     if "llama.cpp" in args.peers and not llama:
         notes.append("llama.cpp skipped: llama-cpp-python is not installed (pip install 'minimind[llamacpp]')")
-    tokenizer = Path(args.tokenizer) if args.tokenizer else (SHARED_TOKENIZER if SHARED_TOKENIZER.is_dir() else None)
+    spec = ModelSpec.from_args(args)
+    tokenizer = Path(spec.tokenizer) if spec.tokenizer else (SHARED_TOKENIZER if SHARED_TOKENIZER.is_dir() else None)
     with tempfile.TemporaryDirectory(prefix="minimind-bench-") as tmp:
         for name in args.models:
             label, path = prepare_model(name, Path(tmp), tokenizer)
@@ -295,7 +293,8 @@ def comma_list(value: str) -> list[str]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="minimind bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--models", type=comma_list, default="small,base,default", help="comma list of small, base, "
-                   "default, or paths (small/base: random weights of the MiniMind2-Small / MiniMind2 shape)")
+                   "default, or paths (small/base: random weights of the MiniMind2-Small / MiniMind2 shape, whose "
+                   "GGUF export for llama.cpp needs --tokenizer)")
     p.add_argument("--dtypes", type=comma_list, default="fp32,bf16,int8", help="comma list of fp32, bf16, int8, "
                    "dynamic (llama.cpp: F32 / F16 / Q8_0 / none)")
     p.add_argument("--peers", type=comma_list, default="transformers,llama.cpp", help="comma list (empty for ours "
@@ -305,28 +304,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decode-tokens", type=int, default=128, help="tokens of the decode measurement")
     p.add_argument("--repeats", type=int, default=5, help="rounds per implementation (best of)")
     p.add_argument("--compile", action="store_true", help="torch.compile our decode step")
-    p.add_argument("--tokenizer", help="tokenizer folder for the random-weight presets (needed for the GGUF)")
     p.add_argument("--json", metavar="FILE", help="also write every number and the machine as JSON")
-    p.add_argument("--plot", "--png", dest="plot", metavar="FILE.png", help="also draw a chart (needs matplotlib)")
-    p.add_argument("--chat-turns", type=int, default=0, help=argparse.SUPPRESS)  # accepted, no longer measured
-    p.add_argument("--no-chat-memory", action="store_true", help=argparse.SUPPRESS)  # accepted, no longer measured
+    p.add_argument("--plot", metavar="FILE.png", help="also draw a chart (needs matplotlib)")
+    ModelSpec.add_arguments(p, only=("tokenizer",), title="model")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if moved := [a.split("=")[0] for a in argv if a.split("=")[0] in SERVER_FLAGS]:
-        print(f"minimind bench: {moved[0]}: {SERVER_MOVED}", file=sys.stderr)
-        return 2
     p = build_parser()
     args = p.parse_args(argv)
     if bad := [d for d in args.dtypes if d not in DTYPES]:
         p.error(f"unknown dtype(s) {', '.join(bad)}; choose from {', '.join(DTYPES)}")
     if min(args.repeats, args.threads, args.prompt_len, args.decode_tokens - 1) < 1:
         p.error("--repeats, --threads and --prompt-len must be >= 1, --decode-tokens >= 2")
-    if args.chat_turns or args.no_chat_memory:
-        print("minimind bench: --chat-turns and --no-chat-memory are ignored (multi-turn TTFT and one chat's "
-              "memory are no longer measured; peak RSS is a column of the table)", file=sys.stderr)
     if args.plot:
         try:
             import matplotlib  # noqa: F401

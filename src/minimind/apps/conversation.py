@@ -9,12 +9,13 @@ from __future__ import annotations
 import sys
 import threading
 from collections.abc import Iterator
+from contextlib import closing
 from queue import SimpleQueue
 from time import perf_counter
 
 from ..text.detok import IncrementalDetokenizer
 from ..text.reply import parse_reply
-from ..text.template import pretrain_prompt, render_prompt
+from ..web.backend import chat_prompt, engine_outputs
 
 
 def speed_line(prompt_tokens: int, prefill_s: float, decode_tokens: int, decode_s: float) -> str:
@@ -27,14 +28,10 @@ def speed_line(prompt_tokens: int, prefill_s: float, decode_tokens: int, decode_
 
 def engine_tokens(llm, ids: list[int], params) -> Iterator[int]:
     """Token ids of one answer from the engine as they come (stop tokens not yielded); closing aborts it."""
-    stream = llm.stream(ids, params)
     stops = set(params.stop_token_ids or ())
-    try:
-        for update in stream:
-            yield from (t for t in update.outputs[0].delta_token_ids if t not in stops)
-    finally:
-        if stream.final is None:
-            stream.abort()
+    with closing(engine_outputs(llm, ids, params)) as outputs:
+        for out in outputs:
+            yield from (t for t in out.delta_token_ids if t not in stops)
 
 
 def hf_tokens(model, ids: list[int], params) -> Iterator[int]:
@@ -108,13 +105,11 @@ class Conversation:
         self.turns: list[tuple[str, str]] = []
 
     def prompt_text(self, question: str) -> str:
-        if self.pretrain:
-            return pretrain_prompt(self.tokenizer, question)
         messages = [{"role": "system", "content": self.system}] if self.system else []
         for user, assistant in self.turns[-self.historys:] if self.historys else []:
             messages += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
         messages.append({"role": "user", "content": question})
-        return render_prompt(self.tokenizer, messages, open_thinking=self.open_thinking)
+        return chat_prompt(self.tokenizer, messages, self.pretrain, self.open_thinking)
 
     def answer(self, question: str, out=None) -> str:
         """Stream the answer to `out` (stdout); Ctrl-C stops this answer only. Returns the text written."""

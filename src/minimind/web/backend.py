@@ -1,7 +1,6 @@
-"""One small chat backend for both web UIs: the in-process engine or any OpenAI-compatible server.
+"""One chat backend for both web UIs: the in-process engine or any OpenAI-compatible server.
 
-`Backend.stream(messages, settings)` yields text deltas; `chat_stream` turns them into `Reply` snapshots
-(reasoning split from the answer, token count and tokens/s) that the UIs render.
+`Backend.stream` yields text deltas; `chat_stream` turns them into the `Reply` snapshots the UIs render.
 """
 from __future__ import annotations
 
@@ -15,14 +14,13 @@ from contextlib import closing
 from dataclasses import asdict, dataclass, field
 
 from ..text.reply import parse_reply
+from ..text.template import pretrain_prompt, render_prompt, stop_token_ids
 
 CONFIG_ENV = "MINIMIND_WEB_CONFIG"  # JSON of BackendConfig, how `minimind web` hands its flags to the UI process
 
 
 @dataclass
-class Settings:
-    """What the sliders and boxes set, per answer."""
-
+class Settings:  # what the sliders and boxes set, per answer
     system: str = ""
     history_turns: int = 2  # previous (question, answer) pairs sent with the question, 0-10
     temperature: float = 0.85
@@ -37,9 +35,7 @@ SLIDERS = {"history_turns": ("turns", 0, 10, 1), "temperature": ("temperature", 
 
 
 @dataclass
-class Reply:
-    """A snapshot of the answer so far."""
-
+class Reply:  # a snapshot of the answer so far
     reasoning: str = ""
     content: str = ""
     tool_calls: list[dict] = field(default_factory=list)
@@ -87,10 +83,8 @@ def build_messages(history: list[dict], question: str, settings: Settings) -> li
 
 
 class Backend:
-    """Yields (text delta, tokens in this delta) for one answer.
-
-    Closing the generator early (the UI's stop button, a page that went away) must end the answer at its source.
-    """
+    """stream() yields (text delta, tokens in this delta) for one answer; closing it early (the UI's stop button,
+    a page that went away) must end the answer at its source."""
 
     pretrain = False  # the UIs say that system prompt and history are not used
     starts_in_think = False  # the prompt opened a <think> block: the reply starts inside the reasoning
@@ -102,13 +96,10 @@ class Backend:
         return []
 
 
-class EngineBackend(Backend):
-    """In-process engine (`minimind.LLM`) on a background thread, shared by every browser session."""
-
+class EngineBackend(Backend):  # the in-process engine on a background thread, shared by every browser session
     def __init__(self, model=None, tokenizer=None, lora=None, *, dtype=None, open_thinking=None, pretrain=False,
                  **llm_kwargs):
         from ..engine import LLM
-        from ..text.template import stop_token_ids
 
         def build() -> LLM:  # on the engine's own thread, which then runs every step (LLM.launch)
             weights, tok = model, tokenizer
@@ -128,36 +119,22 @@ class EngineBackend(Backend):
         self._stop_ids = sorted(stop_token_ids(self.llm.tokenizer, self.llm.config))
 
     def prompt(self, messages: list[dict]) -> str:
-        """The text the engine sees: the chat template, or for pretrain weights bos + the last question only
-        (the same prompts `minimind chat` builds, from the same functions)."""
-        from ..text.template import pretrain_prompt, render_prompt
-
-        if self.pretrain:
-            question = next((m["content"] for m in reversed(messages) if m.get("role") == "user"), "")
-            return pretrain_prompt(self.llm.tokenizer, question)
-        return render_prompt(self.llm.tokenizer, messages, open_thinking=self.open_thinking)
+        return chat_prompt(self.llm.tokenizer, messages, self.pretrain, self.open_thinking)
 
     def stream(self, messages, settings):
         from ..engine import SamplingParams
 
         params = SamplingParams(max_tokens=int(settings.max_tokens), temperature=float(settings.temperature),
                                 top_p=max(float(settings.top_p), 1e-6), stop_token_ids=self._stop_ids)
-        stream = self.llm.stream(self.prompt(messages), params)
-        try:
-            for out in stream:
-                o = out.outputs[0]
+        with closing(engine_outputs(self.llm, self.prompt(messages), params)) as outputs:
+            for o in outputs:
                 yield o.delta_text, len(o.delta_token_ids)
-        finally:
-            if stream.final is None:  # the user stopped or the page went away: free the slot
-                stream.abort()
 
     def close(self):
         self.llm.shutdown()
 
 
-class OpenAIBackend(Backend):
-    """Thin client of `minimind serve` or any OpenAI-compatible server (streaming chat completions)."""
-
+class OpenAIBackend(Backend):  # a thin client of `minimind serve` or any OpenAI-compatible server
     def __init__(self, api_base: str, api_key: str | None = None, open_thinking: bool | None = None):
         from openai import OpenAI
 
@@ -194,6 +171,26 @@ class OpenAIBackend(Backend):
             chunks.close()
 
 
+def chat_prompt(tokenizer, messages: list[dict], pretrain: bool = False, open_thinking: bool | None = None) -> str:
+    """The text the model sees (web and `minimind chat` alike): the chat template, or for pretrain weights bos +
+    the last question only."""
+    if pretrain:
+        question = next((m["content"] for m in reversed(messages) if m.get("role") == "user"), "")
+        return pretrain_prompt(tokenizer, question)
+    return render_prompt(tokenizer, messages, open_thinking=open_thinking)
+
+
+def engine_outputs(llm, prompt, params) -> Iterator:
+    """The engine's CompletionOutput updates of one request; closing this early aborts it and frees its slot."""
+    stream = llm.stream(prompt, params)
+    try:
+        for update in stream:
+            yield update.outputs[0]
+    finally:
+        if stream.final is None:
+            stream.abort()
+
+
 def make_backend(config: BackendConfig) -> Backend:
     if config.api_base:
         return OpenAIBackend(config.api_base, config.api_key, open_thinking=config.open_thinking)
@@ -202,11 +199,8 @@ def make_backend(config: BackendConfig) -> Backend:
 
 
 def chat_stream(backend: Backend, messages: list[dict], settings: Settings) -> Iterator[Reply]:
-    """Reply snapshots while the answer streams; the last one has done=True and the speed.
-
-    Closing this generator (a stop button) closes the backend's stream at once rather than whenever it is
-    garbage-collected, so the engine request is aborted and its slot freed right away.
-    """
+    """Reply snapshots while the answer streams; the last one has done=True and the speed. Closing this (a stop
+    button) closes the backend's stream at once, not when it is garbage-collected: the slot is freed right away."""
     text, tokens, start = "", 0, time.perf_counter()
 
     def reply(done: bool = False) -> Reply:

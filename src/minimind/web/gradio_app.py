@@ -1,9 +1,8 @@
-"""Gradio chat UI: a ChatInterface over the shared backend. Never share=True unless asked (`--share`).
+"""Gradio chat UI: a ChatInterface over the shared backend; share=True only when asked (`--share`).
 
-Answers are HTML-escaped outside code (escape_html) before Gradio renders the markdown, so a `<script>` in model
-output is shown as text. Reasoning and the tokens/s line are metadata messages (collapsed, never sent back).
-ChatInterface's stop button cancels the event; Gradio then closes the chat generator, which closes the backend
-stream (the in-process engine aborts the request).
+Answers are HTML-escaped outside code before Gradio renders the markdown, so a `<script>` in model output shows as
+text. Reasoning and the tokens/s line are metadata messages (collapsed, never sent back). The stop button cancels
+the event; Gradio then closes the chat generator, which closes the backend stream (the engine aborts the request).
 """
 from __future__ import annotations
 
@@ -41,11 +40,10 @@ def history_from_gradio(history: list) -> list[dict]:
 def make_chat_fn(backend: Backend, lang: str = "en"):
     t = TEXT[lang]
 
-    def chat(message, history, system="", *values):
-        """values: the additional inputs after the system prompt, the sliders in SLIDERS order, then the model."""
+    def chat(message, history, system="", *values):  # values: the sliders in SLIDERS order, then the model
         settings = Settings(system=system or "", **dict(zip([*SLIDERS, "model"], values)))
         messages = build_messages(history_from_gradio(history), _text(message) or "", settings)
-        with closing(chat_stream(backend, messages, settings)) as replies:  # closed on stop: see the docstring
+        with closing(chat_stream(backend, messages, settings)) as replies:  # closed on stop
             for reply in replies:
                 yield _messages(reply, t)
 
@@ -88,8 +86,8 @@ def build_app(backend: Backend, lang: str = "en"):
 
 
 def theme_js(theme: str) -> str | None:
-    """Page-load JS forcing dark or light mode (None for "auto": the browser decides). Gradio reads the mode from
-    the `?__theme=` URL parameter, so add it and reload once; a mode already in the URL is kept."""
+    """Page-load JS forcing dark or light mode; None for "auto" (the browser decides). Gradio reads the mode from
+    `?__theme=`: it is added and the page reloaded once."""
     if theme == "auto":
         return None
     if theme not in ("dark", "light"):
@@ -101,7 +99,7 @@ def theme_js(theme: str) -> str | None:
 
 def launch(backend: Backend, host: str = "127.0.0.1", port: int | None = None, share: bool = False,
            lang: str = "en", theme: str = "auto", **kwargs):
-    """Serve the UI (blocks unless prevent_thread_lock=True); returns the Blocks (call .close() to stop)."""
+    """Serve the UI (blocks unless prevent_thread_lock=True); returns the Blocks."""
     demo = build_app(backend, lang)
     demo.queue().launch(server_name=host, server_port=port, share=bool(share), js=theme_js(theme), **kwargs)
     return demo

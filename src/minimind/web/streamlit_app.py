@@ -17,11 +17,8 @@ def _shared_backend():
     return make_backend(BackendConfig.from_env())
 
 
-def get_backend():
-    """The backend of this process (session_state["backend"] wins: for embedding the app and for tests)."""
-    if "backend" in st.session_state:
-        return st.session_state["backend"]
-    return _shared_backend()
+def get_backend():  # session_state["backend"] wins: for embedding the app and for tests
+    return st.session_state["backend"] if "backend" in st.session_state else _shared_backend()
 
 
 def render_reply(reply: Reply, t: dict) -> None:

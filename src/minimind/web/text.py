@@ -20,7 +20,6 @@ TEXT = {
 }
 
 
-def default_lang() -> str:
-    """The language `minimind web --lang` chose (English when unset or unknown)."""
+def default_lang() -> str:  # `minimind web --lang`; English when unset or unknown
     lang = os.environ.get(LANG_ENV, "en")
     return lang if lang in TEXT else "en"

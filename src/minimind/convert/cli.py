@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
+from ..checkpoint.spec import ModelSpec
 from ..errors import CheckpointError
 from .source import ConvertError
 
@@ -17,7 +19,6 @@ EPILOG = """examples:
 
 
 def _parser(prog: str, description: str, **kwargs) -> argparse.ArgumentParser:
-    """The arguments both commands take."""
     p = argparse.ArgumentParser(prog=prog, description=description, **kwargs)
     p.add_argument("src", help="checkpoint: native .pth, HF folder, GGUF, or `default` (the embedded model)")
     p.add_argument("dst", help="output file (gguf, native) or folder (hf, ollama, quantize)")
@@ -45,8 +46,12 @@ def _fail(prog: str, message: str) -> int:
     return 2
 
 
+def _spec(args: argparse.Namespace) -> ModelSpec:
+    return ModelSpec(model=None if args.src == "default" else args.src, tokenizer=args.tokenizer,
+                     lora_weight=args.lora)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """`minimind convert`."""
     from . import export_gguf, export_hf, export_native, export_ollama
 
     args = build_parser().parse_args(argv)
@@ -54,18 +59,17 @@ def main(argv: list[str] | None = None) -> int:
         return _fail("convert", f"--outtype is for --to gguf/ollama; for --to {args.to} use --dtype")
     if args.dtype == "int8" and args.to != "hf":
         return _fail("convert", "--dtype int8 writes an int8 folder: use it with --to hf (or `minimind quantize`)")
-    src = None if args.src == "default" else args.src
-    common = {"lora": args.lora, "force": args.force}
-    loaded = {**common, "tokenizer": args.tokenizer, "show_progress": not args.no_progress}
+    spec, shown = _spec(args), {"force": args.force, "show_progress": not args.no_progress}
     try:
         if args.to == "hf":
-            out = export_hf(src, args.dst, dtype=args.dtype, arch=args.arch, **loaded)
+            out = export_hf(spec, args.dst, dtype=args.dtype, arch=args.arch, **shown)
         elif args.to == "gguf":
-            out = export_gguf(src, args.dst, args.outtype or "f16", **loaded)
+            out = export_gguf(spec, args.dst, args.outtype or "f16", **shown)
         elif args.to == "ollama":
-            out = export_ollama(src, args.dst, outtype=args.outtype or "f16", name=args.name, **loaded)
-        else:
-            out = export_native(src, args.dst, dtype=args.dtype, **common)
+            out = export_ollama(spec, args.dst, outtype=args.outtype or "f16", name=args.name, **shown)
+        else:  # a .pth holds no tokenizer: --tokenizer is not read
+            out = export_native(dataclasses.replace(spec, tokenizer=None), args.dst, dtype=args.dtype,
+                                force=args.force)
     except (ConvertError, CheckpointError, FileNotFoundError) as exc:
         return _fail("convert", str(exc))
     print(f"wrote {out}")
@@ -75,14 +79,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def main_quantize(argv: list[str] | None = None) -> int:
-    """`minimind quantize`."""
     from . import quantize_int8
 
     args = _parser("minimind quantize", "Write an int8 weight-only checkpoint folder (per-output-channel "
                    "symmetric int8 + fp32 scales) that `minimind` loads.").parse_args(argv)
     try:
-        out = quantize_int8(None if args.src == "default" else args.src, args.dst, tokenizer=args.tokenizer,
-                            lora=args.lora, force=args.force, show_progress=not args.no_progress)
+        out = quantize_int8(_spec(args), args.dst, force=args.force, show_progress=not args.no_progress)
     except (ConvertError, CheckpointError, FileNotFoundError) as exc:
         return _fail("quantize", str(exc))
     print(f"wrote {out}")

@@ -24,8 +24,8 @@ import torch
 
 from ..config import MiniMindConfig
 from .hf_export import merge_shared_experts, renormalizes, standard_rope
-from .source import ConvertError, Source, atomic_output, progress
-from .tokenizer_files import chat_template
+from .output import atomic_output, chat_template, progress
+from .source import ConvertError, Source, load_source
 
 log = logging.getLogger("minimind")
 _FILE_TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0"}
@@ -204,19 +204,18 @@ def _add_hparams(w, config: MiniMindConfig, arch: str, outtype: str) -> None:
         w.add_rope_scaling_yarn_attn_factor(float(scaling.get("attention_factor", 1.0)))
 
 
-def export_gguf(source: Source, dst: Path, *, outtype: str = "f16", force: bool = False,
+def export_gguf(src, out_path, outtype: str = "f16", *, tokenizer=None, lora=None, force: bool = False,
                 pre_tokenizer: str | None = None, show_progress: bool = True) -> Path:
-    """Write `dst` (.gguf); outtype is f32, f16, bf16 or q8_0."""
+    """GGUF file for llama.cpp; outtype is f32, f16, bf16 or q8_0."""
     import gguf
 
-    check_outtype(outtype)
-    if source.tokenizer is None:
-        raise ConvertError("a GGUF needs the tokenizer inside it: pass --tokenizer DIR (tokenizer.json folder)")
+    check_outtype(outtype)  # before the slow load
+    source = load_source(src, tokenizer=tokenizer, lora=lora, need_tokenizer=True)
     config = source.config
     arch = gguf_arch(config)
     if config.vocab_size == 6400 and len(source.tokenizer) != 6400:
         log.warning("tokenizer has %d tokens for a 6400-row model", len(source.tokenizer))
-    with atomic_output(dst, force) as tmp:
+    with atomic_output(out_path, force) as tmp:
         w = gguf.GGUFWriter(str(tmp), arch)
         w.add_name(source.name)
         _add_hparams(w, config, arch, outtype)
@@ -232,4 +231,4 @@ def export_gguf(source: Source, dst: Path, *, outtype: str = "f16", force: bool 
             w.write_tensors_to_file(progress=False)
             w.close()
             advance()
-    return Path(dst)
+    return Path(out_path)

@@ -18,17 +18,14 @@ from pathlib import Path
 import torch
 
 from ..config import MiniMindConfig
-from .source import ConvertError, Source, atomic_output, export_dtype, progress, write_json
-from .tokenizer_files import save_tokenizer
+from .output import atomic_output, dtype_name, progress, write_metadata
+from .quantize import quantize_int8
+from .source import ConvertError, export_dtype, load_source
 
 log = logging.getLogger("minimind")
 _CLASS = {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
           "qwen2_moe": "Qwen2MoeForCausalLM", "minimind": "MiniMindForCausalLM"}
 ARCHS = tuple(_CLASS)
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 def choose_arch(config: MiniMindConfig) -> str:
@@ -40,20 +37,17 @@ def choose_arch(config: MiniMindConfig) -> str:
     return "qwen3" if config.qk_norm else "llama"
 
 
-def standard_rope(config: MiniMindConfig, allow_drop: bool = True) -> dict | None:
+def standard_rope(config: MiniMindConfig) -> dict | None:
     """`rope_scaling` for an HF config: standard YaRN as is; MiniMind's legacy factor-4 formula has no HF
-    equivalent, so it is dropped (the weights were trained without it) with a warning, or refused."""
+    equivalent, so it is dropped (the weights were trained without it) with a warning."""
     scaling = config.rope_scaling
     if scaling is None:
         return None
     kind = scaling.get("rope_type", scaling.get("type"))
     if kind == "minimind_legacy_yarn":
-        msg = ("the checkpoint enables MiniMind's legacy YaRN (factor 4, Oct-Nov 2025 formula), which no standard "
-               "implementation (transformers, vLLM, llama.cpp) has")
-        if not allow_drop:
-            raise ConvertError(msg + ": export to --to hf --arch minimind, or allow dropping it")
-        log.warning("%s: exporting with plain RoPE, as the weights were trained (set rope_scaling yourself for "
-                    "contexts beyond 2048 tokens)", msg)
+        log.warning("the checkpoint enables MiniMind's legacy YaRN (factor 4, Oct-Nov 2025 formula), which no "
+                    "standard implementation (transformers, vLLM, llama.cpp) has: exporting with plain RoPE, as the "
+                    "weights were trained (set rope_scaling yourself for contexts beyond 2048 tokens)")
         return None
     out = {k: v for k, v in scaling.items() if k != "type"}
     out["rope_type"] = kind
@@ -66,7 +60,7 @@ def renormalizes(config: MiniMindConfig) -> bool:
     return bool(config.norm_topk_prob and (config.num_experts_per_tok > 1 or config.family == "minimind3"))
 
 
-def hf_config_dict(config: MiniMindConfig, arch: str, dtype: torch.dtype, allow_drop_rope: bool = True) -> dict:
+def hf_config_dict(config: MiniMindConfig, arch: str, dtype: torch.dtype) -> dict:
     import transformers
 
     if arch == "minimind":
@@ -78,7 +72,7 @@ def hf_config_dict(config: MiniMindConfig, arch: str, dtype: torch.dtype, allow_
         num_hidden_layers=config.num_hidden_layers, num_attention_heads=config.num_attention_heads,
         num_key_value_heads=config.num_key_value_heads, head_dim=config.head_dim, hidden_act=config.hidden_act,
         max_position_embeddings=config.max_position_embeddings, rms_norm_eps=config.rms_norm_eps,
-        rope_theta=config.rope_theta, rope_scaling=standard_rope(config, allow_drop_rope),
+        rope_theta=config.rope_theta, rope_scaling=standard_rope(config),
         tie_word_embeddings=bool(config.tie_word_embeddings), attention_bias=False, attention_dropout=0.0,
         initializer_range=0.02, use_cache=True, bos_token_id=config.bos_token_id,
         eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id, torch_dtype=dtype_name(dtype),
@@ -135,29 +129,24 @@ def merge_shared_experts(config: MiniMindConfig, sd: dict) -> dict:
     return out
 
 
-def generation_config(config: MiniMindConfig) -> dict:
-    """generation_config.json: the special ids, and for MiniMind vocabularies MiniMind's sampling defaults."""
-    out = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id,
-           "pad_token_id": config.pad_token_id}
-    if config.vocab_size == 6400:  # eval_llm.py of each era
-        out.update(do_sample=True, temperature=0.85, top_p=0.95 if config.family == "minimind3" else 0.85, top_k=50)
-    return out
-
-
-def export_hf(source: Source, dst: Path, *, dtype=None, arch: str | None = None, force: bool = False,
-              allow_drop_rope: bool = True, show_progress: bool = True) -> Path:
-    """Write an HF folder (config.json, generation_config.json, model.safetensors, tokenizer files)."""
+def export_hf(src, out_dir, *, dtype=None, arch: str | None = None, tokenizer=None, lora=None,
+              force: bool = False, show_progress: bool = True) -> Path:
+    """config.json, generation_config.json, model.safetensors and the tokenizer files; dtype None/"auto" keeps
+    the source's storage dtype, "int8" writes the int8 format."""
     from safetensors.torch import save_file
 
+    source = load_source(src, tokenizer=tokenizer, lora=lora)
+    if dtype == "int8":
+        return quantize_int8(source, out_dir, force=force, show_progress=show_progress)
     config = source.config
     arch = arch or choose_arch(config)
     _check_arch(config, arch)
     torch_dtype = export_dtype(dtype, source.dtype)
-    config_json = hf_config_dict(config, arch, torch_dtype, allow_drop_rope)
+    config_json = hf_config_dict(config, arch, torch_dtype)
     sd = _qwen2_moe_weights(config, source.state_dict) if arch == "qwen2_moe" else source.state_dict
     if source.tokenizer is None:
         log.warning("no tokenizer given: the HF folder will have weights and config only (pass --tokenizer DIR)")
-    with atomic_output(dst, force, folder=True) as tmp:
+    with atomic_output(out_dir, force, folder=True) as tmp:
         with progress(f"Converting to {_CLASS[arch]} ({dtype_name(torch_dtype)})", 1, show_progress) as advance:
             # clone: safetensors refuses shared storage (a tied or viewed tensor), and must not alias the source
             tensors = {k: v.to(torch_dtype).contiguous().clone() for k, v in sd.items()}
@@ -166,15 +155,7 @@ def export_hf(source: Source, dst: Path, *, dtype=None, arch: str | None = None,
         write_metadata(tmp, config_json, source)
         if arch == "minimind":
             (tmp / "README.md").write_text(_MINIMIND_README.format(era=config.era))
-    return Path(dst)
-
-
-def write_metadata(folder: Path, config_json: dict, source: Source) -> None:
-    """config.json, generation_config.json and, when there is one, the tokenizer."""
-    write_json(folder / "config.json", config_json)
-    write_json(folder / "generation_config.json", generation_config(source.config))
-    if source.tokenizer is not None:
-        save_tokenizer(source.tokenizer, folder)
+    return Path(out_dir)
 
 
 _MINIMIND_README = """# {era} (model_type: minimind)

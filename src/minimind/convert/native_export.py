@@ -13,7 +13,9 @@ from pathlib import Path
 
 import torch
 
-from .source import ConvertError, Source, atomic_output, export_dtype
+from ..model.keys import infer_config
+from .output import atomic_output
+from .source import ConvertError, Source, export_dtype, load_source
 
 _CHECKED = ("family", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
             "head_dim", "intermediate_size", "rms_norm_eps", "rope_theta", "use_moe", "num_experts",
@@ -23,8 +25,6 @@ _CHECKED = ("family", "vocab_size", "hidden_size", "num_hidden_layers", "num_att
 
 def check_representable(source: Source, sd: dict[str, torch.Tensor]) -> None:
     """Refuse when re-reading the .pth would infer a different architecture than the source has."""
-    from ..model.keys import infer_config
-
     found = infer_config(sd, "export")
     diff = [(k, getattr(source.config, k), getattr(found, k)) for k in _CHECKED
             if getattr(source.config, k) != getattr(found, k)]
@@ -37,13 +37,14 @@ def check_representable(source: Source, sd: dict[str, torch.Tensor]) -> None:
                            "the wrong architecture from it. Use --to hf (config.json travels with the weights).")
 
 
-def export_native(source: Source, dst: Path, *, dtype=None, force: bool = False) -> Path:
-    """Write `dst` (.pth). dtype None/"auto" -> float16, the original's format."""
+def export_native(src, out_path, *, dtype=None, lora=None, force: bool = False) -> Path:
+    """dtype None/"auto" -> float16, the original's format."""
+    source = load_source(src, lora=lora)
     torch_dtype = export_dtype(dtype, torch.float16)
     sd = {k: v.to(torch_dtype).contiguous() for k, v in source.state_dict.items()}
     if source.config.tie_word_embeddings:
         sd["lm_head.weight"] = sd["model.embed_tokens.weight"]  # same storage: saved once by torch.save
     check_representable(source, sd)
-    with atomic_output(dst, force) as tmp:
+    with atomic_output(out_path, force) as tmp:
         torch.save(sd, tmp)
-    return Path(dst)
+    return Path(out_path)

@@ -12,10 +12,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from .gguf_export import export_gguf
-from .hf_export import generation_config
-from .source import ConvertError, Source, atomic_output
-from .tokenizer_files import chat_template
+from .gguf_export import check_outtype, export_gguf
+from .output import atomic_output, chat_template, generation_config
+from .source import ConvertError, Source, load_source
 
 # The templates spell out ChatML's <|im_start|> / <|im_end|> and have no `{{-` trim markers: every byte between
 # actions is meant (there is no cosmetic whitespace).
@@ -128,16 +127,18 @@ def modelfile(gguf_name: str, source: Source) -> str:
     return "\n".join(lines) + "\n"
 
 
-def export_ollama(source: Source, dst: Path, *, outtype: str = "f16", name: str | None = None,
+def export_ollama(src, out_dir, *, outtype: str = "f16", name: str | None = None, tokenizer=None, lora=None,
                   force: bool = False, show_progress: bool = True) -> Path:
     """Folder with `model.gguf`, `Modelfile` and `README.txt` (the `ollama create` command)."""
+    check_outtype(outtype)  # before the slow load
+    source = load_source(src, tokenizer=tokenizer, lora=lora, need_tokenizer=True)
     name = name or re.sub(r"[^a-z0-9._-]+", "-", source.name.lower()).strip("-") or "minimind"
     text = modelfile("model.gguf", source)  # fails early on an unknown template, before the slow GGUF
-    with atomic_output(dst, force, folder=True) as tmp:
+    with atomic_output(out_dir, force, folder=True) as tmp:
         export_gguf(source, tmp / "model.gguf", outtype=outtype, force=True, show_progress=show_progress)
         (tmp / "Modelfile").write_text(text)
-        (tmp / "README.txt").write_text(_README.format(name=name, dst=Path(dst).resolve()))
-    return Path(dst)
+        (tmp / "README.txt").write_text(_README.format(name=name, dst=Path(out_dir).resolve()))
+    return Path(out_dir)
 
 
 _README = """Ollama model folder. To register and run it:

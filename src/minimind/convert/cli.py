@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+from pathlib import Path
 
 from ..checkpoint.spec import ModelSpec
 from ..errors import CheckpointError
@@ -46,6 +47,15 @@ def _fail(prog: str, message: str) -> int:
     return 2
 
 
+def _run(prog: str, export, *args, **kwargs) -> int:
+    try:
+        out = export(*args, **kwargs)
+    except (ConvertError, CheckpointError, FileNotFoundError) as exc:
+        return _fail(prog, str(exc))
+    print(f"wrote {out}")
+    return 0
+
+
 def _spec(args: argparse.Namespace) -> ModelSpec:
     return ModelSpec(model=None if args.src == "default" else args.src, tokenizer=args.tokenizer,
                      lora_weight=args.lora)
@@ -60,22 +70,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.dtype == "int8" and args.to != "hf":
         return _fail("convert", "--dtype int8 writes an int8 folder: use it with --to hf (or `minimind quantize`)")
     spec, shown = _spec(args), {"force": args.force, "show_progress": not args.no_progress}
-    try:
-        if args.to == "hf":
-            out = export_hf(spec, args.dst, dtype=args.dtype, arch=args.arch, **shown)
-        elif args.to == "gguf":
-            out = export_gguf(spec, args.dst, args.outtype or "f16", **shown)
-        elif args.to == "ollama":
-            out = export_ollama(spec, args.dst, outtype=args.outtype or "f16", name=args.name, **shown)
-        else:  # a .pth holds no tokenizer: --tokenizer is not read
-            out = export_native(dataclasses.replace(spec, tokenizer=None), args.dst, dtype=args.dtype,
-                                force=args.force)
-    except (ConvertError, CheckpointError, FileNotFoundError) as exc:
-        return _fail("convert", str(exc))
-    print(f"wrote {out}")
-    if args.to == "ollama":
-        print((out / "README.txt").read_text())
-    return 0
+    if args.to == "native":  # a .pth holds no tokenizer: --tokenizer is not read
+        spec = dataclasses.replace(spec, tokenizer=None)
+        return _run("convert", export_native, spec, args.dst, dtype=args.dtype, force=args.force)
+    if args.to == "hf":
+        return _run("convert", export_hf, spec, args.dst, dtype=args.dtype, arch=args.arch, **shown)
+    if args.to == "gguf":
+        return _run("convert", export_gguf, spec, args.dst, args.outtype or "f16", **shown)
+    code = _run("convert", export_ollama, spec, args.dst, outtype=args.outtype or "f16", name=args.name, **shown)
+    if code == 0:
+        print((Path(args.dst) / "README.txt").read_text())
+    return code
 
 
 def main_quantize(argv: list[str] | None = None) -> int:
@@ -83,9 +88,5 @@ def main_quantize(argv: list[str] | None = None) -> int:
 
     args = _parser("minimind quantize", "Write an int8 weight-only checkpoint folder (per-output-channel "
                    "symmetric int8 + fp32 scales) that `minimind` loads.").parse_args(argv)
-    try:
-        out = quantize_int8(_spec(args), args.dst, force=args.force, show_progress=not args.no_progress)
-    except (ConvertError, CheckpointError, FileNotFoundError) as exc:
-        return _fail("quantize", str(exc))
-    print(f"wrote {out}")
-    return 0
+    return _run("quantize", quantize_int8, _spec(args), args.dst, force=args.force,
+                show_progress=not args.no_progress)

@@ -1,17 +1,9 @@
-"""`--to gguf`: a GGUF file that a stock, unpatched llama.cpp loads and chats with (written with the `gguf` package).
-
-Architectures: `llama` for MiniMind2/2510 dense and Llama-shaped models (the default SmolLM2), `qwen3` for
-minimind-3 dense, `qwen3moe` for minimind-3 MoE, and `bailingmoe` (Ling) for MiniMind2 MoE: its graph is exactly
-MiniMind2's MoE block (softmax router, top-k, optional renormalisation, plus *ungated* shared experts of the expert
-width) on plain Llama attention. It needs an `output` tensor, so a tied lm_head is written as a copy.
+"""`--to gguf`: a GGUF file that a stock llama.cpp loads and chats with (architectures: docs/deploy.md).
 
 llama.cpp's `llama` and `bailingmoe` graphs use interleaved RoPE, so Q/K rows are permuted exactly like its own
 converter (`LlamaModel.permute`); `qwen3`/`qwen3moe` use NEOX (rotate_half) RoPE and take the HF rows as they are.
-
-The tokenizer is written as a GPT-2 style BPE (`tokenizer.ggml.model = gpt2`): tokens, token types, merges,
-special ids, `add_bos_token = false` and the chat template. llama.cpp recognises the pre-tokenizer by name;
-MiniMind's ByteLevel(use_regex) pre-tokenizer is exactly llama.cpp's `gpt-2` regex, SmolLM2's Digits+ByteLevel
-is `smollm`. Anything else is refused rather than written with a pre-tokenizer that would tokenize differently.
+llama.cpp knows pre-tokenizers only by name: MiniMind's ByteLevel(use_regex) is its `gpt-2`, SmolLM2's
+Digits+ByteLevel its `smollm`; anything else is refused rather than written with one that tokenizes differently.
 """
 from __future__ import annotations
 
@@ -116,14 +108,19 @@ def detect_pre_tokenizer(spec: dict) -> str:
     raise ConvertError(f"pre-tokenizer {pre} has no known llama.cpp equivalent; tokenization would differ")
 
 
-def _vocab(tokenizer, spec: dict, vocab_size: int):
-    """(tokens, token types, merges) for `tokenizer.ggml.*`; padded with unused tokens up to the model's rows."""
+def _add_tokenizer(w, source: Source, pre: str | None) -> None:
+    """tokens, token types and merges, padded with unused tokens up to the model's embedding rows; special ids."""
     from gguf import TokenType
 
-    id_to_tok = {i: t for t, i in tokenizer.get_vocab().items()}
-    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
-    if len(id_to_tok) > vocab_size:
-        raise ConvertError(f"tokenizer has {len(id_to_tok)} tokens, the model only {vocab_size} embedding rows")
+    tok, config = source.tokenizer, source.config
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is None:
+        raise ConvertError("GGUF export needs a fast (tokenizer.json) tokenizer")
+    spec = json.loads(backend.to_str())
+    id_to_tok = {i: t for t, i in tok.get_vocab().items()}
+    added = getattr(tok, "added_tokens_decoder", {}) or {}
+    if len(id_to_tok) > config.vocab_size:
+        raise ConvertError(f"tokenizer has {len(id_to_tok)} tokens, the model only {config.vocab_size} embedding rows")
 
     def token_type(i: int) -> TokenType:
         if i not in id_to_tok:
@@ -132,27 +129,16 @@ def _vocab(tokenizer, spec: dict, vocab_size: int):
             return TokenType.NORMAL
         return TokenType.CONTROL if added[i].special else TokenType.USER_DEFINED
 
-    tokens = [id_to_tok.get(i, f"[PAD{i}]") for i in range(vocab_size)]
-    types = [token_type(i) for i in range(vocab_size)]
+    rows = range(config.vocab_size)
+    tokens, types = [id_to_tok.get(i, f"[PAD{i}]") for i in rows], [token_type(i) for i in rows]
     model = spec["model"]
     if model.get("type") != "BPE":
         raise ConvertError(f"tokenizer model {model.get('type')} is not BPE; only GPT-2 style BPE is exported")
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
-    return tokens, types, merges
-
-
-def _add_tokenizer(w, source: Source, pre: str | None) -> None:
-    tok, config = source.tokenizer, source.config
-    backend = getattr(tok, "backend_tokenizer", None)
-    if backend is None:
-        raise ConvertError("GGUF export needs a fast (tokenizer.json) tokenizer")
-    spec = json.loads(backend.to_str())
-    tokens, types, merges = _vocab(tok, spec, config.vocab_size)
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre(pre or detect_pre_tokenizer(spec))
     w.add_token_list(tokens)
     w.add_token_types(types)
-    w.add_token_merges(merges)
+    w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])])
     bos = config.bos_token_id if tok.bos_token_id is None else tok.bos_token_id
     eos = config.eos_token_id if tok.eos_token_id is None else tok.eos_token_id
     for add, idx in ((w.add_bos_token_id, bos), (w.add_eos_token_id, eos), (w.add_pad_token_id, tok.pad_token_id),
@@ -169,39 +155,31 @@ def _add_tokenizer(w, source: Source, pre: str | None) -> None:
 def _add_hparams(w, config: MiniMindConfig, arch: str, outtype: str) -> None:
     import gguf
 
-    w.add_context_length(config.max_position_embeddings)
-    w.add_embedding_length(config.hidden_size)
-    w.add_block_count(config.num_hidden_layers)
-    w.add_feed_forward_length(config.intermediate_size)
-    w.add_head_count(config.num_attention_heads)
-    w.add_head_count_kv(config.num_key_value_heads)
-    w.add_layer_norm_rms_eps(config.rms_norm_eps)
-    w.add_rope_freq_base(config.rope_theta)
-    w.add_rope_dimension_count(config.head_dim)
-    w.add_key_length(config.head_dim)
-    w.add_value_length(config.head_dim)
-    w.add_vocab_size(config.vocab_size)
-    w.add_file_type(gguf.LlamaFileType[_FILE_TYPES[outtype]])
+    values = {"context_length": config.max_position_embeddings, "embedding_length": config.hidden_size,
+              "block_count": config.num_hidden_layers, "feed_forward_length": config.intermediate_size,
+              "head_count": config.num_attention_heads, "head_count_kv": config.num_key_value_heads,
+              "layer_norm_rms_eps": config.rms_norm_eps, "rope_freq_base": config.rope_theta,
+              "rope_dimension_count": config.head_dim, "key_length": config.head_dim,
+              "value_length": config.head_dim, "vocab_size": config.vocab_size,
+              "file_type": gguf.LlamaFileType[_FILE_TYPES[outtype]]}
     if arch in ("qwen3moe", "bailingmoe"):
-        w.add_expert_count(config.num_experts)
-        w.add_expert_used_count(config.num_experts_per_tok)
-        w.add_expert_feed_forward_length(config.moe_intermediate_size)
+        values.update(expert_count=config.num_experts, expert_used_count=config.num_experts_per_tok,
+                      expert_feed_forward_length=config.moe_intermediate_size)
     if arch == "bailingmoe":
-        w.add_expert_shared_count(config.n_shared_experts)
-        w.add_expert_weights_norm(renormalizes(config))
-        w.add_expert_weights_scale(1.0)
-        w.add_leading_dense_block_count(0)
+        values.update(expert_shared_count=config.n_shared_experts, expert_weights_norm=renormalizes(config),
+                      expert_weights_scale=1.0, leading_dense_block_count=0)
     scaling = standard_rope(config)  # drops (with a warning) the legacy formula, which llama.cpp lacks too
     if scaling and scaling["rope_type"] != "yarn":
         raise ConvertError(f"RoPE scaling {scaling['rope_type']!r} is not exported to GGUF")
     if scaling:
         log.warning("YaRN in GGUF: llama.cpp's YaRN implementation was not verified against MiniMind's here")
-        w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
-        w.add_rope_scaling_factor(float(scaling["factor"]))
-        w.add_rope_scaling_orig_ctx_len(int(scaling["original_max_position_embeddings"]))
-        w.add_rope_scaling_yarn_beta_fast(float(scaling.get("beta_fast", 32)))
-        w.add_rope_scaling_yarn_beta_slow(float(scaling.get("beta_slow", 1)))
-        w.add_rope_scaling_yarn_attn_factor(float(scaling.get("attention_factor", 1.0)))
+        values.update(rope_scaling_type=gguf.RopeScalingType.YARN, rope_scaling_factor=float(scaling["factor"]),
+                      rope_scaling_orig_ctx_len=int(scaling["original_max_position_embeddings"]),
+                      rope_scaling_yarn_beta_fast=float(scaling.get("beta_fast", 32)),
+                      rope_scaling_yarn_beta_slow=float(scaling.get("beta_slow", 1)),
+                      rope_scaling_yarn_attn_factor=float(scaling.get("attention_factor", 1.0)))
+    for key, value in values.items():  # GGUFWriter.add_<key>: each knows its metadata name and value type
+        getattr(w, f"add_{key}")(value)
 
 
 def export_gguf(src, out_path, outtype: str = "f16", *, tokenizer=None, lora=None, force: bool = False,

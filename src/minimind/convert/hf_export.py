@@ -1,13 +1,5 @@
-"""`--to hf`: a folder in the standard architecture each release maps to, loadable without remote code.
-
-| source                      | architecture            | who can serve it                                  |
-|-----------------------------|-------------------------|---------------------------------------------------|
-| MiniMind2 / 2510 dense      | LlamaForCausalLM        | transformers, vLLM, SGLang, llama.cpp converter   |
-| minimind-3 dense            | Qwen3ForCausalLM        | same                                              |
-| minimind-3 MoE              | Qwen3MoeForCausalLM     | same (per-expert tensors: 4.x names, 5.x fuses)   |
-| MiniMind2 MoE (shared exp.) | model_type "minimind"   | this package only (no standard equivalent)        |
-| MiniMind2 MoE, opt-in       | Qwen2MoeForCausalLM     | exact re-expression, see `_qwen2_moe_weights`     |
-
+"""`--to hf`: a folder in the standard architecture each release maps to (the table is in docs/deploy.md), loadable
+without remote code; MiniMind2 MoE has none, so it is `model_type: minimind` unless `--arch qwen2_moe` is asked for.
 Parameter names are already HF's, so the weights are written as they are (lm_head omitted when tied).
 """
 from __future__ import annotations
@@ -17,9 +9,9 @@ from pathlib import Path
 
 import torch
 
+from ..checkpoint.int8 import QUANT_METHOD, quantize_state_dict
 from ..config import MiniMindConfig
 from .output import atomic_output, dtype_name, progress, write_metadata
-from .quantize import quantize_int8
 from .source import ConvertError, export_dtype, load_source
 
 log = logging.getLogger("minimind")
@@ -66,17 +58,14 @@ def hf_config_dict(config: MiniMindConfig, arch: str, dtype: torch.dtype) -> dic
     if arch == "minimind":
         return {**config.to_dict(), "architectures": ["MiniMindForCausalLM"], "model_type": "minimind",
                 "torch_dtype": dtype_name(dtype)}
-    out = dict(
-        architectures=[_CLASS[arch]], model_type=arch, vocab_size=config.vocab_size,
-        hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
-        num_hidden_layers=config.num_hidden_layers, num_attention_heads=config.num_attention_heads,
-        num_key_value_heads=config.num_key_value_heads, head_dim=config.head_dim, hidden_act=config.hidden_act,
-        max_position_embeddings=config.max_position_embeddings, rms_norm_eps=config.rms_norm_eps,
-        rope_theta=config.rope_theta, rope_scaling=standard_rope(config),
-        tie_word_embeddings=bool(config.tie_word_embeddings), attention_bias=False, attention_dropout=0.0,
-        initializer_range=0.02, use_cache=True, bos_token_id=config.bos_token_id,
-        eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id, torch_dtype=dtype_name(dtype),
-        transformers_version=transformers.__version__)
+    same = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "head_dim", "hidden_act", "max_position_embeddings", "rms_norm_eps", "rope_theta")
+    out = {"architectures": [_CLASS[arch]], "model_type": arch, **{k: getattr(config, k) for k in same},
+           "rope_scaling": standard_rope(config), "tie_word_embeddings": bool(config.tie_word_embeddings),
+           "attention_bias": False, "attention_dropout": 0.0, "initializer_range": 0.02, "use_cache": True,
+           "bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id,
+           "pad_token_id": config.pad_token_id, "torch_dtype": dtype_name(dtype),
+           "transformers_version": transformers.__version__}
     if arch == "llama":
         out.update(mlp_bias=False, pretraining_tp=1)
     else:
@@ -155,6 +144,25 @@ def export_hf(src, out_dir, *, dtype=None, arch: str | None = None, tokenizer=No
         write_metadata(tmp, config_json, source)
         if arch == "minimind":
             (tmp / "README.md").write_text(_MINIMIND_README.format(era=config.era))
+    return Path(out_dir)
+
+
+def quantize_int8(src, out_dir, *, tokenizer=None, lora=None, force: bool = False,
+                  show_progress: bool = True) -> Path:
+    """The int8 weight-only folder (format: checkpoint/int8.py); the tensors kept in float are fp32."""
+    from safetensors.torch import save_file
+
+    source = load_source(src, tokenizer=tokenizer, lora=lora)
+    quant = {"quant_method": QUANT_METHOD, "bits": 8, "scheme": "symmetric_per_output_channel",
+             "scale_dtype": "float32"}
+    with atomic_output(out_dir, force, folder=True) as tmp:
+        with progress("Quantizing to int8", 2, show_progress) as advance:
+            tensors, quantized = quantize_state_dict(source.state_dict, torch.float32)
+            advance()
+            save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt", "quant": QUANT_METHOD})
+            advance()
+        config_json = hf_config_dict(source.config, "minimind", torch.float32)
+        write_metadata(tmp, {**config_json, "quantization_config": {**quant, "quantized": quantized}}, source)
     return Path(out_dir)
 
 

@@ -1,11 +1,9 @@
 """`--to native`: the original project's `.pth` (a plain fp16 state_dict, original key names, no config).
 
-The original `MiniMindForCausalLM` ties lm_head to the embedding and saves both keys; we write both too (one
-shared storage), so the original code of every era loads it with `model.load_state_dict(...)` (and a plain
-tensor dict means `torch.load(path, weights_only=True)` reads it: no pickled code is needed or run).
-A `.pth` carries no config: the original scripts rebuild it from --hidden_size/--num_hidden_layers/--use_moe,
-we infer it from the shapes. Models whose shapes cannot say everything (e.g. SmolLM2: 9 heads, theta 1e5)
-are refused: export those with --to hf.
+The original ties lm_head to the embedding and saves both keys; both are written too (one shared storage), so the
+code of every era loads it with `load_state_dict`, and `torch.load(path, weights_only=True)` reads it. Having no
+config, it is rebuilt from the shapes: models whose shapes cannot say everything (e.g. SmolLM2: 9 heads, theta 1e5)
+are refused.
 """
 from __future__ import annotations
 

@@ -1,11 +1,8 @@
 """`--to ollama`: the GGUF plus a Modelfile whose Go-template TEMPLATE reproduces the model's chat template.
 
 Ollama renders TEMPLATE with Go's text/template over {.Messages (Role, Content, Thinking, ToolCalls), .Tools,
-.Think, .IsThinkSet} and the functions `json`, `slice`, `index`, `eq`, ... (no arithmetic, no string ops). Each
-release's Jinja template is rewritten by hand below; they render the same text for the same conversation, with
-two unavoidable differences: JSON of tool definitions/arguments is Go's compact form (Jinja's `tojson` puts spaces
-after `,` and `:`), and minimind-3 history turns take the reasoning from `.Thinking` (Ollama strips think blocks
-from `.Content` itself) instead of splitting the content on `</think>`.
+.Think, .IsThinkSet} and the functions `json`, `slice`, `index`, `eq`, ... (no arithmetic, no string ops), so each
+release's Jinja template is rewritten by hand below (the two inherent differences: docs/deploy.md).
 """
 from __future__ import annotations
 
@@ -87,7 +84,6 @@ def chatml_template(default_system: str | None) -> str:
 
 
 def detect_template_era(jinja: str | None) -> str:
-    """Which hand-written TEMPLATE matches this Jinja chat template."""
     if not jinja:
         raise ConvertError("the tokenizer has no chat template: an Ollama model needs one (use a chat tokenizer)")
     if "open_thinking" in jinja:
@@ -103,7 +99,6 @@ def detect_template_era(jinja: str | None) -> str:
 
 
 def go_template(jinja: str) -> str:
-    """The Go TEMPLATE equivalent to this Jinja chat template."""
     era = detect_template_era(jinja)
     if era == "minimind2":
         return minimind2_template()

@@ -1,12 +1,4 @@
-"""Writing exports: atomic replacement of the destination, a progress bar, and the metadata files of a model
-folder (config.json, generation_config.json, tokenizer files).
-
-Tokenizer files must load in transformers 4.x *and* 5.x. transformers 5 saves `tokenizer_class: TokenizersBackend`
-(unknown to 4.x: minimind issue #578) and a *list* in `extra_special_tokens` (4.x expects a dict). Like the original
-converter we write `PreTrainedTokenizerFast` and `extra_special_tokens: {}`; the extra specials go to
-`additional_special_tokens`, which both versions read. The chat template goes both into tokenizer_config.json (4.x)
-and chat_template.jinja (5.x prefers the file).
-"""
+"""Writing exports: the destination replaced atomically, a progress bar, the metadata files of a model folder."""
 from __future__ import annotations
 
 import contextlib
@@ -82,7 +74,6 @@ def chat_template(tokenizer) -> str | None:
 
 
 def generation_config(config: MiniMindConfig) -> dict:
-    """The special ids, and for MiniMind vocabularies MiniMind's sampling defaults."""
     out = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id,
            "pad_token_id": config.pad_token_id}
     if config.vocab_size == 6400:  # eval_llm.py of each era
@@ -91,7 +82,6 @@ def generation_config(config: MiniMindConfig) -> dict:
 
 
 def write_metadata(folder: Path, config_json: dict, source: Source) -> None:
-    """config.json, generation_config.json and, when there is one, the tokenizer."""
     write_json(folder / "config.json", config_json)
     write_json(folder / "generation_config.json", generation_config(source.config))
     if source.tokenizer is not None:
@@ -99,7 +89,12 @@ def write_metadata(folder: Path, config_json: dict, source: Source) -> None:
 
 
 def save_tokenizer(tokenizer, folder: Path) -> None:
-    """save_pretrained, then tokenizer_config.json rewritten so that transformers 4.x and 5.x both read it."""
+    """save_pretrained, then tokenizer_config.json rewritten so that transformers 4.x and 5.x both read it.
+
+    transformers 5 saves `tokenizer_class: TokenizersBackend` (unknown to 4.x: minimind issue #578) and a list in
+    `extra_special_tokens` (4.x expects a dict): like the original converter, write `PreTrainedTokenizerFast` and
+    `{}`, the extra specials going to `additional_special_tokens`, which both read. The chat template goes both
+    into tokenizer_config.json (4.x) and chat_template.jinja (5.x prefers the file)."""
     tokenizer.save_pretrained(str(folder))
     cfg_path = folder / "tokenizer_config.json"
     cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}

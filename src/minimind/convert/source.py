@@ -20,14 +20,13 @@ from ..errors import CheckpointError
 from ..model.core import MiniMindLM, build_on_meta
 from ..model.keys import normalize_state_dict
 
-
-class ConvertError(ValueError):
-    """A conversion that cannot be done as asked; the message says why and what to do instead."""
-
-
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "f32": torch.float32,
           "float16": torch.float16, "fp16": torch.float16, "f16": torch.float16,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+class ConvertError(ValueError):
+    """A conversion that cannot be done as asked; the message says why and what to do instead."""
 
 
 @dataclass
@@ -48,7 +47,6 @@ class Source:
 
 
 def export_dtype(dtype: str | torch.dtype | None, auto: torch.dtype) -> torch.dtype:
-    """The torch dtype a `dtype` argument names; None and "auto" mean `auto`."""
     if dtype in (None, "auto"):
         return auto
     if isinstance(dtype, torch.dtype):
@@ -74,8 +72,7 @@ def load_source(src, *, tokenizer=None, lora=None, need_tokenizer: bool = False)
         path = default_model_dir() if src is None else Path(src).expanduser()
         if not path.exists():
             raise CheckpointError(path, "does not exist")
-        name = path.stem if path.is_file() else path.name
-        source = _read(*read_checkpoint(path), lora, tokenizer, path, name)
+        source = _read(*read_checkpoint(path), lora, tokenizer, path, path.stem if path.is_file() else path.name)
     if source.tokenizer is None and need_tokenizer:
         what = src if isinstance(src, (str, Path)) else "the model"
         raise ConvertError(f"{what} has no tokenizer next to the weights: pass --tokenizer DIR (the folder with "
@@ -100,10 +97,10 @@ def _read(config: MiniMindConfig, sd: dict, lora, tokenizer, path: Path | None, 
 
 
 def _has_tokenizer(path: Path) -> bool:
-    """Whether the weights come with a tokenizer (an HF folder with tokenizer files, a GGUF); a .pth has none."""
+    """An HF folder with tokenizer files and a GGUF carry one; a bare weights file does not."""
     if path.is_dir():
-        files = any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
-        return files or any(path.glob("*.gguf"))
+        return any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")) or any(
+            path.glob("*.gguf"))
     return path.suffix == ".gguf"
 
 

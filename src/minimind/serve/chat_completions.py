@@ -2,16 +2,13 @@
 reasoning_content and tool_calls split out of the text (text/reply.py)."""
 from __future__ import annotations
 
-import time
-
 from fastapi import Request
-from fastapi.responses import JSONResponse
 
 from ..text.reply import ReplyParser, collect
-from .context import ServingContext, final_output
+from .context import ServingContext, final_outputs, submit
 from .errors import APIError
-from .formatting import chat_logprob_entries, finish_reason, usage
-from .params import chat_prompt, check_prompt, check_stream_options, resolve_max_tokens, sampling_params
+from .formatting import chat_logprob_entries, whole_response
+from .params import chat_prompt, check_stream_options
 from .protocol import ChatCompletionRequest, random_id
 from .sse import SSEResponse, StreamRenderer
 
@@ -23,50 +20,42 @@ def prepare_chat(ctx: ServingContext, req: ChatCompletionRequest):
     if req.top_logprobs and not req.logprobs:
         raise APIError(400, "top_logprobs requires logprobs to be true", param="top_logprobs")
     text, ids = chat_prompt(engine.tokenizer, req)
-    check_prompt(ids, engine.llm.config.vocab_size, "messages")
     requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-    max_tokens = resolve_max_tokens(requested, len(ids), engine.max_model_len, "messages")
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
-    params = sampling_params(req, max_tokens=max_tokens, vocab_size=engine.llm.config.vocab_size, logprobs=logprobs)
-    ctx.constrain(engine, params, req.response_format,
-                  "response_format needs constrained decoding: install the `serve` extra (llguidance)")
+    jobs = ctx.requests_for(engine, req, [ids], "messages", requested, logprobs,
+                            "response_format needs constrained decoding: install the `serve` extra (llguidance)")
     parse = {"started_in_think": text.rstrip(" ").endswith(("<think>", "<think>\n")),
              "parse_tools": bool(req.tools) and req.tool_choice != "none"}
-    return model_id, engine, ids, params, parse
+    return model_id, engine, jobs, parse
+
+
+def finish_reason(reason: str | None, has_tool_calls: bool) -> str | None:
+    return "tool_calls" if reason == "stop" and has_tool_calls else reason
 
 
 async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest, raw: Request):
-    model_id, engine, ids, params, parse = prepare_chat(ctx, req)
-    handle = engine.submit(ids, params, random_id("chatcmpl"), stream=req.stream)
+    model_id, engine, jobs, parse = prepare_chat(ctx, req)
+    response_id = random_id("chatcmpl")
+    handles = submit(engine, jobs, response_id, req.stream)
     if req.stream:
-        return SSEResponse(ChatStream(req, handle, model_id, ctx.token_text(engine), parse))
-    final = await final_output(raw, handle)
-    token_text = ctx.token_text(engine)
-    choices, completion_tokens = [], 0
-    for o in final.outputs:
+        return SSEResponse(ChatStream(req, handles, response_id, model_id, engine.token_text, parse))
+    finals = await final_outputs(raw, handles)
+    top_n = jobs[0][1].logprobs
+    choices = []
+    for o in finals[0].outputs:
         p = ReplyParser(**parse)
         reasoning, content, calls = collect(p.feed(o.text) + p.finish())
-        completion_tokens += len(o.token_ids)
         message = {"role": "assistant", "content": content if (content or not calls) else None,
                    "reasoning_content": reasoning or None,
                    "tool_calls": [{k: v for k, v in c.items() if k != "index"} for c in calls]}
-        lp = None
-        if params.logprobs is not None:
-            lp = {"content": chat_logprob_entries(token_text, o.logprobs or [], params.logprobs)}
+        lp = None if top_n is None else {"content": chat_logprob_entries(engine.token_text, o.logprobs or [], top_n)}
         choices.append({"index": o.index, "message": message, "logprobs": lp,
                         "finish_reason": finish_reason(o.finish_reason, bool(calls)), "stop_reason": o.stop_reason})
-    return JSONResponse({"id": handle.request_id, "object": "chat.completion", "created": int(time.time()),
-                         "model": model_id, "choices": choices,
-                         "usage": usage(len(ids), completion_tokens, final.num_cached_tokens),
-                         "system_fingerprint": None})
+    return whole_response(response_id, "chat.completion", model_id, finals, choices)
 
 
 def _choice(index: int, delta: dict, logprobs=None, finish: str | None = None) -> dict:
     return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
-
-
-def _content_choice(index: int, text: str) -> dict:
-    return _choice(index, {"content": text})
 
 
 class ChatStream(StreamRenderer):
@@ -75,14 +64,14 @@ class ChatStream(StreamRenderer):
 
     object = "chat.completion.chunk"
 
-    def __init__(self, req: ChatCompletionRequest, handle, model_id: str, token_text, parse: dict):
-        super().__init__(req, [handle], handle.request_id, model_id, token_text)
-        self.n = req.n
+    def __init__(self, req: ChatCompletionRequest, handles: list, response_id: str, model_id: str, token_text,
+                 parse: dict):
+        super().__init__(req, handles, response_id, model_id, token_text)
         self.parsers = [ReplyParser(**parse) for _ in range(req.n)]
         self.top_n = (req.top_logprobs or 0) if req.logprobs else None
 
     def head(self) -> list[bytes]:
-        return [self.chunk(_choice(i, {"role": "assistant", "content": ""})) for i in range(self.n)]
+        return [self.chunk(_choice(i, {"role": "assistant", "content": ""})) for i in range(len(self.parsers))]
 
     def render(self, _k: int, out) -> list[bytes]:
         chunks = []
@@ -103,7 +92,7 @@ class ChatStream(StreamRenderer):
                     key = "reasoning_content" if kind == "reasoning" else "content"
                     delta[key] = delta.get(key, "") + value
             if lp is None and not self.continuous and len(delta) == 1 and "content" in delta:
-                chunks.append(self.text_chunk(i, delta["content"], _content_choice))
+                chunks.append(self.text_chunk(i, delta["content"], lambda i, t: _choice(i, {"content": t})))
             elif delta or lp:
                 chunks.append(self.chunk(_choice(i, delta, lp)))
             if o.finished:

@@ -2,69 +2,41 @@
 same batch, choice index = prompt index * n + completion index (OpenAI's order)."""
 from __future__ import annotations
 
-import time
-
 from fastapi import Request
-from fastapi.responses import JSONResponse
 
-from .context import ServingContext, final_outputs
+from .context import ServingContext, final_outputs, submit
 from .errors import APIError
-from .formatting import completion_logprobs, usage
-from .params import check_prompt, check_stream_options, completion_prompts, resolve_max_tokens, sampling_params
+from .formatting import completion_logprobs, whole_response
+from .params import check_stream_options, completion_prompts
 from .protocol import CompletionRequest, random_id
 from .sse import SSEResponse, StreamRenderer
 
 
-def prepare_completion(ctx: ServingContext, req: CompletionRequest):
-    """Everything that can fail with a 4xx, done before the response starts."""
+async def create_completion(ctx: ServingContext, req: CompletionRequest, raw: Request):
     model_id, engine = ctx.engine_for(req.model)
     if req.suffix:
         raise APIError(400, "suffix is not supported", param="suffix")
     check_stream_options(req)
-    vocab = engine.llm.config.vocab_size
-    jobs = []
-    for ids in completion_prompts(engine.tokenizer, req):
-        check_prompt(ids, vocab, "prompt")
-        max_tokens = resolve_max_tokens(req.max_tokens, len(ids), engine.max_model_len, "prompt")
-        if req.max_tokens is None:  # OpenAI's default of 16, clamped to what the context has left
-            max_tokens = min(16, max_tokens)
-        params = sampling_params(req, max_tokens=max_tokens, vocab_size=vocab, logprobs=req.logprobs)
-        ctx.constrain(engine, params, req.response_format, "response_format needs constrained decoding (llguidance)")
-        jobs.append((ids, params))
-    return model_id, engine, jobs
-
-
-async def create_completion(ctx: ServingContext, req: CompletionRequest, raw: Request):
-    model_id, engine, jobs = prepare_completion(ctx, req)
-    base_id = random_id("cmpl")
-    handles = []  # one collector for all: the response reads the prompts' outputs as they come
-    try:
-        for k, (ids, params) in enumerate(jobs):
-            collector = handles[0].collector if handles else None
-            handles.append(engine.submit(ids, params, f"{base_id}-{k}", stream=req.stream, collector=collector, k=k))
-    except BaseException:
-        for h in handles:
-            h.abort()
-        raise
+    jobs = ctx.requests_for(engine, req, completion_prompts(engine.tokenizer, req), "prompt", req.max_tokens,
+                            req.logprobs, "response_format needs constrained decoding (llguidance)")
+    if req.max_tokens is None:  # OpenAI's default of 16, clamped to what the context has left
+        for _, params in jobs:
+            params.max_tokens = min(16, params.max_tokens)
+    response_id = random_id("cmpl")
+    handles = submit(engine, jobs, response_id, req.stream)
     if req.stream:
-        return SSEResponse(CompletionStream(req, handles, base_id, model_id, ctx.token_text(engine), engine.tokenizer))
+        return SSEResponse(CompletionStream(req, handles, response_id, model_id, engine.token_text, engine.tokenizer))
     finals = await final_outputs(raw, handles)
-    token_text = ctx.token_text(engine)
-    choices, prompt_tokens, completion_tokens, cached = [], 0, 0, 0
+    choices = []
     for k, final in enumerate(finals):
         prompt_text = engine.tokenizer.decode(final.prompt_token_ids) if req.echo else ""
-        prompt_tokens += len(final.prompt_token_ids)
-        cached += final.num_cached_tokens
         for o in final.outputs:
-            completion_tokens += len(o.token_ids)
             lp = None
             if req.logprobs is not None:
-                lp = completion_logprobs(token_text, o.logprobs or [], req.logprobs, len(prompt_text))
+                lp = completion_logprobs(engine.token_text, o.logprobs or [], req.logprobs, len(prompt_text))
             choices.append({"index": k * req.n + o.index, "text": prompt_text + o.text, "logprobs": lp,
                             "finish_reason": o.finish_reason, "stop_reason": o.stop_reason})
-    return JSONResponse({"id": base_id, "object": "text_completion", "created": int(time.time()), "model": model_id,
-                         "choices": choices, "usage": usage(prompt_tokens, completion_tokens, cached),
-                         "system_fingerprint": None})
+    return whole_response(response_id, "text_completion", model_id, finals, choices)
 
 
 def _text_choice(index: int, text: str, logprobs=None) -> dict:
@@ -77,8 +49,9 @@ class CompletionStream(StreamRenderer):
 
     object = "text_completion"
 
-    def __init__(self, req: CompletionRequest, handles: list, base_id: str, model_id: str, token_text, tokenizer):
-        super().__init__(req, handles, base_id, model_id, token_text)
+    def __init__(self, req: CompletionRequest, handles: list, response_id: str, model_id: str, token_text,
+                 tokenizer):
+        super().__init__(req, handles, response_id, model_id, token_text)
         self.req, self.tokenizer = req, tokenizer
         self.offsets: dict[int, int] = {}  # choice index -> text_offset of its next token
 
@@ -88,9 +61,9 @@ class CompletionStream(StreamRenderer):
         chunks, n = [], self.req.n
         for k, h in enumerate(self.handles):
             text = self.tokenizer.decode(h.prompt_token_ids)
-            for i in range(n):
-                self.offsets[k * n + i] = len(text)
-                chunks.append(self.chunk(_text_choice(k * n + i, text)))
+            for i in range(k * n, k * n + n):
+                self.offsets[i] = len(text)
+                chunks.append(self.chunk(_text_choice(i, text)))
         return chunks
 
     def render(self, k: int, out) -> list[bytes]:

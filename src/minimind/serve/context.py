@@ -1,16 +1,17 @@
-"""ServingContext: everything a handler needs (served engines, tokenizer, auth), passed explicitly, never global."""
+"""ServingContext: everything a handler needs (served engines, grammars, auth), passed explicitly, never global;
+and the steps every generation endpoint shares: checked engine requests, their submission, their final outputs."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from fastapi import Request
 
-from ..engine import RequestOutput
+from ..engine import RequestOutput, SamplingParams
 from .engine_client import AsyncEngine, RequestHandle
 from .errors import APIError
-from .formatting import token_text_of
+from .params import check_prompt, resolve_max_tokens, sampling_params
+from .protocol import SamplingFields
 
 
 @dataclass
@@ -19,7 +20,6 @@ class ServingContext:
     api_key: str | None = None
     metrics: object | None = None
     guided: object | None = None  # GuidedDecoding when a grammar library is installed
-    token_texts: dict[int, Callable[[int], str]] = field(default_factory=dict)  # id(tokenizer) -> token_text_of
 
     @property
     def base_model(self) -> str:
@@ -34,26 +34,43 @@ class ServingContext:
                            code="model_not_found")
         return model, self.engines[model]
 
-    def token_text(self, engine: AsyncEngine) -> Callable[[int], str]:
-        key = id(engine.tokenizer)
-        if key not in self.token_texts:
-            self.token_texts[key] = token_text_of(engine.tokenizer)
-        return self.token_texts[key]
+    def requests_for(self, engine: AsyncEngine, req: SamplingFields, prompts: list[list[int]], what: str,
+                     max_tokens: int | None, logprobs: int | None, unavailable: str):
+        """[(prompt ids, SamplingParams)] of each prompt, with every check that answers 4xx done now, before the
+        response starts. unavailable: the 400 for a json response_format when no grammar library is installed."""
+        vocab, fmt = engine.llm.config.vocab_size, req.response_format
+        jobs: list[tuple[list[int], SamplingParams]] = []
+        for ids in prompts:
+            check_prompt(ids, vocab, what)
+            budget = resolve_max_tokens(max_tokens, len(ids), engine.max_model_len, what)
+            params = sampling_params(req, max_tokens=budget, vocab_size=vocab, logprobs=logprobs)
+            if fmt is not None and fmt.type != "text":
+                if self.guided is None:
+                    raise APIError(400, unavailable, param="response_format")
+                self.guided.attach(engine, params, fmt)
+            jobs.append((ids, params))
+        return jobs
 
-    def constrain(self, engine: AsyncEngine, params, response_format, unavailable: str) -> None:
-        """Add the grammar of a json_object / json_schema response_format to params (a 400 with `unavailable` when
-        no grammar library is installed)."""
-        if response_format is None or response_format.type == "text":
-            return
-        if self.guided is None:
-            raise APIError(400, unavailable, param="response_format")
-        self.guided.attach(engine, params, response_format)
+
+def submit(engine: AsyncEngine, jobs: list, base_id: str, stream: bool) -> list[RequestHandle]:
+    """One engine request per job, all read through one collector (handle k's outputs have key k), so a response
+    takes its prompts' outputs as they come. All or none: a refused one aborts those already submitted."""
+    handles: list[RequestHandle] = []
+    try:
+        for k, (ids, params) in enumerate(jobs):
+            collector = handles[0].collector if handles else None
+            handles.append(engine.submit(ids, params, f"{base_id}-{k}", stream=stream, collector=collector, k=k))
+    except BaseException:
+        for h in handles:
+            h.abort()
+        raise
+    return handles
 
 
 async def final_outputs(request: Request, handles: list[RequestHandle]) -> list[RequestOutput]:
-    """The final outputs of a non-streamed response's requests (they share one collector; handle k's outputs have
-    key k). They are aborted on any error, and as soon as the client goes away, even while they still wait in the
-    queue: nothing is sent before the answer is ready, so nothing else would notice."""
+    """The final outputs of a non-streamed response's requests. They are aborted on any error, and as soon as the
+    client goes away, even while they still wait in the queue: nothing is sent before the answer is ready, so
+    nothing else would notice."""
 
     async def watch_disconnect():
         while (await request.receive())["type"] != "http.disconnect":
@@ -62,11 +79,10 @@ async def final_outputs(request: Request, handles: list[RequestHandle]) -> list[
             h.abort()
 
     watcher = asyncio.create_task(watch_disconnect())
-    collector = handles[0].collector
     try:
         left = len(handles)
         while left:
-            k, out = await collector.get()  # only final outputs are handed over for these
+            k, out = await handles[0].collector.get()  # only final outputs are handed over for these
             if out.finished and handles[k].final is None:
                 handles[k].final = out
                 left -= 1
@@ -75,7 +91,3 @@ async def final_outputs(request: Request, handles: list[RequestHandle]) -> list[
         watcher.cancel()
         for h in handles:
             h.abort()
-
-
-async def final_output(request: Request, handle: RequestHandle) -> RequestOutput:
-    return (await final_outputs(request, [handle]))[0]

@@ -14,6 +14,7 @@ region.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue
 import threading
@@ -24,46 +25,41 @@ from concurrent.futures import Future
 from ..engine import LLM, RequestOutput, SamplingParams
 from .channel import OutputCollector, RequestHandle
 from .errors import APIError
+from .formatting import token_text_of
 
 log = logging.getLogger("minimind.serve")
 
 
-def _settle(future: Future, fn) -> None:
-    if not future.set_running_or_notify_cancel():
-        return
-    try:
-        future.set_result(fn())
-    except BaseException as exc:  # noqa: BLE001 - raised to whoever waits on the future
-        future.set_exception(exc)
-
-
 class EngineThread:
-    """One thread for everything that computes: `call(build)` loads the model, then the AsyncEngine given this
-    thread runs its step loop there. A daemon thread (a ThreadPoolExecutor worker is joined at exit): a forced
+    """One thread for everything that computes: `call(build)` loads the model, then the AsyncEngines given this
+    thread run their step loop there. A daemon thread (a ThreadPoolExecutor worker is joined at exit): a forced
     shutdown must not hang on a running step loop."""
 
-    def __init__(self, name: str = "minimind-engine"):
+    def __init__(self):
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
-        threading.Thread(target=self._run, name=name, daemon=True).start()
+        threading.Thread(target=self._run, name="minimind-engine", daemon=True).start()
 
     def _run(self) -> None:
         while True:
-            _settle(*self._jobs.get())
+            future, fn = self._jobs.get()
+            try:
+                future.set_result(fn())
+            except BaseException as exc:  # noqa: BLE001 - raised to whoever waits on the future
+                future.set_exception(exc)
 
     def submit(self, fn) -> Future:
         future: Future = Future()
         self._jobs.put((future, fn))
         return future
 
-    def call(self, fn, *args, **kwargs):
-        """fn(*args, **kwargs) run on the engine thread."""
-        return self.submit(lambda: fn(*args, **kwargs)).result()
+    def call(self, fn, *args):
+        return self.submit(lambda: fn(*args)).result()
 
 
 class AsyncEngine:
     """Wraps an LLM (not started) for one served model id. max_queue bounds waiting requests (429 beyond it).
-    thread: the EngineThread that built the LLM; None starts a thread of its own. inline: step on the event loop
-    (a task that `start()` creates: call it inside the loop), a step and then one turn of the loop."""
+    thread: the EngineThread that built the LLM (None: one of its own, made at start). inline: step on the event
+    loop instead (a task that `start()` creates, so call it inside the loop): a step, then one turn of the loop."""
 
     def __init__(self, llm: LLM, *, max_queue: int = 256, thread: EngineThread | None = None, inline: bool = False):
         if llm._thread is not None:
@@ -73,44 +69,35 @@ class AsyncEngine:
         self.engine_thread, self.inline = thread, inline
         self.llm, self.max_queue = llm, max_queue
         self.tokenizer, self.max_model_len = llm.tokenizer, llm.max_model_len
+        self.token_text = token_text_of(llm.tokenizer)
         self._streams: dict[str, tuple[OutputCollector, int]] = {}  # request id -> its collector and key
         self._lock = threading.Lock()
         self._wake = threading.Event()  # thread mode: new work or an abort
         self._awake: asyncio.Event | None = None  # inline mode: the same
-        self._task: asyncio.Task | None = None  # inline: the step loop
-        self._loop_done: Future | None = None  # thread: the step loop
+        self._running: asyncio.Task | Future | None = None  # the step loop
         self._stopping = False
         self.accepting = True
         self.error: BaseException | None = None
         self.step_hooks: list = []  # callables(outputs) run on the engine thread after each step (metrics)
 
-    # ---------------------------------------------------------------- lifecycle
+    def _alive(self) -> bool:
+        return self._running is not None and not self._running.done()
+
     def start(self) -> AsyncEngine:
-        if self._running:
+        if self._alive():
             return self
         self._stopping, self.accepting = False, True
         if self.inline:  # must be called on the event loop (the lifespan does)
             self._awake = asyncio.Event()
-            self._task = asyncio.get_running_loop().create_task(self._step_task(), name="minimind-engine-steps")
-        elif self.engine_thread is not None:
-            self._loop_done = self.engine_thread.submit(self._loop)
+            self._running = asyncio.get_running_loop().create_task(self._step_task(), name="minimind-engine-steps")
         else:
-            self._loop_done = Future()
-            threading.Thread(target=_settle, args=(self._loop_done, self._loop), name="minimind-serve-engine",
-                             daemon=True).start()
+            self.engine_thread = self.engine_thread or EngineThread()
+            self._running = self.engine_thread.submit(self._loop)
         return self
-
-    @property
-    def _running(self) -> bool:
-        running = self._task or self._loop_done
-        return running is not None and not running.done()
 
     def _kick(self) -> None:
         """Wake the step loop: new work or an abort. Inline, callers are on the event loop."""
-        if self._awake is not None:
-            self._awake.set()
-        else:
-            self._wake.set()
+        (self._awake or self._wake).set()
 
     async def drain(self, timeout: float = 30.0) -> None:
         """Graceful shutdown: refuse new requests, let running ones finish (up to timeout), abort the rest, stop."""
@@ -120,39 +107,36 @@ class AsyncEngine:
             await asyncio.sleep(0.05)
         self._abort_all()
         deadline = time.monotonic() + 5
-        while self._running and self._streams and time.monotonic() < deadline:  # the aborts come out of a step
+        while self._streams and self._alive() and time.monotonic() < deadline:  # the aborts come out of a step
             await asyncio.sleep(0.01)
         self.shutdown()
 
     def shutdown(self) -> None:
-        self.accepting = False
-        if self._task is not None:  # inline: a step never stops half-way (there is no await in it)
+        self.accepting, running, self._running = False, self._running, None
+        if running is None:
+            return
+        if self.inline:  # a step never stops half-way (there is no await in it)
             self._stopping = True
-            self._task.cancel()
-            self._task = None
+            running.cancel()
             return
         self._abort_all()
         deadline = time.monotonic() + 5
-        while self._running and self._streams and time.monotonic() < deadline:
+        while self._streams and not running.done() and time.monotonic() < deadline:
             self._wake.set()
             time.sleep(0.01)
         self._stopping = True
         self._wake.set()
-        if self._loop_done is not None:
-            try:
-                self._loop_done.result(timeout=10)
-            except Exception:  # noqa: BLE001 - a timeout here must not block shutdown
-                log.warning("engine loop did not stop within 10 s")
-        self._loop_done = None
+        try:
+            running.result(timeout=10)
+        except Exception:  # noqa: BLE001 - a timeout here must not block shutdown
+            log.warning("engine loop did not stop within 10 s")
 
-    # ---------------------------------------------------------------- requests (event-loop side)
     @property
     def num_active(self) -> int:
         return len(self._streams)
 
     def stats(self) -> dict:
-        sched = self.llm.scheduler
-        slots = sched.slots
+        sched, slots = self.llm.scheduler, self.llm.scheduler.slots
         return {"running": len(sched.running), "waiting": len(sched.waiting), "active": len(self._streams),
                 "slots_total": slots.num_slots, "slots_free": slots.num_free,
                 "kv_usage": 1 - slots.num_free / max(slots.num_slots, 1)}
@@ -168,11 +152,9 @@ class AsyncEngine:
         if len(self._streams) >= capacity:
             raise APIError(429, f"server busy: {len(self._streams)} requests in flight (limit {capacity}); retry later",
                            code="queue_full", headers={"Retry-After": "1"})
-        if not self._running:
-            self.start()
+        self.start()
         request_id = request_id or uuid.uuid4().hex
-        if collector is None:
-            collector = OutputCollector(asyncio.get_running_loop(), final_only=not stream)
+        collector = collector or OutputCollector(asyncio.get_running_loop(), final_only=not stream)
         with self._lock:  # registered before the engine can emit anything for it
             self._streams[request_id] = (collector, k)
         try:
@@ -194,7 +176,6 @@ class AsyncEngine:
         for rid in pending:
             self.abort(rid)
 
-    # ---------------------------------------------------------------- stepping
     async def _step_task(self) -> None:
         while not self._stopping:
             self._awake.clear()
@@ -231,35 +212,27 @@ class AsyncEngine:
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         """One wake-up of each event loop per step for all of the step's outputs (not one per request: each costs
         the loop a self-pipe read and a turn)."""
-        by_loop: dict = {}
-        streams = self._streams
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
         with self._lock:
             for out in outputs:
-                entry = streams.pop(out.request_id, None) if out.finished else streams.get(out.request_id)
-                if entry is None or (entry[0].final_only and not out.finished):
-                    continue
-                items = by_loop.get(entry[0].loop)
-                if items is None:
-                    items = by_loop[entry[0].loop] = []
-                items.append((entry, out))
+                rid = out.request_id
+                entry = self._streams.pop(rid, None) if out.finished else self._streams.get(rid)
+                if entry is not None and (out.finished or not entry[0].final_only):
+                    by_loop.setdefault(entry[0].loop, []).append((entry, out))
         for loop, items in by_loop.items():
             if self.inline:  # already on that loop
                 _put_all(items)
-                continue
-            try:
-                loop.call_soon_threadsafe(_put_all, items)
-            except RuntimeError:  # the event loop is closed (shutdown): nobody is listening any more
-                pass
+            else:
+                with contextlib.suppress(RuntimeError):  # the loop is closed (shutdown): nobody listens any more
+                    loop.call_soon_threadsafe(_put_all, items)
 
     def _fail_all(self, exc: BaseException) -> None:
         with self._lock:
-            streams, self._streams = dict(self._streams), {}
+            streams, self._streams = self._streams, {}
         for rid, (collector, _) in streams.items():
             self.llm.abort(rid)
-            try:
+            with contextlib.suppress(RuntimeError):
                 collector.loop.call_soon_threadsafe(collector.fail, exc)
-            except RuntimeError:
-                pass
         try:  # the aborts are applied (and the slots released) at the start of the next step
             self.llm.step()
         except BaseException:
@@ -267,7 +240,6 @@ class AsyncEngine:
 
 
 def _put_all(items: list) -> None:
-    """On the event loop: each output into its request's collector."""
     for (collector, k), out in items:
         collector.put(k, out)
 

@@ -10,7 +10,7 @@ import json
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.exceptions import HTTPException
 
 TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
          405: "invalid_request_error", 413: "invalid_request_error", 422: "invalid_request_error",
@@ -33,62 +33,41 @@ def error_body(status: int, message: str, param: str | None = None, code: str | 
                       "code": code}}
 
 
-def context_overflow(max_model_len: int, prompt_tokens: int, max_tokens: int | None, what: str) -> APIError:
-    """vLLM's wording, which downstream clients pattern-match ("maximum context length is N tokens")."""
-    if max_tokens is None:
-        msg = (f"This model's maximum context length is {max_model_len} tokens. However, your request has "
-               f"{prompt_tokens} input tokens. Please reduce the length of the input {what}.")
-    else:
-        msg = (f"This model's maximum context length is {max_model_len} tokens. However, you requested "
-               f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the {what}, {max_tokens} in the "
-               f"completion). Please reduce the length of the {what} or completion.")
-    return APIError(400, msg, param=what, code="context_length_exceeded")
-
-
-def _loc(loc) -> str:
-    """("body", "messages", 0, "role") -> "messages[0].role"."""
-    out = ""
-    for p in (str(p) for p in loc if p != "body"):
-        out += f"[{p}]" if p.isdigit() else (f".{p}" if out else p)
-    return out
-
-
 def validation_message(errors: list[dict]) -> tuple[str, str | None]:
-    """One line naming each bad field, and the first field as `param`."""
+    """One line naming each bad field (loc ("body", "messages", 0, "role") -> "messages[0].role"), and the first
+    field as `param`."""
     items, first = [], None
     for err in errors[:5]:
-        loc = _loc(err.get("loc", ()))
         if err.get("type") == "json_invalid":
             items.append(f"request body is not valid JSON ({err.get('ctx', {}).get('error', 'parse error')})")
             continue
+        loc = ""
+        for p in (str(p) for p in err.get("loc", ()) if p != "body"):
+            loc += f"[{p}]" if p.isdigit() else (f".{p}" if loc else p)
         first = first or loc or None
         items.append(f"{loc or 'body'}: {err.get('msg', 'invalid value')}")
     return "; ".join(items) or "invalid request", first
 
 
+async def _error_response(request: Request, exc: Exception) -> JSONResponse:
+    status, param, code, headers = 400, None, None, None
+    if isinstance(exc, APIError):
+        status, message, param, code, headers = exc.status, exc.message, exc.param, exc.code, exc.headers
+    elif isinstance(exc, RequestValidationError):
+        (message, param), code = validation_message(list(exc.errors())), "invalid_value"
+    elif isinstance(exc, HTTPException):
+        status, message, headers = exc.status_code, str(exc.detail), exc.headers
+    elif isinstance(exc, json.JSONDecodeError):
+        message = f"request body is not valid JSON: {exc}"
+    elif isinstance(exc, ValueError):  # engine-side checks (SamplingParams, token ids)
+        message, code = str(exc), "invalid_value"
+    else:
+        status, message = 500, f"internal error: {type(exc).__name__}: {exc}"
+    return JSONResponse(error_body(status, message, param, code), status_code=status, headers=headers)
+
+
 def install_handlers(app: FastAPI) -> None:
-    @app.exception_handler(APIError)
-    async def _api_error(request: Request, exc: APIError):
-        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation(request: Request, exc: RequestValidationError):
-        message, param = validation_message(list(exc.errors()))
-        return JSONResponse(error_body(400, message, param, "invalid_value"), status_code=400)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http(request: Request, exc: StarletteHTTPException):
-        return JSONResponse(error_body(exc.status_code, str(exc.detail)), status_code=exc.status_code,
-                            headers=getattr(exc, "headers", None))
-
-    @app.exception_handler(json.JSONDecodeError)
-    async def _json(request: Request, exc: json.JSONDecodeError):
-        return JSONResponse(error_body(400, f"request body is not valid JSON: {exc}"), status_code=400)
-
-    @app.exception_handler(ValueError)
-    async def _value(request: Request, exc: ValueError):  # engine-side checks (SamplingParams, token ids)
-        return JSONResponse(error_body(400, str(exc), None, "invalid_value"), status_code=400)
-
-    @app.exception_handler(Exception)
-    async def _internal(request: Request, exc: Exception):
-        return JSONResponse(error_body(500, f"internal error: {type(exc).__name__}: {exc}"), status_code=500)
+    """Every exception that reaches FastAPI answers in the envelope (FastAPI's own handlers for validation and
+    HTTP errors answer in another shape, so each of these classes is registered, not only Exception)."""
+    for cls in (APIError, RequestValidationError, HTTPException, json.JSONDecodeError, ValueError, Exception):
+        app.add_exception_handler(cls, _error_response)

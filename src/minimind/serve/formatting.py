@@ -1,9 +1,15 @@
-"""Token text and logprob shapes of the OpenAI API (chat: `content[]` entries; completions: parallel lists)."""
+"""Token text, logprob and usage shapes of the OpenAI API (chat logprobs: `content[]` entries; completions:
+parallel lists), and the envelope of a non-streamed answer."""
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from functools import lru_cache
+
+from fastapi.responses import JSONResponse
+
+from ..engine import RequestOutput
 
 
 def token_text_of(tokenizer) -> Callable[[int], str]:
@@ -58,7 +64,8 @@ def usage(prompt_tokens: int, completion_tokens: int, cached: int = 0) -> dict:
     return u
 
 
-def finish_reason(reason: str | None, has_tool_calls: bool = False) -> str | None:
-    if reason == "stop" and has_tool_calls:
-        return "tool_calls"
-    return reason
+def whole_response(response_id: str, obj: str, model_id: str, finals: list[RequestOutput], choices: list) -> JSONResponse:
+    completion_tokens = sum(len(o.token_ids) for f in finals for o in f.outputs)
+    use = usage(sum(len(f.prompt_token_ids) for f in finals), completion_tokens, sum(f.num_cached_tokens for f in finals))
+    return JSONResponse({"id": response_id, "object": obj, "created": int(time.time()), "model": model_id,
+                         "choices": choices, "usage": use, "system_fingerprint": None})

@@ -14,7 +14,7 @@ from ..text.reply import parse_reply
 from ..text.template import render_prompt
 from .chat_completions import create_chat_completion, prepare_chat
 from .completions import create_completion
-from .context import ServingContext, final_output
+from .context import ServingContext, final_outputs, submit
 from .engine_client import AdapterEngine, AsyncEngine
 from .errors import APIError, install_handlers
 from .middleware import AuthAndCount
@@ -151,10 +151,10 @@ def create_app(engine, *, served_model_name: str | None = None, api_key: str | N
     @app.post("/chat", response_model=SimpleChatResponse, responses=ERRORS)
     async def simple_chat(req: SimpleChatRequest, raw: Request):
         """The seeds' minimal endpoint: {messages, max_tokens, temperature} -> {"response": text}."""
-        full = ChatCompletionRequest(messages=req.messages, temperature=req.temperature)
-        _, e, ids, params, _ = prepare_chat(ctx, full)
+        _, e, jobs, _ = prepare_chat(ctx, ChatCompletionRequest(messages=req.messages, temperature=req.temperature))
+        params = jobs[0][1]
         params.max_tokens = min(req.max_tokens, params.max_tokens)  # the seeds cut answers at the context's end
-        final = await final_output(raw, e.submit(ids, params, random_id("chat"), stream=False))
+        [final] = await final_outputs(raw, submit(e, jobs, random_id("chat"), stream=False))
         _, content, _ = parse_reply(final.outputs[0].text, parse_tools=False)
         return SimpleChatResponse(response=content)
 

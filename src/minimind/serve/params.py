@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from ..engine import SamplingParams
 from ..text.template import render_prompt
-from .errors import APIError, context_overflow
+from .errors import APIError
 from .protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, SamplingFields
 
 
@@ -78,19 +78,24 @@ def check_prompt(ids: list[int], vocab_size: int, what: str) -> None:
 
 
 def resolve_max_tokens(requested: int | None, prompt_len: int, max_model_len: int, what: str) -> int:
-    """vLLM's rule: no max_tokens = the rest of the context; too many = 400 naming both numbers."""
-    if prompt_len >= max_model_len or (requested is not None and prompt_len + requested > max_model_len):
-        raise context_overflow(max_model_len, prompt_len, requested, what)
-    return max_model_len - prompt_len if requested is None else requested
+    """vLLM's rule: no max_tokens = the rest of the context; too many = 400 naming both numbers, in vLLM's wording,
+    which downstream clients pattern-match ("maximum context length is N tokens")."""
+    if prompt_len >= max_model_len and requested is None:
+        msg = (f"This model's maximum context length is {max_model_len} tokens. However, your request has "
+               f"{prompt_len} input tokens. Please reduce the length of the input {what}.")
+    elif requested is not None and prompt_len + requested > max_model_len:
+        msg = (f"This model's maximum context length is {max_model_len} tokens. However, you requested "
+               f"{prompt_len + requested} tokens ({prompt_len} in the {what}, {requested} in the "
+               f"completion). Please reduce the length of the {what} or completion.")
+    else:
+        return max_model_len - prompt_len if requested is None else requested
+    raise APIError(400, msg, param=what, code="context_length_exceeded")
 
 
-def sampling_params(req: SamplingFields, *, max_tokens: int, vocab_size: int, logprobs: int | None,
-                    defaults: dict | None = None) -> SamplingParams:
-    d = defaults or {}
-
+def sampling_params(req: SamplingFields, *, max_tokens: int, vocab_size: int, logprobs: int | None) -> SamplingParams:
     def pick(name, fallback):
         value = getattr(req, name)
-        return d.get(name, fallback) if value is None else value
+        return fallback if value is None else value
 
     bias = None
     if req.logit_bias:

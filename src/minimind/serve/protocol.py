@@ -1,8 +1,8 @@
 """Wire schemas of the OpenAI-compatible API (requests validated by pydantic, responses documented in /docs).
 
 Field names and defaults follow the OpenAI API and vLLM's extensions (top_k, min_p, repetition_penalty,
-chat_template_kwargs, ...). Unknown request fields are ignored, as OpenAI does. Bounds live here so a bad value
-is a 400 that names the field before anything reaches the engine.
+chat_template_kwargs, ...). Unknown request fields are ignored (pydantic's default), as OpenAI does. Bounds live
+here so a bad value is a 400 that names the field before anything reaches the engine.
 """
 from __future__ import annotations
 
@@ -10,52 +10,47 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
 
 def random_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
-class _Req(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-
-# ---------------------------------------------------------------- shared request pieces
-class StreamOptions(_Req):
+class StreamOptions(BaseModel):
     include_usage: bool = False
     continuous_usage_stats: bool = False
 
 
-class FunctionDef(_Req):
+class FunctionDef(BaseModel):
     name: str
     description: str | None = None
     parameters: dict[str, Any] | None = None
 
 
-class Tool(_Req):
+class Tool(BaseModel):
     type: Literal["function"] = "function"
     function: FunctionDef
 
 
-class NamedToolChoice(_Req):
+class NamedToolChoice(BaseModel):
     type: Literal["function"] = "function"
     function: dict[str, str]
 
 
-class JsonSchemaSpec(_Req):
+class JsonSchemaSpec(BaseModel):
     name: str = "schema"
     description: str | None = None
     schema_: dict[str, Any] | None = Field(default=None, alias="schema")
     strict: bool | None = None
 
 
-class ResponseFormat(_Req):
+class ResponseFormat(BaseModel):
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JsonSchemaSpec | None = None
 
 
-class SamplingFields(_Req):
+class SamplingFields(BaseModel):
     """Sampling fields common to chat and text completions."""
 
     model: str | None = Field(default=None, description="a served model id (default: the base model)")
@@ -81,24 +76,23 @@ class SamplingFields(_Req):
     response_format: ResponseFormat | None = None
 
 
-# ---------------------------------------------------------------- chat
-class TextPart(_Req):
+class TextPart(BaseModel):
     type: str = "text"
     text: str | None = None
 
 
-class ToolCallFunction(_Req):
+class ToolCallFunction(BaseModel):
     name: str
     arguments: str | dict[str, Any] = "{}"
 
 
-class MessageToolCall(_Req):
+class MessageToolCall(BaseModel):
     id: str | None = None
     type: Literal["function"] = "function"
     function: ToolCallFunction
 
 
-class ChatMessage(_Req):
+class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
@@ -127,7 +121,6 @@ class CompletionRequest(SamplingFields):
     suffix: str | None = None
 
 
-# ---------------------------------------------------------------- responses
 class UsageInfo(BaseModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -230,8 +223,7 @@ class ErrorResponse(BaseModel):
     error: ErrorInfo
 
 
-# ---------------------------------------------------------------- extras
-class TokenizeRequest(_Req):
+class TokenizeRequest(BaseModel):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
@@ -246,7 +238,7 @@ class TokenizeResponse(BaseModel):
     tokens: list[int]
 
 
-class DetokenizeRequest(_Req):
+class DetokenizeRequest(BaseModel):
     model: str | None = None
     tokens: list[int]
 
@@ -255,7 +247,7 @@ class DetokenizeResponse(BaseModel):
     prompt: str
 
 
-class SimpleChatRequest(_Req):
+class SimpleChatRequest(BaseModel):
     """The seeds' FastAPI `POST /chat` body."""
 
     messages: list[ChatMessage] = Field(min_length=1)

@@ -68,15 +68,18 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # while loading: quit quietly
         print(file=sys.stderr)
         return 130
-    except Exception as exc:  # one clear line, never a traceback (MINIMIND_DEBUG=1 shows it)
-        if os.environ.get("MINIMIND_DEBUG"):
-            raise
-        from ..errors import CheckpointError
+    except Exception as exc:  # noqa: BLE001 - one clear line
+        return print_error(exc)
 
-        known = isinstance(exc, (CheckpointError, ValueError, OSError))
-        message = " ".join(str(exc).split())  # one line, even for torch's multi-paragraph messages
-        print(f"error: {message if known else f'{type(exc).__name__}: {message}'}", file=sys.stderr)
-        return 1
+
+def print_error(exc: Exception) -> int:
+    """One clear line on stderr, never a traceback (MINIMIND_DEBUG=1 shows it); the exit code 1."""
+    if os.environ.get("MINIMIND_DEBUG"):
+        raise exc
+    message = " ".join(str(exc).split())  # one line, even for torch's multi-paragraph messages
+    known = isinstance(exc, (ValueError, OSError))  # CheckpointError is a ValueError
+    print(f"error: {message if known else f'{type(exc).__name__}: {message}'}", file=sys.stderr)
+    return 1
 
 
 # The original eval_llm.py's auto-test questions, and an English set for the (English) default model.

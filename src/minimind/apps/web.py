@@ -76,38 +76,29 @@ def streamlit_command(args: argparse.Namespace) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ..web.backend import CONFIG_ENV, make_backend
+    from ..web.text import LANG_ENV
+    from .chat import print_error
+
     args = build_parser().parse_args(argv)
     if args.share and args.ui != "gradio":
         print("error: --share is a Gradio option (use --ui gradio)", file=sys.stderr)
         return 2
     try:
         config = backend_config(args)
-    except (ValueError, OSError) as exc:
-        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
-        return 1
-    if args.ui == "streamlit":
-        from ..web.backend import CONFIG_ENV
-        from ..web.text import LANG_ENV
-
-        env = {**os.environ, CONFIG_ENV: config.to_env(), LANG_ENV: args.lang}
-        try:
+        if args.ui == "streamlit":
+            env = {**os.environ, CONFIG_ENV: config.to_env(), LANG_ENV: args.lang}
             return subprocess.call(streamlit_command(args), env=env)
-        except KeyboardInterrupt:
-            return 130
-    try:
-        import gradio  # noqa: F401
-    except ImportError:
-        print("error: the Gradio UI needs `pip install minimind[web]`", file=sys.stderr)
-        return 1
-    from ..web.backend import make_backend
-    from ..web.gradio_app import launch
+        try:
+            import gradio  # noqa: F401
+        except ImportError:
+            raise ValueError("the Gradio UI needs `pip install minimind[web]`") from None
+        from ..web.gradio_app import launch
 
-    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    try:
-        backend = make_backend(config)
-    except (ValueError, OSError) as exc:  # an unusable checkpoint or tokenizer: one line, as `minimind chat`
-        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
-        return 1
+        os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+        backend = make_backend(config)  # an unusable checkpoint or tokenizer: one line, as `minimind chat`
+    except (ValueError, OSError) as exc:
+        return print_error(exc)
     except KeyboardInterrupt:
         return 130
     try:

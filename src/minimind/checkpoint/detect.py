@@ -32,16 +32,25 @@ def sniff_file(path: Path) -> str:
                           "safetensors, GGUF, or a Hugging Face model folder)")
 
 
+def corrupt(path: Path, kind: str, why: str) -> CheckpointError:
+    return CheckpointError(path, f"unreadable {kind} file (truncated or corrupt? re-download it): {why}")
+
+
+def only_gguf(folder: Path) -> Path | None:
+    """The GGUF file of a folder holding exactly one (a folder of llama.cpp weights), else None."""
+    ggufs = list(folder.glob("*.gguf"))
+    return ggufs[0] if len(ggufs) == 1 else None
+
+
 def detect(path: Path) -> str:
-    """Return one of the format constants above for a file or directory."""
+    """One of the format constants above for a file or folder."""
     if not path.exists():
         raise CheckpointError(path, "does not exist")
     if path.is_file():
         return sniff_file(path)
     cfg_path = path / "config.json"
     if not cfg_path.is_file():
-        ggufs = sorted(path.glob("*.gguf"))
-        if len(ggufs) == 1:
+        if only_gguf(path):
             return GGUF
         raise CheckpointError(path, "is a folder without config.json: not a Hugging Face model folder (for native "
                               ".pth weights pass the file itself, or --save_dir/--weight)")

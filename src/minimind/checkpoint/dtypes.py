@@ -1,4 +1,4 @@
-"""Torch dtypes by name, and casting a state_dict to one."""
+"""Torch dtypes by name."""
 from __future__ import annotations
 
 import logging
@@ -28,12 +28,3 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: str | torch.device = 
         raise ValueError(f"unsupported dtype {dtype}")
     return dtype
 
-
-def cast_state_dict(sd: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
-    """Floating tensors cast to dtype one at a time, each source tensor released as soon as it is cast."""
-    if dtype is None:
-        return sd
-    for key in list(sd):
-        if sd[key].is_floating_point():
-            sd[key] = sd[key].to(dtype)
-    return sd

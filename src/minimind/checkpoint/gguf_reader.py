@@ -17,6 +17,7 @@ import torch
 from ..config import MiniMindConfig
 from ..errors import CheckpointError
 from ..model.core import MiniMindLM, build_on_meta
+from .detect import corrupt
 from .hf import hf_yarn, llama_or_qwen3_config
 
 SUPPORTED_ARCHS = ("llama", "qwen3", "qwen3moe")
@@ -29,8 +30,7 @@ def _open(path: Path):
     try:
         return GGUFReader(str(path))
     except Exception as exc:  # numpy/struct errors on a truncated or non-GGUF file
-        raise CheckpointError(path, f"unreadable GGUF file (truncated or corrupt? re-download it): "
-                              f"{type(exc).__name__}: {exc}") from None
+        raise corrupt(path, "GGUF", f"{type(exc).__name__}: {exc}") from None
 
 
 def _field(reader, key: str, default=None):

@@ -26,8 +26,8 @@ _FUSED = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(gate_up_proj|down_pr
 
 def read_hf_folder(path: Path, kind: str, dtype: torch.dtype | None = None
                    ) -> tuple[MiniMindConfig, dict[str, torch.Tensor]]:
-    """(config, state_dict with our parameter names) for an HF folder of the flavour `kind` (detect.HF_*).
-    dtype: floating tensors are cast to it one by one as they are read (None keeps the files' dtype)."""
+    """(config, state_dict with our parameter names) of an HF folder of the flavour `kind` (detect.HF_*), floating
+    tensors cast to `dtype` one by one as they are read (None keeps the files' dtype)."""
     cfg_path = Path(path) / "config.json"
     raw = json.loads(cfg_path.read_text())
     weights_path, sd = read_weights(Path(path), dtype)
@@ -44,7 +44,7 @@ def read_hf_folder(path: Path, kind: str, dtype: torch.dtype | None = None
 
 
 def read_weights(folder: Path, dtype: torch.dtype | None = None) -> tuple[Path, dict[str, torch.Tensor]]:
-    """Load the folder's weights (single or sharded safetensors / pytorch_model.bin) -> (file named in errors, sd)."""
+    """(the file named in errors, state_dict) of single or sharded safetensors / pytorch_model.bin."""
     candidate = next((folder / name for name in _WEIGHT_FILES if (folder / name).is_file()), None)
     if candidate is None:
         found = sorted(p.name for p in folder.iterdir() if p.suffix in (".safetensors", ".bin", ".pth", ".gguf"))
@@ -104,8 +104,7 @@ def _minimind_config(raw: dict, sd: dict, cfg_path: Path) -> MiniMindConfig:
         raise CheckpointError(cfg_path, f"invalid MiniMind config: {exc}") from None
 
 
-def _hf_config(raw: dict, sd: dict, kind: str, cfg_path: Path) -> MiniMindConfig:
-    """A Llama / Qwen3 / Qwen3-MoE config.json, parsed by transformers' own config class, as a MiniMindConfig."""
+def _hf_config(raw: dict, sd: dict, kind: str, cfg_path: Path) -> MiniMindConfig:  # Llama / Qwen3 / Qwen3-MoE
     from transformers import AutoConfig
 
     fields = {k: v for k, v in raw.items() if k not in ("model_type", "auto_map")}
@@ -154,8 +153,7 @@ def llama_or_qwen3_config(source: Path, qwen3: bool, **fields) -> MiniMindConfig
         raise CheckpointError(source, str(exc)) from None
 
 
-def _rope(hf, head_dim: int, cfg_path: Path) -> tuple[float, dict | None]:
-    """(rope_theta, our rope_scaling) from HF's standardised `rope_parameters`."""
+def _rope(hf, head_dim: int, cfg_path: Path) -> tuple[float, dict | None]:  # (rope_theta, our rope_scaling)
     params = dict(getattr(hf, "rope_parameters", None) or {})
     if not params and getattr(hf, "rope_scaling", None):  # older transformers layouts
         params = dict(hf.rope_scaling)
@@ -188,7 +186,6 @@ def hf_yarn(params: dict, max_pos: int, head_dim: int, theta: float, source: Pat
     # Cases where MiniMind's formula differs from HF's: it only scales when max_pos > original context, it clamps
     # the ramp end at dim/2-1 (HF at dim-1), and it always truncates.
     if max_pos <= orig or high > head_dim // 2 - 1 or params.get("truncate", True) is False:
-        # Outside the range where the two formulas agree: let transformers compute it itself.
         return {**{k: v for k, v in params.items() if k not in ("type", "rope_theta")}, "rope_type": "hf_yarn"}
     return {"rope_type": "yarn", "factor": float(factor), "original_max_position_embeddings": int(orig),
             "beta_fast": float(beta_fast), "beta_slow": float(beta_slow),

@@ -39,7 +39,6 @@ def quantize_state_dict(sd: dict[str, torch.Tensor], float_dtype=torch.float32) 
 
 
 def dequantize_state_dict(sd: dict[str, torch.Tensor], dtype=torch.float32) -> dict[str, torch.Tensor]:
-    """The float state_dict an int8 folder stands for (for loaders without int8 kernels)."""
     out = {}
     for key, value in sd.items():
         if key.endswith(".weight_scale"):
@@ -49,8 +48,7 @@ def dequantize_state_dict(sd: dict[str, torch.Tensor], dtype=torch.float32) -> d
     return out
 
 
-def read_int8_folder(folder: str | Path, dtype=torch.float32):
-    """(MiniMindConfig, dequantized state_dict) of an int8 folder; for `read_checkpoint` to call."""
+def read_int8_folder(folder: str | Path, dtype=torch.float32):  # -> (MiniMindConfig, dequantized state_dict)
     from safetensors.torch import load_file
 
     folder = Path(folder)

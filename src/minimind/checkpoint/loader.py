@@ -11,7 +11,7 @@ from ..model.core import MiniMindLM, build_on_meta
 from ..model.keys import explain_mismatch, infer_config, normalize_state_dict
 from . import detect as fmt
 from .default_model import default_model_dir
-from .dtypes import cast_state_dict, resolve_dtype
+from .dtypes import resolve_dtype
 from .gguf_reader import gguf_tokenizer, read_gguf
 from .hf import read_hf_folder
 from .int8 import read_int8_folder
@@ -43,13 +43,12 @@ def load_model(path: str | Path | None = None, *, lora: str | Path | None = None
                inference_rope_scaling: bool | str = False, dtype: str | torch.dtype | None = None,
                device: str | torch.device = "cpu", flash_attn: bool = True, light: bool = False,
                **config_overrides):
-    """Load any MiniMind checkpoint (native .pth, HF folder of any flavour, GGUF) ready for inference.
+    """Any MiniMind checkpoint (native .pth, HF folder of any flavour, GGUF; None = the embedded default model)
+    ready for inference, its weights cast to `dtype` tensor by tensor while they are read.
 
-    path: file or folder; None -> the embedded default model (SmolLM2-135M-Instruct).
-    inference_rope_scaling: False (keep the checkpoint's own RoPE), True (standard YaRN x16) or "legacy" (x4).
-    light: return a plain-torch `MiniMindLM` (what the engine runs; loading it never imports transformers'
-    modeling stack) instead of the HF `MiniMindForCausalLM` (HF generate, save_pretrained). Same weights and keys.
-    Weights are cast to `dtype` tensor by tensor while they are read.
+    inference_rope_scaling: False (the checkpoint's own RoPE), True (standard YaRN x16) or "legacy" (x4).
+    light: a plain-torch `MiniMindLM` (what the engine runs; never imports transformers' modeling stack) instead
+    of the HF `MiniMindForCausalLM` (generate, save_pretrained), with the same weights and keys.
     """
     if light:
         model_class = MiniMindLM
@@ -67,7 +66,6 @@ def load_model(path: str | Path | None = None, *, lora: str | Path | None = None
     problem = explain_mismatch(sd, model)
     if problem:
         raise CheckpointError(path, problem)
-    sd = cast_state_dict(sd, torch_dtype)  # no-op for tensors the reader already cast
     model.load_state_dict(sd, strict=True, assign=True)
     del sd
     model.tie_embeddings()
@@ -87,10 +85,9 @@ def load_tokenizer(path: str | Path | None = None):
         raise CheckpointError(path, "is a weights file without a tokenizer: pass the tokenizer folder with "
                               "--tokenizer (for the original layout that is the repository's `model/` folder)")
     if path.is_dir() and not any((path / f).is_file() for f in _TOKENIZER_FILES):
-        ggufs = sorted(path.glob("*.gguf"))
-        if len(ggufs) != 1:
+        path = fmt.only_gguf(path) or path
+        if path.is_dir():
             raise CheckpointError(path, "has no tokenizer.json / tokenizer_config.json")
-        path = ggufs[0]
     if path.is_file():
         return gguf_tokenizer(path)
     from transformers import AutoConfig, AutoTokenizer

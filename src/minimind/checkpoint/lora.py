@@ -1,8 +1,5 @@
-"""MiniMind's LoRA files (the original layout, not PEFT): find, read and check, load into a model, save.
-
-The adapter modules themselves are model.lora's; this module re-exports them, so `minimind.lora` is the one
-place a user needs (`apply_lora`, `load_lora`, `merge_lora`, `save_lora`, ...).
-"""
+"""MiniMind's LoRA files (the original layout, not PEFT): find, read and check, load into a model, save. The
+adapter modules are model.lora's, re-exported: `minimind.lora` (this module) is the one place a user needs."""
 from __future__ import annotations
 
 import re
@@ -85,8 +82,8 @@ def read_adapter(model: nn.Module, path_or_state_dict) -> tuple[int, dict[str, d
 
 
 def load_lora(model: nn.Module, path_or_state_dict) -> nn.Module:
-    """Load an original LoRA file (any era) into `model` (checked by read_adapter), applying LoRA first if needed;
-    tensors are cast to each layer's dtype/device. Nothing in the model changes when the file does not fit."""
+    """Load a LoRA file of any era into `model`, applying LoRA first if needed. Nothing in the model changes when
+    the file does not fit (read_adapter checks it first)."""
     rank, pairs = read_adapter(model, path_or_state_dict)
     wrapped = lora_layers(model)
     if any(m.merged for m in wrapped.values()):

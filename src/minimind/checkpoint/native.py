@@ -10,7 +10,6 @@ import torch
 
 from ..errors import CheckpointError
 from . import detect as fmt
-from .dtypes import cast_state_dict
 from .safetensors_file import read_safetensors
 
 
@@ -18,11 +17,15 @@ def read_weights_file(path: Path, dtype: torch.dtype | None = None) -> dict[str,
     """{name: tensor} of one .pth/.bin or .safetensors file, floating tensors cast to `dtype` (None keeps them)."""
     if fmt.sniff_file(path) == fmt.SAFETENSORS:  # by content; raises on LFS pointers and empty files
         return read_safetensors(path, dtype)  # tensor by tensor, cast as read
-    return cast_state_dict(read_torch_file(path), dtype)
+    sd = read_torch_file(path)
+    for key in list(sd) if dtype is not None else ():  # one at a time: each source tensor is released once cast
+        if sd[key].is_floating_point():
+            sd[key] = sd[key].to(dtype)
+    return sd
 
 
 def read_torch_file(path: Path) -> dict[str, torch.Tensor]:
-    """torch.load with weights_only=True; a pickle that needs code execution is refused, never run."""
+    """torch.load with weights_only=True: a pickle that needs code execution is refused, never run."""
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as exc:

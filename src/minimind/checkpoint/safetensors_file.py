@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError
+from .detect import corrupt
 
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -27,7 +28,7 @@ _CHUNK = 64 * 2**10
 
 
 def _corrupt(path: Path, why: str) -> CheckpointError:
-    return CheckpointError(path, f"unreadable safetensors file (truncated or corrupt? re-download it): {why}")
+    return corrupt(path, "safetensors", why)
 
 
 def read_header(f, path: Path) -> tuple[int, dict]:

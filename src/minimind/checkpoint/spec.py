@@ -1,8 +1,5 @@
-"""ModelSpec: which model to run and how to load it, from MiniMind's eval_llm.py flags or from code.
-
-`minimind chat`, `serve` and `web` add the flags with `ModelSpec.add_arguments` and build a ModelSpec with
-`from_args`; nothing below this module sees an argparse Namespace.
-"""
+"""ModelSpec: which model to run and how to load it, from MiniMind's eval_llm.py flags or from code. The commands
+add the flags with `ModelSpec.add_arguments` and build one with `from_args`: no argparse Namespace goes further."""
 from __future__ import annotations
 
 import argparse
@@ -15,25 +12,20 @@ from . import detect as fmt
 
 SEED_HIDDEN_SIZES = (512, 768, 640)  # tried in this order when --hidden_size is not given
 NO_LORA = (None, "", "None", "none")
+# --inference_rope_scaling: nothing/1 = YaRN x16, 0 = off, 'legacy' = the Oct-Nov 2025 x4 formula
+ROPE_SCALING = {"legacy": "legacy", **dict.fromkeys(("1", "true", "yes", "on", "yarn"), True),
+                **dict.fromkeys(("0", "false", "no", "off"), False)}
 
 
 def rope_scaling_arg(value: str):
-    """--inference_rope_scaling: nothing/1 = YaRN x16, 0 = off, 'legacy' = the Oct-Nov 2025 x4 formula."""
-    v = value.strip().lower()
-    if v == "legacy":
-        return "legacy"
-    if v in ("1", "true", "yes", "on", "yarn"):
-        return True
-    if v in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected nothing, 1/0 or 'legacy', got {value!r}")
+    if value.strip().lower() not in ROPE_SCALING:
+        raise argparse.ArgumentTypeError(f"expected nothing, 1/0 or 'legacy', got {value!r}")
+    return ROPE_SCALING[value.strip().lower()]
 
 
 @dataclass(frozen=True)
-class Source:
-    """Where weights and tokenizer come from. model None = the embedded default model."""
-
-    model: Path | None
+class Source:  # where weights and tokenizer come from
+    model: Path | None  # None = the embedded default model
     tokenizer: Path | None
     weight: str  # weight name (pretrain*, full_sft, ...): decides pretrain-style prompting
 
@@ -84,7 +76,8 @@ class ModelSpec:
             help="YaRN RoPE extrapolation (x16, standard); 'legacy' = the Oct-Nov 2025 x4 formula")
         add("model", default=None, metavar="PATH",
             help="any checkpoint: native .pth, Hugging Face folder (minimind/llama/qwen3) or GGUF")
-        add("tokenizer", default=None, metavar="DIR", help="tokenizer folder (overrides --load_from)")
+        add("tokenizer", default=None, metavar="DIR", help="tokenizer folder (instead of the model's own or "
+            "--load_from)")
         add("device", default=None, help="cuda, cpu, mps, cuda:1 ... (default: cuda if available, else cpu)")
         add("dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
             help="auto = float32 on CPU, bfloat16 on CUDA (float16 on CPU is replaced by bfloat16)")
@@ -123,7 +116,7 @@ class ModelSpec:
                 raise CheckpointError(load_from, "does not exist: --load_from takes the original layout's tokenizer "
                                       "folder (`model/`), a Hugging Face model folder or a GGUF file (or pass "
                                       "--tokenizer DIR)")
-            if load_from.is_file() or (load_from / "config.json").is_file() or len(list(load_from.glob("*.gguf"))) == 1:
+            if load_from.is_file() or (load_from / "config.json").is_file() or fmt.only_gguf(load_from):
                 return Source(load_from, tokenizer or load_from, self.weight or load_from.stem)
         weight = self.weight or "full_sft"
         sizes = [self.hidden_size] if self.hidden_size else _seed_sizes(save_dir, weight, self.use_moe)

@@ -25,15 +25,13 @@ def _text(content) -> str | None:
 
 
 def history_from_gradio(history: list) -> list[dict]:
-    """Gradio's chat history -> plain user/assistant messages (metadata messages dropped, escaping undone)."""
+    """Gradio's chat history -> plain messages (metadata messages dropped, escaping undone); build_messages skips
+    other roles and non-text content."""
     out = []
     for m in history or []:
-        if not isinstance(m, dict) or (m.get("metadata") or {}).get("title"):
-            continue
-        text = _text(m.get("content"))
-        if text is None or m.get("role") not in ("user", "assistant"):
-            continue
-        out.append({"role": m["role"], "content": html.unescape(text) if m["role"] == "assistant" else text})
+        if isinstance(m, dict) and not (m.get("metadata") or {}).get("title"):
+            text, role = _text(m.get("content")), m.get("role")
+            out.append({"role": role, "content": html.unescape(text) if role == "assistant" and text else text})
     return out
 
 

@@ -1,15 +1,153 @@
-"""POST /v1/completions: raw text (or token id) prompts; several prompts run as several engine requests in the
-same batch, choice index = prompt index * n + completion index (OpenAI's order)."""
+"""POST /v1/chat/completions and POST /v1/completions: checked engine requests (context.py), answered whole or as
+an SSE stream (sse.py).
+
+Chat: the prompt comes from the checkpoint's own chat template; reasoning_content and tool_calls are split out of
+the text (text/reply.py). Completions: raw text (or token id) prompts; several prompts run as several engine
+requests in the same batch, choice index = prompt index * n + completion index (OpenAI's order).
+"""
 from __future__ import annotations
 
-from fastapi import Request
+import math
+import time
 
-from .context import ServingContext, final_outputs, submit
+from fastapi import Request
+from fastapi.responses import JSONResponse
+
+from ..engine import RequestOutput
+from ..text.reply import ReplyParser, collect
+from .context import ServingContext, chat_prompt, check_stream_options, completion_prompts, final_outputs, submit
 from .errors import APIError
-from .formatting import completion_logprobs, whole_response
-from .params import check_stream_options, completion_prompts
-from .protocol import CompletionRequest, random_id
-from .sse import SSEResponse, StreamRenderer
+from .protocol import ChatCompletionRequest, CompletionRequest, random_id
+from .sse import SSEResponse, StreamRenderer, usage
+
+
+def _finite(x: float) -> float:
+    # JSON has no -inf; a masked-out top token would otherwise break the response
+    return x if math.isfinite(x) else -9999.0
+
+
+def chat_logprobs(token_text, logprobs, top_n: int) -> dict:
+    entries = []
+    for lp in logprobs:
+        tok = token_text(lp.token_id)
+        entry = {"token": tok, "logprob": _finite(lp.logprob), "bytes": list(tok.encode("utf-8")), "top_logprobs": []}
+        for top in lp.top[:top_n]:
+            t = token_text(top.token_id)
+            entry["top_logprobs"].append({"token": t, "logprob": _finite(top.logprob),
+                                          "bytes": list(t.encode("utf-8"))})
+        entries.append(entry)
+    return {"content": entries}
+
+
+def completion_logprobs(token_text, logprobs, top_n: int, offset0: int = 0) -> dict:
+    tokens, token_lps, tops, offsets = [], [], [], []
+    offset = offset0
+    for lp in logprobs:
+        tok = token_text(lp.token_id)
+        tokens.append(tok)
+        token_lps.append(_finite(lp.logprob))
+        top = {}
+        for t in lp.top[:top_n]:
+            top.setdefault(token_text(t.token_id), _finite(t.logprob))
+        tops.append(top if top_n else None)
+        offsets.append(offset)
+        offset += len(tok)
+    return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
+
+
+def whole_response(response_id: str, obj: str, model_id: str, finals: list[RequestOutput], choices: list) -> JSONResponse:
+    completion_tokens = sum(len(o.token_ids) for f in finals for o in f.outputs)
+    use = usage(sum(len(f.prompt_token_ids) for f in finals), completion_tokens, sum(f.num_cached_tokens for f in finals))
+    return JSONResponse({"id": response_id, "object": obj, "created": int(time.time()), "model": model_id,
+                         "choices": choices, "usage": use, "system_fingerprint": None})
+
+
+def prepare_chat(ctx: ServingContext, req: ChatCompletionRequest):
+    """Everything that can fail with a 4xx, done before the response starts."""
+    model_id, engine = ctx.engine_for(req.model)
+    check_stream_options(req)
+    if req.top_logprobs and not req.logprobs:
+        raise APIError(400, "top_logprobs requires logprobs to be true", param="top_logprobs")
+    text, ids = chat_prompt(engine.tokenizer, req)
+    requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    logprobs = (req.top_logprobs or 0) if req.logprobs else None
+    jobs = ctx.requests_for(engine, req, [ids], "messages", requested, logprobs,
+                            "response_format needs constrained decoding: install the `serve` extra (llguidance)")
+    parse = {"started_in_think": text.rstrip(" ").endswith(("<think>", "<think>\n")),
+             "parse_tools": bool(req.tools) and req.tool_choice != "none"}
+    return model_id, engine, jobs, parse
+
+
+def finish_reason(reason: str | None, has_tool_calls: bool) -> str | None:
+    return "tool_calls" if reason == "stop" and has_tool_calls else reason
+
+
+async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest, raw: Request):
+    model_id, engine, jobs, parse = prepare_chat(ctx, req)
+    response_id = random_id("chatcmpl")
+    handles = submit(engine, jobs, response_id, req.stream)
+    if req.stream:
+        return SSEResponse(ChatStream(req, handles, response_id, model_id, engine.token_text, parse))
+    finals = await final_outputs(raw, handles)
+    top_n = jobs[0][1].logprobs
+    choices = []
+    for o in finals[0].outputs:
+        p = ReplyParser(**parse)
+        reasoning, content, calls = collect(p.feed(o.text) + p.finish())
+        message = {"role": "assistant", "content": content if (content or not calls) else None,
+                   "reasoning_content": reasoning or None,
+                   "tool_calls": [{k: v for k, v in c.items() if k != "index"} for c in calls]}
+        lp = None if top_n is None else chat_logprobs(engine.token_text, o.logprobs or [], top_n)
+        choices.append({"index": o.index, "message": message, "logprobs": lp,
+                        "finish_reason": finish_reason(o.finish_reason, bool(calls)), "stop_reason": o.stop_reason})
+    return whole_response(response_id, "chat.completion", model_id, finals, choices)
+
+
+def _choice(index: int, delta: dict, logprobs=None, finish: str | None = None) -> dict:
+    return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+
+
+class ChatStream(StreamRenderer):
+    """A role chunk per choice, then deltas of content / reasoning_content / tool_calls as the parser splits them
+    out, a finish chunk per choice, and the usage chunk when stream_options asks for it."""
+
+    object = "chat.completion.chunk"
+
+    def __init__(self, req: ChatCompletionRequest, handles: list, response_id: str, model_id: str, token_text,
+                 parse: dict):
+        super().__init__(req, handles, response_id, model_id, token_text)
+        self.parsers = [ReplyParser(**parse) for _ in range(req.n)]
+        self.top_n = (req.top_logprobs or 0) if req.logprobs else None
+
+    def head(self) -> list[bytes]:
+        return [self.chunk(_choice(i, {"role": "assistant", "content": ""})) for i in range(len(self.parsers))]
+
+    def render(self, _k: int, out) -> list[bytes]:
+        chunks = []
+        for o in out.outputs:
+            i = o.index
+            self.generated[i] = len(o.token_ids)
+            events = self.parsers[i].feed(o.delta_text) if o.delta_text else []
+            if o.finished:
+                events += self.parsers[i].finish()
+            lp = None
+            if self.top_n is not None and (events or o.finished) and (new := self.new_logprobs(i, o)):
+                lp = chat_logprobs(self.token_text, new, self.top_n)
+            delta: dict = {}
+            for kind, value in events:
+                if kind == "tool_call":
+                    delta.setdefault("tool_calls", []).append(value)
+                else:
+                    key = "reasoning_content" if kind == "reasoning" else "content"
+                    delta[key] = delta.get(key, "") + value
+            if lp is None and not self.continuous and len(delta) == 1 and "content" in delta:
+                chunks.append(self.text_chunk(i, delta["content"], lambda i, t: _choice(i, {"content": t})))
+            elif delta or lp:
+                chunks.append(self.chunk(_choice(i, delta, lp)))
+            if o.finished:
+                reason = finish_reason(o.finish_reason, self.parsers[i].num_tool_calls > 0)
+                chunks.append(self.chunk(_choice(i, {}, None, reason)))
+        return chunks
 
 
 async def create_completion(ctx: ServingContext, req: CompletionRequest, raw: Request):

@@ -1,5 +1,6 @@
-"""ServingContext: everything a handler needs (served engines, grammars, auth), passed explicitly, never global;
-and the steps every generation endpoint shares: checked engine requests, their submission, their final outputs."""
+"""What every generation endpoint shares: the ServingContext (served engines, grammars, auth; passed explicitly,
+never global), request -> checked (prompt token ids, SamplingParams) with every 4xx raised before the response
+starts, the submission of a response's engine requests, and their final outputs."""
 from __future__ import annotations
 
 import asyncio
@@ -8,10 +9,130 @@ from dataclasses import dataclass
 from fastapi import Request
 
 from ..engine import RequestOutput, SamplingParams
+from ..text.template import render_prompt
 from .engine_client import AsyncEngine, RequestHandle
 from .errors import APIError
-from .params import check_prompt, resolve_max_tokens, sampling_params
-from .protocol import SamplingFields
+from .protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, SamplingFields
+
+
+def message_dicts(messages: list[ChatMessage]) -> list[dict]:
+    """OpenAI messages -> the dicts MiniMind's chat templates read (text parts joined; `developer` = system)."""
+    out = []
+    for m in messages:
+        content = m.content
+        if isinstance(content, list):
+            content = "".join(part.text or "" for part in content if part.type == "text")
+        d = {"role": "system" if m.role == "developer" else m.role, "content": content or ""}
+        if m.tool_calls:
+            d["tool_calls"] = [{"id": c.id, "type": "function",
+                                "function": {"name": c.function.name, "arguments": c.function.arguments}}
+                               for c in m.tool_calls]
+        if m.reasoning_content is not None:
+            d["reasoning_content"] = m.reasoning_content
+        if m.tool_call_id:
+            d["tool_call_id"] = m.tool_call_id
+        if m.name:
+            d["name"] = m.name
+        out.append(d)
+    return out
+
+
+def open_thinking_of(req) -> bool | None:
+    """chat_template_kwargs.open_thinking / enable_thinking (the names minimind-3 / 2510 read), or the original
+    server's top-level `open_thinking`. None = the template's own default."""
+    kwargs = req.chat_template_kwargs or {}
+    for key in ("open_thinking", "enable_thinking"):
+        if key in kwargs and kwargs[key] is not None:
+            return bool(kwargs[key])
+    return getattr(req, "open_thinking", None)
+
+
+def chat_prompt(tokenizer, req: ChatCompletionRequest) -> tuple[str, list[int]]:
+    tools = None
+    if req.tools and req.tool_choice != "none":
+        tools = [t.model_dump(exclude_none=True) for t in req.tools]
+    try:
+        text = render_prompt(tokenizer, message_dicts(req.messages), tools=tools,
+                             open_thinking=open_thinking_of(req), add_generation_prompt=req.add_generation_prompt)
+    except ValueError as exc:
+        raise APIError(400, str(exc), param="messages") from None
+    except Exception as exc:  # noqa: BLE001 - jinja errors from a message the template cannot render
+        raise APIError(400, f"messages could not be rendered by the chat template: {exc}", param="messages") from None
+    return text, list(tokenizer.encode(text, add_special_tokens=False))
+
+
+def completion_prompts(tokenizer, req: CompletionRequest) -> list[list[int]]:
+    """`prompt` may be a string, a list of strings, token ids, or a list of token-id lists."""
+    p = req.prompt
+    if isinstance(p, str):
+        p = [p]
+    if not p:
+        raise APIError(400, "prompt must not be empty", param="prompt")
+    if all(isinstance(x, int) for x in p):
+        return [list(p)]
+    return [list(tokenizer.encode(x, add_special_tokens=False)) if isinstance(x, str) else list(x) for x in p]
+
+
+def check_stream_options(req: SamplingFields) -> None:
+    if req.stream_options is not None and not req.stream:
+        raise APIError(400, "stream_options can only be set when stream is true", param="stream_options")
+
+
+def check_prompt(ids: list[int], vocab_size: int, what: str) -> None:
+    if not ids:
+        raise APIError(400, f"the {what} is empty after tokenization", param=what)
+    if min(ids) < 0 or max(ids) >= vocab_size:
+        raise APIError(400, f"token id out of range for the vocabulary of {vocab_size}", param=what)
+
+
+def resolve_max_tokens(requested: int | None, prompt_len: int, max_model_len: int, what: str) -> int:
+    """vLLM's rule: no max_tokens = the rest of the context; too many = 400 naming both numbers, in vLLM's wording,
+    which downstream clients pattern-match ("maximum context length is N tokens")."""
+    if prompt_len >= max_model_len and requested is None:
+        msg = (f"This model's maximum context length is {max_model_len} tokens. However, your request has "
+               f"{prompt_len} input tokens. Please reduce the length of the input {what}.")
+    elif requested is not None and prompt_len + requested > max_model_len:
+        msg = (f"This model's maximum context length is {max_model_len} tokens. However, you requested "
+               f"{prompt_len + requested} tokens ({prompt_len} in the {what}, {requested} in the "
+               f"completion). Please reduce the length of the {what} or completion.")
+    else:
+        return max_model_len - prompt_len if requested is None else requested
+    raise APIError(400, msg, param=what, code="context_length_exceeded")
+
+
+def sampling_params(req: SamplingFields, *, max_tokens: int, vocab_size: int, logprobs: int | None) -> SamplingParams:
+    def pick(name, fallback):
+        value = getattr(req, name)
+        return fallback if value is None else value
+
+    bias = None
+    if req.logit_bias:
+        bias = {}
+        for key, value in req.logit_bias.items():
+            try:
+                token = int(key)
+            except ValueError:
+                raise APIError(400, f"logit_bias keys must be token ids, got {key!r}", param="logit_bias") from None
+            if not 0 <= token < vocab_size:
+                raise APIError(400, f"logit_bias token id {token} is outside the vocabulary of {vocab_size}",
+                               param="logit_bias")
+            if not -100 <= value <= 100:
+                raise APIError(400, f"logit_bias values must be in [-100, 100], got {value}", param="logit_bias")
+            bias[token] = float(value)
+    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    try:
+        return SamplingParams(
+            n=req.n, max_tokens=max_tokens, temperature=float(pick("temperature", 1.0)),
+            top_p=float(pick("top_p", 1.0)), top_k=int(pick("top_k", 0)), min_p=float(pick("min_p", 0.0)),
+            repetition_penalty=float(pick("repetition_penalty", 1.0)),
+            presence_penalty=float(pick("presence_penalty", 0.0)),
+            frequency_penalty=float(pick("frequency_penalty", 0.0)), logit_bias=bias,
+            seed=None if req.seed is None else req.seed & 0x7FFFFFFF, stop=[s for s in stop if s] or None,
+            stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos,
+            include_stop_str_in_output=req.include_stop_str_in_output, logprobs=logprobs,
+            skip_special_tokens=req.skip_special_tokens)
+    except ValueError as exc:
+        raise APIError(400, str(exc), param=str(exc).split(" ", 1)[0]) from None
 
 
 @dataclass
@@ -36,8 +157,8 @@ class ServingContext:
 
     def requests_for(self, engine: AsyncEngine, req: SamplingFields, prompts: list[list[int]], what: str,
                      max_tokens: int | None, logprobs: int | None, unavailable: str):
-        """[(prompt ids, SamplingParams)] of each prompt, with every check that answers 4xx done now, before the
-        response starts. unavailable: the 400 for a json response_format when no grammar library is installed."""
+        """[(prompt ids, SamplingParams)] of each prompt. unavailable: the 400 for a json response_format when no
+        grammar library is installed."""
         vocab, fmt = engine.llm.config.vocab_size, req.response_format
         jobs: list[tuple[list[int], SamplingParams]] = []
         for ids in prompts:

@@ -21,11 +21,11 @@ import threading
 import time
 import uuid
 from concurrent.futures import Future
+from functools import lru_cache
 
 from ..engine import LLM, RequestOutput, SamplingParams
 from .channel import OutputCollector, RequestHandle
 from .errors import APIError
-from .formatting import token_text_of
 
 log = logging.getLogger("minimind.serve")
 
@@ -69,7 +69,9 @@ class AsyncEngine:
         self.engine_thread, self.inline = thread, inline
         self.llm, self.max_queue = llm, max_queue
         self.tokenizer, self.max_model_len = llm.tokenizer, llm.max_model_len
-        self.token_text = token_text_of(llm.tokenizer)
+        # id -> the text of that token alone (what vLLM reports as logprobs' `token`)
+        self.token_text = lru_cache(maxsize=65536)(lambda token_id: llm.tokenizer.decode(
+            [token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False))
         self._streams: dict[str, tuple[OutputCollector, int]] = {}  # request id -> its collector and key
         self._lock = threading.Lock()
         self._wake = threading.Event()  # thread mode: new work or an abort

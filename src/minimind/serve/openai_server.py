@@ -5,6 +5,7 @@ command line (the same model flags as `minimind chat`; 127.0.0.1 by default).
 """
 from __future__ import annotations
 
+import hmac
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
@@ -12,31 +13,14 @@ from fastapi.responses import JSONResponse, Response
 
 from ..text.reply import parse_reply
 from ..text.template import render_prompt
-from .chat_completions import create_chat_completion, prepare_chat
-from .completions import create_completion
-from .context import ServingContext, final_outputs, submit
+from . import protocol as p
+from .completions import create_chat_completion, create_completion, prepare_chat
+from .context import ServingContext, final_outputs, message_dicts, open_thinking_of, submit
 from .engine_client import AdapterEngine, AsyncEngine
-from .errors import APIError, install_handlers
-from .middleware import AuthAndCount
-from .params import message_dicts, open_thinking_of
-from .protocol import (
-    ChatCompletionRequest,
-    ChatCompletionResponse,
-    CompletionRequest,
-    CompletionResponse,
-    DetokenizeRequest,
-    DetokenizeResponse,
-    ErrorResponse,
-    ModelCard,
-    ModelList,
-    SimpleChatRequest,
-    SimpleChatResponse,
-    TokenizeRequest,
-    TokenizeResponse,
-    random_id,
-)
+from .errors import APIError, error_body, install_handlers
 
-ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 429, 500, 503)}
+ERRORS = {code: {"model": p.ErrorResponse} for code in (400, 401, 404, 429, 500, 503)}
+PUBLIC_PATHS = ("/health", "/metrics", "/docs", "/redoc", "/openapi.json", "/docs/oauth2-redirect")
 
 
 def _as_engines(engine, served_model_name: str | None, max_queue: int) -> dict[str, AsyncEngine]:
@@ -68,21 +52,19 @@ def create_app(engine, *, served_model_name: str | None = None, api_key: str | N
 
     ctx = ServingContext(engines, api_key=api_key, metrics=ServerMetrics() if metrics else None,
                          guided=guided or None)
+    shared = {n: e for n, e in engines.items() if isinstance(e, AsyncEngine)}  # the LoRA adapters' ids run on these
     if ctx.metrics is not None:  # one hook per engine: a LoRA adapter's requests count under its base model's id
-        for name, e in engines.items():
-            if isinstance(e, AsyncEngine):
-                ctx.metrics.attach(name, e)
-
-    shared = [e for e in engines.values() if isinstance(e, AsyncEngine)]  # the LoRA adapters' ids run on these
+        for name, e in shared.items():
+            ctx.metrics.attach(name, e)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        for e in shared:
+        for e in shared.values():
             e.start()
         yield
-        for e in shared:  # graceful: running requests finish, new ones get 503
+        for e in shared.values():  # graceful: running requests finish, new ones get 503
             e.accepting = False
-        for e in shared:
+        for e in shared.values():
             await e.drain(drain_timeout)
 
     app = FastAPI(title="minimind serve", version="1", lifespan=lifespan,
@@ -91,25 +73,25 @@ def create_app(engine, *, served_model_name: str | None = None, api_key: str | N
     install_handlers(app)
     app.add_middleware(AuthAndCount, ctx=ctx)
 
-    @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=ERRORS)
-    async def chat_completions(req: ChatCompletionRequest, raw: Request):
+    @app.post("/v1/chat/completions", response_model=p.ChatCompletionResponse, responses=ERRORS)
+    async def chat_completions(req: p.ChatCompletionRequest, raw: Request):
         """Chat completion; with `stream: true` an SSE stream of chat.completion.chunk objects ending in [DONE]."""
         return await create_chat_completion(ctx, req, raw)
 
-    @app.post("/v1/completions", response_model=CompletionResponse, responses=ERRORS)
-    async def completions(req: CompletionRequest, raw: Request):
+    @app.post("/v1/completions", response_model=p.CompletionResponse, responses=ERRORS)
+    async def completions(req: p.CompletionRequest, raw: Request):
         return await create_completion(ctx, req, raw)
 
-    @app.get("/v1/models", response_model=ModelList)
+    @app.get("/v1/models", response_model=p.ModelList)
     async def models():
         base = ctx.base_model
-        return ModelList(data=[ModelCard(id=name, root=name, parent=None if name == base else base,
-                                         max_model_len=e.max_model_len) for name, e in engines.items()])
+        return p.ModelList(data=[p.ModelCard(id=name, root=name, parent=None if name == base else base,
+                                             max_model_len=e.max_model_len) for name, e in engines.items()])
 
-    @app.get("/v1/models/{model_id}", response_model=ModelCard, responses=ERRORS)
+    @app.get("/v1/models/{model_id}", response_model=p.ModelCard, responses=ERRORS)
     async def model_card(model_id: str):
         name, e = ctx.engine_for(model_id)
-        return ModelCard(id=name, root=name, max_model_len=e.max_model_len)
+        return p.ModelCard(id=name, root=name, max_model_len=e.max_model_len)
 
     @app.get("/health")
     async def health():
@@ -124,38 +106,82 @@ def create_app(engine, *, served_model_name: str | None = None, api_key: str | N
             raise APIError(404, "metrics are disabled")
         return Response(ctx.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
-    @app.post("/tokenize", response_model=TokenizeResponse, responses=ERRORS)
-    async def tokenize(req: TokenizeRequest):
+    @app.post("/tokenize", response_model=p.TokenizeResponse, responses=ERRORS)
+    async def tokenize(req: p.TokenizeRequest):
         _, e = ctx.engine_for(req.model)
         if (req.prompt is None) == (req.messages is None):
             raise APIError(400, "give exactly one of `prompt` or `messages`", param="prompt")
+        text = req.prompt
         if req.messages is not None:
             try:
                 text = render_prompt(e.tokenizer, message_dicts(req.messages), open_thinking=open_thinking_of(req),
                                      add_generation_prompt=req.add_generation_prompt)
             except Exception as exc:  # noqa: BLE001 - jinja/template errors of user input
                 raise APIError(400, f"messages could not be rendered: {exc}", param="messages") from None
-        else:
-            text = req.prompt
         ids = list(e.tokenizer.encode(text, add_special_tokens=req.add_special_tokens))
-        return TokenizeResponse(count=len(ids), max_model_len=e.max_model_len, tokens=ids)
+        return p.TokenizeResponse(count=len(ids), max_model_len=e.max_model_len, tokens=ids)
 
-    @app.post("/detokenize", response_model=DetokenizeResponse, responses=ERRORS)
-    async def detokenize(req: DetokenizeRequest):
+    @app.post("/detokenize", response_model=p.DetokenizeResponse, responses=ERRORS)
+    async def detokenize(req: p.DetokenizeRequest):
         _, e = ctx.engine_for(req.model)
         vocab = e.llm.config.vocab_size
         if any(not 0 <= t < vocab for t in req.tokens):
             raise APIError(400, f"token ids must be in [0, {vocab})", param="tokens")
-        return DetokenizeResponse(prompt=e.tokenizer.decode(req.tokens))
+        return p.DetokenizeResponse(prompt=e.tokenizer.decode(req.tokens))
 
-    @app.post("/chat", response_model=SimpleChatResponse, responses=ERRORS)
-    async def simple_chat(req: SimpleChatRequest, raw: Request):
+    @app.post("/chat", response_model=p.SimpleChatResponse, responses=ERRORS)
+    async def simple_chat(req: p.SimpleChatRequest, raw: Request):
         """The seeds' minimal endpoint: {messages, max_tokens, temperature} -> {"response": text}."""
-        _, e, jobs, _ = prepare_chat(ctx, ChatCompletionRequest(messages=req.messages, temperature=req.temperature))
+        full = p.ChatCompletionRequest(messages=req.messages, temperature=req.temperature)
+        _, e, jobs, _ = prepare_chat(ctx, full)
         params = jobs[0][1]
         params.max_tokens = min(req.max_tokens, params.max_tokens)  # the seeds cut answers at the context's end
-        [final] = await final_outputs(raw, submit(e, jobs, random_id("chat"), stream=False))
+        [final] = await final_outputs(raw, submit(e, jobs, p.random_id("chat"), stream=False))
         _, content, _ = parse_reply(final.outputs[0].text, parse_tools=False)
-        return SimpleChatResponse(response=content)
+        return p.SimpleChatResponse(response=content)
 
     return app
+
+
+def _api_key(headers: list[tuple[bytes, bytes]]) -> str:
+    """`Authorization: Bearer KEY`, else `x-api-key: KEY`, else ''."""
+    found = {k.lower(): v for k, v in headers if k.lower() in (b"authorization", b"x-api-key")}
+    auth = found.get(b"authorization", b"").decode("latin-1")
+    if auth.lower().startswith("bearer "):
+        return auth[7:].strip()
+    return found.get(b"x-api-key", b"").decode("latin-1")
+
+
+class AuthAndCount:
+    """API-key check and per-route request counting as a plain ASGI middleware. Starlette's
+    `@app.middleware("http")` (BaseHTTPMiddleware) re-streams every response body through an extra task and memory
+    channel: for SSE that is one more hop per token. This one only looks at the scope and the response-start
+    message and passes everything else through untouched."""
+
+    def __init__(self, app, ctx: ServingContext):
+        self.app, self.ctx = app, ctx
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        ctx = self.ctx
+        guarded = ctx.api_key and scope["method"] != "OPTIONS" and not scope["path"].startswith(PUBLIC_PATHS)
+        if guarded and not hmac.compare_digest(_api_key(scope["headers"]).encode(), ctx.api_key.encode()):
+            reply = JSONResponse(error_body(401, "invalid or missing API key (send `Authorization: Bearer KEY`)",
+                                            None, "invalid_api_key"), status_code=401,
+                                 headers={"WWW-Authenticate": "Bearer"})
+            return await reply(scope, receive, send)
+        if ctx.metrics is None:
+            return await self.app(scope, receive, send)
+        status = ["500"]
+
+        async def send_status(message):
+            if message["type"] == "http.response.start":
+                status[0] = str(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:  # the router put the matched route into the (shared) scope
+            route = scope.get("route")
+            ctx.metrics.http_requests.labels(scope["method"], getattr(route, "path", "other"), status[0]).inc()

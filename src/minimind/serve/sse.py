@@ -10,7 +10,6 @@ import orjson
 from starlette.responses import StreamingResponse
 
 from .errors import APIError, error_body
-from .formatting import usage
 
 SSE_DONE = b"data: [DONE]\n\n"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -19,6 +18,14 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 def sse(obj) -> bytes:
     """One server-sent event. orjson: UTF-8 without escapes, compact, several times faster than json.dumps."""
     return b"data: " + orjson.dumps(obj) + b"\n\n"
+
+
+def usage(prompt_tokens: int, completion_tokens: int, cached: int = 0) -> dict:
+    u = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+         "total_tokens": prompt_tokens + completion_tokens}
+    if cached:
+        u["prompt_tokens_details"] = {"cached_tokens": cached}
+    return u
 
 
 class ChunkTemplate:

@@ -7,12 +7,8 @@ token, and the engine never waits for a reader.
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING
 
-from ..engine import CompletionOutput, RequestOutput
-
-if TYPE_CHECKING:
-    from .engine_client import AsyncEngine
+from ..engine import RequestOutput
 
 
 class EngineDead(RuntimeError):
@@ -20,12 +16,12 @@ class EngineDead(RuntimeError):
 
 
 def merge(old: RequestOutput, new: RequestOutput) -> RequestOutput:
-    """`new`, carrying also the deltas of `old` (an output its reader never took) in front of its own. The
-    cumulative fields (text, token_ids, logprobs, finish and stop reasons, finished, cached tokens, metrics) are
-    already the newest in `new`; a completion that only `old` mentions is kept."""
+    """`new` with the deltas of `old` (an output its reader never took) in front of its own. Its cumulative fields
+    (text, token_ids, logprobs, finish reason, metrics, ...) are already the newest; a completion that only `old`
+    mentions is kept."""
     mine = {o.index: o for o in new.outputs}
     for o in old.outputs:
-        n: CompletionOutput | None = mine.get(o.index)
+        n = mine.get(o.index)
         if n is None:
             new.outputs.append(o)
         else:
@@ -38,9 +34,8 @@ def merge(old: RequestOutput, new: RequestOutput) -> RequestOutput:
 
 class OutputCollector:
     """The pending outputs of one response's requests (key k = the request's place in the response), read by one
-    handler on `loop`. put() and get() run on that loop.
-    final_only: the response is answered in one piece, so the engine hands over only final outputs (each hand-over
-    costs the event loop CPU that it takes from the engine's threads)."""
+    handler on `loop`; put() and get() run on that loop. final_only: the response is answered in one piece, so the
+    engine hands over only final outputs (each hand-over costs the event loop CPU it takes from the engine)."""
 
     __slots__ = ("error", "final_only", "loop", "pending", "waiter")
 
@@ -66,7 +61,7 @@ class OutputCollector:
             waiter.set_result(None)
 
     async def get(self) -> tuple[int, RequestOutput]:
-        """The oldest pending (k, output); at once when there is one (no task switch), else when one comes."""
+        """The oldest pending (k, output): at once when there is one (no task switch), else when one comes."""
         while not self.pending:
             if self.error is not None:
                 raise EngineDead(f"engine step failed: {type(self.error).__name__}: {self.error}") from self.error
@@ -77,9 +72,10 @@ class OutputCollector:
 
 
 class RequestHandle:
-    """One engine request of a response: its id and prompt, its final output once read, abort()."""
+    """One engine request of a response: its id and prompt, its final output once read, abort(). Iterating it
+    gives its outputs when it is the only request of its collector."""
 
-    def __init__(self, engine: AsyncEngine, request_id: str, prompt_token_ids: list[int], collector: OutputCollector):
+    def __init__(self, engine, request_id: str, prompt_token_ids: list[int], collector: OutputCollector):
         self.engine, self.request_id, self.prompt_token_ids = engine, request_id, prompt_token_ids
         self.collector = collector
         self.final: RequestOutput | None = None
@@ -88,7 +84,6 @@ class RequestHandle:
         return self
 
     async def __anext__(self) -> RequestOutput:
-        """The request's outputs, when it is the only one of its collector."""
         if self.final is not None:
             raise StopAsyncIteration
         _, out = await self.collector.get()

@@ -55,11 +55,11 @@ def completion_logprobs(token_text, logprobs, top_n: int, offset0: int = 0) -> d
     return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
 
 
-def whole_response(response_id: str, obj: str, model_id: str, finals: list[RequestOutput], choices: list) -> JSONResponse:
-    completion_tokens = sum(len(o.token_ids) for f in finals for o in f.outputs)
-    use = usage(sum(len(f.prompt_token_ids) for f in finals), completion_tokens, sum(f.num_cached_tokens for f in finals))
+def whole_response(response_id: str, obj: str, model_id: str, finals: list[RequestOutput], choices: list):
+    prompt, cached = sum(len(f.prompt_token_ids) for f in finals), sum(f.num_cached_tokens for f in finals)
+    generated = sum(len(o.token_ids) for f in finals for o in f.outputs)
     return JSONResponse({"id": response_id, "object": obj, "created": int(time.time()), "model": model_id,
-                         "choices": choices, "usage": use, "system_fingerprint": None})
+                         "choices": choices, "usage": usage(prompt, generated, cached), "system_fingerprint": None})
 
 
 def prepare_chat(ctx: ServingContext, req: ChatCompletionRequest):
@@ -87,7 +87,7 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
     response_id = random_id("chatcmpl")
     handles = submit(engine, jobs, response_id, req.stream)
     if req.stream:
-        return SSEResponse(ChatStream(req, handles, response_id, model_id, engine.token_text, parse))
+        return SSEResponse(ChatStream(req, handles, response_id, model_id, parse))
     finals = await final_outputs(raw, handles)
     top_n = jobs[0][1].logprobs
     choices = []
@@ -113,9 +113,8 @@ class ChatStream(StreamRenderer):
 
     object = "chat.completion.chunk"
 
-    def __init__(self, req: ChatCompletionRequest, handles: list, response_id: str, model_id: str, token_text,
-                 parse: dict):
-        super().__init__(req, handles, response_id, model_id, token_text)
+    def __init__(self, req: ChatCompletionRequest, handles: list, response_id: str, model_id: str, parse: dict):
+        super().__init__(req, handles, response_id, model_id)
         self.parsers = [ReplyParser(**parse) for _ in range(req.n)]
         self.top_n = (req.top_logprobs or 0) if req.logprobs else None
 
@@ -163,7 +162,7 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, raw: Re
     response_id = random_id("cmpl")
     handles = submit(engine, jobs, response_id, req.stream)
     if req.stream:
-        return SSEResponse(CompletionStream(req, handles, response_id, model_id, engine.token_text, engine.tokenizer))
+        return SSEResponse(CompletionStream(req, handles, response_id, model_id))
     finals = await final_outputs(raw, handles)
     choices = []
     for k, final in enumerate(finals):
@@ -187,10 +186,9 @@ class CompletionStream(StreamRenderer):
 
     object = "text_completion"
 
-    def __init__(self, req: CompletionRequest, handles: list, response_id: str, model_id: str, token_text,
-                 tokenizer):
-        super().__init__(req, handles, response_id, model_id, token_text)
-        self.req, self.tokenizer = req, tokenizer
+    def __init__(self, req: CompletionRequest, handles: list, response_id: str, model_id: str):
+        super().__init__(req, handles, response_id, model_id)
+        self.req = req
         self.offsets: dict[int, int] = {}  # choice index -> text_offset of its next token
 
     def head(self) -> list[bytes]:
@@ -198,7 +196,7 @@ class CompletionStream(StreamRenderer):
             return []
         chunks, n = [], self.req.n
         for k, h in enumerate(self.handles):
-            text = self.tokenizer.decode(h.prompt_token_ids)
+            text = h.engine.tokenizer.decode(h.prompt_token_ids)
             for i in range(k * n, k * n + n):
                 self.offsets[i] = len(text)
                 chunks.append(self.chunk(_text_choice(i, text)))

@@ -96,26 +96,22 @@ def load_engines(args: argparse.Namespace) -> dict:
 
 
 def build_app(args: argparse.Namespace):
-    """The FastAPI app of `minimind serve`; the model is loaded on the thread that will run its steps
-    (engine_client.py): an EngineThread, or for --engine-loop inline the calling thread, which must then run the
-    event loop (main() does)."""
+    """The model is loaded on the thread that will run its steps (engine_client.py): an EngineThread, or for
+    --engine-loop inline the calling thread, which must then run the event loop (main() does)."""
     from .engine_client import AsyncEngine, EngineThread
     from .openai_server import create_app
 
-    if args.engine_loop == "inline":
-        engines = {name: AsyncEngine(llm, max_queue=args.max_queue, inline=True)
-                   for name, llm in load_engines(args).items()}
-    else:
-        thread = EngineThread()
-        engines = {name: AsyncEngine(llm, max_queue=args.max_queue, thread=thread)
-                   for name, llm in thread.call(load_engines, args).items()}
+    inline = args.engine_loop == "inline"
+    thread = None if inline else EngineThread()
+    llms = load_engines(args) if inline else thread.call(load_engines, args)
+    engines = {name: AsyncEngine(llm, max_queue=args.max_queue, thread=thread, inline=inline)
+               for name, llm in llms.items()}
     return create_app(engines, api_key=args.api_key, max_queue=args.max_queue, drain_timeout=args.drain_timeout)
 
 
 def freeze_startup_heap() -> int:
-    """Moves every object the startup made (torch, the model, FastAPI, the tokenizer) out of the garbage
-    collector's reach, as vLLM's server does: a full collection would otherwise walk them all every few thousand
-    requests with the GIL held, stalling every stream and the engine. -> objects frozen."""
+    """Moves every object the startup made (torch, the model, FastAPI, ...) out of the garbage collector's reach, as
+    vLLM's server does: a full collection would walk them all every few thousand requests with the GIL held."""
     gc.collect()
     gc.freeze()
     return gc.get_freeze_count()

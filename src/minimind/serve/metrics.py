@@ -6,14 +6,8 @@ the engine thread by a step hook; gauges are read from the engines when scraped.
 """
 from __future__ import annotations
 
-from prometheus_client import (
-    CONTENT_TYPE_LATEST,  # noqa: F401  (re-exported for the route)
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    generate_latest,
-)
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 _TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 10, 20, 40, 80)
 _LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320)
@@ -60,10 +54,10 @@ class ServerMetrics:
             if "arrival" in m and "finished" in m:
                 self.latency.labels(model_id).observe(m["finished"] - m["arrival"])
 
-    def render(self) -> bytes:
+    def response(self) -> Response:
         for model_id, engine in self._engines.items():
             s = engine.stats()
             self.running.labels(model_id).set(s["running"])
             self.waiting.labels(model_id).set(s["waiting"] + max(0, s["active"] - s["running"] - s["waiting"]))
             self.kv_usage.labels(model_id).set(s["kv_usage"])
-        return generate_latest(self.registry)
+        return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)

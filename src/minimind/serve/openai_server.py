@@ -9,7 +9,7 @@ import hmac
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse
 
 from ..text.reply import parse_reply
 from ..text.template import render_prompt
@@ -48,7 +48,7 @@ def create_app(engine, *, served_model_name: str | None = None, api_key: str | N
         from .guided import GuidedDecoding
 
         guided = GuidedDecoding.create()
-    from .metrics import CONTENT_TYPE_LATEST, ServerMetrics
+    from .metrics import ServerMetrics
 
     ctx = ServingContext(engines, api_key=api_key, metrics=ServerMetrics() if metrics else None,
                          guided=guided or None)
@@ -104,7 +104,7 @@ def create_app(engine, *, served_model_name: str | None = None, api_key: str | N
     async def prometheus():
         if ctx.metrics is None:
             raise APIError(404, "metrics are disabled")
-        return Response(ctx.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+        return ctx.metrics.response()
 
     @app.post("/tokenize", response_model=p.TokenizeResponse, responses=ERRORS)
     async def tokenize(req: p.TokenizeRequest):

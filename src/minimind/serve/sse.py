@@ -11,9 +11,6 @@ from starlette.responses import StreamingResponse
 
 from .errors import APIError, error_body
 
-SSE_DONE = b"data: [DONE]\n\n"
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-
 
 def sse(obj) -> bytes:
     """One server-sent event. orjson: UTF-8 without escapes, compact, several times faster than json.dumps."""
@@ -44,18 +41,18 @@ class ChunkTemplate:
 
 
 class StreamRenderer:
-    """The chunks of one streamed response: head() before any output, render(k, out) for each output of handle k,
-    tail() once every handle finished. The base has what the API shapes share: the chunk envelope with usage as
-    stream_options asks, templates for plain text chunks, the closing usage chunk."""
+    """The chunks of one streamed response: a subclass's head() before any output and render(k, out) for each
+    output of handle k, then tail() once every handle finished. The base has what the API shapes share: the chunk
+    envelope with usage as stream_options asks, templates for plain text chunks, the closing usage chunk."""
 
     object = ""  # the chunks' `object`
 
-    def __init__(self, req, handles: list, response_id: str, model_id: str, token_text):
+    def __init__(self, req, handles: list, response_id: str, model_id: str):
         self.handles, self.id, self.model_id, self.created = handles, response_id, model_id, int(time.time())
         opts = req.stream_options
         self.include_usage = bool(opts and opts.include_usage)
         self.continuous = bool(opts and opts.continuous_usage_stats)
-        self.token_text = token_text
+        self.token_text = handles[0].engine.token_text
         self.prompt_tokens = sum(len(h.prompt_token_ids) for h in handles)
         self.generated: dict[int, int] = {}  # choice index -> tokens generated so far
         self.sent_lp: dict[int, int] = {}  # choice index -> logprobs sent so far
@@ -85,12 +82,6 @@ class StreamRenderer:
             return None
         self.sent_lp[index] = len(o.logprobs)
         return o.logprobs[sent:]
-
-    def head(self) -> list[bytes]:
-        return []
-
-    def render(self, k: int, out) -> list[bytes]:
-        raise NotImplementedError
 
     def tail(self) -> list[bytes]:
         if not self.include_usage:
@@ -126,7 +117,7 @@ async def sse_events(renderer: StreamRenderer):
     finally:
         for h in handles:
             h.abort()  # no-op once finished
-    yield closing + SSE_DONE
+    yield closing + b"data: [DONE]\n\n"
 
 
 class SSEResponse(StreamingResponse):
@@ -137,7 +128,7 @@ class SSEResponse(StreamingResponse):
     media_type = "text/event-stream"
 
     def __init__(self, renderer: StreamRenderer):
-        super().__init__(sse_events(renderer), headers=SSE_HEADERS)
+        super().__init__(sse_events(renderer), headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     async def __call__(self, scope, receive, send) -> None:
         try:

@@ -293,8 +293,7 @@ def comma_list(value: str) -> list[str]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="minimind bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--models", type=comma_list, default="small,base,default", help="comma list of small, base, "
-                   "default, or paths (small/base: random weights of the MiniMind2-Small / MiniMind2 shape, whose "
-                   "GGUF export for llama.cpp needs --tokenizer)")
+                   "default, or paths (small/base: random weights of the MiniMind2-Small / MiniMind2 shape)")
     p.add_argument("--dtypes", type=comma_list, default="fp32,bf16,int8", help="comma list of fp32, bf16, int8, "
                    "dynamic (llama.cpp: F32 / F16 / Q8_0 / none)")
     p.add_argument("--peers", type=comma_list, default="transformers,llama.cpp", help="comma list (empty for ours "
@@ -306,7 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true", help="torch.compile our decode step")
     p.add_argument("--json", metavar="FILE", help="also write every number and the machine as JSON")
     p.add_argument("--plot", metavar="FILE.png", help="also draw a chart (needs matplotlib)")
-    ModelSpec.add_arguments(p, only=("tokenizer",), title="model")
+    ModelSpec.add_arguments(p, only=("tokenizer",), title="model", helps={
+        "tokenizer": "tokenizer folder for the random-weight presets (needed for the GGUF)"})
     return p
 
 

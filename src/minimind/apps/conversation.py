@@ -1,8 +1,7 @@
 """The terminal conversation behind `minimind chat`: prompts with history, answers streamed with their speeds.
 
-Tokens come from the engine (`LLM.stream`: its sampler, its prefix cache keeps the conversation's KV between
-turns). The engine runs on the CPU; on another device (`--device cuda`) transformers' `generate` samples with
-the same settings.
+Tokens come from the engine on the CPU (its prefix cache keeps the conversation's KV between turns), on another
+device (`--device cuda`) from transformers' `generate` with the same settings.
 """
 from __future__ import annotations
 

@@ -15,10 +15,6 @@ from ..config import MiniMindConfig
 from .detect import INT8_QUANT_METHOD as QUANT_METHOD
 
 
-def is_quantizable(key: str, value: torch.Tensor) -> bool:
-    return value.dim() == 2 and (key.endswith("_proj.weight") or key == "lm_head.weight")
-
-
 def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric per-output-channel int8: (q int8 [out, in], scale fp32 [out])."""
     w = w.float()
@@ -30,7 +26,7 @@ def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def quantize_state_dict(sd: dict[str, torch.Tensor], float_dtype=torch.float32) -> tuple[dict, list[str]]:
     out, quantized = {}, []
     for key, value in sd.items():
-        if is_quantizable(key, value):
+        if value.dim() == 2 and (key.endswith("_proj.weight") or key == "lm_head.weight"):
             out[key], out[key + "_scale"] = quantize_weight(value)
             quantized.append(key)
         else:

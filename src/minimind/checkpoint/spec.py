@@ -49,13 +49,14 @@ class ModelSpec:
 
     @staticmethod
     def add_arguments(parser: argparse.ArgumentParser, only: tuple[str, ...] | None = None,
-                      title: str = "model (the original eval_llm.py flags)"):
-        """Add the model flags (all, or the fields named in `only`) as one argument group; returns it."""
+                      title: str = "model (the original eval_llm.py flags)", helps: dict[str, str] | None = None):
+        """Add the model flags (all, or the fields named in `only`; `helps` replaces their help texts) as one
+        argument group; returns it."""
         g = parser.add_argument_group(title)
 
         def add(name: str, *args, **kwargs) -> None:
             if only is None or name in only:
-                g.add_argument(f"--{name}", *args, **kwargs)
+                g.add_argument(f"--{name}", *args, **{**kwargs, "help": (helps or {}).get(name, kwargs["help"])})
 
         add("load_from", default=None, metavar="PATH",
             help="tokenizer folder of the original layout (weights then come from --save_dir/--weight/--hidden_size),"
@@ -76,8 +77,7 @@ class ModelSpec:
             help="YaRN RoPE extrapolation (x16, standard); 'legacy' = the Oct-Nov 2025 x4 formula")
         add("model", default=None, metavar="PATH",
             help="any checkpoint: native .pth, Hugging Face folder (minimind/llama/qwen3) or GGUF")
-        add("tokenizer", default=None, metavar="DIR", help="tokenizer folder (instead of the model's own or "
-            "--load_from)")
+        add("tokenizer", default=None, metavar="DIR", help="tokenizer folder (overrides --load_from)")
         add("device", default=None, help="cuda, cpu, mps, cuda:1 ... (default: cuda if available, else cpu)")
         add("dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
             help="auto = float32 on CPU, bfloat16 on CUDA (float16 on CPU is replaced by bfloat16)")

@@ -31,13 +31,11 @@ class GuidedDecoding:
             return None
         return cls(llguidance)
 
-    def ll_tokenizer(self, tokenizer):
-        key = id(tokenizer)
-        if key not in self._tokenizers:
-            self._tokenizers[key] = self.ll.hf.from_tokenizer(tokenizer)
-        return self._tokenizers[key]
-
-    def grammar_for(self, response_format) -> str:
+    def attach(self, engine, params, response_format) -> None:
+        """Validate the grammar now (a bad schema is a 400) and add its processor to `params`."""
+        tok = self._tokenizers.get(id(engine.tokenizer))
+        if tok is None:
+            tok = self._tokenizers[id(engine.tokenizer)] = self.ll.hf.from_tokenizer(engine.tokenizer)
         if response_format.type == "json_object":
             schema = {"type": "object"}
         else:
@@ -48,14 +46,9 @@ class GuidedDecoding:
             schema = spec.schema_
         try:
             # whitespace is free in JSON; a small model then rambles in spaces, so keep the form compact
-            return self.ll.LLMatcher.grammar_from_json_schema(schema, defaults={"whitespace_flexible": False})
+            grammar = self.ll.LLMatcher.grammar_from_json_schema(schema, defaults={"whitespace_flexible": False})
         except ValueError as exc:
             raise APIError(400, f"invalid JSON schema: {exc}", param="response_format") from None
-
-    def attach(self, engine, params, response_format) -> None:
-        """Validate the grammar now (a bad schema is a 400) and add its processor to `params`."""
-        tok = self.ll_tokenizer(engine.tokenizer)
-        grammar = self.grammar_for(response_format)
         is_error, messages = self.ll.LLMatcher.validate_grammar_with_warnings(grammar, tok)
         if is_error:
             raise APIError(400, f"response_format cannot be enforced: {messages[0]}", param="response_format")

@@ -24,13 +24,10 @@ PUBLIC_PATHS = ("/health", "/metrics", "/docs", "/redoc", "/openapi.json", "/doc
 
 
 def _as_engines(engine, served_model_name: str | None, max_queue: int) -> dict[str, AsyncEngine]:
-    def wrap(e):
-        return e if isinstance(e, AsyncEngine) else AsyncEngine(e, max_queue=max_queue)
-
-    if isinstance(engine, dict):
-        engines = {name: wrap(e) for name, e in engine.items()}
-    else:
-        engines = {served_model_name or "minimind": wrap(engine)}
+    if not isinstance(engine, dict):
+        engine = {served_model_name or "minimind": engine}
+    engines = {name: e if isinstance(e, AsyncEngine) else AsyncEngine(e, max_queue=max_queue)
+               for name, e in engine.items()}
     for e in list(engines.values()):  # each LoRA adapter loaded in an engine is a model id of its own
         for adapter in getattr(e.llm, "lora_names", {}):
             if adapter in engines:

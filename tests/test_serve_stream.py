@@ -313,3 +313,26 @@ def test_a_send_that_raises_for_a_gone_client_aborts_the_request():
         engine.shutdown()
     assert len(bodies) == 3 and caught is not None
     assert list(ended.values()) == ["abort"]
+
+
+@pytest.mark.parametrize("route", ["chat", "completions"])
+def test_a_choice_that_finished_before_its_siblings_ends_once(route):
+    """A request's outputs repeat a completion that has finished until its siblings finish too: its choice still
+    gets exactly one finish chunk."""
+    from types import SimpleNamespace
+
+    from minimind.serve.completions import ChatStream, CompletionStream
+    from minimind.serve.protocol import ChatCompletionRequest, CompletionRequest
+
+    handle = SimpleNamespace(engine=SimpleNamespace(token_text=str), prompt_token_ids=[1, 2], final=None)
+    if route == "chat":
+        req = ChatCompletionRequest(messages=[{"role": "user", "content": "hi"}], n=2, stream=True)
+        renderer = ChatStream(req, [handle], "id", "m", {"started_in_think": False, "parse_tools": False})
+    else:
+        renderer = CompletionStream(CompletionRequest(prompt="x", n=2, stream=True), [handle], "id", "m")
+    steps = [_out("r", False, (0, "a", [5], "a", [5], "length"), (1, "b", [6], "b", [6], None)),
+             _out("r", False, (0, "a", [5], "", [], "length"), (1, "bc", [6, 7], "c", [7], None)),
+             _out("r", True, (0, "a", [5], "", [], "length"), (1, "bcd", [6, 7, 8], "d", [8], "stop"))]
+    events = [json.loads(chunk[len(b"data: "):]) for out in steps for chunk in renderer.render(0, out)]
+    finishes = [(c["index"], c["finish_reason"]) for e in events for c in e["choices"] if c["finish_reason"]]
+    assert finishes == [(0, "length"), (1, "stop")]

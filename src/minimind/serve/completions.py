@@ -123,9 +123,7 @@ class ChatStream(StreamRenderer):
 
     def render(self, _k: int, out) -> list[bytes]:
         chunks = []
-        for o in out.outputs:
-            i = o.index
-            self.generated[i] = len(o.token_ids)
+        for i, o in self.choices(0, out):
             events = self.parsers[i].feed(o.delta_text) if o.delta_text else []
             if o.finished:
                 events += self.parsers[i].finish()
@@ -204,9 +202,7 @@ class CompletionStream(StreamRenderer):
 
     def render(self, k: int, out) -> list[bytes]:
         chunks, req = [], self.req
-        for o in out.outputs:
-            idx = k * req.n + o.index
-            self.generated[idx] = len(o.token_ids)
+        for idx, o in self.choices(k, out, req.n):
             lp = None
             if req.logprobs is not None and (o.delta_text or o.finished) and (new := self.new_logprobs(idx, o)):
                 lp = completion_logprobs(self.token_text, new, req.logprobs, self.offsets.get(idx, 0))

@@ -55,6 +55,7 @@ class StreamRenderer:
         self.token_text = handles[0].engine.token_text
         self.prompt_tokens = sum(len(h.prompt_token_ids) for h in handles)
         self.generated: dict[int, int] = {}  # choice index -> tokens generated so far
+        self.done: set[int] = set()  # choice indexes whose finish chunk went out
         self.sent_lp: dict[int, int] = {}  # choice index -> logprobs sent so far
         self.templates: dict[int, ChunkTemplate] = {}  # choice index -> its plain text chunk
 
@@ -74,6 +75,17 @@ class StreamRenderer:
         if template is None:
             template = self.templates[index] = ChunkTemplate(lambda t: self.envelope([choice(index, t)]))
         return template(text)
+
+    def choices(self, k: int, out, n: int = 1):
+        """(choice index, output) of each completion of handle k's output `out` that had not finished yet: a
+        request's outputs repeat its finished completions until the last one finishes."""
+        for o in out.outputs:
+            i = k * n + o.index
+            if i not in self.done:
+                self.generated[i] = len(o.token_ids)
+                if o.finished:
+                    self.done.add(i)
+                yield i, o
 
     def new_logprobs(self, index: int, o) -> list | None:
         """The logprobs of output `o` not sent yet (None when there are none)."""

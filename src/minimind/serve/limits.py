@@ -17,8 +17,10 @@ class ServeLimits:
     max_stop_chars: int = 256  # characters per stop string (the stream holds back that many)
     tokenizer_workers: int = 2  # threads rendering and tokenizing prompts, off the event loop
     header_timeout: float = 10.0  # seconds a client may take to send its request headers
+    max_header_bytes: int = 16 * 2**10  # request line + headers of one request; more -> connection closed
     keep_alive_timeout: float = 5.0  # seconds an idle keep-alive connection stays open
     max_connections: int = 1024  # open connections; more get 503
-    # Host header values accepted (DNS-rebinding guard); None: the loopback names when bound to loopback, any
-    # host otherwise. Browser requests with an Origin must come from one of these hosts too.
+    # Host header names accepted, any port (DNS-rebinding guard; browser requests with an Origin must come from one
+    # of them too); None: no check. `minimind serve` sets the loopback names (+ --allowed-hosts) when bound to
+    # loopback, and None (or the loopback names + --allowed-hosts, when given) otherwise.
     allowed_hosts: tuple[str, ...] | None = None

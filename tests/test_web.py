@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -204,17 +205,25 @@ def test_cli_gradio_never_shares_unless_asked(monkeypatch, tiny):
 
 
 def test_cli_streamlit_command_binds_localhost(monkeypatch, tiny):
-    import subprocess
-
     from minimind.apps.web import main
 
+    class Exec(Exception):  # the real os.execve never returns: this process would become Streamlit
+        pass
+
     calls = []
-    monkeypatch.setattr(subprocess, "call", lambda cmd, env: calls.append((cmd, env)) or 0)
+
+    def execve(path, cmd, env):
+        calls.append((cmd, env))
+        raise Exec
+
+    monkeypatch.setattr(os, "execve", execve)
     model, tok = tiny
-    assert main(["--model", str(model), "--tokenizer", str(tok), "--port", "8600"]) == 0
-    assert main(["--model", str(model), "--tokenizer", str(tok), "--theme", "dark", "--lang", "zh"]) == 0
+    with pytest.raises(Exec):
+        main(["--model", str(model), "--tokenizer", str(tok), "--port", "8600"])
+    with pytest.raises(Exec):
+        main(["--model", str(model), "--tokenizer", str(tok), "--theme", "dark", "--lang", "zh"])
     (cmd, env), (cmd2, env2) = calls
-    assert cmd[1:4] == ["-m", "streamlit", "run"] and cmd[4].endswith("streamlit_app.py")
+    assert cmd[0] == sys.executable and cmd[1:4] == ["-m", "streamlit", "run"] and cmd[4].endswith("streamlit_app.py")
     assert cmd[cmd.index("--server.address") + 1] == "127.0.0.1" and cmd[cmd.index("--server.port") + 1] == "8600"
     import json
 

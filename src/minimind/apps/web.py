@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from ..checkpoint.spec import ModelSpec
 
@@ -75,6 +75,15 @@ def streamlit_command(args: argparse.Namespace) -> list[str]:
             *(["--theme.base", args.theme] if args.theme != "auto" else [])]
 
 
+def run_streamlit(command: list[str], env: dict[str, str]) -> NoReturn:
+    """Becomes the Streamlit server (exec, same pid): a supervisor's SIGTERM or a terminal's Ctrl-C reaches Streamlit
+    itself, which stops and frees its port; no parent is left to exit without it. Everything the server needs
+    travels in `env`, so nothing of this process has to outlive it."""
+    sys.stdout.flush()  # exec drops what Python still buffers
+    sys.stderr.flush()
+    os.execve(command[0], command, env)
+
+
 def main(argv: list[str] | None = None) -> int:
     from ..web.backend import CONFIG_ENV, make_backend
     from ..web.text import LANG_ENV
@@ -87,8 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = backend_config(args)
         if args.ui == "streamlit":
-            env = {**os.environ, CONFIG_ENV: config.to_env(), LANG_ENV: args.lang}
-            return subprocess.call(streamlit_command(args), env=env)
+            run_streamlit(streamlit_command(args), {**os.environ, CONFIG_ENV: config.to_env(), LANG_ENV: args.lang})
         try:
             import gradio  # noqa: F401
         except ImportError:

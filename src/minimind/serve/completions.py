@@ -15,7 +15,8 @@ from fastapi.responses import JSONResponse
 
 from ..engine import RequestOutput
 from ..text.reply import ReplyParser, collect
-from .context import ServingContext, chat_prompt, check_stream_options, completion_prompts, final_outputs, submit
+from . import context as cx
+from .context import ServingContext
 from .errors import APIError
 from .protocol import ChatCompletionRequest, CompletionRequest, random_id
 from .sse import SSEResponse, StreamRenderer, usage
@@ -62,13 +63,15 @@ def whole_response(response_id: str, obj: str, model_id: str, finals: list[Reque
                          "choices": choices, "usage": usage(prompt, generated, cached), "system_fingerprint": None})
 
 
-def prepare_chat(ctx: ServingContext, req: ChatCompletionRequest):
-    """Everything that can fail with a 4xx, done before the response starts."""
+async def prepare_chat(ctx: ServingContext, req: ChatCompletionRequest):
+    """Everything that can fail with a 4xx, done before the response starts; the prompt is rendered and
+    tokenized on the tokenizer pool."""
     model_id, engine = ctx.engine_for(req.model)
-    check_stream_options(req)
+    cx.check_stream_options(req)
     if req.top_logprobs and not req.logprobs:
         raise APIError(400, "top_logprobs requires logprobs to be true", param="top_logprobs")
-    text, ids = chat_prompt(engine.tokenizer, req)
+    ctx.check_request(engine, req, 1, "messages")
+    text, ids = await ctx.offload(cx.chat_prompt, engine.tokenizer, req, ctx.prompt_limit(engine))
     requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
     jobs = ctx.requests_for(engine, req, [ids], "messages", requested, logprobs,
@@ -83,12 +86,12 @@ def finish_reason(reason: str | None, has_tool_calls: bool) -> str | None:
 
 
 async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest, raw: Request):
-    model_id, engine, jobs, parse = prepare_chat(ctx, req)
+    model_id, engine, jobs, parse = await prepare_chat(ctx, req)
     response_id = random_id("chatcmpl")
-    handles = submit(engine, jobs, response_id, req.stream)
+    handles = cx.submit(engine, jobs, response_id, req.stream)
     if req.stream:
         return SSEResponse(ChatStream(req, handles, response_id, model_id, parse))
-    finals = await final_outputs(raw, handles)
+    finals = await cx.final_outputs(raw, handles)
     top_n = jobs[0][1].logprobs
     choices = []
     for o in finals[0].outputs:
@@ -151,17 +154,24 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, raw: Re
     model_id, engine = ctx.engine_for(req.model)
     if req.suffix:
         raise APIError(400, "suffix is not supported", param="suffix")
-    check_stream_options(req)
-    jobs = ctx.requests_for(engine, req, completion_prompts(engine.tokenizer, req), "prompt", req.max_tokens,
-                            req.logprobs, "response_format needs constrained decoding (llguidance)")
+    cx.check_stream_options(req)
+    prompts = cx.prompt_list(req)
+    ctx.check_request(engine, req, len(prompts), "prompt")
+    limit = ctx.prompt_limit(engine)
+    if any(isinstance(x, str) for x in prompts):
+        ids = await ctx.offload(cx.completion_prompts, engine.tokenizer, prompts, limit)
+    else:  # token ids: nothing to tokenize
+        ids = cx.completion_prompts(engine.tokenizer, prompts, limit)
+    jobs = ctx.requests_for(engine, req, ids, "prompt", req.max_tokens, req.logprobs,
+                            "response_format needs constrained decoding (llguidance)")
     if req.max_tokens is None:  # OpenAI's default of 16, clamped to what the context has left
         for _, params in jobs:
             params.max_tokens = min(16, params.max_tokens)
     response_id = random_id("cmpl")
-    handles = submit(engine, jobs, response_id, req.stream)
+    handles = cx.submit(engine, jobs, response_id, req.stream)
     if req.stream:
         return SSEResponse(CompletionStream(req, handles, response_id, model_id))
-    finals = await final_outputs(raw, handles)
+    finals = await cx.final_outputs(raw, handles)
     choices = []
     for k, final in enumerate(finals):
         prompt_text = engine.tokenizer.decode(final.prompt_token_ids) if req.echo else ""

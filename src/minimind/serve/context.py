@@ -1,10 +1,11 @@
-"""What every generation endpoint shares: the ServingContext (served engines, grammars, auth; passed explicitly,
-never global), request -> checked (prompt token ids, SamplingParams) with every 4xx raised before the response
-starts, the submission of a response's engine requests, and their final outputs."""
+"""What every generation endpoint shares: the ServingContext (served engines, grammars, auth, limits, the tokenizer
+pool; passed explicitly, never global), request -> checked (prompt token ids, SamplingParams) with every 4xx raised
+before the response starts, the submission of a response's engine requests, and their final outputs."""
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 
 from fastapi import Request
 
@@ -12,16 +13,32 @@ from ..engine import RequestOutput, SamplingParams
 from ..text.template import render_prompt
 from .engine_client import AsyncEngine, RequestHandle
 from .errors import APIError
+from .limits import ServeLimits
 from .protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, SamplingFields
+
+MEDIA_PARTS = {"image_url": "image", "input_image": "image", "image": "image", "input_audio": "audio",
+               "audio": "audio", "file": "file", "input_file": "file", "video": "video", "video_url": "video"}
+
+
+def part_text(part, where: str) -> str:
+    """The text of one content part; any other part is a 400 (dropping it would answer a different question)."""
+    if part.type == "text":
+        return part.text or ""
+    kind = MEDIA_PARTS.get(part.type)
+    if kind is not None:
+        raise APIError(400, f"this model reads text only; {where} is an `{part.type}` part: {kind} content is not "
+                            "supported", param=where, code="unsupported_content")
+    raise APIError(400, f"{where}: content part type `{part.type}` is not supported; this model reads `text` parts "
+                        "only", param=where, code="unsupported_content")
 
 
 def message_dicts(messages: list[ChatMessage]) -> list[dict]:
     """OpenAI messages -> the dicts MiniMind's chat templates read (text parts joined; `developer` = system)."""
     out = []
-    for m in messages:
+    for i, m in enumerate(messages):
         content = m.content
         if isinstance(content, list):
-            content = "".join(part.text or "" for part in content if part.type == "text")
+            content = "".join(part_text(part, f"messages[{i}].content[{j}]") for j, part in enumerate(content))
         d = {"role": "system" if m.role == "developer" else m.role, "content": content or ""}
         if m.tool_calls:
             d["tool_calls"] = [{"id": c.id, "type": "function",
@@ -47,30 +64,59 @@ def open_thinking_of(req) -> bool | None:
     return getattr(req, "open_thinking", None)
 
 
-def chat_prompt(tokenizer, req: ChatCompletionRequest) -> tuple[str, list[int]]:
+@dataclass(frozen=True)
+class PromptLimit:
+    max_model_len: int
+    max_chars: int | None  # None: not checked before tokenizing
+
+
+def check_prompt_chars(text: str, limit: PromptLimit, what: str) -> None:
+    """A prompt longer than limit.max_chars characters cannot fit the context: 400 before it is tokenized (the
+    tokenizer's time and memory grow with the text), in the wording of the token-count check."""
+    if limit.max_chars is not None and len(text) > limit.max_chars:
+        raise APIError(400, f"This model's maximum context length is {limit.max_model_len} tokens. However, your "
+                            f"request has {len(text)} characters of input, more than fit in that context (at most "
+                            f"{limit.max_chars} characters). Please reduce the length of the input {what}.",
+                       param=what, code="context_length_exceeded")
+
+
+def chat_prompt(tokenizer, req: ChatCompletionRequest, limit: PromptLimit | None = None) -> tuple[str, list[int]]:
+    """The rendered prompt and its token ids (runs on the tokenizer pool: both cost time linear in the text)."""
     tools = None
     if req.tools and req.tool_choice != "none":
         tools = [t.model_dump(exclude_none=True) for t in req.tools]
+    messages = message_dicts(req.messages)
     try:
-        text = render_prompt(tokenizer, message_dicts(req.messages), tools=tools,
-                             open_thinking=open_thinking_of(req), add_generation_prompt=req.add_generation_prompt)
+        text = render_prompt(tokenizer, messages, tools=tools, open_thinking=open_thinking_of(req),
+                             add_generation_prompt=req.add_generation_prompt)
     except ValueError as exc:
         raise APIError(400, str(exc), param="messages") from None
     except Exception as exc:  # noqa: BLE001 - jinja errors from a message the template cannot render
         raise APIError(400, f"messages could not be rendered by the chat template: {exc}", param="messages") from None
+    del messages  # joined content parts are copies: not kept while tokenizing
+    if limit is not None:
+        check_prompt_chars(text, limit, "messages")
     return text, list(tokenizer.encode(text, add_special_tokens=False))
 
 
-def completion_prompts(tokenizer, req: CompletionRequest) -> list[list[int]]:
-    """`prompt` may be a string, a list of strings, token ids, or a list of token-id lists."""
+def prompt_list(req: CompletionRequest) -> list:
+    """`prompt` may be a string, a list of strings, token ids, or a list of token-id lists: one entry per prompt."""
     p = req.prompt
     if isinstance(p, str):
         p = [p]
     if not p:
         raise APIError(400, "prompt must not be empty", param="prompt")
-    if all(isinstance(x, int) for x in p):
-        return [list(p)]
-    return [list(tokenizer.encode(x, add_special_tokens=False)) if isinstance(x, str) else list(x) for x in p]
+    return [p] if all(isinstance(x, int) for x in p) else list(p)
+
+
+def completion_prompts(tokenizer, prompts: list, limit: PromptLimit | None = None) -> list[list[int]]:
+    """Token ids of each of prompt_list()'s prompts; every text is checked against the limit before any is
+    tokenized (runs on the tokenizer pool)."""
+    if limit is not None:
+        for x in prompts:
+            if isinstance(x, str):
+                check_prompt_chars(x, limit, "prompt")
+    return [list(tokenizer.encode(x, add_special_tokens=False)) if isinstance(x, str) else list(x) for x in prompts]
 
 
 def check_stream_options(req: SamplingFields) -> None:
@@ -141,6 +187,8 @@ class ServingContext:
     api_key: str | None = None
     metrics: object | None = None
     guided: object | None = None  # GuidedDecoding when a grammar library is installed
+    limits: ServeLimits = field(default_factory=ServeLimits)
+    _pool: ThreadPoolExecutor | None = field(default=None, init=False, repr=False)
 
     @property
     def base_model(self) -> str:
@@ -154,6 +202,45 @@ class ServingContext:
             raise APIError(404, f"The model `{model}` does not exist. Served models: {served}.", param="model",
                            code="model_not_found")
         return model, self.engines[model]
+
+    async def offload(self, fn, *args):
+        """fn(*args) on the tokenizer pool (limits.tokenizer_workers threads), so that rendering and tokenizing a
+        long prompt holds up neither /health nor the streams the event loop is sending."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.limits.tokenizer_workers, thread_name_prefix="minimind-tokenize")
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    def close(self) -> None:
+        """Stop the tokenizer pool (app shutdown); a later offload() starts a new one."""
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    def prompt_limit(self, engine: AsyncEngine) -> PromptLimit:
+        chars = self.limits.max_prompt_chars
+        if chars is None and engine.longest_token_chars is not None:
+            chars = engine.max_model_len * engine.longest_token_chars
+        return PromptLimit(engine.max_model_len, chars)
+
+    def check_request(self, engine: AsyncEngine, req: SamplingFields, num_prompts: int, what: str) -> None:
+        """The limits a request can be checked against before its prompt is tokenized: 400 for what could never
+        be served (429 is only for a server that is busy now)."""
+        capacity, wanted = engine.capacity, num_prompts * req.n
+        if wanted > capacity:
+            param = what if num_prompts > capacity or req.n == 1 else "n"
+            asks = f"{num_prompts} prompts x n={req.n}" if num_prompts > 1 else f"n={req.n}"
+            raise APIError(400, f"this request asks for {wanted} completions ({asks}); this server holds at most "
+                                f"{capacity} at once (max_num_seqs {engine.llm.max_num_seqs} + max_queue "
+                                f"{engine.max_queue}): send fewer prompts or a smaller n", param=param)
+        stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+        lim = self.limits
+        if len(stop) > lim.max_stop_strings:
+            raise APIError(400, f"stop has {len(stop)} strings; at most {lim.max_stop_strings} are allowed",
+                           param="stop")
+        longest = max(map(len, stop), default=0)
+        if longest > lim.max_stop_chars:
+            raise APIError(400, f"stop strings may have at most {lim.max_stop_chars} characters; one has {longest}",
+                           param="stop")
 
     def requests_for(self, engine: AsyncEngine, req: SamplingFields, prompts: list[list[int]], what: str,
                      max_tokens: int | None, logprobs: int | None, unavailable: str):

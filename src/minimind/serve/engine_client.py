@@ -21,7 +21,7 @@ import threading
 import time
 import uuid
 from concurrent.futures import Future
-from functools import lru_cache
+from functools import cached_property, lru_cache
 
 from ..engine import LLM, RequestOutput, SamplingParams
 from .channel import OutputCollector, RequestHandle
@@ -137,6 +137,19 @@ class AsyncEngine:
     def num_active(self) -> int:
         return len(self._streams)
 
+    @property
+    def capacity(self) -> int:
+        """Engine requests this engine ever holds at once (running + queued); past it a request gets 429."""
+        return self.llm.max_num_seqs + self.max_queue
+
+    @cached_property
+    def longest_token_chars(self) -> int | None:
+        """Characters of the longest vocabulary entry (None without a tokenizer). A token's entry has at least as
+        many characters as its text (byte-level entries one per byte), so a text of more than max_model_len times
+        this many characters has more than max_model_len tokens."""
+        vocab = self.tokenizer.get_vocab() if self.tokenizer is not None else None
+        return max(map(len, vocab), default=None) if vocab else None
+
     def stats(self) -> dict:
         sched, slots = self.llm.scheduler, self.llm.scheduler.slots
         return {"running": len(sched.running), "waiting": len(sched.waiting), "active": len(self._streams),
@@ -150,7 +163,7 @@ class AsyncEngine:
         request's, for a response that reads several requests (k tells them apart); default a new one."""
         if not self.accepting:
             raise APIError(503, "the server is shutting down", code="shutting_down")
-        capacity = self.llm.max_num_seqs + self.max_queue
+        capacity = self.capacity
         if len(self._streams) >= capacity:
             raise APIError(429, f"server busy: {len(self._streams)} requests in flight (limit {capacity}); retry later",
                            code="queue_full", headers={"Retry-After": "1"})
@@ -161,9 +174,12 @@ class AsyncEngine:
             self._streams[request_id] = (collector, k)
         try:
             self.llm.add_request(prompt_token_ids, params, request_id, lora=lora)
-        except BaseException:
+        except BaseException as exc:
             with self._lock:
                 self._streams.pop(request_id, None)
+            if isinstance(exc, ValueError):  # the engine's own checks ("stop_token_ids: token id ... outside ...")
+                field = str(exc).split(":", 1)[0]
+                raise APIError(400, str(exc), param=field if field.isidentifier() else None) from None
             raise
         self._kick()
         return RequestHandle(self, request_id, prompt_token_ids, collector)

@@ -18,6 +18,7 @@ from .completions import create_chat_completion, create_completion, prepare_chat
 from .context import ServingContext, final_outputs, message_dicts, open_thinking_of, submit
 from .engine_client import AdapterEngine, AsyncEngine
 from .errors import APIError, error_body, install_handlers
+from .limits import ServeLimits
 
 ERRORS = {code: {"model": p.ErrorResponse} for code in (400, 401, 404, 429, 500, 503)}
 PUBLIC_PATHS = ("/health", "/metrics", "/docs", "/redoc", "/openapi.json", "/docs/oauth2-redirect")
@@ -37,7 +38,8 @@ def _as_engines(engine, served_model_name: str | None, max_queue: int) -> dict[s
 
 
 def create_app(engine, *, served_model_name: str | None = None, api_key: str | None = None, max_queue: int = 256,
-               guided=None, metrics: bool = True, drain_timeout: float = 30.0) -> FastAPI:
+               guided=None, metrics: bool = True, drain_timeout: float = 30.0,
+               limits: ServeLimits | None = None) -> FastAPI:
     """engine: an LLM (not started), an AsyncEngine, or {model id: either} (the first is the base model; LoRA
     adapters are further ids). guided: a GuidedDecoding for response_format (None = try llguidance)."""
     engines = _as_engines(engine, served_model_name, max_queue)
@@ -48,7 +50,7 @@ def create_app(engine, *, served_model_name: str | None = None, api_key: str | N
     from .metrics import ServerMetrics
 
     ctx = ServingContext(engines, api_key=api_key, metrics=ServerMetrics() if metrics else None,
-                         guided=guided or None)
+                         guided=guided or None, limits=limits or ServeLimits())
     shared = {n: e for n, e in engines.items() if isinstance(e, AsyncEngine)}  # the LoRA adapters' ids run on these
     if ctx.metrics is not None:  # one hook per engine: a LoRA adapter's requests count under its base model's id
         for name, e in shared.items():
@@ -63,6 +65,7 @@ def create_app(engine, *, served_model_name: str | None = None, api_key: str | N
             e.accepting = False
         for e in shared.values():
             await e.drain(drain_timeout)
+        ctx.close()
 
     app = FastAPI(title="minimind serve", version="1", lifespan=lifespan,
                   description="OpenAI-compatible API for MiniMind checkpoints")
@@ -130,7 +133,7 @@ def create_app(engine, *, served_model_name: str | None = None, api_key: str | N
     async def simple_chat(req: p.SimpleChatRequest, raw: Request):
         """The seeds' minimal endpoint: {messages, max_tokens, temperature} -> {"response": text}."""
         full = p.ChatCompletionRequest(messages=req.messages, temperature=req.temperature)
-        _, e, jobs, _ = prepare_chat(ctx, full)
+        _, e, jobs, _ = await prepare_chat(ctx, full)
         params = jobs[0][1]
         params.max_tokens = min(req.max_tokens, params.max_tokens)  # the seeds cut answers at the context's end
         [final] = await final_outputs(raw, submit(e, jobs, p.random_id("chat"), stream=False))

@@ -2,15 +2,21 @@
 
 Field names and defaults follow the OpenAI API and vLLM's extensions (top_k, min_p, repetition_penalty,
 chat_template_kwargs, ...). Unknown request fields are ignored (pydantic's default), as OpenAI does. Bounds live
-here so a bad value is a 400 that names the field before anything reaches the engine.
+here so a bad value is a 400 that names the field before anything reaches the engine. Types are strict where the
+OpenAI API's are (Bool, Int, Float below): "yes" is no boolean and "2" no integer; a number must be finite (JSON
+parsers read NaN and Infinity, which no bound check catches).
 """
 from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import AllowInfNan, BaseModel, Field, Strict, StrictBool, StrictInt
+
+Bool = StrictBool
+Int = StrictInt
+Float = Annotated[float, Strict(), AllowInfNan(False)]  # an integer is a number too; NaN and inf are not
 
 
 def random_id(prefix: str) -> str:
@@ -18,8 +24,8 @@ def random_id(prefix: str) -> str:
 
 
 class StreamOptions(BaseModel):
-    include_usage: bool = False
-    continuous_usage_stats: bool = False
+    include_usage: Bool = False
+    continuous_usage_stats: Bool = False
 
 
 class FunctionDef(BaseModel):
@@ -42,7 +48,7 @@ class JsonSchemaSpec(BaseModel):
     name: str = "schema"
     description: str | None = None
     schema_: dict[str, Any] | None = Field(default=None, alias="schema")
-    strict: bool | None = None
+    strict: Bool | None = None
 
 
 class ResponseFormat(BaseModel):
@@ -54,25 +60,25 @@ class SamplingFields(BaseModel):
     """Sampling fields common to chat and text completions."""
 
     model: str | None = Field(default=None, description="a served model id (default: the base model)")
-    max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float | None = Field(default=None, ge=0, le=100)
-    top_p: float | None = Field(default=None, gt=0, le=1)
-    top_k: int | None = Field(default=None, ge=-1)
-    min_p: float | None = Field(default=None, ge=0, le=1)
-    repetition_penalty: float | None = Field(default=None, gt=0, le=100)
-    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
-    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
-    logit_bias: dict[str, float] | None = None
-    seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)
+    max_tokens: Int | None = Field(default=None, ge=1)
+    temperature: Float | None = Field(default=None, ge=0, le=100)
+    top_p: Float | None = Field(default=None, gt=0, le=1)
+    top_k: Int | None = Field(default=None, ge=-1)
+    min_p: Float | None = Field(default=None, ge=0, le=1)
+    repetition_penalty: Float | None = Field(default=None, gt=0, le=100)
+    presence_penalty: Float | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: Float | None = Field(default=None, ge=-2, le=2)
+    logit_bias: dict[str, Float] | None = None
+    seed: Int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)
     stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
-    n: int = Field(default=1, ge=1, le=64)
-    stream: bool = False
+    stop_token_ids: list[Int] | None = None
+    n: Int = Field(default=1, ge=1, le=64)
+    stream: Bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
-    ignore_eos: bool = False
-    include_stop_str_in_output: bool = False
-    skip_special_tokens: bool = True
+    ignore_eos: Bool = False
+    include_stop_str_in_output: Bool = False
+    skip_special_tokens: Bool = True
     response_format: ResponseFormat | None = None
 
 
@@ -103,21 +109,21 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
-    logprobs: bool = False
-    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    max_completion_tokens: Int | None = Field(default=None, ge=1)
+    logprobs: Bool = False
+    top_logprobs: Int | None = Field(default=None, ge=0, le=20)
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
-    parallel_tool_calls: bool | None = None
+    parallel_tool_calls: Bool | None = None
     chat_template_kwargs: dict[str, Any] | None = None
-    open_thinking: bool | None = Field(default=None, description="the original MiniMind server's flag")
-    add_generation_prompt: bool = True
+    open_thinking: Bool | None = Field(default=None, description="the original MiniMind server's flag")
+    add_generation_prompt: Bool = True
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str] | list[int] | list[list[int]]
-    logprobs: int | None = Field(default=None, ge=0, le=20)
-    echo: bool = False
+    prompt: str | list[str] | list[Int] | list[list[Int]]
+    logprobs: Int | None = Field(default=None, ge=0, le=20)
+    echo: Bool = False
     suffix: str | None = None
 
 
@@ -227,8 +233,8 @@ class TokenizeRequest(BaseModel):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
-    add_special_tokens: bool = False
-    add_generation_prompt: bool = True
+    add_special_tokens: Bool = False
+    add_generation_prompt: Bool = True
     chat_template_kwargs: dict[str, Any] | None = None
 
 
@@ -240,7 +246,7 @@ class TokenizeResponse(BaseModel):
 
 class DetokenizeRequest(BaseModel):
     model: str | None = None
-    tokens: list[int]
+    tokens: list[Int]
 
 
 class DetokenizeResponse(BaseModel):
@@ -251,8 +257,8 @@ class SimpleChatRequest(BaseModel):
     """The seeds' FastAPI `POST /chat` body."""
 
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int = Field(default=512, ge=1)
-    temperature: float = Field(default=0.85, ge=0, le=100)
+    max_tokens: Int = Field(default=512, ge=1)
+    temperature: Float = Field(default=0.85, ge=0, le=100)
 
 
 class SimpleChatResponse(BaseModel):

@@ -116,25 +116,28 @@ def test_missing_checkpoint_is_one_error_line(seed_layout):
     root, _ = seed_layout
     res = run_cli("chat", "--load_from", str(tokenizer_dir("minimind2")), "--weight", "nope", "--hidden_size", "64",
                   "--prompt", "hi", cwd=root)
-    assert res.returncode == 1
+    assert res.returncode == 2  # an unusable model file, as for every command (cli.py)
     errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and str(Path("out") / "nope_64.pth") in errors[0]
     assert "Traceback" not in res.stderr and res.stdout == ""
 
 
-def test_other_errors_exit_1(seed_layout, capsys, monkeypatch, tmp_path):
+def test_file_errors_exit_2(seed_layout, capsys, monkeypatch, tmp_path):
+    from minimind.cli import main as cli_main
+
     root, _ = seed_layout
     monkeypatch.chdir(root)
-    assert main(["--model", str(tmp_path / "missing.pth"), "--prompt", "hi"]) == 1
+    assert cli_main(["chat", "--model", str(tmp_path / "missing.pth"), "--prompt", "hi"]) == 2
     assert "missing.pth" in capsys.readouterr().err
     bad = tmp_path / "bad.pth"
     bad.write_bytes(b"\x80not a pickle at all")
-    assert main(["--model", str(bad), "--tokenizer", str(tokenizer_dir("minimind2")), "--prompt", "hi"]) == 1
+    assert cli_main(["chat", "--model", str(bad), "--tokenizer", str(tokenizer_dir("minimind2")), "--prompt",
+                     "hi"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "bad.pth" in err and err.count("\n") == 1
     # weights and tokenizer of different eras never run together
     v3_tok = str(tokenizer_dir("minimind-3"))
-    assert main(["--model", "out/full_sft_64.pth", "--tokenizer", v3_tok, "--prompt", "x"]) == 1
+    assert cli_main(["chat", "--model", "out/full_sft_64.pth", "--tokenizer", v3_tok, "--prompt", "x"]) == 2
     assert "minimind-3 tokenizer" in capsys.readouterr().err
 
 

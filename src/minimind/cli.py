@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import importlib
+import os
 import sys
+
+from .errors import EXIT_CODE, CheckpointError
 
 # name -> (module with main(argv), one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -41,7 +44,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"minimind: unknown command {name!r}; choose from {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
     module = importlib.import_module(COMMANDS[name][0])
-    return int(module.main(rest) or 0)
+    try:
+        return int(module.main(rest) or 0)
+    except CheckpointError as exc:  # an unusable model/tokenizer file, from any command: one paragraph, exit 2
+        if os.environ.get("MINIMIND_DEBUG"):
+            raise
+        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return EXIT_CODE
 
 
 if __name__ == "__main__":

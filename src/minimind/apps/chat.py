@@ -13,6 +13,7 @@ import os
 import sys
 
 from ..checkpoint.spec import ModelSpec
+from ..errors import CheckpointError
 
 # name -> (temperature, top_p); the three strategies of the seed documents' table.
 PRESETS = {"deterministic": (0.1, 0.5), "balanced": (0.7, 0.85), "creative": (1.0, 0.95)}
@@ -73,11 +74,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def print_error(exc: Exception) -> int:
-    """One clear line on stderr, never a traceback (MINIMIND_DEBUG=1 shows it); the exit code 1."""
-    if os.environ.get("MINIMIND_DEBUG"):
+    """One clear line on stderr, never a traceback (MINIMIND_DEBUG=1 shows it); the exit code 1. A CheckpointError
+    goes on to `minimind`'s entry point (cli.py), which reports every command's unusable files alike (exit 2)."""
+    if os.environ.get("MINIMIND_DEBUG") or isinstance(exc, CheckpointError):
         raise exc
     message = " ".join(str(exc).split())  # one line, even for torch's multi-paragraph messages
-    known = isinstance(exc, (ValueError, OSError))  # CheckpointError is a ValueError
+    known = isinstance(exc, (ValueError, OSError))
     print(f"error: {message if known else f'{type(exc).__name__}: {message}'}", file=sys.stderr)
     return 1
 

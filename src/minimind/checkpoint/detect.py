@@ -33,7 +33,8 @@ def sniff_file(path: Path) -> str:
 
 
 def corrupt(path: Path, kind: str, why: str) -> CheckpointError:
-    return CheckpointError(path, f"unreadable {kind} file (truncated or corrupt? re-download it): {why}")
+    return CheckpointError(path, f"unreadable {kind} file ({why}): it is truncated or corrupt; re-download or "
+                           "re-export it")
 
 
 def only_gguf(folder: Path) -> Path | None:
@@ -45,7 +46,7 @@ def only_gguf(folder: Path) -> Path | None:
 def detect(path: Path) -> str:
     """One of the format constants above for a file or folder."""
     if not path.exists():
-        raise CheckpointError(path, "does not exist")
+        raise CheckpointError(path, "does not exist: check the path")
     if path.is_file():
         return sniff_file(path)
     cfg_path = path / "config.json"
@@ -57,11 +58,15 @@ def detect(path: Path) -> str:
     try:
         cfg = json.loads(cfg_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(cfg_path, f"is not valid JSON: {exc}") from None
+        raise CheckpointError(cfg_path, f"is not valid JSON ({exc}): re-download or fix it") from None
+    if not isinstance(cfg, dict):
+        raise CheckpointError(cfg_path, f"is a JSON {type(cfg).__name__}, not an object: a model's config.json is "
+                              "{\"model_type\": ..., \"hidden_size\": ..., ...}; re-download or fix it")
     model_type = cfg.get("model_type")
-    if model_type not in _HF_KINDS:
+    if not isinstance(model_type, str) or model_type not in _HF_KINDS:
         raise CheckpointError(cfg_path, f"model_type {model_type!r} is not supported (supported: "
-                              f"{', '.join(_HF_KINDS)})")
-    if model_type == "minimind" and (cfg.get("quantization_config") or {}).get("quant_method") == INT8_QUANT_METHOD:
+                              f"{', '.join(_HF_KINDS)}): use a MiniMind, Llama or Qwen3 model folder")
+    quant = cfg.get("quantization_config")
+    if model_type == "minimind" and isinstance(quant, dict) and quant.get("quant_method") == INT8_QUANT_METHOD:
         return INT8
     return _HF_KINDS[model_type]

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from ..config import MiniMindConfig
-from ..errors import CheckpointError
+from ..errors import CheckpointError, reason
 from ..model.core import MiniMindLM, build_on_meta
 from .detect import corrupt
 from .hf import hf_yarn, llama_or_qwen3_config
@@ -30,7 +30,7 @@ def _open(path: Path):
     try:
         return GGUFReader(str(path))
     except Exception as exc:  # numpy/struct errors on a truncated or non-GGUF file
-        raise corrupt(path, "GGUF", f"{type(exc).__name__}: {exc}") from None
+        raise corrupt(path, "GGUF", reason(exc)) from None
 
 
 def _field(reader, key: str, default=None):
@@ -129,7 +129,13 @@ def read_gguf(path: str | Path, progress: Callable[[int, int], None] | None = No
 
     path = Path(path)
     reader = _open(path)
-    config = gguf_config(reader, path)
+    try:
+        config = gguf_config(reader, path)
+    except CheckpointError:
+        raise
+    except Exception as exc:  # a metadata value of the wrong type, zero heads, ...
+        raise CheckpointError(path, f"its GGUF metadata describes no valid model ({reason(exc)}): re-download or "
+                              "re-convert it") from None
     arch_name = _field(reader, "general.architecture")
     arch = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch_name)
     name_map = gguf.get_tensor_name_map(arch, config.num_hidden_layers)

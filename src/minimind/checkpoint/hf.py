@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from ..config import MiniMindConfig
-from ..errors import CheckpointError
+from ..errors import CheckpointError, reason
 from ..model.core import MiniMindLM, build_on_meta
 from ..model.keys import explain_mismatch, is_tied, normalize_state_dict
 from . import detect as fmt
@@ -29,9 +29,15 @@ def read_hf_folder(path: Path, kind: str, dtype: torch.dtype | None = None
     """(config, state_dict with our parameter names) of an HF folder of the flavour `kind` (detect.HF_*), floating
     tensors cast to `dtype` one by one as they are read (None keeps the files' dtype)."""
     cfg_path = Path(path) / "config.json"
-    raw = json.loads(cfg_path.read_text())
+    raw = json.loads(cfg_path.read_text())  # detect() has parsed it: a JSON object
     weights_path, sd = read_weights(Path(path), dtype)
-    config = _minimind_config(raw, sd, cfg_path) if kind == fmt.HF_MINIMIND else _hf_config(raw, sd, kind, cfg_path)
+    try:
+        config = _minimind_config(raw, sd, cfg_path) if kind == fmt.HF_MINIMIND else _hf_config(raw, sd, kind,
+                                                                                                 cfg_path)
+    except CheckpointError:
+        raise
+    except Exception as exc:  # a field of the wrong type or value (a string size, zero heads, ...)
+        raise CheckpointError(cfg_path, f"describes no valid model ({reason(exc)}): re-download or fix it") from None
     if kind == fmt.HF_QWEN3_MOE:
         sd = split_fused_experts(sd, weights_path)
     # names and shapes against a meta-device MiniMindLM (MiniMindForCausalLM's keys), so an error names both files
@@ -101,7 +107,7 @@ def _minimind_config(raw: dict, sd: dict, cfg_path: Path) -> MiniMindConfig:
     try:
         return MiniMindConfig(**fields)
     except (ValueError, TypeError) as exc:
-        raise CheckpointError(cfg_path, f"invalid MiniMind config: {exc}") from None
+        raise CheckpointError(cfg_path, f"invalid MiniMind config ({exc}): re-download or fix it") from None
 
 
 def _hf_config(raw: dict, sd: dict, kind: str, cfg_path: Path) -> MiniMindConfig:  # Llama / Qwen3 / Qwen3-MoE
@@ -149,8 +155,8 @@ def llama_or_qwen3_config(source: Path, qwen3: bool, **fields) -> MiniMindConfig
         fields["n_shared_experts"] = 0
     try:
         return MiniMindConfig(**fields)
-    except ValueError as exc:
-        raise CheckpointError(source, str(exc)) from None
+    except (ValueError, TypeError) as exc:
+        raise CheckpointError(source, f"{exc}: re-download or fix the model's configuration") from None
 
 
 def _rope(hf, head_dim: int, cfg_path: Path) -> tuple[float, dict | None]:  # (rope_theta, our rope_scaling)

@@ -6,9 +6,9 @@ from pathlib import Path
 import torch
 
 from ..config import MiniMindConfig
-from ..errors import CheckpointError
+from ..errors import CheckpointError, reason
 from ..model.core import MiniMindLM, build_on_meta
-from ..model.keys import explain_mismatch, infer_config, normalize_state_dict
+from ..model.keys import REDO, infer_config, mismatch, normalize_state_dict
 from . import detect as fmt
 from .default_model import default_model_dir
 from .dtypes import resolve_dtype
@@ -23,20 +23,45 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"
 
 def read_checkpoint(path: str | Path, *, weights_dtype: torch.dtype | None = None,
                     **config_overrides) -> tuple[MiniMindConfig, dict[str, torch.Tensor]]:
-    """(config, state_dict with our parameter names) for any supported file or folder.
+    """(config, state_dict with our parameter names) for any supported file or folder, every tensor's name and
+    shape checked against the config: the one way `chat`, `serve`, `web` and `convert` read model files, so any
+    unusable file (truncated, corrupt, wrong shapes, malformed config, crafted pickle) is one CheckpointError.
 
     weights_dtype: floating tensors are cast to it one by one while reading, so a bf16 load never holds a full
     fp32 copy beside the bf16 weights (None keeps each file's own dtype; GGUF dequantizes to fp32)."""
     path = Path(path).expanduser()
+    try:
+        return _read(path, weights_dtype, config_overrides)
+    except CheckpointError:
+        raise
+    except Exception as exc:  # what a reader did not foresee in a damaged file still names the file
+        raise CheckpointError(path, f"could not be read ({reason(exc)}): it is probably truncated or corrupt; "
+                              "re-download or re-export it") from None
+
+
+def _read(path: Path, weights_dtype: torch.dtype | None, config_overrides: dict):
     kind = fmt.detect(path)
     if kind in (fmt.NATIVE, fmt.SAFETENSORS):
         sd = read_weights_file(path, weights_dtype)
-        return infer_config(sd, path, **config_overrides), sd
-    if kind == fmt.GGUF:
+        config = infer_config(sd, path, **config_overrides)
+    elif kind == fmt.INT8:
+        config, sd = read_int8_folder(path, weights_dtype or torch.float32)
+    elif kind == fmt.GGUF:  # each tensor checked against the metadata as it is read
         return read_gguf(path, dtype=weights_dtype)
-    if kind == fmt.INT8:
-        return read_int8_folder(path, weights_dtype or torch.float32)
-    return read_hf_folder(path, kind, dtype=weights_dtype)
+    else:  # checked against config.json by the reader, naming both files
+        return read_hf_folder(path, kind, dtype=weights_dtype)
+    sd = normalize_state_dict(sd, config)
+    problem = mismatch(sd, build_on_meta(MiniMindLM, config).state_dict())  # meta device: no memory
+    if problem:  # the architecture comes from layer 0 (or config.json): another tensor disagrees with it
+        basis = "config.json describes" if kind == fmt.INT8 else "the first layer's shapes describe"
+        raise CheckpointError(path, f"its tensors do not fit the model {basis} ({_summary(config)}): "
+                              f"{problem} {REDO}")
+    return config, sd
+
+
+def _summary(config: MiniMindConfig) -> str:
+    return (f"hidden {config.hidden_size}, {config.num_hidden_layers} layers, {config.num_attention_heads} heads "
+            f"({config.num_key_value_heads} kv) of {config.head_dim}, FFN {config.intermediate_size}")
 
 
 def load_model(path: str | Path | None = None, *, lora: str | Path | None = None,
@@ -50,23 +75,26 @@ def load_model(path: str | Path | None = None, *, lora: str | Path | None = None
     light: a plain-torch `MiniMindLM` (what the engine runs; never imports transformers' modeling stack) instead
     of the HF `MiniMindForCausalLM` (generate, save_pretrained), with the same weights and keys.
     """
+    path = default_model_dir() if path is None else path
+    checkpoint = read_checkpoint(path, weights_dtype=resolve_dtype(dtype, device), **config_overrides)
+    return build_model(path, *checkpoint, lora=lora, inference_rope_scaling=inference_rope_scaling, device=device,
+                       flash_attn=flash_attn, light=light)
+
+
+def build_model(path: str | Path, config: MiniMindConfig, sd: dict[str, torch.Tensor], *,
+                lora: str | Path | None = None, inference_rope_scaling: bool | str = False,
+                device: str | torch.device = "cpu", flash_attn: bool = True, light: bool = False):
+    """The model of a checkpoint `read_checkpoint` returned (see load_model for the options)."""
     if light:
         model_class = MiniMindLM
     else:
         from ..model import MiniMindForCausalLM as model_class  # imports transformers' modeling stack
-    path = default_model_dir() if path is None else path
-    torch_dtype = resolve_dtype(dtype, device)
-    config, sd = read_checkpoint(path, weights_dtype=torch_dtype, **config_overrides)
     if inference_rope_scaling:
         config = MiniMindConfig(**{**config.ctor_kwargs(), "inference_rope_scaling": inference_rope_scaling,
                                    "rope_scaling": None})
     config.flash_attn = flash_attn
     model = build_on_meta(model_class, config)
-    sd = normalize_state_dict(sd, config)
-    problem = explain_mismatch(sd, model)
-    if problem:
-        raise CheckpointError(path, problem)
-    model.load_state_dict(sd, strict=True, assign=True)
+    model.load_state_dict(normalize_state_dict(sd, config), strict=True, assign=True)  # shapes checked when read
     del sd
     model.tie_embeddings()
     model = model.to(device=device).eval()

@@ -138,17 +138,21 @@ class ModelSpec:
 
     def load(self, device: str = "cpu", source: Source | None = None):
         """(model, tokenizer) with --lora_weight applied: MiniMindLM on CPU (what the engine runs), elsewhere
-        MiniMindForCausalLM (HF generate)."""
-        from .loader import check_tokenizer_matches, load_model, load_tokenizer
+        MiniMindForCausalLM (HF generate). The weights are read and checked first: an unusable model file is named
+        as such, never reported as a missing tokenizer."""
+        from .default_model import default_model_dir
+        from .dtypes import resolve_dtype
+        from .loader import build_model, check_tokenizer_matches, load_tokenizer, read_checkpoint
         from .lora import load_lora
 
         source = source or self.resolve()
-        if source.model is not None:
-            fmt.detect(source.model)  # an unusable model path is named as such, not as a tokenizer problem
-        tokenizer = load_tokenizer(source.tokenizer)  # before the weights: it is quick and fails early
-        model = load_model(source.model, inference_rope_scaling=self.inference_rope_scaling, dtype=self.dtype_or_none,
-                           device=device, light=device == "cpu")
-        check_tokenizer_matches(tokenizer, model.config, where=str(source.tokenizer or "default tokenizer"))
+        path = default_model_dir() if source.model is None else source.model
+        config, sd = read_checkpoint(path, weights_dtype=resolve_dtype(self.dtype_or_none, device))
+        tokenizer = load_tokenizer(source.tokenizer)
+        check_tokenizer_matches(tokenizer, config, where=str(source.tokenizer or "default tokenizer"))
+        model = build_model(path, config, sd, inference_rope_scaling=self.inference_rope_scaling, device=device,
+                            light=device == "cpu")
+        del sd
         lora = self.lora_path(model.config.hidden_size)
         if lora is not None:
             load_lora(model, lora)

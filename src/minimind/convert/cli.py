@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 from ..checkpoint.spec import ModelSpec
-from ..errors import CheckpointError
 from .source import ConvertError
 
 EPILOG = """examples:
@@ -50,7 +49,7 @@ def _fail(prog: str, message: str) -> int:
 def _run(prog: str, export, *args, **kwargs) -> int:
     try:
         out = export(*args, **kwargs)
-    except (ConvertError, CheckpointError, FileNotFoundError) as exc:
+    except (ConvertError, FileNotFoundError) as exc:  # a CheckpointError goes on to cli.py (exit 2 there too)
         return _fail(prog, str(exc))
     print(f"wrote {out}")
     return 0

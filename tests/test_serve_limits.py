@@ -208,3 +208,19 @@ def test_token_ids_outside_the_vocabulary(url):
     err = envelope(post(url, {"prompt": "x", "logit_bias": {str(10**12): 1}}, "/v1/completions"))
     assert err["param"] == "logit_bias" and "outside the vocabulary" in err["message"]
     assert envelope(post(url, {"prompt": [10**12]}, "/v1/completions"))["param"] == "prompt"
+
+
+def test_configured_limits(tokenizer):
+    from minimind.serve.limits import ServeLimits
+
+    limits = ServeLimits(max_prompt_chars=50, max_stop_strings=2, max_stop_chars=3, tokenizer_workers=1)
+    with serve(make_app(tokenizer, limits)) as base:
+        err = envelope(post(base, {"prompt": "x" * 51}, "/v1/completions"))
+        assert err["param"] == "prompt" and "at most 50 characters (max_prompt_chars)" in err["message"]
+        assert post(base, {"prompt": "x" * 50, "max_tokens": 1}, "/v1/completions").status_code == 200
+        assert "at most 2" in envelope(post(base, {"messages": MSG, "stop": ["a", "b", "c"]}))["message"]
+        assert "at most 3 characters" in envelope(post(base, {"messages": MSG, "stop": "abcd"}))["message"]
+        ok = post(base, {"prompt": "x", "stop": ["abc", "d"], "max_tokens": 1}, "/v1/completions")
+        assert ok.status_code == 200
+        # the limit is on the rendered prompt: the chat template's own text counts
+        assert envelope(post(base, {"messages": MSG}))["param"] == "messages"

@@ -68,16 +68,19 @@ def open_thinking_of(req) -> bool | None:
 class PromptLimit:
     max_model_len: int
     max_chars: int | None  # None: not checked before tokenizing
+    configured: bool = False  # max_chars is the server's max_prompt_chars, not derived from the context
 
 
 def check_prompt_chars(text: str, limit: PromptLimit, what: str) -> None:
     """A prompt longer than limit.max_chars characters cannot fit the context: 400 before it is tokenized (the
     tokenizer's time and memory grow with the text), in the wording of the token-count check."""
-    if limit.max_chars is not None and len(text) > limit.max_chars:
-        raise APIError(400, f"This model's maximum context length is {limit.max_model_len} tokens. However, your "
-                            f"request has {len(text)} characters of input, more than fit in that context (at most "
-                            f"{limit.max_chars} characters). Please reduce the length of the input {what}.",
-                       param=what, code="context_length_exceeded")
+    if limit.max_chars is None or len(text) <= limit.max_chars:
+        return
+    bound = (f"this server accepts at most {limit.max_chars} characters (max_prompt_chars)" if limit.configured
+             else f"more than fit in that context (at most {limit.max_chars} characters)")
+    raise APIError(400, f"This model's maximum context length is {limit.max_model_len} tokens. However, your "
+                        f"request has {len(text)} characters of input, {bound}. Please reduce the length of the "
+                        f"input {what}.", param=what, code="context_length_exceeded")
 
 
 def chat_prompt(tokenizer, req: ChatCompletionRequest, limit: PromptLimit | None = None) -> tuple[str, list[int]]:
@@ -218,9 +221,10 @@ class ServingContext:
 
     def prompt_limit(self, engine: AsyncEngine) -> PromptLimit:
         chars = self.limits.max_prompt_chars
-        if chars is None and engine.longest_token_chars is not None:
-            chars = engine.max_model_len * engine.longest_token_chars
-        return PromptLimit(engine.max_model_len, chars)
+        if chars is not None:
+            return PromptLimit(engine.max_model_len, chars, configured=True)
+        longest = engine.longest_token_chars
+        return PromptLimit(engine.max_model_len, None if longest is None else engine.max_model_len * longest)
 
     def check_request(self, engine: AsyncEngine, req: SamplingFields, num_prompts: int, what: str) -> None:
         """The limits a request can be checked against before its prompt is tokenized: 400 for what could never

@@ -228,7 +228,8 @@ class ServingContext:
 
     def check_request(self, engine: AsyncEngine, req: SamplingFields, num_prompts: int, what: str) -> None:
         """The limits a request can be checked against before its prompt is tokenized: 400 for what could never
-        be served (429 is only for a server that is busy now)."""
+        be served (429 is only for a server that is busy now). Completions (prompts x n) are counted against the
+        engine's capacity: each one takes a KV slot of its own while it runs and waits in the queue otherwise."""
         capacity, wanted = engine.capacity, num_prompts * req.n
         if wanted > capacity:
             param = what if num_prompts > capacity or req.n == 1 else "n"

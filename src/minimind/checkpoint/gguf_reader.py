@@ -120,10 +120,16 @@ def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def read_gguf(path: str | Path, progress: Callable[[int, int], None] | None = None, dtype: torch.dtype | None = None
-              ) -> tuple[MiniMindConfig, dict[str, torch.Tensor]]:
+# block types the engine's kernels read as the file stores them (engine/quant.py BlockLinear)
+KEPT_BLOCK_TYPES = ("Q8_0", "Q4_0", "Q4_1")
+
+
+def read_gguf(path: str | Path, progress: Callable[[int, int], None] | None = None, dtype: torch.dtype | None = None,
+              blocks: dict | None = None) -> tuple[MiniMindConfig, dict[str, torch.Tensor]]:
     """(config, state_dict with our/HF parameter names), fp32 or cast to `dtype` tensor by tensor as dequantized.
-    `progress(done, total)` is called per tensor."""
+    `progress(done, total)` is called per tensor. blocks: a dict that receives the Q8_0/Q4_0/Q4_1 matrices as
+    stored, {key: (ggml type id, uint8 [rows, bytes])}; their state_dict entries are then one-element stand-ins
+    of the right shape (expanded views: no memory) for a model that computes from the blocks."""
     import gguf
     from gguf.quants import dequantize
 
@@ -157,6 +163,11 @@ def read_gguf(path: str | Path, progress: Callable[[int, int], None] | None = No
                                   f"{arch_name} model")
         targets = ours[tensor.name]
         shape = targets[0][2] if targets[0][0] is None else (len(targets), *targets[0][2])
+        if blocks is not None and targets[0][0] is None and tensor.tensor_type.name in KEPT_BLOCK_TYPES:
+            _keep_blocks(tensor, targets[0][1], shape, arch_name, config, path, blocks, sd)
+            if progress is not None:
+                progress(i + 1, total)
+            continue
         try:
             values = dequantize(tensor.data, tensor.tensor_type)
         except NotImplementedError as exc:
@@ -178,6 +189,18 @@ def read_gguf(path: str | Path, progress: Callable[[int, int], None] | None = No
     if missing:
         raise CheckpointError(path, f"{len(missing)} tensor(s) missing, e.g. {missing[:3]}")
     return config, sd
+
+
+def _keep_blocks(tensor, key: str, shape: tuple, arch_name: str, config, path: Path, blocks: dict, sd: dict) -> None:
+    raw = np.array(tensor.data, dtype=np.uint8, order="C")  # [rows, bytes per row]: a copy, the file is mmapped
+    if raw.shape[0] != shape[0] or len(shape) != 2 or shape[1] % 32:
+        raise CheckpointError(path, f"tensor `{tensor.name}` has {raw.shape[0]} rows of blocks, the metadata implies "
+                              f"{shape} for `{key}`")
+    if arch_name == "llama" and tensor.name.endswith(("attn_q.weight", "attn_k.weight")):  # whole rows move
+        raw = np.ascontiguousarray(unpermute_qk(raw, config.num_attention_heads if "attn_q" in tensor.name
+                                                else config.num_key_value_heads))
+    blocks[key] = (int(tensor.tensor_type), torch.from_numpy(raw))
+    sd[key] = torch.zeros(1).expand(shape)
 
 
 def gguf_tokenizer(path: str | Path):

@@ -10,7 +10,7 @@ from ..errors import CheckpointError, reason
 from ..model.core import MiniMindLM, build_on_meta
 from ..model.keys import REDO, infer_config, mismatch, normalize_state_dict
 from . import detect as fmt
-from .default_model import default_model_dir
+from .default_model import default_model_dir, find_default_gguf
 from .dtypes import resolve_dtype
 from .gguf_reader import gguf_tokenizer, read_gguf
 from .hf import read_hf_folder
@@ -21,25 +21,26 @@ from .native import read_weights_file
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
-def read_checkpoint(path: str | Path, *, weights_dtype: torch.dtype | None = None,
+def read_checkpoint(path: str | Path, *, weights_dtype: torch.dtype | None = None, blocks: dict | None = None,
                     **config_overrides) -> tuple[MiniMindConfig, dict[str, torch.Tensor]]:
     """(config, state_dict with our parameter names) for any supported file or folder, every tensor's name and
     shape checked against the config: the one way `chat`, `serve`, `web` and `convert` read model files, so any
     unusable file (truncated, corrupt, wrong shapes, malformed config, crafted pickle) is one CheckpointError.
 
     weights_dtype: floating tensors are cast to it one by one while reading, so a bf16 load never holds a full
-    fp32 copy beside the bf16 weights (None keeps each file's own dtype; GGUF dequantizes to fp32)."""
+    fp32 copy beside the bf16 weights (None keeps each file's own dtype; GGUF dequantizes to fp32).
+    blocks: a dict for a GGUF's Q8_0/Q4_0/Q4_1 matrices as stored (see read_gguf); other formats leave it empty."""
     path = Path(path).expanduser()
     try:
-        return _read(path, weights_dtype, config_overrides)
+        return _read(path, weights_dtype, config_overrides, blocks)
     except CheckpointError:
         raise
-    except Exception as exc:  # what a reader did not foresee in a damaged file still names the file
+    except KeyError as exc:  # what a reader did not foresee in a damaged file still names the file
         raise CheckpointError(path, f"could not be read ({reason(exc)}): it is probably truncated or corrupt; "
                               "re-download or re-export it") from None
 
 
-def _read(path: Path, weights_dtype: torch.dtype | None, config_overrides: dict):
+def _read(path: Path, weights_dtype: torch.dtype | None, config_overrides: dict, blocks: dict | None = None):
     kind = fmt.detect(path)
     if kind in (fmt.NATIVE, fmt.SAFETENSORS):
         sd = read_weights_file(path, weights_dtype)
@@ -47,7 +48,7 @@ def _read(path: Path, weights_dtype: torch.dtype | None, config_overrides: dict)
     elif kind == fmt.INT8:
         config, sd = read_int8_folder(path, weights_dtype or torch.float32)
     elif kind == fmt.GGUF:  # each tensor checked against the metadata as it is read
-        return read_gguf(path, dtype=weights_dtype)
+        return read_gguf(path, dtype=weights_dtype, blocks=blocks)
     else:  # checked against config.json by the reader, naming both files
         return read_hf_folder(path, kind, dtype=weights_dtype)
     sd = normalize_state_dict(sd, config)
@@ -67,18 +68,28 @@ def _summary(config: MiniMindConfig) -> str:
 def load_model(path: str | Path | None = None, *, lora: str | Path | None = None,
                inference_rope_scaling: bool | str = False, dtype: str | torch.dtype | None = None,
                device: str | torch.device = "cpu", flash_attn: bool = True, light: bool = False,
-               **config_overrides):
+               keep_blocks: bool = False, **config_overrides):
     """Any MiniMind checkpoint (native .pth, HF folder of any flavour, GGUF; None = the embedded default model)
     ready for inference, its weights cast to `dtype` tensor by tensor while they are read.
 
     inference_rope_scaling: False (the checkpoint's own RoPE), True (standard YaRN x16) or "legacy" (x4).
     light: a plain-torch `MiniMindLM` (what the engine runs; never imports transformers' modeling stack) instead
     of the HF `MiniMindForCausalLM` (generate, save_pretrained), with the same weights and keys.
+    keep_blocks: a GGUF's Q8_0/Q4_0/Q4_1 matrices stay as stored, on their modules as `gguf_blocks` (the engine
+    computes from them; the module's own weight is a stand-in): light models without a LoRA only. The default
+    model is then read from its GGUF, not from the imported fp32 folder.
     """
-    path = default_model_dir() if path is None else path
-    checkpoint = read_checkpoint(path, weights_dtype=resolve_dtype(dtype, device), **config_overrides)
-    return build_model(path, *checkpoint, lora=lora, inference_rope_scaling=inference_rope_scaling, device=device,
-                       flash_attn=flash_attn, light=light)
+    blocks = {} if keep_blocks and light and lora is None else None
+    if path is None:
+        path = find_default_gguf() if blocks is not None else default_model_dir()
+    checkpoint = read_checkpoint(path, weights_dtype=resolve_dtype(dtype, device), blocks=blocks, **config_overrides)
+    model = build_model(path, *checkpoint, lora=lora, inference_rope_scaling=inference_rope_scaling, device=device,
+                        flash_attn=flash_attn, light=light)
+    for key, (ggml_type, raw) in (blocks or {}).items():
+        model.get_submodule(key.removesuffix(".weight")).gguf_blocks = (ggml_type, raw)
+    if blocks and model.config.tie_word_embeddings and "model.embed_tokens.weight" in blocks:
+        model.lm_head.gguf_blocks = blocks["model.embed_tokens.weight"]
+    return model
 
 
 def build_model(path: str | Path, config: MiniMindConfig, sd: dict[str, torch.Tensor], *,

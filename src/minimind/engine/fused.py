@@ -22,7 +22,7 @@ import torch
 
 log = logging.getLogger("minimind")
 KERNELS = Path(__file__).with_name("kernels")
-SOURCES = ("decode.c", "linear.c", "q8.c", "attention.c", "sample.c")  # one library; kernels.h shared
+SOURCES = ("decode.c", "linear.c", "q8.c", "qblock.c", "attention.c", "sample.c")  # one library; kernels.h shared
 W_F32, W_BF16, W_I8 = 0, 1, 2
 CODES = {torch.float32: W_F32, torch.bfloat16: W_BF16, torch.int8: W_I8}  # weight dtype -> Mat.type
 P = ctypes.c_void_p
@@ -105,9 +105,22 @@ def packed_linear(weight: torch.Tensor, x: torch.Tensor, scales: torch.Tensor | 
     lib, code = _linear_library(), CODES.get(weight.dtype)
     if lib is None or code is None or (code == W_I8 and scales is None) or x.dim() != 2 or not weight.is_contiguous():
         return None
-    x = x.float().contiguous()
-    y = torch.empty(x.shape[0], weight.shape[0], dtype=torch.float32)
     mat = Mat(weight.data_ptr(), None if scales is None else scales.data_ptr(), code, weight.shape[0], weight.shape[1])
+    return _run_linear(lib, mat, x)
+
+
+def block_linear(lin, x: torch.Tensor) -> torch.Tensor | None:
+    """x [M, K] times a GGUF block-quantized weight (quant.BlockLinear) -> [M, N] fp32 (kernels/qblock.c), or None
+    when the kernels cannot be built here."""
+    lib = _linear_library()
+    if lib is None or x.dim() != 2:
+        return None
+    return _run_linear(lib, Mat(lin.blocks.data_ptr(), None, lin.code, lin.rows, lin.cols), x)
+
+
+def _run_linear(lib, mat: Mat, x: torch.Tensor) -> torch.Tensor:
+    x = x.float().contiguous()
+    y = torch.empty(x.shape[0], mat.rows, dtype=torch.float32)
     if lib.minimind_linear(ctypes.byref(mat), x.data_ptr(), x.shape[0], y.data_ptr(), torch.get_num_threads()):
         raise MemoryError("packed linear could not allocate its scratch buffers")
     return y
@@ -136,7 +149,7 @@ def unsupported_reason(runner) -> str | None:
         return f"KV cache dtype {runner.kv_dtype} (the kernel keeps fp32 or fp16)"
     if getattr(cfg, "hidden_act", "silu") != "silu":
         return f"activation {cfg.hidden_act}"
-    if runner.embed.dtype not in (torch.float32, torch.bfloat16):
+    if not hasattr(runner.embed, "blocks") and runner.embed.dtype not in (torch.float32, torch.bfloat16):
         return f"embedding dtype {runner.embed.dtype}"
     for lw in runner.layers:
         for lin in (lw.qkv, lw.o, lw.gate_up, lw.down):
@@ -149,6 +162,8 @@ def unsupported_reason(runner) -> str | None:
 
 def _mat_parts(lin):
     """(weight tensor, fp32 scales or None, type code) for linears the kernel reads, else None."""
+    if hasattr(lin, "blocks"):  # quant.BlockLinear: GGUF blocks, [rows, bytes per row] uint8
+        return lin.blocks, None, lin.code
     weight = getattr(lin, "weight", None)
     if weight is not None and weight.dtype in (torch.float32, torch.bfloat16) and weight.is_contiguous():
         return weight, None, CODES[weight.dtype]
@@ -174,12 +189,14 @@ class FusedDecoder:
                               self._mat(lw.qkv), self._mat(lw.o), self._mat(lw.gate_up), self._mat(lw.down),
                               kv.k[i].data_ptr(), kv.v[i].data_ptr())
         self._layers = layers
-        inter = _mat_parts(runner.layers[0].down)[0].shape[1]
+        down = runner.layers[0].down
+        inter = getattr(down, "cols", None) or _mat_parts(down)[0].shape[1]
         self.vocab = cfg.vocab_size
-        embed = runner.embed.contiguous()
+        embed = runner.embed if hasattr(runner.embed, "blocks") else runner.embed.contiguous()
         self._keep.append(embed)
         self.model = Model(len(runner.layers), cfg.hidden_size, runner.num_heads, runner.num_kv_heads,
                            runner.head_dim, inter, cfg.vocab_size, kv.max_len, eps.pop(), ctypes.cast(layers, P),
+                           self._mat(embed) if hasattr(embed, "blocks") else
                            Mat(embed.data_ptr(), None, CODES[embed.dtype], *embed.shape), self._vec(runner.norm),
                            self._mat(runner.lm_head), int(kv.k.dtype == torch.float16))
         # [max_len, D] fp32 RoPE tables; the kernel reads row positions[b] for row b
@@ -195,7 +212,8 @@ class FusedDecoder:
     def _mat(self, lin) -> Mat:
         w, scales, code = _mat_parts(lin)
         self._keep += [w] + ([scales] if scales is not None else [])
-        return Mat(w.data_ptr(), None if scales is None else scales.data_ptr(), code, w.shape[0], w.shape[1])
+        cols = getattr(lin, "cols", w.shape[1])  # GGUF blocks: the logical row length, not its bytes
+        return Mat(w.data_ptr(), None if scales is None else scales.data_ptr(), code, w.shape[0], cols)
 
     def __call__(self, ids: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """ids, slots, positions: [B] int64 (one new token per row) -> logits [B, V] fp32."""

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from ..model.rope import apply_rotary
 from .kv_cache import KVCache
 from .lora_rows import RowLoRA
-from .quant import DenseLinear, Int8Linear, make_linear
+from .quant import BlockLinear, DenseLinear, Int8Linear, make_linear
 from .sampling import build_sampling_batch, sample
 from .scheduler import Batch
 
@@ -51,6 +51,9 @@ class LayerWeights:
         self.k_norm = _cast(getattr(attn, "k_norm", None), dtype)
 
         def linear(*projections):  # several: fused into one matrix; one: its own weight, no copy
+            kept = _blocks(*projections)
+            if kept is not None:
+                return kept
             weights = [_weight(p) for p in projections]
             w = torch.cat(weights) if len(weights) > 1 else weights[0]
             return make_linear(w, quantization, dtype, weight_dtype)
@@ -82,7 +85,8 @@ class ModelRunner:
         self.scale = self.head_dim ** -0.5
         self.gqa = self.num_heads != self.num_kv_heads
         inner = model.model
-        self.embed = inner.embed_tokens.weight.detach().to(weight_dtype)
+        # [V, H] weights, or GGUF blocks (a BlockLinear: rows are dequantized as they are looked up)
+        self.embed = _blocks(inner.embed_tokens) or inner.embed_tokens.weight.detach().to(weight_dtype)
         self.layers = []
         for layer in inner.layers:
             self.layers.append(LayerWeights(layer, quantization, dtype, weight_dtype))
@@ -91,7 +95,7 @@ class ModelRunner:
                 _release_matrices(attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj,
                                   *[getattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj") if hasattr(mlp, n)])
         self.norm = _cast(inner.norm, dtype)
-        self.lm_head = make_linear(model.lm_head.weight, quantization, dtype, weight_dtype)
+        self.lm_head = _blocks(model.lm_head) or make_linear(model.lm_head.weight, quantization, dtype, weight_dtype)
         if release_model:
             _release_matrices(model.lm_head, inner.embed_tokens)
         positions = torch.arange(kv.max_len)[None]
@@ -130,7 +134,7 @@ class ModelRunner:
             parts += [lw.qkv, lw.o, lw.gate_up, lw.down, *(lw.moe.parameters() if lw.moe is not None else ())]
         for part in parts:
             tensors = [part] if isinstance(part, torch.Tensor) else [
-                t for t in (getattr(part, n, None) for n in ("weight", "qweight", "scales", "scales_bf16"))
+                t for t in (getattr(part, n, None) for n in ("weight", "qweight", "scales", "scales_bf16", "blocks"))
                 if isinstance(t, torch.Tensor)]
             if not tensors:
                 total += getattr(part, "nbytes", 0)
@@ -223,7 +227,7 @@ class ModelRunner:
             if mask is None:
                 mask = torch.zeros(inp.num_decode, 1, 1, inp.decode_len, dtype=self.attn_dtype)
             return self._compiled_decode(inp.ids, inp.cos, inp.sin, inp.write_idx, slots, mask)
-        h = F.embedding(inp.ids, self.embed).to(self.dtype)  # [N, H]
+        h = self._embed(inp.ids)  # [N, H]
         groups = inp.lora_groups
         for layer_idx, lw in enumerate(self.layers):
             a = self._attention(layer_idx, lw, lw.ln1(h), inp)
@@ -232,6 +236,11 @@ class ModelRunner:
             h = h + _ffn(lw, lw.ln2(h), extra)
         h = self.norm(h[inp.sample_rows])
         return self.lm_head(h).float()
+
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.embed, BlockLinear):
+            return self.embed.dequantize(ids).to(self.dtype)
+        return F.embedding(ids, self.embed).to(self.dtype)
 
     def _qkv_to_cache(self, layer_idx: int, lw: LayerWeights, x: torch.Tensor, cos: torch.Tensor,
                       sin: torch.Tensor, write_idx: torch.Tensor, groups=()) -> torch.Tensor:
@@ -260,7 +269,7 @@ class ModelRunner:
 
     def _decode_forward(self, ids, cos, sin, write_idx, slots, mask) -> torch.Tensor:
         """Decode rows only, tensors only (what torch.compile sees): ids [B], slots [B], mask [B, 1, 1, L]."""
-        h = F.embedding(ids, self.embed).to(self.dtype)
+        h = self._embed(ids)
         for layer_idx, lw in enumerate(self.layers):
             q = self._qkv_to_cache(layer_idx, lw, lw.ln1(h), cos, sin, write_idx)
             o = self._attend_decode(layer_idx, q, slots, mask.shape[-1], mask)
@@ -325,9 +334,27 @@ def _release_matrices(*modules) -> None:
         for p in module.parameters():
             if p.dim() == 2:
                 p.data = torch.empty(0, dtype=p.dtype)
+        if hasattr(module, "gguf_blocks"):  # the runner holds its own BlockLinear (or a dequantized copy)
+            del module.gguf_blocks
 
 
 def _weight(linear) -> torch.Tensor:
-    """A projection's weight as the model's forward applies it: an unmerged LoRALinear counts W + B A."""
+    """A projection's weight as the model's forward applies it: an unmerged LoRALinear counts W + B A; GGUF blocks
+    dequantized."""
+    if hasattr(linear, "gguf_blocks"):
+        ggml_type, raw = linear.gguf_blocks
+        return BlockLinear(raw, ggml_type, linear.in_features if hasattr(linear, "in_features")
+                           else linear.embedding_dim).dequantize()
     merged = getattr(linear, "merged_weight", None)
     return merged() if merged is not None else linear.weight
+
+
+def _blocks(*modules) -> BlockLinear | None:
+    """One BlockLinear over these modules' GGUF blocks (rows stacked: q|k|v, gate|up) when they all have blocks
+    of one type, else None (the caller dequantizes)."""
+    kept = [getattr(m, "gguf_blocks", None) for m in modules]
+    if any(k is None for k in kept) or len({k[0] for k in kept}) != 1:
+        return None
+    raw = torch.cat([k[1] for k in kept]) if len(kept) > 1 else kept[0][1]
+    m = modules[0]
+    return BlockLinear(raw, kept[0][0], m.in_features if hasattr(m, "in_features") else m.embedding_dim)

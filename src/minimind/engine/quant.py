@@ -1,5 +1,6 @@
-"""Linear layers for the runner: dense (fp32/bf16), int8 (per output channel) and the seeds'
-`torch.ao.quantization.quantize_dynamic` path. Each is a callable x [N, in] -> [N, out].
+"""Linear layers for the runner: dense (fp32/bf16), int8 (per output channel), GGUF blocks (Q8_0/Q4_0/Q4_1, as
+the file stores them) and the seeds' `torch.ao.quantization.quantize_dynamic` path. Each is a callable
+x [N, in] -> [N, out].
 
 int8 stores W as int8 with one scale per output row, so a decode step streams a quarter of the fp32 bytes. With the
 C kernels (the engine's default) activations are quantized to int8 too, per 32 values (kernels/q8.c; llama.cpp's
@@ -86,6 +87,45 @@ class Int8Linear:
 
     def dequantize(self) -> torch.Tensor:
         return self.qweight.float() * self.scales.float()[:, None]
+
+
+# GGUF block types the kernels read as they are (kernels/qblock.c): ggml type id -> kernel code
+BLOCK_CODES = {8: 3, 2: 4, 3: 5}  # Q8_0, Q4_0, Q4_1
+BLOCK_BYTES = {8: 34, 2: 18, 3: 20}  # bytes per block of 32 weights
+
+
+class BlockLinear:
+    """A GGUF Q8_0 / Q4_0 / Q4_1 matrix kept in its file layout: blocks [out, in / 32 * block bytes] uint8.
+    Products run through the C kernels; without them each call dequantizes the matrix (gguf's reference code)."""
+
+    def __init__(self, blocks: torch.Tensor, ggml_type: int, cols: int, act_dtype: torch.dtype = torch.float32):
+        if ggml_type not in BLOCK_CODES or cols % 32 or blocks.shape[1] != cols // 32 * BLOCK_BYTES[ggml_type]:
+            raise ValueError(f"not a Q8_0/Q4_0/Q4_1 matrix of {cols} columns: type {ggml_type}, "
+                             f"{tuple(blocks.shape)} bytes")
+        self.blocks = blocks.contiguous()
+        self.ggml_type, self.code, self.rows, self.cols = ggml_type, BLOCK_CODES[ggml_type], blocks.shape[0], cols
+        self.act_dtype = act_dtype
+        self.packed = True  # the C kernels are the only fast path for these
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        from .fused import block_linear
+
+        y = block_linear(self, x.reshape(-1, self.cols)) if self.packed else None
+        if y is None:
+            y = F.linear(x.float(), self.dequantize())
+        return y.to(self.act_dtype).reshape(*x.shape[:-1], self.rows)
+
+    def dequantize(self, rows=None) -> torch.Tensor:
+        """The matrix (or these rows of it) as fp32 [n, cols]."""
+        from gguf import GGMLQuantizationType
+        from gguf.quants import dequantize
+
+        blocks = self.blocks if rows is None else self.blocks[rows]
+        return torch.from_numpy(dequantize(blocks.numpy(), GGMLQuantizationType(self.ggml_type)).copy())
+
+    @property
+    def nbytes(self) -> int:
+        return self.blocks.numel()
 
 
 class DynamicInt8Linear:

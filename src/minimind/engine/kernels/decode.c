@@ -25,7 +25,7 @@ typedef struct {
     int64_t n_layers, hidden, n_heads, n_kv_heads, head_dim, inter, vocab, max_len;
     double eps;
     const Layer *layers;
-    Mat embed;          /* [vocab, hidden], W_F32 or W_BF16 */
+    Mat embed;          /* [vocab, hidden], W_F32, W_BF16 or GGUF blocks */
     const float *norm;  /* [hidden] */
     Mat lm_head;        /* [vocab, hidden] */
     int64_t kv_f16;     /* the KV cache holds fp16 values (attention widens them; new keys/values are rounded) */
@@ -55,8 +55,10 @@ int minimind_decode(const Model *m, int64_t B, const int64_t *ids, const int64_t
     const int64_t xp_size = gemm ? cdiv(B, PANEL) * PANEL * kmax : 1, wf_size = gemm ? GEMM_RN * kmax : 1;
     float *xps = malloc(sizeof(float) * (size_t)nthreads * (xp_size + wf_size));
     /* int8 weights: each thread quantizes the B rows feeding a product itself (q8.c), like the norms above */
+    /* GGUF block weights (qblock.c) take the same int8 buffer with a float scale and sum per block */
     const int64_t q_size = B * kmax, s_size = B * (kmax / Q8_BLOCK + 1);
-    char *q8s = malloc((size_t)nthreads * (q_size + sizeof(int16_t) * s_size + sizeof(float) * B));
+    const size_t q8_bytes = q_size + sizeof(int16_t) * s_size + sizeof(float) * B + 2 * sizeof(float) * s_size;
+    char *q8s = malloc((size_t)nthreads * q8_bytes);
     int status = 0;
     for (int64_t b = 0; b < B; b++)
         if (pos[b] < 0 || pos[b] >= T) { status = -2; goto done; }
@@ -71,21 +73,24 @@ int minimind_decode(const Model *m, int64_t B, const int64_t *ids, const int64_t
         float *xp = xps + (size_t)tid * (xp_size + wf_size), *wf = xp + xp_size;
         /* every thread normalizes all B rows into its own xn: a few thousand flops instead of a barrier */
         float *xn = xns + (size_t)tid * B * H;
-        char *q8 = q8s + (size_t)tid * (q_size + sizeof(int16_t) * s_size + sizeof(float) * B);
+        char *q8 = q8s + (size_t)tid * q8_bytes;
         int8_t *xq = (int8_t *)q8;
         int16_t *xs = (int16_t *)(q8 + q_size);
-        float *xu = (float *)(q8 + q_size + sizeof(int16_t) * s_size);
+        float *xu = (float *)(q8 + q_size + sizeof(int16_t) * s_size), *xd = xu + B, *xsum = xd + s_size;
 #define NORM(w) for (int64_t b = 0; b < B; b++) rms_norm(h + b * H, w, H, m->eps, xn + b * H)
-#define PACK(mat, x, ldx, K) \
-    if (q8_ok(mat)) quantize_q8(x, ldx, B, K, xq, xs, xu); else if (gemm) pack_x(x, ldx, B, K, xp)
+#define PACK(mat, x, ldx, K)                                    \
+    if (q8_ok(mat)) quantize_q8(x, ldx, B, K, xq, xs, xu);      \
+    else if (qb_ok(mat)) quantize_qb(x, ldx, B, K, xq, xd, xsum); \
+    else if (gemm) pack_x(x, ldx, B, K, xp)
 #define LINEAR(mat, x, ldx, n0, n1, y, ldy, acc)                                                          \
-    (q8_ok(mat) ? matvec_q8(mat, xq, xs, xu, B, n0, n1, y, ldy, acc)                                       \
-     : gemm     ? matmul_packed(mat, xp, B, n0, n1, y, ldy, acc, wf)                                     \
-                : matvec(mat, x, ldx, B, n0, n1, y, ldy, acc))
+    (q8_ok(mat)   ? matvec_q8(mat, xq, xs, xu, B, n0, n1, y, ldy, acc)                                     \
+     : qb_ok(mat) ? matvec_qb(mat, xq, xd, xsum, B, n0, n1, y, ldy, acc)                                   \
+     : gemm       ? matmul_packed(mat, xp, B, n0, n1, y, ldy, acc, wf)                                   \
+                  : matvec(mat, x, ldx, B, n0, n1, y, ldy, acc))
 #pragma omp for schedule(static)
         for (int64_t b = 0; b < B; b++)
-            for (int64_t i = 0; i < H; i++)
-                h[b * H + i] = load1((int)m->embed.type, m->embed.w, ids[b] * H + i);
+            if (qb_ok(&m->embed)) dequant_row_qb(&m->embed, ids[b], h + b * H);
+            else for (int64_t i = 0; i < H; i++) h[b * H + i] = load1((int)m->embed.type, m->embed.w, ids[b] * H + i);
 
         for (int64_t l = 0; l < m->n_layers; l++) {
             const Layer *L = &m->layers[l];

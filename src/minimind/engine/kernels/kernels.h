@@ -12,10 +12,10 @@
 
 #define HIDDEN __attribute__((visibility("hidden")))
 
-enum { W_F32 = 0, W_BF16 = 1, W_I8 = 2 };
+enum { W_F32 = 0, W_BF16 = 1, W_I8 = 2, W_Q8_0 = 3, W_Q4_0 = 4, W_Q4_1 = 5 };  /* 3-5: GGUF blocks (qblock.c) */
 
 typedef struct {
-    const void *w;       /* [rows, cols] row-major, element type `type` */
+    const void *w;       /* [rows, cols] row-major, element type `type` (3-5: rows of cols / 32 blocks) */
     const float *scale;  /* [rows] per-row scale for W_I8, else NULL */
     int64_t type, rows, cols;
 } Mat;
@@ -119,6 +119,15 @@ HIDDEN void quantize_q8(const float *x, int64_t ldx, int64_t B, int64_t K, int8_
 HIDDEN void matvec_q8(const Mat *m, const int8_t *q, const int16_t *s, const float *unit, int64_t B, int64_t n0,
                       int64_t n1, float *y, int64_t ldy, int accumulate);
 HIDDEN int linear_q8(const Mat *m, const float *x, int64_t M, float *y, int nthreads);
+
+/* qblock.c: GGUF Q8_0 / Q4_0 / Q4_1 weights times activations quantized per 32 values (format in qblock.c) */
+#define QB_BLOCK 32
+static inline int qb_ok(const Mat *m) { return m->type >= W_Q8_0 && m->type <= W_Q4_1; }
+HIDDEN void quantize_qb(const float *x, int64_t ldx, int64_t B, int64_t K, int8_t *q, float *d, float *s);
+HIDDEN void matvec_qb(const Mat *m, const int8_t *q, const float *d, const float *s, int64_t B, int64_t n0,
+                      int64_t n1, float *y, int64_t ldy, int accumulate);
+HIDDEN void dequant_row_qb(const Mat *m, int64_t row, float *dst);
+HIDDEN int linear_qb(const Mat *m, const float *x, int64_t M, float *y, int nthreads);
 
 /* attention.c */
 HIDDEN void attend_group(const float *q, int group, const void *keys, const void *vals, int64_t len, int64_t D,

@@ -1,5 +1,5 @@
 /* Matrix products of the fused decode step: y = x W^T for B activation rows against one weight matrix (fp32,
- * bf16 or int8 + per-row scale, widened in registers). B == 1 streams each weight row once (rowdot), a few rows
+ * bf16 or int8 + per-row scale, widened in registers; GGUF blocks: qblock.c). B == 1 streams each weight row once (rowdot), a few rows
  * use dot-product tiles, many rows a packed 6 x 16 micro-kernel. */
 #include <omp.h>
 #include "kernels.h"
@@ -282,6 +282,7 @@ void matvec(const Mat *m, const float *x, int64_t ldx, int64_t B, int64_t n0, in
  * in registers instead of a whole fp32 copy of W per call. Returns 0, or -1 when scratch cannot be allocated. */
 int minimind_linear(const Mat *m, const float *x, int64_t M, float *y, int nthreads) {
     if (q8_ok(m)) return linear_q8(m, x, M, y, nthreads);
+    if (qb_ok(m)) return linear_qb(m, x, M, y, nthreads);
     if (m->type == W_BF16 && M > LINEAR_ROWS_PER_CHUNK) {
         /* more than one pass over the weights: widen them to fp32 once (each pass would widen every row again,
          * which made bf16 prompts 30 % slower than fp32 ones) and run the fp32 path in place */

@@ -1,0 +1,179 @@
+/* GGUF block-quantized weights (Q8_0, Q4_0, Q4_1) in their file layout, so a quantized GGUF runs from its own
+ * bytes instead of a 4-8x larger fp32 copy. Each weight row is K / 32 blocks:
+ *   Q8_0 (34 bytes): fp16 d, int8 q[32]                 w_k = d * q_k
+ *   Q4_0 (18 bytes): fp16 d, u8 qs[16]                  w_k = d * (nibble_k - 8)
+ *   Q4_1 (20 bytes): fp16 d, fp16 m, u8 qs[16]          w_k = d * nibble_k + m
+ * (nibble_k: k < 16 the low nibble of qs[k], else the high nibble of qs[k - 16]). Activations are quantized per
+ * 32 values as llama.cpp does for these products (Q8_0 / Q8_1): dx = amax / 127 rounded to fp16, q = rint(x / dx),
+ * and sx = dx * sum(q), so a block's product is one exact int32 dot times two scales:
+ *   Q8_0, Q4_0: dw * dx * dot(w_q, q) (Q4_0: w_q = nibble - 8);   Q4_1: dw * dx * dot(nibble, q) + m * sx
+ * (sx is stored as fp16, as llama.cpp's Q8_1 does; with F32 KV caches the two agree to ~1e-5 in log-probability). */
+#include <omp.h>
+#include "kernels.h"
+
+static inline int64_t qb_bytes(int type) { return type == W_Q8_0 ? 34 : type == W_Q4_0 ? 18 : 20; }
+
+static inline float f16_at(const uint8_t *p) {
+    uint16_t h;
+    memcpy(&h, p, 2);
+    return half_to_float(h);
+}
+
+/* x [B, K] (row stride ldx) -> q [B, K] int8, d and s [B, K / 32] (block scale, scale times the sum of q) */
+void quantize_qb(const float *x, int64_t ldx, int64_t B, int64_t K, int8_t *q, float *d, float *s) {
+    const int64_t nb = K / QB_BLOCK;
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t j = 0; j < nb; j++) {
+            const float *xb = x + b * ldx + j * QB_BLOCK;
+            int8_t *qb = q + b * K + j * QB_BLOCK;
+            float amax = 0.f;
+            for (int k = 0; k < QB_BLOCK; k++) amax = fmaxf(amax, fabsf(xb[k]));
+            const float dx = amax / 127.f, inv = amax ? 127.f / amax : 0.f;  /* llama.cpp's rounding */
+            int sum = 0;
+            for (int k = 0; k < QB_BLOCK; k++) {
+                qb[k] = (int8_t)rintf(xb[k] * inv);
+                sum += qb[k];
+            }
+            d[b * nb + j] = half_to_float(float_to_half(dx));  /* both stored as fp16, as in Q8_0 / Q8_1 */
+            s[b * nb + j] = half_to_float(float_to_half(dx * (float)sum));
+        }
+}
+
+#ifdef __AVX2__
+/* the 32 weights of one block as int8 lanes in k order: signed for Q8_0 and Q4_0 (nibble - 8), 0..15 for Q4_1 */
+static inline __m256i qb_load(int type, const uint8_t *blk) {
+    if (type == W_Q8_0) return _mm256_loadu_si256((const __m256i *)(blk + 2));
+    const __m128i raw = _mm_loadu_si128((const __m128i *)(blk + (type == W_Q4_1 ? 4 : 2))), low = _mm_set1_epi8(0x0F);
+    const __m256i nib = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(raw, 4), low), _mm_and_si128(raw, low));
+    return type == W_Q4_0 ? _mm256_sub_epi8(nib, _mm256_set1_epi8(8)) : nib;
+}
+
+/* exact int32 dot of one block's weights (as qb_load gives them) with 32 activation values, as 8 fp32 lanes */
+static inline __m256 qb_idot(int type, __m256i w, const int8_t *q) {
+    const __m256i x = _mm256_loadu_si256((const __m256i *)q);
+    /* maddubs wants one unsigned operand: Q4_1's nibbles are; for signed weights move their sign onto x */
+    const __m256i p = type == W_Q4_1 ? _mm256_maddubs_epi16(w, x)
+                                     : _mm256_maddubs_epi16(_mm256_abs_epi8(w), _mm256_sign_epi8(x, w));
+    return _mm256_cvtepi32_ps(_mm256_madd_epi16(p, _mm256_set1_epi16(1)));
+}
+#endif
+
+/* out[b] = W[row] . x[b] for RB activation rows (RB constant after inlining): each block is unpacked once */
+static inline __attribute__((always_inline)) void qb_tile(int type, int RB, const uint8_t *w, int64_t nb,
+                                                          const int8_t *q, int64_t K, const float *d,
+                                                          const float *s, float *out) {
+    const int64_t size = qb_bytes(type);
+    float tail[4] = {0};  /* Q4_1's m terms, as a scalar sum per row */
+#ifdef __AVX2__
+    __m256 acc[4];
+    for (int b = 0; b < RB; b++) acc[b] = _mm256_setzero_ps();
+    for (int64_t j = 0; j < nb; j++) {
+        const uint8_t *blk = w + j * size;
+        if ((j & 3) == 0) _mm_prefetch((const char *)(blk + 8 * size), _MM_HINT_T0);
+        const __m256i wv = qb_load(type, blk);
+        const float dw = f16_at(blk), mw = type == W_Q4_1 ? f16_at(blk + 2) : 0.f;
+        for (int b = 0; b < RB; b++) {
+            acc[b] = _mm256_fmadd_ps(qb_idot(type, wv, q + b * K + j * QB_BLOCK), _mm256_set1_ps(dw * d[b * nb + j]),
+                                     acc[b]);
+            tail[b] += mw * s[b * nb + j];
+        }
+    }
+    for (int b = 0; b < RB; b++) out[b] = hsum(acc[b]) + tail[b];
+#else
+    for (int b = 0; b < RB; b++) out[b] = 0.f;
+    for (int64_t j = 0; j < nb; j++) {
+        const uint8_t *blk = w + j * size;
+        const float dw = f16_at(blk), mw = type == W_Q4_1 ? f16_at(blk + 2) : 0.f;
+        for (int b = 0; b < RB; b++) {
+            const int8_t *x = q + b * K + j * QB_BLOCK;
+            int32_t dot = 0;
+            for (int k = 0; k < QB_BLOCK; k++) {
+                int wk = type == W_Q8_0 ? (int8_t)blk[2 + k]
+                         : ((blk[(type == W_Q4_1 ? 4 : 2) + (k & 15)] >> (k < 16 ? 0 : 4)) & 0x0F) - (type == W_Q4_0) * 8;
+                dot += wk * x[k];
+            }
+            out[b] += dw * d[b * nb + j] * (float)dot;
+            tail[b] += mw * s[b * nb + j];
+        }
+    }
+    for (int b = 0; b < RB; b++) out[b] += tail[b];
+#endif
+}
+
+#define QB_CASE(T, RB) case RB: qb_tile(T, RB, w, nb, q, K, d, s, out); return;
+#define QB_TYPE(T)                                                                                                 \
+    static void qb_tile_##T(int RB, const uint8_t *w, int64_t nb, const int8_t *q, int64_t K, const float *d,     \
+                            const float *s, float *out) {                                                          \
+        switch (RB) { QB_CASE(T, 1) QB_CASE(T, 2) QB_CASE(T, 3) QB_CASE(T, 4) }                                    \
+    }
+QB_TYPE(W_Q8_0)
+QB_TYPE(W_Q4_0)
+QB_TYPE(W_Q4_1)
+
+/* y[b * ldy + n] (+)= W[n] . x[b] for rows n in [n0, n1), x given by quantize_qb */
+void matvec_qb(const Mat *m, const int8_t *q, const float *d, const float *s, int64_t B, int64_t n0, int64_t n1,
+               float *y, int64_t ldy, int accumulate) {
+    const int64_t K = m->cols, nb = K / QB_BLOCK, row_bytes = nb * qb_bytes((int)m->type);
+    float out[4];
+    for (int64_t n = n0; n < n1; n++) {
+        const uint8_t *w = (const uint8_t *)m->w + n * row_bytes;
+        for (int64_t b = 0; b < B;) {
+            const int RB = B - b >= 4 ? 4 : (int)(B - b);
+            const int8_t *qb = q + b * K;
+            if (m->type == W_Q8_0) qb_tile_W_Q8_0(RB, w, nb, qb, K, d + b * nb, s + b * nb, out);
+            else if (m->type == W_Q4_0) qb_tile_W_Q4_0(RB, w, nb, qb, K, d + b * nb, s + b * nb, out);
+            else qb_tile_W_Q4_1(RB, w, nb, qb, K, d + b * nb, s + b * nb, out);
+            for (int i = 0; i < RB; i++) {
+                float *dst = y + (b + i) * ldy + n;
+                *dst = accumulate ? *dst + out[i] : out[i];
+            }
+            b += RB;
+        }
+    }
+}
+
+/* dst [K] = row `row` of a block-quantized matrix as fp32 (embedding lookups) */
+void dequant_row_qb(const Mat *m, int64_t row, float *dst) {
+    const int64_t K = m->cols, nb = K / QB_BLOCK, size = qb_bytes((int)m->type);
+    const uint8_t *w = (const uint8_t *)m->w + row * nb * size;
+    for (int64_t j = 0; j < nb; j++) {
+        const uint8_t *blk = w + j * size;
+        const float dw = f16_at(blk), mw = m->type == W_Q4_1 ? f16_at(blk + 2) : 0.f;
+        for (int k = 0; k < QB_BLOCK; k++) {
+            float v;
+            if (m->type == W_Q8_0) v = dw * (float)(int8_t)blk[2 + k];
+            else {
+                int nib = (blk[(m->type == W_Q4_1 ? 4 : 2) + (k & 15)] >> (k < 16 ? 0 : 4)) & 0x0F;
+                v = m->type == W_Q4_1 ? dw * (float)nib + mw : dw * (float)(nib - 8);
+            }
+            dst[j * QB_BLOCK + k] = v;
+        }
+    }
+}
+
+#define QB_ROWS_PER_CHUNK 64  /* activation rows per pass over the weights */
+
+/* y [M, N] = x [M, K] W^T for a block-quantized W (prompt chunks). Returns 0, or -1 without scratch memory. */
+int linear_qb(const Mat *m, const float *x, int64_t M, float *y, int nthreads) {
+    const int64_t K = m->cols, N = m->rows, nb = K / QB_BLOCK;
+    int8_t *q = malloc((size_t)(M * K));
+    float *d = malloc(sizeof(float) * (size_t)(M * nb)), *s = malloc(sizeof(float) * (size_t)(M * nb));
+    int status = q && d && s ? 0 : -1;
+    if (status == 0) {
+#pragma omp parallel num_threads(nthreads)
+        {
+#pragma omp for schedule(static)
+            for (int64_t b = 0; b < M; b++) quantize_qb(x + b * K, K, 1, K, q + b * K, d + b * nb, s + b * nb);
+            for (int64_t r0 = 0; r0 < M; r0 += QB_ROWS_PER_CHUNK) {
+                const int64_t B = M - r0 < QB_ROWS_PER_CHUNK ? M - r0 : QB_ROWS_PER_CHUNK;
+#pragma omp for schedule(static) nowait
+                for (int64_t t = 0; t < cdiv(N, 16); t++) {
+                    const int64_t n0 = t * 16, n1 = n0 + 16 < N ? n0 + 16 : N;
+                    matvec_qb(m, q + r0 * K, d + r0 * nb, s + r0 * nb, B, n0, n1, y + r0 * N, N, 0);
+                }
+            }
+        }
+    }
+    free(q); free(d); free(s);
+    return status;
+}

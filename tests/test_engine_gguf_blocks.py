@@ -1,0 +1,71 @@
+"""A GGUF's Q8_0 / Q4_0 / Q4_1 matrices run from their file bytes (engine/quant.py BlockLinear, kernels/qblock.c),
+checked against llama.cpp on the same file with an fp32 KV cache: both quantize activations per 32 values the same
+way, so their log-probabilities agree to ~1e-5, prompt (prefill) and generated tokens (fused decode) alike."""
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+import minimind
+from minimind.engine import LLM, SamplingParams
+from test_gguf_loading import llama, write_gguf
+
+TYPES = {"Q8_0": gguf.GGMLQuantizationType.Q8_0, "Q4_0": gguf.GGMLQuantizationType.Q4_0,
+         "Q4_1": gguf.GGMLQuantizationType.Q4_1}
+PROMPT = [5, 17, 42, 3, 99, 7, 64, 23]
+
+
+def _log_softmax(logits) -> np.ndarray:
+    x = np.asarray(logits, dtype=np.float64)
+    return x - x.max() - np.log(np.exp(x - x.max()).sum())
+
+
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("name", TYPES)
+def test_block_weights_match_llama_cpp(tmp_path, name, tied):
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python not installed")
+    path = write_gguf(tmp_path / f"m-{name}.gguf", llama(tie_word_embeddings=tied, hidden_size=64,
+                                                         intermediate_size=96), "llama", TYPES[name])
+    model = minimind.load_model(path, light=True, keep_blocks=True)
+    assert model.model.layers[0].self_attn.q_proj.gguf_blocks[0] == int(TYPES[name])
+    llm = LLM(model, max_num_seqs=1, max_model_len=64)
+    assert llm.runner.fused is not None, "the fused kernel should take block weights"
+    out = llm.generate(PROMPT, SamplingParams(temperature=0, max_tokens=6, logprobs=5, ignore_eos=True))[0].outputs[0]
+
+    ref = llama_cpp.Llama(model_path=str(path), n_ctx=64, n_threads=1, logits_all=True, verbose=False,
+                          type_k=0, type_v=0)  # GGML_TYPE_F32: llama.cpp's default F16 cache rounds keys/values
+    ref.eval(PROMPT + out.token_ids[:-1])
+    worst = 0.0
+    for step, logprob in enumerate(out.logprobs):  # step 0 from the prompt chunk, the rest from decode steps
+        theirs = _log_softmax(ref.scores[len(PROMPT) - 1 + step])
+        for top in logprob.top:
+            worst = max(worst, abs(top.logprob - theirs[top.token_id]))
+        assert out.token_ids[step] == int(np.argmax(theirs))
+    assert worst < 1e-3, worst
+
+
+def test_block_weights_are_not_dequantized_into_memory(tmp_path):
+    """The runner holds the file's blocks (about 1/4 (Q8_0) of fp32), not fp32 copies."""
+    path = write_gguf(tmp_path / "m.gguf", llama(tie_word_embeddings=True, hidden_size=64, intermediate_size=96),
+                      "llama", TYPES["Q8_0"])
+    blocks = LLM(minimind.load_model(path, light=True, keep_blocks=True), max_num_seqs=1, max_model_len=32)
+    dense = LLM(minimind.load_model(path, light=True), max_num_seqs=1, max_model_len=32)
+    assert blocks.runner.weight_bytes < 0.35 * dense.runner.weight_bytes
+
+
+def test_torch_path_equals_dequantized_weights(tmp_path):
+    """Without the fused kernel (fused=False) and with packed products off, block layers compute with gguf's
+    dequantized weights in fp32: the same greedy tokens as the model loaded dequantized."""
+    path = write_gguf(tmp_path / "m.gguf", llama(hidden_size=64, intermediate_size=96), "llama", TYPES["Q4_1"])
+    llm = LLM(minimind.load_model(path, light=True, keep_blocks=True), max_num_seqs=1, max_model_len=32,
+              fused=False)
+    for lw in llm.runner.layers:
+        for lin in (lw.qkv, lw.o, lw.gate_up, lw.down):
+            lin.packed = False
+    llm.runner.lm_head.packed = False
+    dense = LLM(minimind.load_model(path, light=True), max_num_seqs=1, max_model_len=32, fused=False)
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    assert llm.generate(PROMPT, params)[0].outputs[0].token_ids == dense.generate(PROMPT, params)[0].outputs[0].token_ids
+    torch.testing.assert_close(llm.runner._embed(torch.tensor(PROMPT)), dense.runner._embed(torch.tensor(PROMPT)))

@@ -1,0 +1,69 @@
+"""GGUF block-quantized weights (Q8_0, Q4_0, Q4_1) run from their file bytes through kernels/qblock.c: checked
+against the `gguf` package's own dequantization of the same blocks."""
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from gguf.quants import dequantize, quantize
+
+from minimind.engine.fused import block_linear
+from minimind.engine.quant import BlockLinear
+
+TYPES = {"Q8_0": 8, "Q4_0": 2, "Q4_1": 3}
+
+
+def _activation_reference(x: np.ndarray) -> np.ndarray:
+    """x as the kernel sees it: per 32 values, scale amax / 127 stored as fp16, q = rint(x * 127 / amax)."""
+    blocks = x.reshape(x.shape[0], -1, 32).astype(np.float32)
+    amax = np.abs(blocks).max(-1, keepdims=True)
+    inv = np.where(amax > 0, np.float32(127) / np.where(amax > 0, amax, 1), 0).astype(np.float32)
+    q = np.rint(blocks * inv)
+    d = (amax / np.float32(127)).astype(np.float16).astype(np.float32)
+    return (q * d).reshape(x.shape).astype(np.float64)
+
+
+@pytest.mark.parametrize("name", TYPES)
+@pytest.mark.parametrize("rows_in", [1, 3, 5, 70])
+def test_block_product_equals_gguf_dequantized(name, rows_in):
+    rng = np.random.default_rng(rows_in)
+    n, k = 40, 96
+    w = rng.normal(size=(n, k)).astype(np.float32) + (0.3 if name == "Q4_1" else 0.0)  # Q4_1: an offset to carry
+    qtype = gguf.GGMLQuantizationType(TYPES[name])
+    blocks = quantize(w, qtype)  # [n, k / 32 * block bytes] uint8, the file layout
+    lin = BlockLinear(torch.from_numpy(blocks), TYPES[name], k)
+    x = rng.normal(size=(rows_in, k)).astype(np.float32)
+    x[0, :32] *= 50  # one loud block next to quiet ones: scales are per block
+    y = block_linear(lin, torch.from_numpy(x))
+    if y is None:
+        pytest.skip("the C kernels cannot be built here (no compiler)")
+    w_ref = dequantize(blocks, qtype).astype(np.float64)  # gguf's reading of the blocks
+    assert w_ref.shape == (n, k)
+    ref = _activation_reference(x) @ w_ref.T
+    # the block sums are kept as fp16 (as llama.cpp's Q8_1 does), hence not exact
+    bound = 2e-3 * (np.abs(_activation_reference(x)) @ np.abs(w_ref).T) + 1e-5
+    assert np.all(np.abs(y.numpy() - ref) <= bound)
+    # and close to the unquantized activations (the price of 8-bit activations)
+    full = x.astype(np.float64) @ w_ref.T
+    assert np.abs(y.numpy() - full).max() <= 0.02 * np.abs(full).max()
+
+
+@pytest.mark.parametrize("name", TYPES)
+def test_dequantize_fallback_and_rows(name):
+    """Without the kernels (packed off) a call dequantizes with gguf's code; rows() gives embedding rows."""
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(8, 64)).astype(np.float32)
+    qtype = gguf.GGMLQuantizationType(TYPES[name])
+    blocks = quantize(w, qtype)
+    lin = BlockLinear(torch.from_numpy(blocks), TYPES[name], 64)
+    lin.packed = False
+    x = torch.from_numpy(rng.normal(size=(2, 64)).astype(np.float32))
+    ref = torch.from_numpy(dequantize(blocks, qtype))
+    torch.testing.assert_close(lin(x), x @ ref.T, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lin.dequantize(torch.tensor([5, 2])), ref[[5, 2]])
+
+
+def test_wrong_block_bytes_are_refused():
+    with pytest.raises(ValueError, match="not a Q8_0/Q4_0/Q4_1 matrix of 64 columns"):
+        BlockLinear(torch.zeros(4, 35, dtype=torch.uint8), 8, 64)

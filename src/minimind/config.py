@@ -88,7 +88,8 @@ class MiniMindConfig(PretrainedConfig):
             known = sorted(set(_signature_fields()) | {"n_routed_experts"})
             hints = [f"'{k}'" + (f" (did you mean '{m[0]}'?)" if (m := difflib.get_close_matches(k, known, 1)) else "")
                      for k in unknown]
-            raise ValueError(f"MiniMindConfig: unknown field(s) {', '.join(hints)}. Known fields: {', '.join(known)}")
+            raise ValueError(f"MiniMindConfig: unknown field(s) {', '.join(hints)} (the known ones are "
+                             "MiniMindConfig's arguments)")
         if kwargs.get("scoring_func", "softmax") != "softmax":
             raise ValueError(f"MiniMindConfig: scoring_func={kwargs['scoring_func']!r} is not supported "
                              "(only 'softmax')")

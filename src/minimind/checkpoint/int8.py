@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from ..config import MiniMindConfig
+from ..errors import CheckpointError
 from .detect import INT8_QUANT_METHOD as QUANT_METHOD
 
 
@@ -48,8 +49,17 @@ def read_int8_folder(folder: str | Path, dtype=torch.float32):  # -> (MiniMindCo
     from safetensors.torch import load_file
 
     folder = Path(folder)
-    raw = json.loads((folder / "config.json").read_text())
-    if raw.pop("quantization_config", {}).get("quant_method") != QUANT_METHOD:
-        raise ValueError(f"{folder}: not a {QUANT_METHOD} folder")
+    cfg_path = folder / "config.json"
+    raw = json.loads(cfg_path.read_text())
+    quant = raw.pop("quantization_config", None)
+    if not isinstance(quant, dict) or quant.get("quant_method") != QUANT_METHOD:
+        raise CheckpointError(cfg_path, f"is not the config of a {QUANT_METHOD} folder")
     raw.pop("model_type", None)
-    return MiniMindConfig(**raw), dequantize_state_dict(load_file(str(folder / "model.safetensors")), dtype)
+    try:
+        config = MiniMindConfig(**raw)
+    except (ValueError, TypeError) as exc:
+        raise CheckpointError(cfg_path, f"invalid MiniMind config ({exc}): re-download or fix it") from None
+    weights = folder / "model.safetensors"
+    if not weights.is_file():
+        raise CheckpointError(folder, "has no model.safetensors: re-run `minimind quantize` or copy the whole folder")
+    return config, dequantize_state_dict(load_file(str(weights)), dtype)

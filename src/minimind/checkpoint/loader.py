@@ -35,7 +35,7 @@ def read_checkpoint(path: str | Path, *, weights_dtype: torch.dtype | None = Non
         return _read(path, weights_dtype, config_overrides, blocks)
     except CheckpointError:
         raise
-    except KeyError as exc:  # what a reader did not foresee in a damaged file still names the file
+    except Exception as exc:  # what a reader did not foresee in a damaged file still names the file
         raise CheckpointError(path, f"could not be read ({reason(exc)}): it is probably truncated or corrupt; "
                               "re-download or re-export it") from None
 

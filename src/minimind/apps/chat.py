@@ -95,7 +95,6 @@ QUESTIONS_EN = ["What are you good at?", "Why is the sky blue?",
 
 
 def run(args: argparse.Namespace) -> int:
-    import warnings
     from functools import partial
 
     import torch
@@ -105,8 +104,6 @@ def run(args: argparse.Namespace) -> int:
     from ..text.template import is_pretrain_weight, stop_token_ids
     from .conversation import Conversation, engine_tokens, hf_tokens
 
-    # torch warns about the protocol of a non-checkpoint pickle right before the loader's own clear error
-    warnings.filterwarnings("ignore", message="Detected pickle protocol")
     for stream in (sys.stdout, sys.stderr):  # a non-UTF-8 console must not crash mid-answer on a Chinese character
         if (stream.encoding or "").lower().replace("-", "") != "utf8" and hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="replace")

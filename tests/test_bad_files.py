@@ -123,6 +123,13 @@ def reshape(originals, work: Path, rng: random.Random):
     return _save_tensors(originals, work, rng, sd, "reshaped")
 
 
+def retype(originals, work: Path, rng: random.Random):
+    sd = dict(originals[1])
+    key = rng.choice(sorted(k for k in sd if k != "lm_head.weight"))
+    sd[key] = sd[key].to(rng.choice([torch.int8, torch.int32, torch.int64, torch.bool]))
+    return _save_tensors(originals, work, rng, sd, "retyped")
+
+
 def swap(originals, work: Path, rng: random.Random):
     sd = dict(originals[1])
     keys = sorted(k for k in sd if k != "lm_head.weight")
@@ -174,7 +181,7 @@ def crafted_pickle(originals, work: Path, rng: random.Random):
     return dst, True
 
 
-MUTATIONS = [truncate, flip, reshape, swap, drop_or_add, break_config, crafted_pickle]
+MUTATIONS = [truncate, flip, reshape, retype, swap, drop_or_add, break_config, crafted_pickle]
 
 
 # ------------------------------------------------------------------------------------------------ checks
@@ -228,6 +235,28 @@ def test_any_bad_file_is_one_short_error(originals, tokenizer, tmp_path_factory,
         with pytest.raises(CheckpointError, match=path.name):
             ModelSpec(model=str(path), tokenizer=str(tokenizer)).load("cpu")
     assert not (work / "PWNED").exists()
+
+
+def test_damaged_gguf(originals, tokenizer, tmp_path):
+    """GGUF files cut short or with flipped bytes (fewer: reading one's metadata takes most of a second)."""
+    from minimind.convert import export_gguf
+
+    data = export_gguf(originals[0] / "good.pth", tmp_path / "good.gguf", "f16", tokenizer=tokenizer,
+                       show_progress=False).read_bytes()
+    rng = random.Random(0)
+    for i in range(4):
+        bad = bytearray(data)
+        if i % 2:
+            for _ in range(rng.randint(1, 4)):
+                bad[rng.randrange(len(bad))] ^= rng.randrange(1, 256)
+        else:  # the last bytes may be alignment padding
+            bad = bad[:rng.randrange(len(bad) - 64)]
+        path = tmp_path / f"bad{i}.gguf"
+        path.write_bytes(bytes(bad))
+        (tmp_path / f"out{i}").mkdir()
+        code, err = run_in_process(["convert", str(path), str(tmp_path / f"out{i}" / "m.pth"), "--to", "native"])
+        check_error(code, err, path, certain=i % 2 == 0)
+        assert [p.name for p in (tmp_path / f"out{i}").iterdir()] == (["m.pth"] if code == 0 else [])
 
 
 # ------------------------------------------------------------------------------------------------ subprocesses

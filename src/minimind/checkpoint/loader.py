@@ -32,12 +32,16 @@ def read_checkpoint(path: str | Path, *, weights_dtype: torch.dtype | None = Non
     blocks: a dict for a GGUF's Q8_0/Q4_0/Q4_1 matrices as stored (see read_gguf); other formats leave it empty."""
     path = Path(path).expanduser()
     try:
-        return _read(path, weights_dtype, config_overrides, blocks)
+        config, sd = _read(path, weights_dtype, config_overrides, blocks)
     except CheckpointError:
         raise
     except Exception as exc:  # what a reader did not foresee in a damaged file still names the file
         raise CheckpointError(path, f"could not be read ({reason(exc)}): it is probably truncated or corrupt; "
                               "re-download or re-export it") from None
+    if wrong := next(((k, v.dtype) for k, v in sd.items() if not v.is_floating_point()), None):
+        raise CheckpointError(path, f"tensor `{wrong[0]}` holds {str(wrong[1]).removeprefix('torch.')} values; "
+                              f"model weights are floating point. {REDO}")
+    return config, sd
 
 
 def _read(path: Path, weights_dtype: torch.dtype | None, config_overrides: dict, blocks: dict | None = None):
@@ -83,19 +87,16 @@ def load_model(path: str | Path | None = None, *, lora: str | Path | None = None
     if path is None:
         path = find_default_gguf() if blocks is not None else default_model_dir()
     checkpoint = read_checkpoint(path, weights_dtype=resolve_dtype(dtype, device), blocks=blocks, **config_overrides)
-    model = build_model(path, *checkpoint, lora=lora, inference_rope_scaling=inference_rope_scaling, device=device,
-                        flash_attn=flash_attn, light=light)
-    for key, (ggml_type, raw) in (blocks or {}).items():
-        model.get_submodule(key.removesuffix(".weight")).gguf_blocks = (ggml_type, raw)
-    if blocks and model.config.tie_word_embeddings and "model.embed_tokens.weight" in blocks:
-        model.lm_head.gguf_blocks = blocks["model.embed_tokens.weight"]
-    return model
+    return build_model(path, *checkpoint, lora=lora, inference_rope_scaling=inference_rope_scaling, device=device,
+                       flash_attn=flash_attn, light=light, blocks=blocks)
 
 
 def build_model(path: str | Path, config: MiniMindConfig, sd: dict[str, torch.Tensor], *,
                 lora: str | Path | None = None, inference_rope_scaling: bool | str = False,
-                device: str | torch.device = "cpu", flash_attn: bool = True, light: bool = False):
-    """The model of a checkpoint `read_checkpoint` returned (see load_model for the options)."""
+                device: str | torch.device = "cpu", flash_attn: bool = True, light: bool = False,
+                blocks: dict | None = None):
+    """The model of a checkpoint `read_checkpoint` returned (see load_model for the options; blocks: what
+    read_checkpoint put there, attached to their modules as `gguf_blocks`)."""
     if light:
         model_class = MiniMindLM
     else:
@@ -110,6 +111,10 @@ def build_model(path: str | Path, config: MiniMindConfig, sd: dict[str, torch.Te
     model.tie_embeddings()
     model = model.to(device=device).eval()
     model.name_or_path = str(path)
+    for key, kept in (blocks or {}).items():
+        model.get_submodule(key.removesuffix(".weight")).gguf_blocks = kept
+    if blocks and model.config.tie_word_embeddings and "model.embed_tokens.weight" in blocks:
+        model.lm_head.gguf_blocks = blocks["model.embed_tokens.weight"]
     if lora is not None:
         load_lora(model, lora)  # wraps the square Linears first if needed; rank comes from the file
     return model

@@ -102,23 +102,26 @@ def _kill_session(proc: subprocess.Popen) -> None:
     proc.stdin.close()
 
 
-def _terminate_and_check(proc: subprocess.Popen, port: int | None, log: Path) -> None:
-    """SIGTERM to the process alone; then the session must empty and the port free up within STOP_WITHIN."""
+def _terminate_and_check(proc: subprocess.Popen, port: int | None, log: Path, code: int | None = None) -> None:
+    """SIGTERM to the process alone; then the session must empty and the port free up within STOP_WITHIN, and the
+    process exit with `code` (None: any, e.g. killed by the signal's default action)."""
     sid = proc.pid  # start_new_session: the session id is the leader's pid
     try:
         os.kill(proc.pid, signal.SIGTERM)
         deadline = time.monotonic() + STOP_WITHIN
-        left, free = ["?"], False
+        exited, left, free = False, ["?"], False
         while time.monotonic() < deadline:
-            proc.poll()  # reaps the leader once it exits
+            # waitpid: its threads are all gone (a dying process's leader is a zombie while other threads finish)
+            exited = proc.poll() is not None
             left = _session_processes(sid)
             free = port is None or _port_free(port)
-            if not left and free:
+            if exited and not left and free:
                 break
             time.sleep(0.2)
-        assert not left, f"still running {STOP_WITHIN:.0f} s after SIGTERM: {left}\n{_text(log)}"
+        assert exited, f"still running {STOP_WITHIN:.0f} s after SIGTERM\n{_text(log)}"
+        assert not left, f"left behind {STOP_WITHIN:.0f} s after SIGTERM: {left}\n{_text(log)}"
         assert free, f"port {port} still taken {STOP_WITHIN:.0f} s after SIGTERM\n{_text(log)}"
-        assert proc.poll() is not None
+        assert code is None or proc.returncode == code, f"exit code {proc.returncode}\n{_text(log)}"
     finally:  # never leave a server behind, whatever failed
         _kill_session(proc)
     assert "Traceback" not in _text(log), _text(log)
@@ -137,7 +140,7 @@ def test_web_sigterm_leaves_no_process_and_frees_the_port(ui, ready_path, tiny_m
     port, log = _free_port(), tmp_path / f"{ui}.log"
     proc = _start(["web", "--ui", ui, "--model", model, "--tokenizer", tok, "--port", str(port)], log)
     _wait_until(lambda: _answers(f"http://127.0.0.1:{port}{ready_path}"), proc, log)
-    _terminate_and_check(proc, port, log)
+    _terminate_and_check(proc, port, log, code=0)  # a server stopped on SIGTERM as on Ctrl-C: a clean stop
 
 
 def test_chat_sigterm_at_the_prompt_exits_without_traceback(tiny_model, tmp_path):

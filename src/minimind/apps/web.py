@@ -109,8 +109,10 @@ def main(argv: list[str] | None = None) -> int:
         return print_error(exc)
     except KeyboardInterrupt:
         return 130
-    try:
+    try:  # blocks until SIGTERM or Ctrl-C, then closes the server
         launch(backend, host=args.host, port=args.port or 7860, share=args.share, lang=args.lang, theme=args.theme)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # Ctrl-C before the server was up, or again while it closes
         return 130
+    finally:
+        backend.close()  # joins the engine thread: no step runs while the interpreter shuts down
     return 0

@@ -95,6 +95,9 @@ class Backend:
     def models(self) -> list[str]:
         return []
 
+    def close(self) -> None:  # when the UI stops
+        pass
+
 
 class EngineBackend(Backend):  # the in-process engine on a background thread, shared by every browser session
     def __init__(self, model=None, tokenizer=None, lora=None, *, dtype=None, open_thinking=None, pretrain=False,
@@ -141,6 +144,9 @@ class OpenAIBackend(Backend):  # a thin client of `minimind serve` or any OpenAI
         self.client = OpenAI(base_url=api_base, api_key=api_key or os.environ.get("OPENAI_API_KEY") or "none")
         # the server renders the template: ask it the vLLM way, which `minimind serve` reads too
         self.extra_body = {} if open_thinking is None else {"chat_template_kwargs": {"open_thinking": open_thinking}}
+
+    def close(self):
+        self.client.close()
 
     def models(self):
         try:

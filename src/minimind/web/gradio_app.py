@@ -7,7 +7,10 @@ the event; Gradio then closes the chat generator, which closes the backend strea
 from __future__ import annotations
 
 import html
-from contextlib import closing
+import signal
+import threading
+import time
+from contextlib import closing, contextmanager
 
 from .backend import SLIDERS, Backend, Settings, build_messages, chat_stream, escape_html
 from .text import TEXT
@@ -96,8 +99,35 @@ def theme_js(theme: str) -> str | None:
 
 
 def launch(backend: Backend, host: str = "127.0.0.1", port: int | None = None, share: bool = False,
-           lang: str = "en", theme: str = "auto", **kwargs):
-    """Serve the UI (blocks unless prevent_thread_lock=True); returns the Blocks."""
-    demo = build_app(backend, lang)
-    demo.queue().launch(server_name=host, server_port=port, share=bool(share), js=theme_js(theme), **kwargs)
+           lang: str = "en", theme: str = "auto", prevent_thread_lock: bool = False, **kwargs):
+    """Serve the UI; returns the Blocks. Unless prevent_thread_lock=True, blocks until SIGTERM or SIGINT (Ctrl-C)
+    and then closes the server (its port, its queue): the process can then exit normally, which also runs Gradio's
+    exit hooks (a --share tunnel is a child process they stop)."""
+    demo = build_app(backend, lang).queue()
+    options = dict(server_name=host, server_port=port, share=bool(share), js=theme_js(theme), **kwargs)
+    if prevent_thread_lock:
+        demo.launch(prevent_thread_lock=True, **options)
+        return demo
+    with _stop_signals() as received:
+        demo.launch(prevent_thread_lock=True, **options)
+        while not received:
+            time.sleep(0.1)
+    demo.close()  # with the usual handlers back: a second Ctrl-C interrupts a slow close
     return demo
+
+
+@contextmanager
+def _stop_signals():
+    """SIGTERM and SIGINT append to the yielded list instead of interrupting the main thread wherever it is (in
+    Gradio's own startup, say); outside the main thread signals cannot be caught, and the list stays empty."""
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+    previous = {sig: signal.signal(sig, lambda signum, frame: received.append(signum))
+                for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield received
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -10,7 +10,7 @@ from ..errors import CheckpointError, reason
 from ..model.core import MiniMindLM, build_on_meta
 from ..model.keys import REDO, infer_config, mismatch, normalize_state_dict
 from . import detect as fmt
-from .default_model import default_model_dir, find_default_gguf
+from .default_model import default_model_dir
 from .dtypes import resolve_dtype
 from .gguf_reader import gguf_tokenizer, read_gguf
 from .hf import read_hf_folder
@@ -80,12 +80,10 @@ def load_model(path: str | Path | None = None, *, lora: str | Path | None = None
     light: a plain-torch `MiniMindLM` (what the engine runs; never imports transformers' modeling stack) instead
     of the HF `MiniMindForCausalLM` (generate, save_pretrained), with the same weights and keys.
     keep_blocks: a GGUF's Q8_0/Q4_0/Q4_1 matrices stay as stored, on their modules as `gguf_blocks` (the engine
-    computes from them; the module's own weight is a stand-in): light models without a LoRA only. The default
-    model is then read from its GGUF, not from the imported fp32 folder.
+    computes from them; the module's own weight is a stand-in): light models without a LoRA only.
     """
     blocks = {} if keep_blocks and light and lora is None else None
-    if path is None:
-        path = find_default_gguf() if blocks is not None else default_model_dir()
+    path = default_model_dir() if path is None else path
     checkpoint = read_checkpoint(path, weights_dtype=resolve_dtype(dtype, device), blocks=blocks, **config_overrides)
     return build_model(path, *checkpoint, lora=lora, inference_rope_scaling=inference_rope_scaling, device=device,
                        flash_attn=flash_attn, light=light, blocks=blocks)

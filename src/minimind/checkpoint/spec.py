@@ -146,12 +146,16 @@ class ModelSpec:
         from .lora import load_lora
 
         source = source or self.resolve()
+        # on CPU a GGUF's Q8_0/Q4_0/Q4_1 matrices stay as stored (the engine computes from them), unless a LoRA
+        # must change them or another dtype is asked for
+        keep = device == "cpu" and self.dtype_or_none in (None, "float32") and self.lora_weight in NO_LORA
+        blocks = {} if keep else None
         path = default_model_dir() if source.model is None else source.model
-        config, sd = read_checkpoint(path, weights_dtype=resolve_dtype(self.dtype_or_none, device))
+        config, sd = read_checkpoint(path, weights_dtype=resolve_dtype(self.dtype_or_none, device), blocks=blocks)
         tokenizer = load_tokenizer(source.tokenizer)
         check_tokenizer_matches(tokenizer, config, where=str(source.tokenizer or "default tokenizer"))
         model = build_model(path, config, sd, inference_rope_scaling=self.inference_rope_scaling, device=device,
-                            light=device == "cpu")
+                            light=device == "cpu", blocks=blocks)
         del sd
         lora = self.lora_path(model.config.hidden_size)
         if lora is not None:

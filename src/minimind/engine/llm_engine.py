@@ -68,7 +68,8 @@ class LLM:
         model = model_or_path
         if owned:
             # the plain-torch MiniMindLM: the engine needs no transformers modeling code (~90 MB of RSS)
-            model = load_model(model_or_path, dtype="float32" if quantization else dtype, light=True)
+            model = load_model(model_or_path, dtype="float32" if quantization else dtype, light=True,
+                               keep_blocks=quantization is None and dtype in (None, "float32", torch.float32))
             if tokenizer is None:
                 try:
                     tokenizer = load_tokenizer(model_or_path)

@@ -18,10 +18,17 @@ from .completions import create_chat_completion, create_completion, prepare_chat
 from .context import ServingContext, final_outputs, message_dicts, open_thinking_of, submit
 from .engine_client import AdapterEngine, AsyncEngine
 from .errors import APIError, error_body, install_handlers
+from .guards import BodyLimit, HostGuard
 from .limits import ServeLimits
 
 ERRORS = {code: {"model": p.ErrorResponse} for code in (400, 401, 404, 429, 500, 503)}
-PUBLIC_PATHS = ("/health", "/metrics", "/docs", "/redoc", "/openapi.json", "/docs/oauth2-redirect")
+PUBLIC_PATHS = frozenset(("/health", "/metrics", "/docs", "/redoc", "/openapi.json", "/docs/oauth2-redirect"))
+# with `stream: true` the two completion endpoints answer 200 with an SSE stream instead of the JSON body
+_SSE = "`data: {%s JSON}` events (one per line pair), the last one `data: [DONE]`"
+STREAMING = {kind: {**ERRORS, 200: {"description": "the completion; with `stream: true` an SSE stream",
+                                    "content": {"text/event-stream": {"schema": {"type": "string",
+                                                                                 "description": _SSE % kind}}}}}
+             for kind in ("chat.completion.chunk", "text_completion")}
 
 
 def _as_engines(engine, served_model_name: str | None, max_queue: int) -> dict[str, AsyncEngine]:
@@ -42,6 +49,8 @@ def create_app(engine, *, served_model_name: str | None = None, api_key: str | N
                limits: ServeLimits | None = None) -> FastAPI:
     """engine: an LLM (not started), an AsyncEngine, or {model id: either} (the first is the base model; LoRA
     adapters are further ids). guided: a GuidedDecoding for response_format (None = try llguidance)."""
+    if api_key == "":  # an empty key would turn auth off without a word
+        raise ValueError("api_key is empty: give a key, or None to serve without one")
     engines = _as_engines(engine, served_model_name, max_queue)
     if guided is None:
         from .guided import GuidedDecoding
@@ -71,14 +80,19 @@ def create_app(engine, *, served_model_name: str | None = None, api_key: str | N
                   description="OpenAI-compatible API for MiniMind checkpoints")
     app.state.ctx = ctx
     install_handlers(app)
+    limits = ctx.limits  # added innermost first: AuthAndCount (outermost) counts the guards' refusals too
+    app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
+    if limits.allowed_hosts is not None:
+        app.add_middleware(HostGuard, allowed_hosts=limits.allowed_hosts)
     app.add_middleware(AuthAndCount, ctx=ctx)
 
-    @app.post("/v1/chat/completions", response_model=p.ChatCompletionResponse, responses=ERRORS)
+    @app.post("/v1/chat/completions", response_model=p.ChatCompletionResponse,
+              responses=STREAMING["chat.completion.chunk"])
     async def chat_completions(req: p.ChatCompletionRequest, raw: Request):
         """Chat completion; with `stream: true` an SSE stream of chat.completion.chunk objects ending in [DONE]."""
         return await create_chat_completion(ctx, req, raw)
 
-    @app.post("/v1/completions", response_model=p.CompletionResponse, responses=ERRORS)
+    @app.post("/v1/completions", response_model=p.CompletionResponse, responses=STREAMING["text_completion"])
     async def completions(req: p.CompletionRequest, raw: Request):
         return await create_completion(ctx, req, raw)
 
@@ -165,7 +179,7 @@ class AuthAndCount:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         ctx = self.ctx
-        guarded = ctx.api_key and scope["method"] != "OPTIONS" and not scope["path"].startswith(PUBLIC_PATHS)
+        guarded = ctx.api_key and scope["method"] != "OPTIONS" and scope["path"] not in PUBLIC_PATHS
         if guarded and not hmac.compare_digest(_api_key(scope["headers"]).encode(), ctx.api_key.encode()):
             reply = JSONResponse(error_body(401, "invalid or missing API key (send `Authorization: Bearer KEY`)",
                                             None, "invalid_api_key"), status_code=401,

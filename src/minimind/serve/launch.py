@@ -8,6 +8,7 @@ import os
 import sys
 
 from ..checkpoint.spec import ModelSpec
+from .limits import ServeLimits
 
 # Tokens per engine step in the server: requests arrive spread over a few milliseconds, so the first step of a
 # burst takes only the first prompts and the rest wait for it; smaller steps start them sooner. (`LLM` keeps 512
@@ -20,6 +21,52 @@ def _positive(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return value
+
+
+def _hosts(text: str) -> list[str]:
+    return [h.strip() for h in text.split(",") if h.strip()]
+
+
+def add_limit_arguments(p: argparse.ArgumentParser) -> None:
+    """One flag per ServeLimits field (defaults from ServeLimits)."""
+    d = ServeLimits()
+    lim = p.add_argument_group("limits", "what one request or connection may cost (docs/serving.md, "
+                               "\"Limits and security\")")
+    lim.add_argument("--max-body-bytes", type=_positive, default=d.max_body_bytes,
+                     help="largest request body; more -> 413 before the body is read")
+    lim.add_argument("--max-prompt-chars", type=_positive, default=d.max_prompt_chars,
+                     help="longest prompt in characters, checked before tokenizing (400); None: the context "
+                          "length x the vocabulary's longest token")
+    lim.add_argument("--max-stop-strings", type=_positive, default=d.max_stop_strings,
+                     help="`stop` entries per request; more -> 400")
+    lim.add_argument("--max-stop-chars", type=_positive, default=d.max_stop_chars,
+                     help="characters per stop string; longer -> 400")
+    lim.add_argument("--tokenizer-workers", type=_positive, default=d.tokenizer_workers,
+                     help="threads rendering and tokenizing prompts off the event loop")
+    lim.add_argument("--header-timeout", type=float, default=d.header_timeout,
+                     help="seconds a client gets to send a request's line and headers; then the connection is "
+                          "closed (slowloris guard)")
+    lim.add_argument("--max-header-bytes", type=_positive, default=d.max_header_bytes,
+                     help="largest request line + headers; more -> connection closed")
+    lim.add_argument("--keep-alive-timeout", type=float, default=d.keep_alive_timeout,
+                     help="seconds an idle keep-alive connection stays open")
+    lim.add_argument("--max-connections", type=_positive, default=d.max_connections,
+                     help="open connections (and running requests); more -> 503")
+    lim.add_argument("--allowed-hosts", type=_hosts, default=None, metavar="HOST[,HOST...]",
+                     help="Host/Origin names accepted besides localhost, 127.0.0.1 and ::1 (DNS-rebinding guard; "
+                          "others -> 403); '*' accepts any. None: only those when --host is a loopback address, any "
+                          "host otherwise")
+
+
+def limits_from_args(args: argparse.Namespace) -> ServeLimits:
+    from .guards import effective_allowed_hosts
+
+    return ServeLimits(max_body_bytes=args.max_body_bytes, max_prompt_chars=args.max_prompt_chars,
+                       max_stop_strings=args.max_stop_strings, max_stop_chars=args.max_stop_chars,
+                       tokenizer_workers=args.tokenizer_workers, header_timeout=args.header_timeout,
+                       max_header_bytes=args.max_header_bytes, keep_alive_timeout=args.keep_alive_timeout,
+                       max_connections=args.max_connections,
+                       allowed_hosts=effective_allowed_hosts(args.host, args.allowed_hosts))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="requests waiting beyond the running ones; more get 429")
     srv.add_argument("--drain-timeout", type=float, default=30.0, help="seconds running requests get at shutdown")
     srv.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    add_limit_arguments(p)
     eng = p.add_argument_group("engine")
     eng.add_argument("--max-num-seqs", type=int, default=8, help="sequences decoded together (KV slots)")
     eng.add_argument("--max-model-len", type=int, default=None, help="context per sequence (default: 2048 or the "
@@ -106,7 +154,8 @@ def build_app(args: argparse.Namespace):
     llms = load_engines(args) if inline else thread.call(load_engines, args)
     engines = {name: AsyncEngine(llm, max_queue=args.max_queue, thread=thread, inline=inline)
                for name, llm in llms.items()}
-    return create_app(engines, api_key=args.api_key, max_queue=args.max_queue, drain_timeout=args.drain_timeout)
+    return create_app(engines, api_key=args.api_key, max_queue=args.max_queue, drain_timeout=args.drain_timeout,
+                      limits=limits_from_args(args))
 
 
 def freeze_startup_heap() -> int:
@@ -119,6 +168,10 @@ def freeze_startup_heap() -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.api_key == "":  # checked before the model loads; an empty key would turn auth off without a word
+        print("error: --api-key (or MINIMIND_API_KEY) is empty; give a key, or unset both to serve without one",
+              file=sys.stderr)
+        return 2
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     try:
         app = build_app(args)
@@ -129,11 +182,19 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     import uvicorn
 
-    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
+    from .connections import guarded_protocol
+    from .guards import is_loopback
+
+    if not is_loopback(args.host) and not args.api_key:
         logging.getLogger("minimind.serve").warning("listening on %s without --api-key", args.host)
     served = ", ".join(app.state.ctx.engines)
     print(f"serving {served} on http://{args.host}:{args.port}/v1", file=sys.stderr)
     freeze_startup_heap()
+    limits = limits_from_args(args)
+    # header timeout and size: HeadWatch on uvicorn's own protocol class; ws="none": no route takes a websocket
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
-                timeout_graceful_shutdown=args.drain_timeout + 5)
+                timeout_graceful_shutdown=args.drain_timeout + 5, ws="none",
+                http=guarded_protocol(limits.header_timeout, limits.max_header_bytes),
+                h11_max_incomplete_event_size=limits.max_header_bytes, timeout_keep_alive=limits.keep_alive_timeout,
+                limit_concurrency=limits.max_connections)
     return 0

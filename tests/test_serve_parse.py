@@ -126,7 +126,7 @@ def test_serve_steps_on_the_thread_that_loaded_the_model(tmp_path, monkeypatch):
     load, step = launch.load_engines, LLM.step
     monkeypatch.setattr(launch, "load_engines", lambda a: seen["load"].add(threading.get_ident()) or load(a))
     monkeypatch.setattr(LLM, "step", lambda self: seen["step"].add(threading.get_ident()) or step(self))
-    with TestClient(launch.build_app(args)) as client:
+    with TestClient(launch.build_app(args), base_url="http://127.0.0.1") as client:
         r = client.post("/v1/completions", json={"prompt": [5, 6, 7], "max_tokens": 4, "ignore_eos": True})
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
     assert len(seen["load"]) == 1 and seen["step"] == seen["load"]
@@ -151,7 +151,7 @@ def test_engine_loop_flag(tmp_path, flags, inline):
     app = launch.build_app(args)
     engine = app.state.ctx.engines["full_sft"]
     assert engine.inline == inline and (engine.engine_thread is None) == inline
-    with TestClient(app) as client:
+    with TestClient(app, base_url="http://127.0.0.1") as client:
         r = client.post("/v1/completions", json={"prompt": [5, 6, 7], "max_tokens": 4, "ignore_eos": True})
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
 
@@ -173,7 +173,7 @@ def test_stream_interval_flag(tmp_path):
     app = launch.build_app(launch.build_parser().parse_args([*base, "--stream-interval", "4"]))
     assert app.state.ctx.engines["full_sft"].llm.stream_interval == 4
     body = {"prompt": [5, 6, 7], "max_tokens": 10, "ignore_eos": True, "temperature": 0}
-    with TestClient(app) as client:
+    with TestClient(app, base_url="http://127.0.0.1") as client:
         whole = client.post("/v1/completions", json=body).json()["choices"][0]["text"]
         with client.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
             events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]

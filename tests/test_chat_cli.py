@@ -163,7 +163,21 @@ def test_history_keeps_the_last_n_turns():
     (["--temperature", "0"], (0.0, 0.85)),
 ])
 def test_preset_resolution(argv, expected):
-    assert resolve_sampling(build_parser().parse_args(argv)) == expected
+    """Flags beat presets, presets beat the model's defaults (here MiniMind2's release defaults)."""
+    from minimind.checkpoint.generation import SamplingDefaults
+
+    model = SamplingDefaults(0.85, 0.85, 50, 0.0, 1.0, "MiniMind2 release defaults")
+    got = resolve_sampling(build_parser().parse_args(argv), model)
+    assert (got["temperature"], got["top_p"]) == expected
+    assert (got["top_k"], got["min_p"], got["repetition_penalty"]) == (50, 0.0, 1.0)
+
+
+def test_other_sampling_flags_override_the_model():
+    from minimind.checkpoint.generation import SamplingDefaults
+
+    got = resolve_sampling(build_parser().parse_args(["--top_k", "0", "--min_p", "0.1", "--repetition_penalty", "1.2"]),
+                           SamplingDefaults())
+    assert got == {"temperature": 0.8, "top_p": 0.95, "top_k": 0, "min_p": 0.1, "repetition_penalty": 1.2}
 
 
 def test_flag_parsing():

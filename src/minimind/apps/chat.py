@@ -12,12 +12,14 @@ import argparse
 import os
 import sys
 
+from ..checkpoint.generation import SamplingDefaults, sampling_defaults
 from ..checkpoint.spec import ModelSpec
 from ..errors import CheckpointError
 
 # name -> (temperature, top_p); the three strategies of the seed documents' table.
 PRESETS = {"deterministic": (0.1, 0.5), "balanced": (0.7, 0.85), "creative": (1.0, 0.95)}
-DEFAULT_SAMPLING = (0.85, 0.85)  # the original eval_llm.py defaults
+SAMPLING = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+MODEL_DEFAULT = "default: the model's own (its generation_config.json or GGUF keys, else its release's defaults)"
 
 
 def add_open_thinking(group) -> None:
@@ -33,11 +35,15 @@ def build_parser() -> argparse.ArgumentParser:
     gen = p.add_argument_group("generation")
     gen.add_argument("--max_new_tokens", type=int, default=8192, help="most tokens per answer")
     gen.add_argument("--temperature", type=float, default=None,
-                     help=f"sampling temperature; 0 = greedy (default {DEFAULT_SAMPLING[0]}, or the preset's)")
-    gen.add_argument("--top_p", type=float, default=None,
-                     help=f"nucleus sampling threshold (default {DEFAULT_SAMPLING[1]}, or the preset's)")
-    gen.add_argument("--top_k", type=int, default=50, help="keep the k most likely tokens (0 = off)")
-    gen.add_argument("--repetition_penalty", type=float, default=1.0, help="HF-style repetition penalty (1 = off)")
+                     help=f"sampling temperature; 0 = greedy ({MODEL_DEFAULT}, or the preset's; the banner shows "
+                          "the values in use)")
+    gen.add_argument("--top_p", type=float, default=None, help="nucleus sampling threshold (default: as --temperature)")
+    gen.add_argument("--top_k", type=int, default=None, help="keep the k most likely tokens, 0 = off (default: the "
+                                                             "model's)")
+    gen.add_argument("--min_p", type=float, default=None, help="drop tokens below min_p x the top probability "
+                                                               "(default: the model's)")
+    gen.add_argument("--repetition_penalty", type=float, default=None,
+                     help="HF-style repetition penalty, 1 = off (default: the model's)")
     gen.add_argument("--preset", choices=tuple(PRESETS), default=None,
                      help="temperature/top_p: deterministic 0.1/0.5, balanced 0.7/0.85, creative 1.0/0.95 "
                           "(explicit --temperature/--top_p win)")
@@ -55,11 +61,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def resolve_sampling(args: argparse.Namespace) -> tuple[float, float]:
-    """(temperature, top_p): explicit flags beat the preset, the preset beats the original defaults."""
-    temperature, top_p = PRESETS[args.preset] if args.preset else DEFAULT_SAMPLING
-    return (temperature if args.temperature is None else args.temperature,
-            top_p if args.top_p is None else args.top_p)
+def resolve_sampling(args: argparse.Namespace, defaults: SamplingDefaults) -> dict[str, float]:
+    """{temperature, top_p, top_k, min_p, repetition_penalty}: explicit flags beat the preset, the preset beats
+    the model's defaults."""
+    values = {name: getattr(defaults, name) for name in SAMPLING}
+    if args.preset:
+        values.update(zip(("temperature", "top_p"), PRESETS[args.preset]))
+    return {name: value if getattr(args, name) is None else getattr(args, name) for name, value in values.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -117,10 +125,12 @@ def run(args: argparse.Namespace) -> int:
     if spec.num_hidden_layers and spec.num_hidden_layers != cfg.num_hidden_layers:
         info.print(f"warning: --num_hidden_layers {spec.num_hidden_layers} ignored: the weights have "
                    f"{cfg.num_hidden_layers} layers", style="yellow", markup=False)
-    temperature, top_p = resolve_sampling(args)
-    params = SamplingParams(max_tokens=args.max_new_tokens, temperature=temperature, top_p=top_p, top_k=args.top_k,
-                            repetition_penalty=args.repetition_penalty, seed=args.seed,
-                            stop_token_ids=sorted(stop_token_ids(tokenizer, cfg)))
+    from ..checkpoint.default_model import default_model_dir
+
+    defaults = sampling_defaults(source.model or default_model_dir(), cfg)
+    sampling = resolve_sampling(args, defaults)
+    params = SamplingParams(max_tokens=args.max_new_tokens, seed=args.seed,
+                            stop_token_ids=sorted(stop_token_ids(tokenizer, cfg)), **sampling)
     name = "embedded default model (SmolLM2-135M-Instruct)" if source.model is None else str(source.model)
     size = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()) / 1e6
     dtype = str(next(model.parameters()).dtype).replace("torch.", "")
@@ -135,8 +145,8 @@ def run(args: argparse.Namespace) -> int:
                                 open_thinking=None if args.open_thinking is None else bool(args.open_thinking),
                                 pretrain=is_pretrain_weight(source.weight), show_speed=bool(args.show_speed))
     info.print(f"[bold cyan]MiniMind chat[/] {name} [dim]| {getattr(cfg, 'era', cfg.model_type)}, {size:.2f}M "
-               f"params, {device} {dtype}, temperature "
-               f"{temperature}, top_p {top_p}{', pretrain prompt' if conversation.pretrain else ''}[/]")
+               f"params, {device} {dtype}, {_describe(sampling, defaults)}"
+               f"{', pretrain prompt' if conversation.pretrain else ''}[/]")
     if single:
         conversation.answer(args.prompt)
         return 0
@@ -170,3 +180,9 @@ def run(args: argparse.Namespace) -> int:
         print("🤖: ", end="", flush=True)
         conversation.answer(question)
         print()
+
+
+def _describe(sampling: dict, defaults: SamplingDefaults) -> str:
+    """'temperature 0.2, top_p 0.9 (SmolLM2-135M-Instruct's model card)', the source only if nothing overrides it."""
+    used = SamplingDefaults(**sampling, source=defaults.source)
+    return used.describe() if used == defaults else used.describe().rsplit(" (", 1)[0]

@@ -329,10 +329,10 @@ def test_cli_open_thinking_dtype_and_pretrain_reach_config(monkeypatch, tiny, tm
 
 
 def test_cli_unusable_model_is_one_clear_line(tiny, tmp_path, monkeypatch, capsys):
-    from minimind.apps.web import main
+    from minimind.cli import main
 
     monkeypatch.chdir(tmp_path)  # no `model/` tokenizer folder of the original layout to fall back on
-    assert main(["--ui", "gradio", "--model", str(tiny[0])]) == 1
+    assert main(["web", "--ui", "gradio", "--model", str(tiny[0])]) == 2  # a file problem, as in every command
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "--tokenizer" in err and len(err.strip().splitlines()) == 1
 
@@ -397,3 +397,9 @@ def test_closing_an_answer_aborts_the_engine_request(tiny):
     outs = llm.step()  # applies the abort
     assert [o.outputs[0].finish_reason for o in outs] == ["abort"]
     assert not llm.has_unfinished() and llm.scheduler.slots.num_free == 1
+
+
+def test_sliders_start_at_the_models_sampling_defaults(engine):
+    """A MiniMind2 checkpoint: eval_llm.py's temperature 0.85 / top_p 0.85, with HF generate's top_k 50 applied
+    to every answer (the other sources are tested in test_generation_defaults.py)."""
+    assert (engine.defaults().temperature, engine.defaults().top_p, engine.sampling.top_k) == (0.85, 0.85, 50)

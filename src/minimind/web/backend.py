@@ -95,6 +95,10 @@ class Backend:
     def models(self) -> list[str]:
         return []
 
+    def defaults(self) -> Settings:
+        """Where the sliders start."""
+        return Settings()
+
     def close(self) -> None:  # when the UI stops
         pass
 
@@ -120,6 +124,10 @@ class EngineBackend(Backend):  # the in-process engine on a background thread, s
         self.starts_in_think = bool(open_thinking) and not self.pretrain
         # as `minimind chat`: a chat model that opens a new turn (<|im_start|>) has finished its answer
         self._stop_ids = sorted(stop_token_ids(self.llm.tokenizer, self.llm.config))
+        self.sampling = _model_sampling(model, self.llm.config)
+
+    def defaults(self) -> Settings:  # the model's own sampling defaults (as `minimind chat` uses them)
+        return Settings(temperature=self.sampling.temperature, top_p=self.sampling.top_p)
 
     def prompt(self, messages: list[dict]) -> str:
         return chat_prompt(self.llm.tokenizer, messages, self.pretrain, self.open_thinking)
@@ -128,13 +136,24 @@ class EngineBackend(Backend):  # the in-process engine on a background thread, s
         from ..engine import SamplingParams
 
         params = SamplingParams(max_tokens=int(settings.max_tokens), temperature=float(settings.temperature),
-                                top_p=max(float(settings.top_p), 1e-6), stop_token_ids=self._stop_ids)
+                                top_p=max(float(settings.top_p), 1e-6), stop_token_ids=self._stop_ids,
+                                top_k=self.sampling.top_k, min_p=self.sampling.min_p,
+                                repetition_penalty=self.sampling.repetition_penalty)
         with closing(engine_outputs(self.llm, self.prompt(messages), params)) as outputs:
             for o in outputs:
                 yield o.delta_text, len(o.delta_token_ids)
 
     def close(self):
         self.llm.shutdown()
+
+
+def _model_sampling(model, config):
+    from ..checkpoint.default_model import default_model_dir
+    from ..checkpoint.generation import sampling_defaults
+
+    if model is None or isinstance(model, str):
+        return sampling_defaults(model or default_model_dir(), config)
+    return sampling_defaults(getattr(model, "name_or_path", None) or None, config)
 
 
 class OpenAIBackend(Backend):  # a thin client of `minimind serve` or any OpenAI-compatible server

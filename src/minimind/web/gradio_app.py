@@ -71,7 +71,7 @@ def build_app(backend: Backend, lang: str = "en"):
     if lang not in TEXT:
         raise ValueError(f"unknown UI language {lang!r}; choose from {', '.join(TEXT)}")
     t = TEXT[lang]
-    models, defaults = backend.models(), Settings()
+    models, defaults = backend.models(), backend.defaults()
     inputs = [gr.Textbox(label=t["system"], lines=2)]
     inputs += [gr.Slider(low, high, value=getattr(defaults, field), step=step, label=t[key])
                for field, (key, low, high, step) in SLIDERS.items()]

@@ -49,7 +49,7 @@ def main() -> None:
         models = backend.models()
         model = st.selectbox(t["model"], models, key="model") if len(models) > 1 else None
         system = st.text_area(t["system"], key="system", value="")
-        defaults = Settings()
+        defaults = backend.defaults()
         sliders = {field: st.slider(t[key], low, high, getattr(defaults, field), step, key=key)
                    for field, (key, low, high, step) in SLIDERS.items()}
         if st.button(t["clear"], key="clear"):

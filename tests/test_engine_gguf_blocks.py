@@ -69,3 +69,27 @@ def test_torch_path_equals_dequantized_weights(tmp_path):
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     assert llm.generate(PROMPT, params)[0].outputs[0].token_ids == dense.generate(PROMPT, params)[0].outputs[0].token_ids
     torch.testing.assert_close(llm.runner._embed(torch.tensor(PROMPT)), dense.runner._embed(torch.tensor(PROMPT)))
+
+
+@pytest.mark.parametrize("outtype", ["q8_0", "q4_0", "q4_1"])
+@pytest.mark.parametrize("era", ["minimind2", "minimind3"])
+def test_our_quantized_export_runs_like_llama_cpp(tmp_path, era, outtype):
+    """`minimind convert --to gguf --outtype q4_0` (etc.): stock llama.cpp loads the file and its greedy tokens
+    equal ours on the same file."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python not installed")
+    from minimind.convert import export_gguf
+    from test_convert_util import native_era
+
+    pth, tok = native_era(tmp_path, era)
+    out = export_gguf(pth, tmp_path / f"m-{outtype}.gguf", outtype, tokenizer=tok, show_progress=False)
+    model = minimind.load_model(out, light=True, keep_blocks=True)
+    assert model.model.layers[0].mlp.down_proj.gguf_blocks[0] == int(TYPES[outtype.upper()])
+    ours = LLM(model, max_num_seqs=1, max_model_len=64).generate(
+        PROMPT, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))[0].outputs[0].token_ids
+    ref = llama_cpp.Llama(model_path=str(out), n_ctx=64, n_threads=1, verbose=False, type_k=0, type_v=0)
+    theirs = []
+    for token in ref.generate(PROMPT, top_k=1, temp=0.0, repeat_penalty=1.0):
+        theirs.append(token)
+        if len(theirs) == 8:
+            break
+    assert ours == theirs

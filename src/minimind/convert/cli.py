@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _parser("minimind convert", "Export a checkpoint for other tools.", epilog=EPILOG,
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--to", required=True, choices=("hf", "gguf", "native", "ollama"), help="output format")
-    p.add_argument("--outtype", default=None, help="GGUF tensor type: f32, f16 (default), bf16, q8_0")
+    p.add_argument("--outtype", default=None, help="GGUF tensor type: f32, f16 (default), bf16, q8_0, q4_0, q4_1")
     p.add_argument("--dtype", default="auto",
                    help="hf/native: auto (source dtype; native: float16), float32, float16, bfloat16, int8 (hf)")
     p.add_argument("--arch", default=None, help="hf: force llama, qwen3, qwen3_moe, qwen2_moe or minimind")

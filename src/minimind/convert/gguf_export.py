@@ -20,7 +20,8 @@ from .output import atomic_output, chat_template, progress
 from .source import ConvertError, Source, load_source
 
 log = logging.getLogger("minimind")
-_FILE_TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0"}
+_FILE_TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0",
+               "q4_0": "MOSTLY_Q4_0", "q4_1": "MOSTLY_Q4_1"}
 OUTTYPES = tuple(_FILE_TYPES)
 
 
@@ -81,18 +82,18 @@ def _tensors(config: MiniMindConfig, sd: dict[str, torch.Tensor], arch: str):
 
 def _encode(name: str, data: np.ndarray, outtype: str):
     """(array, raw_dtype) in the requested type; 1-D tensors and the MoE router stay F32 (as llama.cpp's
-    converter does); rows not divisible by the Q8_0 block size fall back to F16."""
+    converter does); rows not divisible by the 32-value block size of q8_0/q4_0/q4_1 fall back to F16."""
     from gguf import GGMLQuantizationType as Q
     from gguf.quants import quantize
 
     if outtype == "f32" or data.ndim == 1 or name.endswith("ffn_gate_inp.weight"):
         return data.astype(np.float32), None
-    if outtype == "q8_0" and data.shape[-1] % 32:
+    if outtype.startswith("q") and data.shape[-1] % 32:
         log.warning("%s: row size %d is not a multiple of 32, stored as F16", name, data.shape[-1])
         outtype = "f16"
     if outtype == "f16":
         return data.astype(np.float16), None
-    qtype = Q.BF16 if outtype == "bf16" else Q.Q8_0
+    qtype = {"bf16": Q.BF16, "q8_0": Q.Q8_0, "q4_0": Q.Q4_0, "q4_1": Q.Q4_1}[outtype]
     return quantize(data, qtype), qtype
 
 

@@ -23,6 +23,13 @@ def _positive(text: str) -> int:
     return value
 
 
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0 seconds, got {text}")
+    return value
+
+
 def _hosts(text: str) -> list[str]:
     return [h.strip() for h in text.split(",") if h.strip()]
 
@@ -43,12 +50,12 @@ def add_limit_arguments(p: argparse.ArgumentParser) -> None:
                      help="characters per stop string; longer -> 400")
     lim.add_argument("--tokenizer-workers", type=_positive, default=d.tokenizer_workers,
                      help="threads rendering and tokenizing prompts off the event loop")
-    lim.add_argument("--header-timeout", type=float, default=d.header_timeout,
+    lim.add_argument("--header-timeout", type=_seconds, default=d.header_timeout,
                      help="seconds a client gets to send a request's line and headers; then the connection is "
                           "closed (slowloris guard)")
     lim.add_argument("--max-header-bytes", type=_positive, default=d.max_header_bytes,
                      help="largest request line + headers; more -> connection closed")
-    lim.add_argument("--keep-alive-timeout", type=float, default=d.keep_alive_timeout,
+    lim.add_argument("--keep-alive-timeout", type=_seconds, default=d.keep_alive_timeout,
                      help="seconds an idle keep-alive connection stays open")
     lim.add_argument("--max-connections", type=_positive, default=d.max_connections,
                      help="open connections (and running requests); more -> 503")

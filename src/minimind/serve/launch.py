@@ -8,6 +8,7 @@ import os
 import sys
 
 from ..checkpoint.spec import ModelSpec
+from ..errors import CheckpointError
 from .limits import ServeLimits
 
 # Tokens per engine step in the server: requests arrive spread over a few milliseconds, so the first step of a
@@ -182,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     try:
         app = build_app(args)
+    except CheckpointError:
+        raise  # an unusable model/tokenizer file: cli.py reports it as for every command (exit 2)
     except Exception as exc:  # one clear line, as `minimind chat` does (MINIMIND_DEBUG=1 shows the traceback)
         if os.environ.get("MINIMIND_DEBUG"):
             raise

@@ -125,14 +125,18 @@ def create_app(engine, *, served_model_name: str | None = None, api_key: str | N
         _, e = ctx.engine_for(req.model)
         if (req.prompt is None) == (req.messages is None):
             raise APIError(400, "give exactly one of `prompt` or `messages`", param="prompt")
-        text = req.prompt
-        if req.messages is not None:
-            try:
-                text = render_prompt(e.tokenizer, message_dicts(req.messages), open_thinking=open_thinking_of(req),
-                                     add_generation_prompt=req.add_generation_prompt)
-            except Exception as exc:  # noqa: BLE001 - jinja/template errors of user input
-                raise APIError(400, f"messages could not be rendered: {exc}", param="messages") from None
-        ids = list(e.tokenizer.encode(text, add_special_tokens=req.add_special_tokens))
+
+        def token_ids() -> list[int]:  # on the tokenizer pool, as for completions: a long text stalls nothing else
+            text = req.prompt
+            if req.messages is not None:
+                try:
+                    text = render_prompt(e.tokenizer, message_dicts(req.messages), add_generation_prompt=
+                                         req.add_generation_prompt, open_thinking=open_thinking_of(req))
+                except Exception as exc:  # noqa: BLE001 - jinja/template errors of user input
+                    raise APIError(400, f"messages could not be rendered: {exc}", param="messages") from None
+            return list(e.tokenizer.encode(text, add_special_tokens=req.add_special_tokens))
+
+        ids = await ctx.offload(token_ids)
         return p.TokenizeResponse(count=len(ids), max_model_len=e.max_model_len, tokens=ids)
 
     @app.post("/detokenize", response_model=p.DetokenizeResponse, responses=ERRORS)

@@ -346,3 +346,18 @@ def test_serve_subprocess(fixed_sample, tokenizer):
     with socket.socket() as s:
         s.bind(("127.0.0.1", port))
     assert not (work / "PWNED").exists()
+
+
+def test_web_subprocess(fixed_sample, tokenizer):
+    """Both UIs: the file is checked before a server starts (Streamlit would load it only in its own process and
+    show the error in the browser)."""
+    work, files = fixed_sample
+    port = _free_port()
+    commands = [(files[n], ["web", "--ui", ui, "--model", str(files[n]), "--tokenizer", str(tokenizer), "--port",
+                            str(port)]) for n, ui in (("q75.pth", "streamlit"), ("evil.pth", "streamlit"),
+                                                      ("hfbad", "gradio"))]
+    for path, res in run_all(commands, work):
+        check_error(res.returncode, res.stderr, path, certain=True)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", port))
+    assert not (work / "PWNED").exists()

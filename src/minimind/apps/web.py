@@ -65,6 +65,19 @@ def backend_config(args: argparse.Namespace):
                          pretrain=is_pretrain_weight(src.weight))  # as `minimind chat`: bos + text, no template
 
 
+def check_files(config) -> None:
+    """The checks `minimind chat` makes before it answers (weights read and checked against their config, the
+    tokenizer loaded and matched): a CheckpointError becomes the CLI's one-paragraph error and exit 2."""
+    if config.api_base:
+        return
+    from ..checkpoint.loader import check_tokenizer_matches, load_tokenizer, read_checkpoint
+
+    path = config.model
+    if path is not None:
+        model_config, _ = read_checkpoint(path)
+        check_tokenizer_matches(load_tokenizer(config.tokenizer), model_config, where=str(config.tokenizer))
+
+
 def streamlit_command(args: argparse.Namespace) -> list[str]:
     app = Path(__file__).resolve().parents[1] / "web" / "streamlit_app.py"
     return [sys.executable, "-m", "streamlit", "run", str(app), "--server.address", args.host,
@@ -95,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         config = backend_config(args)
-        if args.ui == "streamlit":
+        if args.ui == "streamlit":  # the UI process loads the model: an unusable file is reported here first
+            check_files(config)
             run_streamlit(streamlit_command(args), {**os.environ, CONFIG_ENV: config.to_env(), LANG_ENV: args.lang})
         try:
             import gradio  # noqa: F401

@@ -70,3 +70,25 @@ def test_default_model_uses_its_model_card(tmp_path, monkeypatch):
 def test_unknown_model_gets_llama_cpp_defaults():
     d = sampling_defaults(None, tiny_config(vocab_size=1000))
     assert (d.temperature, d.top_k, d.top_p, d.min_p) == (0.8, 40, 0.95, 0.05)
+
+
+def test_the_server_fills_left_out_fields_from_the_model(tmp_path):
+    """An LLM knows its model's defaults (here a MiniMind2 .pth: the release's); a request that leaves the sampling
+    fields out gets them, one that sets them keeps its own."""
+    import torch
+
+    from conftest import tiny_model
+    from minimind.engine import LLM
+    from minimind.serve.context import sampling_params
+    from minimind.serve.protocol import ChatCompletionRequest
+
+    pth = tmp_path / "full_sft_64.pth"
+    torch.save(tiny_model(vocab_size=6400).state_dict(), pth)
+    llm = LLM(str(pth), max_num_seqs=1, max_model_len=32)
+    assert (llm.sampling_defaults.temperature, llm.sampling_defaults.top_k) == (0.85, 50)
+    left_out = ChatCompletionRequest(messages=[{"role": "user", "content": "hi"}])
+    p = sampling_params(left_out, max_tokens=8, vocab_size=6400, logprobs=None, defaults=llm.sampling_defaults)
+    assert (p.temperature, p.top_p, p.top_k) == (0.85, 0.85, 50)
+    given = ChatCompletionRequest(messages=[{"role": "user", "content": "hi"}], temperature=0.0, top_k=3)
+    p = sampling_params(given, max_tokens=8, vocab_size=6400, logprobs=None, defaults=llm.sampling_defaults)
+    assert (p.temperature, p.top_p, p.top_k) == (0.0, 0.85, 3)

@@ -56,6 +56,7 @@ class LLM:
                  kv_dtype=None, fused: bool = True, lora_adapters: dict | None = None, stream_interval: int = 1,
                  keep_freed_memory: bool = True):
         from ..checkpoint.dtypes import resolve_dtype
+        from ..checkpoint.generation import sampling_defaults
         from ..checkpoint.loader import load_model, load_tokenizer
         from ..checkpoint.lora import read_adapter
         from ..errors import CheckpointError
@@ -78,6 +79,8 @@ class LLM:
         if isinstance(tokenizer, str):
             tokenizer = load_tokenizer(tokenizer)
         self.tokenizer = tokenizer
+        # what the model's own files recommend for sampling; the server applies it to fields a request leaves out
+        self.sampling_defaults = sampling_defaults(getattr(model, "name_or_path", None) or None, model.config)
         if quantization == "dynamic":
             act_dtype = torch.float32
         elif dtype is not None:

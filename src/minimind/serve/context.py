@@ -149,10 +149,13 @@ def resolve_max_tokens(requested: int | None, prompt_len: int, max_model_len: in
     raise APIError(400, msg, param=what, code="context_length_exceeded")
 
 
-def sampling_params(req: SamplingFields, *, max_tokens: int, vocab_size: int, logprobs: int | None) -> SamplingParams:
+def sampling_params(req: SamplingFields, *, max_tokens: int, vocab_size: int, logprobs: int | None,
+                    defaults=None) -> SamplingParams:
+    """defaults: the model's SamplingDefaults, for the sampling fields a request leaves out (as vLLM's
+    `--generation-config auto`); without them the OpenAI API's (temperature 1, no filtering)."""
     def pick(name, fallback):
         value = getattr(req, name)
-        return fallback if value is None else value
+        return getattr(defaults, name, fallback) if value is None else value
 
     bias = None
     if req.logit_bias:
@@ -256,7 +259,8 @@ class ServingContext:
         for ids in prompts:
             check_prompt(ids, vocab, what)
             budget = resolve_max_tokens(max_tokens, len(ids), engine.max_model_len, what)
-            params = sampling_params(req, max_tokens=budget, vocab_size=vocab, logprobs=logprobs)
+            params = sampling_params(req, max_tokens=budget, vocab_size=vocab, logprobs=logprobs,
+                                     defaults=engine.llm.sampling_defaults)
             if fmt is not None and fmt.type != "text":
                 if self.guided is None:
                     raise APIError(400, unavailable, param="response_format")

@@ -61,3 +61,23 @@ def test_plot_without_matplotlib_is_a_clear_error(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises ImportError
     assert bench.main(["--models", "small", "--plot", "x.png"]) == 2
     assert "pip install 'minimind[bench]'" in capsys.readouterr().err
+
+
+def test_gguf_dtype_runs_a_gguf_file_as_stored_on_both_sides(tmp_path):
+    """--dtypes gguf: our engine and llama.cpp get the same .gguf file; other models are skipped with a note."""
+    import argparse
+
+    import gguf
+    import pytest
+
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python not installed")
+    from test_gguf_loading import llama, write_gguf
+
+    path = write_gguf(tmp_path / "m.gguf", llama(hidden_size=64, intermediate_size=96), "llama",
+                      gguf.GGMLQuantizationType.Q4_1)
+    args = argparse.Namespace(models=[str(path), _tiny(tmp_path)], dtypes=["gguf"], peers=["llama.cpp"], threads=1,
+                              prompt_len=16, decode_tokens=4, repeats=1, compile=False, tokenizer=None)
+    report = bench.run(args)
+    assert {r["impl"] for r in report["results"]} == {"minimind", "llama.cpp"}
+    assert all(r.get("decode_tps", 0) > 0 for r in report["results"]), report["results"]
+    assert any("dtype gguf is for .gguf files" in n for n in report["notes"])

@@ -21,7 +21,8 @@ from pathlib import Path
 from ..checkpoint.spec import ModelSpec
 
 MODELS = {"small": "minimind2-small", "base": "minimind2", "default": None}  # None = the embedded model
-DTYPES = ("fp32", "bf16", "int8", "dynamic")
+# gguf: a GGUF file's own tensor types (Q8_0/Q4_0/Q4_1 blocks run as stored), llama.cpp on the same file
+DTYPES = ("fp32", "bf16", "int8", "dynamic", "gguf")
 LLAMA_TYPES = {"fp32": "f32", "bf16": "f16", "int8": "q8_0"}  # llama.cpp's precision matched to ours
 TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16"}  # int8 and dynamic load fp32 weights and quantize them
 SHARED_TOKENIZER = Path(__file__).resolve().parents[3].parent / "shared" / "minimind-tokenizers" / "minimind2"
@@ -37,7 +38,8 @@ class Ours:
     def __init__(self, a: dict):
         from minimind.engine import LLM, SamplingParams
 
-        kw = {"dtype": TORCH_DTYPES[a["dtype"]]} if a["dtype"] in TORCH_DTYPES else {"quantization": a["dtype"]}
+        kw = {"dtype": TORCH_DTYPES[a["dtype"]]} if a["dtype"] in TORCH_DTYPES else \
+            {} if a["dtype"] == "gguf" else {"quantization": a["dtype"]}
         self.llm = LLM(a["model"], max_num_seqs=1, max_model_len=max(a["prompt_len"], 32) + a["decode_tokens"] + 8,
                        threads=a["threads"], max_num_batched_tokens=max(512, a["prompt_len"]), compile=a["compile"],
                        **kw)
@@ -180,6 +182,10 @@ def prepare_model(name: str, workdir: Path, tokenizer: Path | None) -> tuple[str
         from minimind.checkpoint.default_model import default_model_dir
 
         return "SmolLM2-135M (default)", str(default_model_dir())
+    if name == "default-gguf":  # the file the default model ships as
+        from minimind.checkpoint.default_model import find_default_gguf
+
+        return "SmolLM2-135M Q4_1 GGUF (default)", str(find_default_gguf())
     if name not in MODELS:  # a checkpoint path
         return Path(name).name, name
     import torch
@@ -211,7 +217,13 @@ def run(args) -> dict:
                 a = {"model": path, "dtype": dtype, "threads": args.threads, "prompt_len": args.prompt_len,
                      "decode_tokens": args.decode_tokens, "repeats": args.repeats, "compile": args.compile}
                 impls = ["minimind"] + (["transformers"] if "transformers" in args.peers else [])
-                if llama and dtype in LLAMA_TYPES:
+                if dtype == "gguf" and not path.endswith(".gguf"):
+                    notes.append(f"{label}: dtype gguf is for .gguf files (skipped)")
+                    continue
+                if llama and dtype == "gguf":
+                    a["gguf"] = path
+                    impls.append("llama.cpp")
+                elif llama and dtype in LLAMA_TYPES:
                     try:
                         from minimind.convert import export_gguf
 
@@ -293,9 +305,10 @@ def comma_list(value: str) -> list[str]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="minimind bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--models", type=comma_list, default="small,base,default", help="comma list of small, base, "
-                   "default, or paths (small/base: random weights of the MiniMind2-Small / MiniMind2 shape)")
+                   "default, default-gguf (the Q4_1 file it ships as), or paths (small/base: random weights of the "
+                   "MiniMind2-Small / MiniMind2 shape)")
     p.add_argument("--dtypes", type=comma_list, default="fp32,bf16,int8", help="comma list of fp32, bf16, int8, "
-                   "dynamic (llama.cpp: F32 / F16 / Q8_0 / none)")
+                   "dynamic (llama.cpp: F32 / F16 / Q8_0 / none), gguf (a .gguf model's own types, both sides)")
     p.add_argument("--peers", type=comma_list, default="transformers,llama.cpp", help="comma list (empty for ours "
                    "only)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)

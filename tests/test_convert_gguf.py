@@ -2,6 +2,8 @@
 tokenizes like transformers, decodes the same greedy tokens as our model and renders the chat template."""
 from __future__ import annotations
 
+from itertools import islice
+
 import pytest
 import torch
 
@@ -51,11 +53,7 @@ def test_llama_cpp_greedy_matches_ours(tmp_path, era, outtype):
     assert llm.tokenize(prompt.encode(), add_bos=False, special=True) == ids
     ours = load_model(pth, dtype="float32")
     expected = greedy(ours, ids, steps=8)
-    got = []
-    for token in llm.generate(ids, top_k=1, temp=0.0, repeat_penalty=1.0):
-        got.append(token)
-        if len(got) == 8:
-            break
+    got = list(islice(llm.generate(ids, top_k=1, temp=0.0, repeat_penalty=1.0), 8))
     assert got == expected
     # llama.cpp's own Jinja chat formatter, fed from the GGUF metadata, renders our prompt.
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter

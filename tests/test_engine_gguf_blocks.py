@@ -3,6 +3,8 @@ checked against llama.cpp on the same file with an fp32 KV cache: both quantize 
 way, so their log-probabilities agree to ~1e-5, prompt (prefill) and generated tokens (fused decode) alike."""
 from __future__ import annotations
 
+from itertools import islice
+
 import gguf
 import numpy as np
 import pytest
@@ -87,9 +89,5 @@ def test_our_quantized_export_runs_like_llama_cpp(tmp_path, era, outtype):
     ours = LLM(model, max_num_seqs=1, max_model_len=64).generate(
         PROMPT, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))[0].outputs[0].token_ids
     ref = llama_cpp.Llama(model_path=str(out), n_ctx=64, n_threads=1, verbose=False, type_k=0, type_v=0)
-    theirs = []
-    for token in ref.generate(PROMPT, top_k=1, temp=0.0, repeat_penalty=1.0):
-        theirs.append(token)
-        if len(theirs) == 8:
-            break
+    theirs = list(islice(ref.generate(PROMPT, top_k=1, temp=0.0, repeat_penalty=1.0), 8))
     assert ours == theirs

@@ -43,7 +43,7 @@ def url(tokenizer, asgi):
         yield base
 
 
-def envelope(r: httpx.Response, status: int) -> dict:
+def envelope(r: httpx.Response, status: int = 400) -> dict:
     assert r.status_code == status, r.text
     err = r.json()["error"]
     assert set(err) == {"message", "type", "param", "code"} and err["message"]

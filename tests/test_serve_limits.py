@@ -12,6 +12,7 @@ import pytest
 
 from conftest import ASGI_SERVERS, serve, tiny_model, tokenizer_dir
 from test_serve import MSG
+from test_serve_errors import envelope, post
 
 openai = pytest.importorskip("openai")
 
@@ -66,17 +67,6 @@ def make_app(tokenizer, limits=None):
 def url(request, tokenizer, spy):
     with serve(make_app(tokenizer), server=request.param) as base:
         yield base
-
-
-def envelope(r: httpx.Response, status: int = 400) -> dict:
-    assert r.status_code == status, r.text
-    err = r.json()["error"]
-    assert set(err) == {"message", "type", "param", "code"} and err["message"]
-    return err
-
-
-def post(url, body, path="/v1/chat/completions", **kw):
-    return httpx.post(url + path, json=body, timeout=60, **kw)
 
 
 def rss_bytes() -> int:

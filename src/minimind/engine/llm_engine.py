@@ -4,6 +4,7 @@ model while other threads (server handlers, UIs) submit through a thread-safe in
 """
 from __future__ import annotations
 
+import functools
 import logging
 import queue
 import threading
@@ -56,7 +57,6 @@ class LLM:
                  kv_dtype=None, fused: bool = True, lora_adapters: dict | None = None, stream_interval: int = 1,
                  keep_freed_memory: bool = True):
         from ..checkpoint.dtypes import resolve_dtype
-        from ..checkpoint.generation import sampling_defaults
         from ..checkpoint.loader import load_model, load_tokenizer
         from ..checkpoint.lora import read_adapter
         from ..errors import CheckpointError
@@ -79,8 +79,7 @@ class LLM:
         if isinstance(tokenizer, str):
             tokenizer = load_tokenizer(tokenizer)
         self.tokenizer = tokenizer
-        # what the model's own files recommend for sampling; the server applies it to fields a request leaves out
-        self.sampling_defaults = sampling_defaults(getattr(model, "name_or_path", None) or None, model.config)
+        self._model_path = getattr(model, "name_or_path", None) or None  # where sampling_defaults are read from
         if quantization == "dynamic":
             act_dtype = torch.float32
         elif dtype is not None:
@@ -134,6 +133,14 @@ class LLM:
         self._wakeup = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
+
+    @functools.cached_property
+    def sampling_defaults(self):
+        """What the model's own files recommend for sampling (checkpoint/generation.py); read on first use, since
+        parsing a GGUF's metadata takes seconds. The server applies it to fields a request leaves out."""
+        from ..checkpoint.generation import sampling_defaults
+
+        return sampling_defaults(self._model_path, self.config)
 
     # ---------------------------------------------------------------- requests (any thread)
     def encode(self, prompt) -> list[int]:

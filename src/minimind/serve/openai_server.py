@@ -61,6 +61,8 @@ def create_app(engine, *, served_model_name: str | None = None, api_key: str | N
     ctx = ServingContext(engines, api_key=api_key, metrics=ServerMetrics() if metrics else None,
                          guided=guided or None, limits=limits or ServeLimits())
     shared = {n: e for n, e in engines.items() if isinstance(e, AsyncEngine)}  # the LoRA adapters' ids run on these
+    for e in shared.values():  # read now, not on the first request (a GGUF's metadata takes seconds to parse)
+        e.llm.sampling_defaults  # noqa: B018
     if ctx.metrics is not None:  # one hook per engine: a LoRA adapter's requests count under its base model's id
         for name, e in shared.items():
             ctx.metrics.attach(name, e)

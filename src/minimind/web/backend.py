@@ -124,7 +124,7 @@ class EngineBackend(Backend):  # the in-process engine on a background thread, s
         self.starts_in_think = bool(open_thinking) and not self.pretrain
         # as `minimind chat`: a chat model that opens a new turn (<|im_start|>) has finished its answer
         self._stop_ids = sorted(stop_token_ids(self.llm.tokenizer, self.llm.config))
-        self.sampling = _model_sampling(model, self.llm.config)
+        self.sampling = self.llm.sampling_defaults
 
     def defaults(self) -> Settings:  # the model's own sampling defaults (as `minimind chat` uses them)
         return Settings(temperature=self.sampling.temperature, top_p=self.sampling.top_p)
@@ -145,15 +145,6 @@ class EngineBackend(Backend):  # the in-process engine on a background thread, s
 
     def close(self):
         self.llm.shutdown()
-
-
-def _model_sampling(model, config):
-    from ..checkpoint.default_model import default_model_dir
-    from ..checkpoint.generation import sampling_defaults
-
-    if model is None or isinstance(model, str):
-        return sampling_defaults(model or default_model_dir(), config)
-    return sampling_defaults(getattr(model, "name_or_path", None) or None, config)
 
 
 class OpenAIBackend(Backend):  # a thin client of `minimind serve` or any OpenAI-compatible server

@@ -1,6 +1,6 @@
 """Server-sent events: a streamed response is an async generator over its requests' OutputCollector that renders
-each output into SSE bytes, sent by Starlette's StreamingResponse (so every middleware and any ASGI server see it).
-The API shapes differ only in their StreamRenderer.
+each output into bytes, sent by Starlette's StreamingResponse (so every middleware and any ASGI server see it).
+The API shapes differ only in their renderer: head/render/tail/error/end (StreamRenderer is the OpenAI one).
 """
 from __future__ import annotations
 
@@ -95,6 +95,13 @@ class StreamRenderer:
         self.sent_lp[index] = len(o.logprobs)
         return o.logprobs[sent:]
 
+    def error(self, exc: Exception) -> bytes:
+        """A failure after the headers went out, as one in-band event (vLLM's shape)."""
+        return sse(exc.body() if isinstance(exc, APIError) else error_body(500, f"{type(exc).__name__}: {exc}"))
+
+    def end(self) -> bytes:
+        return b"data: [DONE]\n\n"
+
     def tail(self) -> list[bytes]:
         if not self.include_usage:
             return []
@@ -104,13 +111,14 @@ class StreamRenderer:
         return [sse(body)]
 
 
-async def sse_events(renderer: StreamRenderer):
-    """The body of a streamed response: the head, every output of every handle as it comes (they share one
-    collector; handle k's outputs have key k), the tail, then [DONE]. However it ends (a client that disconnects
-    cancels it), its requests are aborted."""
+async def stream_body(renderer):
+    """The body of a streamed response, for any API's framing: renderer.head() before any output, renderer.render(k,
+    out) for every output of every handle as it comes (they share one collector; handle k's outputs have key k),
+    then renderer.tail(), or renderer.error(exc) for a failure once the headers are out, then renderer.end().
+    However it ends (a client that disconnects cancels it), its requests are aborted."""
     handles = renderer.handles
     collector = handles[0].collector
-    closing = b""  # the tail (or an error event) goes out with [DONE]: one chunk
+    closing = b""  # the tail (or an error event) goes out with the end marker: one chunk
     try:
         if head := renderer.head():
             yield b"".join(head)
@@ -124,23 +132,24 @@ async def sse_events(renderer: StreamRenderer):
             if chunks:  # a token's text chunk and its choice's finish chunk: one send
                 yield chunks[0] if len(chunks) == 1 else b"".join(chunks)
         closing = b"".join(renderer.tail())
-    except Exception as exc:  # noqa: BLE001 - headers are out: report any failure in-band (vLLM's shape)
-        closing = sse(exc.body() if isinstance(exc, APIError) else error_body(500, f"{type(exc).__name__}: {exc}"))
+    except Exception as exc:  # noqa: BLE001 - headers are out: report any failure in-band
+        closing = renderer.error(exc)
     finally:
         for h in handles:
             h.abort()  # no-op once finished
-    yield closing + b"data: [DONE]\n\n"
+    yield closing + renderer.end()
 
 
 class SSEResponse(StreamingResponse):
-    """StreamingResponse of sse_events(renderer) that closes the body however the response ends: a server whose
+    """StreamingResponse of stream_body(renderer) that closes the body however the response ends: a server whose
     `send` raises once the client has gone (ASGI 2.4) leaves the generator at a `yield`, and its `finally` (the
-    aborts) must run now, not whenever the generator is garbage-collected."""
+    aborts) must run now, not whenever the generator is garbage-collected. The renderer's `media_type` names the
+    framing (SSE by default; Ollama's API streams NDJSON)."""
 
-    media_type = "text/event-stream"
-
-    def __init__(self, renderer: StreamRenderer):
-        super().__init__(sse_events(renderer), headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    def __init__(self, renderer):
+        media_type = getattr(renderer, "media_type", "text/event-stream")
+        super().__init__(stream_body(renderer), media_type=media_type,
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     async def __call__(self, scope, receive, send) -> None:
         try:

@@ -1,7 +1,10 @@
-"""The OpenAI error envelope `{"error": {message, type, param, code}}` for every failure the server reports.
+"""The error body of every failure the server reports, in the shape of the API the request was for: OpenAI's
+envelope `{"error": {message, type, param, code}}` by default, Anthropic's `{"type": "error", "error": {type,
+message}}` under /v1/messages, Ollama's `{"error": message}` under /api/.
 
-Clients (the openai SDK, LangChain) map the HTTP status to an exception class and show `message`, so each error
-names what was wrong: the field, the served model ids, both token counts of a context overflow.
+Clients (the openai, anthropic and ollama SDKs, LangChain) map the HTTP status to an exception class and show the
+message, so each error names what was wrong: the field, the served model ids, both token counts of a context
+overflow.
 """
 from __future__ import annotations
 
@@ -31,6 +34,29 @@ class APIError(Exception):
 def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
     return {"error": {"message": message, "type": TYPES.get(status, "invalid_request_error"), "param": param,
                       "code": code}}
+
+
+ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                   404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error", 500: "api_error",
+                   503: "overloaded_error"}
+
+
+def anthropic_error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
+    return {"type": "error", "error": {"type": ANTHROPIC_TYPES.get(status, "invalid_request_error"),
+                                       "message": message}}
+
+
+def ollama_error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
+    return {"error": message}
+
+
+def error_body_for(path: str):
+    """The error-body function of the API that `path` belongs to."""
+    if path.startswith("/v1/messages"):
+        return anthropic_error_body
+    if path.startswith("/api/"):
+        return ollama_error_body
+    return error_body
 
 
 def validation_message(errors: list[dict]) -> tuple[str, str | None]:
@@ -63,11 +89,12 @@ async def _error_response(request: Request, exc: Exception) -> JSONResponse:
         message, code = str(exc), "invalid_value"
     else:
         status, message = 500, f"internal error: {type(exc).__name__}: {exc}"
-    return JSONResponse(error_body(status, message, param, code), status_code=status, headers=headers)
+    body = error_body_for(request.url.path)(status, message, param, code)
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 def install_handlers(app: FastAPI) -> None:
-    """Every exception that reaches FastAPI answers in the envelope (FastAPI's own handlers for validation and
+    """Every exception that reaches FastAPI answers in its API's error shape (FastAPI's own handlers for validation and
     HTTP errors answer in another shape, so each of these classes is registered, not only Exception)."""
     for cls in (APIError, RequestValidationError, HTTPException, json.JSONDecodeError, ValueError, Exception):
         app.add_exception_handler(cls, _error_response)

@@ -6,13 +6,13 @@ import ipaddress
 import json
 from urllib.parse import urlsplit
 
-from .errors import error_body
+from .errors import error_body_for
 from .limits import LOOPBACK_HOSTS
 
 
-async def send_error(send, status: int, message: str, code: str) -> None:
-    """A whole response in the OpenAI error envelope, sent without the app."""
-    body = json.dumps(error_body(status, message, None, code)).encode()
+async def send_error(send, status: int, message: str, code: str, path: str = "") -> None:
+    """A whole response in the error shape of the API `path` belongs to, sent without the app."""
+    body = json.dumps(error_body_for(path)(status, message, None, code)).encode()
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
     await send({"type": "http.response.body", "body": body})
@@ -77,7 +77,8 @@ class HostGuard:
                     what = "Host" if header == b"host" else "Origin"
                     hint = f"--allowed-hosts {name}" if name else "--allowed-hosts HOST"
                     return await send_error(send, 403, f"{what} {value!r} is not allowed (DNS-rebinding guard); "
-                                            f"start the server with {hint} to accept it", "host_not_allowed")
+                                            f"start the server with {hint} to accept it", "host_not_allowed",
+                                            scope["path"])
         await self.app(scope, receive, send)
 
 
@@ -97,7 +98,7 @@ class BodyLimit:
             return await self.app(scope, receive, send)
         length = _header(scope, b"content-length")
         if length is not None and length.strip().isdigit() and int(length) > self.max_bytes:
-            return await send_error(send, 413, self.message(), "body_too_large")
+            return await send_error(send, 413, self.message(), "body_too_large", scope["path"])
         received, started, replied = 0, False, False
 
         async def counted_receive():
@@ -109,7 +110,7 @@ class BodyLimit:
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
                     if not started and not replied:
-                        await send_error(send, 413, self.message(), "body_too_large")
+                        await send_error(send, 413, self.message(), "body_too_large", scope["path"])
                         replied = True
                     return {"type": "http.disconnect"}
             return message

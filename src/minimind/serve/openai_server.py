@@ -17,7 +17,7 @@ from . import protocol as p
 from .completions import create_chat_completion, create_completion, prepare_chat
 from .context import ServingContext, final_outputs, message_dicts, open_thinking_of, submit
 from .engine_client import AdapterEngine, AsyncEngine
-from .errors import APIError, error_body, install_handlers
+from .errors import APIError, error_body_for, install_handlers
 from .guards import BodyLimit, HostGuard
 from .limits import ServeLimits
 
@@ -187,8 +187,9 @@ class AuthAndCount:
         ctx = self.ctx
         guarded = ctx.api_key and scope["method"] != "OPTIONS" and scope["path"] not in PUBLIC_PATHS
         if guarded and not hmac.compare_digest(_api_key(scope["headers"]).encode(), ctx.api_key.encode()):
-            reply = JSONResponse(error_body(401, "invalid or missing API key (send `Authorization: Bearer KEY`)",
-                                            None, "invalid_api_key"), status_code=401,
+            body = error_body_for(scope["path"])(401, "invalid or missing API key (send `Authorization: Bearer KEY` "
+                                                      "or `x-api-key: KEY`)", None, "invalid_api_key")
+            reply = JSONResponse(body, status_code=401,
                                  headers={"WWW-Authenticate": "Bearer"})
             return await reply(scope, receive, send)
         if ctx.metrics is None:

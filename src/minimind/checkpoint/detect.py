@@ -8,9 +8,11 @@ from ..errors import CheckpointError
 
 NATIVE, SAFETENSORS, GGUF = "native-pth", "safetensors", "gguf"
 HF_MINIMIND, HF_LLAMA, HF_QWEN3, HF_QWEN3_MOE = "hf-minimind", "hf-llama", "hf-qwen3", "hf-qwen3-moe"
+HF_QWEN2_MOE = "hf-qwen2-moe"  # MiniMind2 MoE as `convert --arch qwen2_moe` writes it
 INT8 = "minimind-int8"  # a `model_type: minimind` folder written by `minimind quantize` (see int8.py)
 INT8_QUANT_METHOD = "minimind_int8"
-_HF_KINDS = {"minimind": HF_MINIMIND, "llama": HF_LLAMA, "qwen3": HF_QWEN3, "qwen3_moe": HF_QWEN3_MOE}
+_HF_KINDS = {"minimind": HF_MINIMIND, "llama": HF_LLAMA, "qwen3": HF_QWEN3, "qwen3_moe": HF_QWEN3_MOE,
+             "qwen2_moe": HF_QWEN2_MOE}
 _LFS = b"version https://git-lfs"
 
 

@@ -1,7 +1,8 @@
 """Hugging Face model folders, read without remote code: `model_type: minimind` (MiniMind's custom export of any
 era, and ours), `LlamaForCausalLM` (MiniMind2/2510's llama export, any Llama) and `Qwen3ForCausalLM` /
-`Qwen3MoeForCausalLM` (minimind-3; per-expert or fused experts). HF configs are parsed by transformers' own config
-classes, so their defaults and both `rope_scaling`/`rope_parameters` forms are HF's.
+`Qwen3MoeForCausalLM` (minimind-3; per-expert or fused experts), and `Qwen2MoeForCausalLM` (MiniMind2 MoE as
+`convert --arch qwen2_moe` writes it). HF configs are parsed by transformers' own config classes, so their defaults
+and both `rope_scaling`/`rope_parameters` forms are HF's.
 """
 from __future__ import annotations
 
@@ -38,8 +39,10 @@ def read_hf_folder(path: Path, kind: str, dtype: torch.dtype | None = None
         raise
     except Exception as exc:  # a field of the wrong type or value (a string size, zero heads, ...)
         raise CheckpointError(cfg_path, f"describes no valid model ({reason(exc)}): re-download or fix it") from None
-    if kind == fmt.HF_QWEN3_MOE:
+    if kind in (fmt.HF_QWEN3_MOE, fmt.HF_QWEN2_MOE):
         sd = split_fused_experts(sd, weights_path)
+    if kind == fmt.HF_QWEN2_MOE:
+        sd = from_qwen2_moe(config, sd, weights_path)
     # names and shapes against a meta-device MiniMindLM (MiniMindForCausalLM's keys), so an error names both files
     problem = explain_mismatch(normalize_state_dict(sd, config), build_on_meta(MiniMindLM, config), hint=False)
     if problem:
@@ -135,7 +138,7 @@ def _hf_config(raw: dict, sd: dict, kind: str, cfg_path: Path) -> MiniMindConfig
         raise CheckpointError(cfg_path, f"sliding-window attention is active (sliding_window={hf.sliding_window} on "
                               f"{layer_types.count('sliding_attention')} layer(s)); only full attention is "
                               "supported. Set use_sliding_window=false if the model was not trained with it.")
-    if kind == fmt.HF_QWEN3_MOE:
+    if kind in (fmt.HF_QWEN3_MOE, fmt.HF_QWEN2_MOE):
         step, dense_only = getattr(hf, "decoder_sparse_step", 1) or 1, getattr(hf, "mlp_only_layers", None) or []
         dense = [i for i in range(hf.num_hidden_layers) if i in dense_only or (i + 1) % step]
         if dense:
@@ -144,7 +147,43 @@ def _hf_config(raw: dict, sd: dict, kind: str, cfg_path: Path) -> MiniMindConfig
                                   "layer must be MoE.")
         cfg.update(use_moe=True, num_experts=hf.num_experts, num_experts_per_tok=hf.num_experts_per_tok,
                    moe_intermediate_size=hf.moe_intermediate_size, norm_topk_prob=hf.norm_topk_prob)
-    return llama_or_qwen3_config(cfg_path, qwen3=kind != fmt.HF_LLAMA, **cfg)
+    if kind == fmt.HF_QWEN2_MOE:
+        cfg.update(_qwen2_moe_fields(hf, cfg_path))
+    return llama_or_qwen3_config(cfg_path, qwen3=kind not in (fmt.HF_LLAMA, fmt.HF_QWEN2_MOE), **cfg)
+
+
+def _qwen2_moe_fields(hf, cfg_path: Path) -> dict:
+    """MiniMind2 MoE fields of a Qwen2-MoE config: its one shared expert of width S is n = S / intermediate_size
+    MiniMind shared experts (one wider SwiGLU computes the sum of its row blocks)."""
+    shared = hf.shared_expert_intermediate_size
+    if not shared:
+        raise CheckpointError(cfg_path, "Qwen2-MoE without a shared expert is not supported")
+    if hf.norm_topk_prob and hf.num_experts_per_tok == 1:  # MiniMind2 keeps the softmax weight of a top-1 expert
+        raise CheckpointError(cfg_path, "norm_topk_prob with one expert per token is not supported for Qwen2-MoE")
+    n = shared // hf.intermediate_size if shared % hf.intermediate_size == 0 else 1
+    return {"intermediate_size": shared // n, "n_shared_experts": n}
+
+
+def from_qwen2_moe(config: MiniMindConfig, sd: dict[str, torch.Tensor], source: Path) -> dict[str, torch.Tensor]:
+    """The inverse of `convert --arch qwen2_moe`: Qwen2-MoE scales its shared expert by sigmoid(gate(x)), which is
+    MiniMind2's ungated one only for a zero gate (0.5: the down_proj is halved, exactly); q/k/v biases must be 0."""
+    out = {k: v for k, v in sd.items() if not k.endswith(("_proj.bias", "shared_expert_gate.weight"))
+           and ".mlp.shared_expert." not in k}
+    nonzero = [k for k, v in sd.items() if k.endswith(("_proj.bias", "shared_expert_gate.weight")) and v.any()]
+    if nonzero:
+        raise CheckpointError(source, f"`{nonzero[0]}` is not zero: only Qwen2-MoE models with zero q/k/v biases "
+                              "and a zero shared-expert gate (as `minimind convert --arch qwen2_moe` writes) are "
+                              "supported")
+    n, size = config.n_shared_experts, config.intermediate_size
+    for i in range(config.num_hidden_layers):
+        p = f"model.layers.{i}.mlp."
+        for proj, dim in (("gate_proj", 0), ("up_proj", 0), ("down_proj", 1)):
+            whole = sd.get(f"{p}shared_expert.{proj}.weight")
+            if whole is None or whole.shape[dim] != n * size:
+                raise CheckpointError(source, f"`{p}shared_expert.{proj}.weight` is missing or not {n * size} wide")
+            for j, part in enumerate(whole.split(size, dim=dim)):
+                out[f"{p}shared_experts.{j}.{proj}.weight"] = part / 2 if proj == "down_proj" else part
+    return out
 
 
 def llama_or_qwen3_config(source: Path, qwen3: bool, **fields) -> MiniMindConfig:
@@ -152,7 +191,7 @@ def llama_or_qwen3_config(source: Path, qwen3: bool, **fields) -> MiniMindConfig
     multiply as in Llama, Qwen3 adds per-head q/k norm, and MoE layers have no shared expert."""
     fields.update(family="minimind3" if qwen3 else "minimind2", qk_norm=qwen3, rms_norm_fp32_weight=False)
     if fields.get("use_moe"):
-        fields["n_shared_experts"] = 0
+        fields.setdefault("n_shared_experts", 0)
     try:
         return MiniMindConfig(**fields)
     except (ValueError, TypeError) as exc:

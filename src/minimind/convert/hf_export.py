@@ -10,6 +10,8 @@ from pathlib import Path
 import torch
 
 from ..checkpoint.int8 import QUANT_METHOD, quantize_state_dict
+from ..checkpoint.lora import lora_layers
+from ..checkpoint.spec import NO_LORA, ModelSpec
 from ..config import MiniMindConfig
 from .output import atomic_output, dtype_name, progress, write_metadata
 from .source import ConvertError, export_dtype, load_source
@@ -121,7 +123,7 @@ def merge_shared_experts(config: MiniMindConfig, sd: dict) -> dict:
 def export_hf(src, out_dir, *, dtype=None, arch: str | None = None, tokenizer=None, lora=None,
               force: bool = False, show_progress: bool = True) -> Path:
     """config.json, generation_config.json, model.safetensors and the tokenizer files; dtype None/"auto" keeps
-    the source's storage dtype, "int8" writes the int8 format."""
+    the source's storage dtype (float32 when a LoRA is merged), "int8" writes the int8 format."""
     from safetensors.torch import save_file
 
     source = load_source(src, tokenizer=tokenizer, lora=lora)
@@ -130,7 +132,7 @@ def export_hf(src, out_dir, *, dtype=None, arch: str | None = None, tokenizer=No
     config = source.config
     arch = arch or choose_arch(config)
     _check_arch(config, arch)
-    torch_dtype = export_dtype(dtype, source.dtype)
+    torch_dtype = export_dtype(dtype, torch.float32 if merges_lora(src, lora) else source.dtype)
     config_json = hf_config_dict(config, arch, torch_dtype)
     sd = _qwen2_moe_weights(config, source.state_dict) if arch == "qwen2_moe" else source.state_dict
     if source.tokenizer is None:
@@ -145,6 +147,15 @@ def export_hf(src, out_dir, *, dtype=None, arch: str | None = None, tokenizer=No
         if arch == "minimind":
             (tmp / "README.md").write_text(_MINIMIND_README.format(era=config.era))
     return Path(out_dir)
+
+
+def merges_lora(src, lora) -> bool:
+    """Whether an export folds a LoRA into the weights (`lora` also names the one a loaded Source has merged).
+    W + BA is then written in float32 unless a dtype is asked for: rounded to the base's fp16 it moves the logits
+    by about 1e-3 (the adapter's delta is small beside W)."""
+    if isinstance(src, ModelSpec):
+        lora = src.lora_weight
+    return lora not in NO_LORA or (isinstance(src, torch.nn.Module) and bool(lora_layers(src)))
 
 
 def quantize_int8(src, out_dir, *, tokenizer=None, lora=None, force: bool = False,

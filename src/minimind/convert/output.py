@@ -31,6 +31,7 @@ def atomic_output(dst: Path, force: bool = False, *, folder: bool = False):
     tmp, old = (work if folder else work / dst.name), work.with_suffix(".old")
     try:
         yield tmp
+        make_readable(tmp)
         if dst.exists():  # os.replace cannot put a file over a folder or a folder over anything
             os.replace(dst, old)
         os.replace(tmp, dst)
@@ -40,6 +41,17 @@ def atomic_output(dst: Path, force: bool = False, *, folder: bool = False):
                 shutil.rmtree(leftover, ignore_errors=True)
             else:
                 leftover.unlink(missing_ok=True)
+
+
+def make_readable(path: Path) -> None:
+    """Folders 0755 and files 0644, minus the umask: mkdtemp creates 0700 and some writers 0600, and an export is
+    often read by another user (a server container)."""
+    mask = os.umask(0o022)  # reading the umask means setting it: restored at once
+    os.umask(mask)
+    path = Path(path)
+    for p in (path, *path.rglob("*")) if path.is_dir() else (path,):
+        if not p.is_symlink():
+            p.chmod((0o755 if p.is_dir() else 0o644) & ~mask)
 
 
 @contextlib.contextmanager

@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse
 
 from ..text.reply import parse_reply
 from ..text.template import render_prompt
+from . import ollama
 from . import protocol as p
 from .completions import create_chat_completion, create_completion, prepare_chat
 from .context import ServingContext, final_outputs, message_dicts, open_thinking_of, submit
@@ -160,6 +161,7 @@ def create_app(engine, *, served_model_name: str | None = None, api_key: str | N
         _, content, _ = parse_reply(final.outputs[0].text, parse_tools=False)
         return p.SimpleChatResponse(response=content)
 
+    ollama.add_routes(app, ctx)
     return app
 
 

@@ -1,0 +1,121 @@
+"""What the Ollama API says about the served models: their Ollama names (`id:latest`), and the /api/tags,
+/api/ps and /api/show entries built from each engine and its config."""
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import datetime, timedelta, timezone
+
+from . import ollama_protocol as op
+from .context import ServingContext
+from .errors import APIError
+
+
+def listed_name(model_id: str) -> str:
+    """Ollama names carry a tag; an id without one is listed as `id:latest`."""
+    return model_id if ":" in model_id else f"{model_id}:latest"
+
+
+def resolve(ctx: ServingContext, name: str | None):
+    """(served id, engine) of an Ollama model name: case-insensitive, `x` = `x:latest`, the default registry's
+    `registry.ollama.ai/library/` prefix optional. Unknown: Ollama's 404."""
+    if not name:
+        raise APIError(400, "model is required", param="model")
+    want = name.lower().removeprefix("registry.ollama.ai/").removeprefix("library/")
+    for model_id, engine in ctx.engines.items():
+        if want in (model_id.lower(), listed_name(model_id).lower()):
+            return model_id, engine
+    raise APIError(404, f"model '{name}' not found", param="model")
+
+
+def thinks(template: str) -> bool:
+    return "<think>" in template
+
+
+def parameter_count(c) -> int:
+    """Parameters of a MiniMind / Llama / Qwen3-shaped decoder, from its config (the engine may have released or
+    repacked the weights)."""
+    h, d = c.hidden_size, c.head_dim
+    attn = h * d * 2 * (c.num_attention_heads + c.num_key_value_heads) + (2 * d if c.qk_norm else 0)
+    ffn = 3 * h * c.intermediate_size
+    if c.use_moe:
+        ffn = h * c.num_experts + 3 * h * (c.num_experts * c.moe_intermediate_size
+                                           + c.n_shared_experts * c.intermediate_size)
+    embed = c.vocab_size * h * (1 if c.tie_word_embeddings else 2)
+    return embed + c.num_hidden_layers * (attn + ffn + 2 * h) + h
+
+
+def human(n: int) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f}{unit}"
+    return str(n)
+
+
+def quantization_level(llm) -> str:
+    if llm.quantization:
+        return {"int8": "INT8", "dynamic": "INT8_DYNAMIC"}.get(llm.quantization, llm.quantization.upper())
+    name = str(llm.dtype).removeprefix("torch.")
+    return {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}.get(name, name.upper())
+
+
+def capabilities(engine) -> list[str]:
+    template = getattr(engine.tokenizer, "chat_template", None) or ""
+    return ["completion"] + ["tools"] * ("tools" in template) + ["thinking"] * thinks(template)
+
+
+class Catalog:
+    """/api/tags, /api/ps and /api/show entries of the served models, from their engines and configs."""
+
+    def __init__(self, ctx: ServingContext):
+        self.ctx = ctx
+        self.since = datetime.now(timezone.utc)
+
+    def details(self, engine) -> dict:
+        c, llm = engine.llm.config, engine.llm
+        return {"parent_model": "", "format": "pytorch", "family": c.family, "families": [c.family],
+                "parameter_size": human(parameter_count(c)), "quantization_level": quantization_level(llm)}
+
+    def entry(self, model_id: str, engine) -> dict:
+        llm = engine.llm
+        config = json.dumps(llm.config.to_dict(), sort_keys=True, default=str)
+        per_weight = 1 if llm.quantization else llm.dtype.itemsize
+        return {"name": listed_name(model_id), "model": listed_name(model_id),
+                "modified_at": self.since.isoformat().replace("+00:00", "Z"),
+                "size": parameter_count(llm.config) * per_weight,
+                "digest": hashlib.sha256(f"{model_id}\n{config}".encode()).hexdigest(), "details": self.details(engine)}
+
+    def tags(self) -> dict:
+        return {"models": [self.entry(i, e) for i, e in self.ctx.engines.items()]}
+
+    def ps(self) -> dict:
+        forever = (self.since + timedelta(days=365 * 200)).isoformat().replace("+00:00", "Z")  # never unloaded
+        models = []
+        for model_id, e in self.ctx.engines.items():
+            entry = self.entry(model_id, e)  # in memory: the weights and the KV cache, all in RAM
+            models.append({**entry, "size": entry["size"] + e.llm.kv.nbytes, "expires_at": forever, "size_vram": 0,
+                           "context_length": e.max_model_len})
+        return {"models": models}
+
+    def show(self, req: op.ShowRequest) -> dict:
+        model_id, engine = resolve(self.ctx, req.model or req.name)
+        c, d = engine.llm.config, engine.llm.sampling_defaults
+        template = getattr(engine.tokenizer, "chat_template", None) or ""
+        params = {"temperature": d.temperature, "top_p": d.top_p, "top_k": d.top_k, "min_p": d.min_p,
+                  "repeat_penalty": d.repetition_penalty, "num_ctx": engine.max_model_len}
+        modelfile = (f"# Modelfile generated by minimind serve\nFROM {model_id}\nTEMPLATE \"\"\"{template}\"\"\"\n"
+                     + "".join(f"PARAMETER {k} {v}\n" for k, v in params.items()))
+        arch = c.family
+        info = {"general.architecture": arch, "general.basename": model_id,
+                "general.parameter_count": parameter_count(c), f"{arch}.context_length": engine.max_model_len,
+                f"{arch}.embedding_length": c.hidden_size, f"{arch}.block_count": c.num_hidden_layers,
+                f"{arch}.attention.head_count": c.num_attention_heads,
+                f"{arch}.attention.head_count_kv": c.num_key_value_heads,
+                f"{arch}.feed_forward_length": c.intermediate_size, f"{arch}.vocab_size": c.vocab_size}
+        if c.use_moe:
+            info.update({f"{arch}.expert_count": c.num_experts, f"{arch}.expert_used_count": c.num_experts_per_tok})
+        return {"modelfile": modelfile, "parameters": "\n".join(f"{k:<30} {v}" for k, v in params.items()),
+                "template": template, "details": self.details(engine), "model_info": info,
+                "capabilities": capabilities(engine), "modified_at": self.entry(model_id, engine)["modified_at"]}
+
+

@@ -17,6 +17,12 @@ def sse(obj) -> bytes:
     return b"data: " + orjson.dumps(obj) + b"\n\n"
 
 
+def named_sse(obj: dict) -> bytes:
+    """One server-sent event named after its `type` (`event: T` then `data: {...}`), the framing of the Responses
+    and Anthropic Messages streams."""
+    return b"event: " + obj["type"].encode() + b"\ndata: " + orjson.dumps(obj) + b"\n\n"
+
+
 def usage(prompt_tokens: int, completion_tokens: int, cached: int = 0) -> dict:
     u = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
          "total_tokens": prompt_tokens + completion_tokens}

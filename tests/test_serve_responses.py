@@ -173,6 +173,23 @@ def test_reasoning_items(client, server, tokenizer):
     assert [i.type for i in events[-1].response.output] == ["reasoning", "message"]
 
 
+def test_logprobs_when_included(client):
+    kwargs = {"model": "tiny", "input": "你好", "max_output_tokens": 6, "temperature": 0, "top_logprobs": 2,
+              "include": ["message.output_text.logprobs"]}
+    r = client.responses.create(**kwargs)
+    part = r.output[0].content[0]
+    assert len(part.logprobs) == r.usage.output_tokens == 6
+    assert "".join(lp.token for lp in part.logprobs) == part.text
+    # greedy: each chosen token is the most likely one
+    assert all(len(lp.top_logprobs) == 2 and lp.top_logprobs[0].logprob == pytest.approx(lp.logprob)
+               for lp in part.logprobs)
+    events = list(client.responses.create(**kwargs, stream=True))
+    streamed = [lp for e in events if e.type == "response.output_text.delta" for lp in e.logprobs]
+    assert [lp.token for lp in streamed] == [lp.token for lp in part.logprobs]
+    assert [lp.logprob for lp in streamed] == pytest.approx([lp.logprob for lp in part.logprobs], abs=1e-4)
+    assert client.responses.create(**{**kwargs, "include": None}).output[0].content[0].logprobs == []
+
+
 def test_bad_requests_answer_in_openai_shape(client):
     with pytest.raises(openai.BadRequestError) as err:
         client.responses.create(model="tiny", input="x", temperature=3)

@@ -128,6 +128,16 @@ def test_thinking_blocks(client, server):
     assert thinking == "weigh it" and final.content[1].text == "Paris"
 
 
+def test_thinking_config_turns_thinking_on_and_off(client, server):
+    from minimind.text.template import render_prompt
+
+    tok = server["tokenizer"]
+    for kind, on in (("enabled", True), ("disabled", False)):
+        thinking = {"type": kind, "budget_tokens": 1024} if on else {"type": kind}
+        counted = client.messages.count_tokens(model="tiny", messages=MSG, thinking=thinking).input_tokens
+        assert counted == len(tok.encode(render_prompt(tok, MSG, open_thinking=on), add_special_tokens=False))
+
+
 def test_errors_in_anthropic_shape(client, server):
     with pytest.raises(anthropic.BadRequestError) as err:
         client.messages.create(model="tiny", messages=MSG, max_tokens=8, extra_body={"temperature": 5})

@@ -45,10 +45,10 @@ def client(server):
     return openai.OpenAI(base_url=server["url"] + "/v1", api_key="unused", max_retries=0, timeout=60)
 
 
-def prompt_tokens(tokenizer, messages, tools=None) -> int:
+def prompt_tokens(tokenizer, messages, tools=None, open_thinking=None) -> int:
     from minimind.text.template import render_prompt
 
-    text = render_prompt(tokenizer, messages, tools=tools, open_thinking=None)
+    text = render_prompt(tokenizer, messages, tools=tools, open_thinking=open_thinking)
     return len(tokenizer.encode(text, add_special_tokens=False))
 
 
@@ -171,6 +171,15 @@ def test_reasoning_items(client, server, tokenizer):
     assert "".join(e.delta for e in events if e.type == "response.reasoning_text.delta") == "weigh it"
     assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == "Paris"
     assert [i.type for i in events[-1].response.output] == ["reasoning", "message"]
+
+
+def test_reasoning_effort_turns_thinking_on_and_off(client, tokenizer):
+    msg = [{"role": "user", "content": "hi"}]
+    counts = {effort: client.responses.input_tokens.count(model="tiny", input="hi", reasoning={"effort": effort})
+              .input_tokens for effort in ("none", "high")}
+    assert counts == {"none": prompt_tokens(tokenizer, msg, open_thinking=False),
+                      "high": prompt_tokens(tokenizer, msg, open_thinking=True)}
+    assert counts["none"] != counts["high"]
 
 
 def test_logprobs_when_included(client):

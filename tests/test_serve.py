@@ -168,7 +168,7 @@ def test_completions_n_echo_and_stream(client):
     r = client.completions.create(model="tiny", prompt="hello", max_tokens=6, n=2, seed=3, temperature=1.0,
                                   logprobs=2, echo=True)
     assert [c.index for c in r.choices] == [0, 1] and all(c.text.startswith("hello") for c in r.choices)
-    assert r.usage.completion_tokens == sum(len(c.logprobs.tokens) for c in r.choices)
+    assert r.usage.completion_tokens == sum(len(c.logprobs.tokens) - r.usage.prompt_tokens for c in r.choices)
     parts = {0: "", 1: ""}
     for chunk in client.completions.create(model="tiny", prompt=["a", "b"], max_tokens=5, temperature=0, stream=True):
         for c in chunk.choices:

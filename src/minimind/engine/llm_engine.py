@@ -20,7 +20,7 @@ from .quant import native_bf16
 from .request import Request, RequestStream
 from .sampling import SamplingParams, new_seed
 from .scheduler import Scheduler
-from .sequence import RequestOutput, Sequence, Status, TokenLogprob, TopLogprob
+from .sequence import RequestOutput, Sequence, Status, TokenLogprob, TopLogprob, eos_token_ids
 
 log = logging.getLogger("minimind")
 
@@ -112,7 +112,7 @@ class LLM:
         self.scheduler = Scheduler(SlotManager(max_num_seqs, enable_prefix_caching), self.kv, max_num_batched_tokens)
         # oneDNN's bf16 GEMV streams weights at half the speed of the plain kernel: turn it off for decode steps.
         self.decode_mkldnn = decode_mkldnn if decode_mkldnn is not None else act_dtype != torch.bfloat16
-        self.eos_token_ids = _eos_ids(cfg, tokenizer)
+        self.eos_token_ids = eos_token_ids(cfg, tokenizer)
         if stream_interval < 1:
             raise ValueError(f"stream_interval must be >= 1 (tokens per streamed output), got {stream_interval}")
         self.stream_interval = stream_interval
@@ -171,7 +171,7 @@ class LLM:
         ids = self.encode(prompt)
         if not ids:
             raise ValueError("empty prompt")
-        if len(ids) >= self.max_model_len:
+        if len(ids) + (params.max_tokens != 0) > self.max_model_len:  # max_tokens=0 may fill the context
             raise ValueError(f"prompt has {len(ids)} tokens; max_model_len is {self.max_model_len}")
         vocab = self.config.vocab_size
         for field, tokens in (("prompt", ids), ("stop_token_ids", params.stop_token_ids or ()),
@@ -219,6 +219,8 @@ class LLM:
             for seq, tokens in results:
                 req = self._requests[seq.request_id]
                 req.metrics.setdefault("first_token", now)
+                if not tokens:  # max_tokens=0: its prompt is computed
+                    seq.finish_prompt_only()
                 for token, logprob in tokens:
                     if seq.is_finished:
                         break
@@ -231,7 +233,8 @@ class LLM:
         return self._emit(touched)
 
     def _run(self, batch):
-        """One forward + sample; -> [(seq, [(token, TokenLogprob | None)])]."""
+        """One forward + sample; -> [(seq, [(token, TokenLogprob | None)])], no tokens for a max_tokens=0 prompt
+        that was completed."""
         inputs, seqs = self.runner.prepare(batch)
         for chunk in batch.prefill:
             chunk.seq.num_computed += chunk.length
@@ -245,12 +248,14 @@ class LLM:
             logits = self.runner.forward(inputs)
         finally:
             torch.backends.mkldnn.enabled = previous
+        if inputs.scored or inputs.pooled:
+            logits = self.runner.hand_out_prompt_rows(inputs, logits, len(seqs))
+        results = [(c.seq, []) for c in batch.prefill if c.ends_prompt and c.seq.params.max_tokens == 0]
         if not seqs:
-            return []
+            return results
         tokens, chosen, top_ids, top_lp = (None if t is None else t.tolist() for t in self.runner.sample(logits, seqs))
         if chosen is None:
-            return [(seq, [(token, None)]) for seq, token in zip(seqs, tokens)]
-        results = []
+            return results + [(seq, [(token, None)]) for seq, token in zip(seqs, tokens)]
         for i, (seq, token) in enumerate(zip(seqs, tokens)):
             k, logprob = seq.params.logprobs, None
             if k is not None:
@@ -387,11 +392,3 @@ class LLM:
     def __exit__(self, *exc):
         self.shutdown()
 
-
-def _eos_ids(cfg, tokenizer) -> set[int]:
-    eos = cfg.eos_token_id
-    ids = set(eos if isinstance(eos, (list, tuple)) else [eos])
-    if tokenizer is not None:
-        ids.add(tokenizer.eos_token_id)
-    ids.discard(None)
-    return ids

@@ -27,7 +27,11 @@ class StepInputs:
     positions: torch.Tensor  # [N] position of each row's token
     slots: torch.Tensor  # [N] KV slot of each row
     num_decode: int
-    sample_rows: torch.Tensor | None = None  # [R] rows whose logits are sampled (None: every row, in order)
+    # [R] rows whose logits are sampled (None: every row, in order), then the rows of `scored` and of `pooled`
+    sample_rows: torch.Tensor | None = None
+    scored: list = field(default_factory=list)  # (seq, first prompt position scored, n rows): prompt logprobs
+    pooled: list = field(default_factory=list)  # (seq, n rows): final-norm hidden states, no logits
+    hidden: torch.Tensor | None = None  # set by forward(): [sum of pooled n, H] fp32
     # torch path only (a decode-only step on the fused kernel needs none of these)
     cos: torch.Tensor | None = None  # [N, 1, D] fp32
     sin: torch.Tensor | None = None
@@ -160,7 +164,7 @@ class ModelRunner:
         else:
             sampled = list(decode)
         sample_rows = list(range(len(decode)))
-        chunks = []
+        chunks, scored, pooled = [], [], []
         adapter_rows: dict[int, list[int]] = {}
         for i, s in enumerate(decode):
             if s.lora >= 0:
@@ -181,6 +185,14 @@ class ModelRunner:
             for r in c.sample_rows:
                 sample_rows.append(row0 + r)
                 sampled.append(c.seq)
+            if c.tokens is None and c.seq.whole_prompt:  # row r's logits score the prompt token at start + r + 1
+                n = min(c.length, len(c.seq.prompt_token_ids) - 1 - c.start)
+                if c.seq.prompt_logprobs is not None and n > 0:
+                    scored.append((c.seq, c.start + 1, range(row0, row0 + n)))
+                if c.seq.embed:
+                    pooled.append((c.seq, range(row0, row0 + c.length)))
+        for _, *_, rows in scored + pooled:
+            sample_rows += rows
         pos_t, slots_t = torch.tensor(pos), torch.tensor(slots)
         nd = len(decode)
         decode_slots, decode_len, decode_mask = slice(0, 0), 0, None
@@ -200,7 +212,8 @@ class ModelRunner:
             write_idx=self.kv.write_index(slots_t, pos_t), num_decode=nd, decode_slots=decode_slots,
             decode_len=decode_len, decode_mask=decode_mask, chunks=chunks,
             sample_rows=torch.tensor(sample_rows, dtype=torch.long), positions=pos_t, slots=slots_t,
-            lora_groups=[(a, torch.tensor(rows)) for a, rows in adapter_rows.items()], fused_decode=fused)
+            lora_groups=[(a, torch.tensor(rows)) for a, rows in adapter_rows.items()], fused_decode=fused,
+            scored=[(seq, pos0, len(rows)) for seq, pos0, rows in scored], pooled=[(seq, len(r)) for seq, r in pooled])
         return inputs, sampled
 
     # ---------------------------------------------------------------- forward
@@ -235,6 +248,11 @@ class ModelRunner:
             extra = (lambda name, y, x, i=layer_idx: self.lora.apply(y, x, i, name, groups)) if groups else None
             h = h + _ffn(lw, lw.ln2(h), extra)
         h = self.norm(h[inp.sample_rows])
+        if inp.pooled:  # their rows come last and need no logits
+            split = h.shape[0] - sum(n for _, n in inp.pooled)
+            h, inp.hidden = h[:split], h[split:].float()
+            if not split:
+                return torch.empty(0, self.vocab_size)
         return self.lm_head(h).float()
 
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
@@ -293,6 +311,20 @@ class ModelRunner:
                                                scale=self.scale, enable_gqa=self.gqa)
             out[row0:row0 + length] = o[0].transpose(0, 1).reshape(length, hq * d)
         return out
+
+    @staticmethod
+    def hand_out_prompt_rows(inp: StepInputs, logits: torch.Tensor, num_sampled: int) -> torch.Tensor:
+        """Give the scored rows' logits and the pooled hidden states of a forward to their sequences; -> the
+        logits of the sampled rows."""
+        at = num_sampled
+        for seq, pos0, n in inp.scored:
+            seq.add_prompt_logprobs(logits[at:at + n], pos0)
+            at += n
+        at = 0
+        for seq, n in inp.pooled:
+            seq.add_hidden(inp.hidden[at:at + n])
+            at += n
+        return logits[:num_sampled]
 
     # ---------------------------------------------------------------- sampling
     def sample(self, logits: torch.Tensor, seqs: list):

@@ -32,8 +32,10 @@ class Request:
         return False
 
     def output(self) -> RequestOutput:
+        first = self.seqs[0]  # prompt logprobs: complete once the prompt is computed, never changed after
         return RequestOutput(self.request_id, self.prompt_token_ids, [s.output() for s in self.seqs], self.finished,
-                             self.seqs[0].num_cached, dict(self.metrics))
+                             first.num_cached, dict(self.metrics),
+                             None if first.in_prefill else first.prompt_logprobs, first.embedding)
 
 
 class RequestStream:

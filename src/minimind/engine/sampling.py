@@ -34,6 +34,12 @@ class SamplingParams:
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
     logprobs: int | None = None  # None = off; k >= 0: sampled token's logprob plus the k most likely
+    # None = off; k >= 0: each prompt token's logprob (the first has none) plus the k most likely at its position.
+    # Such a request computes its whole prompt (no prefix-cache hit): every position's logits are needed.
+    prompt_logprobs: int | None = None
+    # the mean of the prompt's last-layer hidden states (after the final norm), as RequestOutput.embedding;
+    # needs max_tokens=0. Computes the whole prompt, like prompt_logprobs.
+    embed: bool = False
     skip_special_tokens: bool = True
     # callables (output token ids so far, logits [V] fp32) -> logits [V], applied to each row before sampling,
     # in order (constrained decoding, custom bans). One with a `clone()` method is cloned for every sequence of
@@ -43,12 +49,15 @@ class SamplingParams:
 
     def __post_init__(self):
         for name, ok, rule in (("n", self.n >= 1, ">= 1"),
-                               ("max_tokens", self.max_tokens is None or self.max_tokens >= 1, ">= 1"),
+                               # 0: prefill only (prompt logprobs, embedding), finishing with "length"
+                               ("max_tokens", self.max_tokens is None or self.max_tokens >= 0, ">= 0"),
                                ("temperature", self.temperature >= 0, ">= 0"),
                                ("top_p", 0 < self.top_p <= 1, "in (0, 1]"),
                                ("min_p", 0 <= self.min_p <= 1, "in [0, 1]"),
                                ("repetition_penalty", self.repetition_penalty > 0, "> 0"),
-                               ("logprobs", self.logprobs is None or self.logprobs >= 0, ">= 0")):
+                               ("logprobs", self.logprobs is None or self.logprobs >= 0, ">= 0"),
+                               ("prompt_logprobs", self.prompt_logprobs is None or self.prompt_logprobs >= 0, ">= 0"),
+                               ("max_tokens", not self.embed or self.max_tokens == 0, "0 with embed")):
             if not ok:
                 raise ValueError(f"{name} must be {rule}, got {getattr(self, name)}")
         # any k at or above the vocabulary keeps every token; clamped so a huge k still fits the int64 batch tensor

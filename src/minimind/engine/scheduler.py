@@ -28,12 +28,16 @@ class Chunk:
         return self.seq.prompt_token_ids[self.start:self.start + self.length]
 
     @property
+    def ends_prompt(self) -> bool:
+        return self.start + self.length == len(self.seq.prompt_token_ids)
+
+    @property
     def sample_rows(self) -> range:
         if self.logits == "all":
             return range(self.length)
-        if self.logits == "last" or self.start + self.length == len(self.seq.prompt_token_ids):
+        if self.logits == "last" or (self.ends_prompt and self.seq.params.max_tokens != 0):
             return range(self.length - 1, self.length)
-        return range(0)
+        return range(0)  # mid-prompt, or max_tokens=0 (nothing is sampled)
 
 
 @dataclass
@@ -75,6 +79,8 @@ class Scheduler:
 
     def _admit(self, seq: Sequence) -> None:
         slot, cached, source = self.slots.allocate(seq)
+        if seq.whole_prompt:  # its logits or hidden states at every position are needed: no prefix-cache hit
+            cached, source = 0, None
         if source is not None:
             self.kv.copy_prefix(source, slot, cached)
         seq.slot, seq.num_computed, seq.num_cached = slot, cached, cached

@@ -8,6 +8,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+import torch
+
 from ..text.detok import IncrementalDetokenizer
 from .sampling import SamplingParams
 
@@ -55,6 +57,18 @@ class RequestOutput:
     finished: bool
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     metrics: dict = field(default_factory=dict)  # arrival / first_token / finished times (perf_counter)
+    # SamplingParams.prompt_logprobs: one entry per prompt token (the first None), once the prompt is computed
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    embedding: list[float] | None = None  # SamplingParams.embed: set in the final output
+
+
+def eos_token_ids(cfg, tokenizer) -> set[int]:
+    eos = cfg.eos_token_id
+    ids = set(eos if isinstance(eos, (list, tuple)) else [eos])
+    if tokenizer is not None:
+        ids.add(tokenizer.eos_token_id)
+    ids.discard(None)
+    return ids
 
 
 class Sequence:
@@ -76,6 +90,12 @@ class Sequence:
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
         self.logprobs: list[TokenLogprob] | None = [] if params.logprobs is not None else None
+        # prompt logprobs and the embedding are the request's, computed by its first sequence only
+        self.prompt_logprobs: list[TokenLogprob | None] | None = None
+        if params.prompt_logprobs is not None and index == 0:
+            self.prompt_logprobs = [None]  # the first token has no logprob: nothing comes before it
+        self.embed = params.embed and index == 0
+        self.hidden_sum: torch.Tensor | None = None  # embed: [H] fp32 sum of the positions computed so far
         self.logits_processors = [p.clone() if hasattr(p, "clone") else p for p in params.logits_processors or ()]
         self.stop_ids = set(params.stop_token_ids or ()) | (set() if params.ignore_eos else eos_token_ids)
         self.text = ""
@@ -100,6 +120,33 @@ class Sequence:
     @property
     def is_finished(self) -> bool:
         return self.status == Status.FINISHED
+
+    @property
+    def whole_prompt(self) -> bool:
+        """Every prompt position must be computed here (no prefix-cache hit): its logits or hidden states are used."""
+        return self.prompt_logprobs is not None or self.embed
+
+    @property
+    def embedding(self) -> list[float] | None:
+        if self.hidden_sum is None or self.in_prefill:
+            return None
+        return (self.hidden_sum / len(self.prompt_token_ids)).tolist()
+
+    # ---------------------------------------------------------------- prompt results (whole_prompt)
+    def add_prompt_logprobs(self, logits: torch.Tensor, pos0: int) -> None:
+        """logits [n, V] fp32 of positions pos0 - 1 ..., which predict the prompt tokens at pos0 ... pos0 + n - 1."""
+        ids = torch.tensor(self.prompt_token_ids[pos0:pos0 + logits.shape[0]])
+        logp = logits.log_softmax(dim=-1)
+        chosen = logp.gather(1, ids[:, None])[:, 0].tolist()
+        k = min(self.params.prompt_logprobs, logp.shape[-1])
+        top_lp, top_ids = logp.topk(k, dim=-1) if k else (logp[:, :0], logp[:, :0])
+        for token, lp, t_ids, t_lps in zip(ids.tolist(), chosen, top_ids.tolist(), top_lp.tolist()):
+            self.prompt_logprobs.append(TokenLogprob(token, lp, [TopLogprob(t, v) for t, v in zip(t_ids, t_lps)]))
+
+    def add_hidden(self, hidden: torch.Tensor) -> None:
+        """hidden [n, H] fp32: the final-norm hidden states of the next n prompt positions."""
+        total = hidden.sum(dim=0)
+        self.hidden_sum = total if self.hidden_sum is None else self.hidden_sum + total
 
     # ---------------------------------------------------------------- postprocess
     def append_token(self, token_id: int, max_len: int) -> None:
@@ -138,6 +185,10 @@ class Sequence:
 
     def abort(self) -> None:
         self._finish("abort")
+
+    def finish_prompt_only(self) -> None:
+        """max_tokens=0: the prompt is computed and nothing is sampled."""
+        self._finish("length")
 
     def output(self, delta: bool = True) -> CompletionOutput:
         """Snapshot; delta fields cover what is new since the previous call (text held back while it could

@@ -19,6 +19,7 @@ from . import context as cx
 from .context import ServingContext
 from .errors import APIError
 from .protocol import ChatCompletionRequest, CompletionRequest, random_id
+from .scoring import choice_logprobs, completion_logprobs, prompt_entries
 from .sse import SSEResponse, StreamRenderer, usage
 
 
@@ -38,22 +39,6 @@ def chat_logprobs(token_text, logprobs, top_n: int) -> dict:
                                           "bytes": list(t.encode("utf-8"))})
         entries.append(entry)
     return {"content": entries}
-
-
-def completion_logprobs(token_text, logprobs, top_n: int, offset0: int = 0) -> dict:
-    tokens, token_lps, tops, offsets = [], [], [], []
-    offset = offset0
-    for lp in logprobs:
-        tok = token_text(lp.token_id)
-        tokens.append(tok)
-        token_lps.append(_finite(lp.logprob))
-        top = {}
-        for t in lp.top[:top_n]:
-            top.setdefault(token_text(t.token_id), _finite(t.logprob))
-        tops.append(top if top_n else None)
-        offsets.append(offset)
-        offset += len(tok)
-    return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
 
 
 def whole_response(response_id: str, obj: str, model_id: str, finals: list[RequestOutput], choices: list):
@@ -164,9 +149,11 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, raw: Re
         ids = cx.completion_prompts(engine.tokenizer, prompts, limit)
     jobs = ctx.requests_for(engine, req, ids, "prompt", req.max_tokens, req.logprobs,
                             "response_format needs constrained decoding (llguidance)")
-    if req.max_tokens is None:  # OpenAI's default of 16, clamped to what the context has left
-        for _, params in jobs:
+    for _, params in jobs:
+        if req.max_tokens is None:  # OpenAI's default of 16, clamped to what the context has left
             params.max_tokens = min(16, params.max_tokens)
+        if req.echo and req.logprobs is not None:  # the echoed prompt's own logprobs first (scoring, lm-eval)
+            params.prompt_logprobs = req.logprobs
     response_id = random_id("cmpl")
     handles = cx.submit(engine, jobs, response_id, req.stream)
     if req.stream:
@@ -176,9 +163,7 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, raw: Re
     for k, final in enumerate(finals):
         prompt_text = engine.tokenizer.decode(final.prompt_token_ids) if req.echo else ""
         for o in final.outputs:
-            lp = None
-            if req.logprobs is not None:
-                lp = completion_logprobs(engine.token_text, o.logprobs or [], req.logprobs, len(prompt_text))
+            lp = choice_logprobs(engine.token_text, req, final, o)
             choices.append({"index": k * req.n + o.index, "text": prompt_text + o.text, "logprobs": lp,
                             "finish_reason": o.finish_reason, "stop_reason": o.stop_reason})
     return whole_response(response_id, "text_completion", model_id, finals, choices)
@@ -189,8 +174,9 @@ def _text_choice(index: int, text: str, logprobs=None) -> dict:
 
 
 class CompletionStream(StreamRenderer):
-    """Echoed prompts first, then a text chunk per output with new text or logprobs, a finish chunk per choice,
-    and the usage chunk when asked for. Several prompts' outputs come interleaved as the engine steps them."""
+    """Echoed prompts first (with logprobs: in each choice's first chunk, once its prompt's logprobs are computed),
+    then a text chunk per output with new text or logprobs, a finish chunk per choice, and the usage chunk when asked
+    for. Several prompts' outputs come interleaved as the engine steps them."""
 
     object = "text_completion"
 
@@ -198,29 +184,35 @@ class CompletionStream(StreamRenderer):
         super().__init__(req, handles, response_id, model_id)
         self.req = req
         self.offsets: dict[int, int] = {}  # choice index -> text_offset of its next token
+        self.echo_logprobs = req.echo and req.logprobs is not None
 
     def head(self) -> list[bytes]:
-        if not self.req.echo:
+        if not self.req.echo or self.echo_logprobs:
             return []
         chunks, n = [], self.req.n
         for k, h in enumerate(self.handles):
             text = h.engine.tokenizer.decode(h.prompt_token_ids)
             for i in range(k * n, k * n + n):
-                self.offsets[i] = len(text)
                 chunks.append(self.chunk(_text_choice(i, text)))
         return chunks
 
     def render(self, k: int, out) -> list[bytes]:
         chunks, req = [], self.req
         for idx, o in self.choices(k, out, req.n):
+            text, entries = o.delta_text, []
+            if req.logprobs is not None and (o.delta_text or o.finished):
+                entries = self.new_logprobs(idx, o) or []
+            if self.echo_logprobs and idx not in self.offsets:  # this choice's first chunk
+                text = self.handles[k].engine.tokenizer.decode(out.prompt_token_ids) + text
+                entries = prompt_entries(out) + entries
             lp = None
-            if req.logprobs is not None and (o.delta_text or o.finished) and (new := self.new_logprobs(idx, o)):
-                lp = completion_logprobs(self.token_text, new, req.logprobs, self.offsets.get(idx, 0))
-            self.offsets[idx] = self.offsets.get(idx, 0) + len(o.delta_text)
-            if o.delta_text and lp is None and not self.continuous:
-                chunks.append(self.text_chunk(idx, o.delta_text, _text_choice))
-            elif o.delta_text or lp:
-                chunks.append(self.chunk(_text_choice(idx, o.delta_text, lp)))
+            if entries:
+                lp, self.offsets[idx] = completion_logprobs(self.token_text, entries, req.logprobs,
+                                                            self.offsets.get(idx, 0))
+            if text and lp is None and not self.continuous:
+                chunks.append(self.text_chunk(idx, text, _text_choice))
+            elif text or lp:
+                chunks.append(self.chunk(_text_choice(idx, text, lp)))
             if o.finished:
                 chunks.append(self.chunk({"index": idx, "text": "", "logprobs": None, "finish_reason": o.finish_reason,
                                           "stop_reason": o.stop_reason}))

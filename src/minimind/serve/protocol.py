@@ -122,8 +122,11 @@ class ChatCompletionRequest(SamplingFields):
 
 class CompletionRequest(SamplingFields):
     prompt: str | list[str] | list[Int] | list[list[Int]]
+    # 0: generate nothing; with echo and logprobs, the prompt's own logprobs alone (scoring)
+    max_tokens: Int | None = Field(default=None, ge=0)
     logprobs: Int | None = Field(default=None, ge=0, le=20)
-    echo: Bool = False
+    echo: Bool = Field(default=False, description="the prompt before the completion; with `logprobs`, the prompt "
+                                                  "tokens' logprobs too (the first token's null)")
     suffix: str | None = None
 
 

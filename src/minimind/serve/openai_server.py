@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse
 
 from ..text.reply import parse_reply
 from ..text.template import render_prompt
-from . import anthropic, ollama, responses
+from . import anthropic, embeddings, ollama, responses, scoring
 from . import protocol as p
 from .completions import create_chat_completion, create_completion, prepare_chat
 from .context import ServingContext, final_outputs, message_dicts, open_thinking_of, submit
@@ -164,6 +164,8 @@ def create_app(engine, *, served_model_name: str | None = None, api_key: str | N
     ollama.add_routes(app, ctx)
     responses.add_routes(app, ctx)
     anthropic.add_routes(app, ctx)
+    scoring.add_routes(app, ctx)
+    embeddings.add_routes(app, ctx)
     return app
 
 

@@ -202,3 +202,96 @@ def test_parse_tool_calls_keeps_invalid_next_to_valid():
     content, calls = parse_tool_calls('<tool_call>{bad}</tool_call>\n<tool_call>{"name": "a"}</tool_call>')
     assert content == "<tool_call>{bad}</tool_call>"
     assert calls == [{"name": "a", "arguments": "{}"}]
+
+
+# ---------------------------------------------------------------- tools in templates that do not render them
+TOOL2 = {"type": "function", "function": {"name": "add", "description": "a + b", "parameters": {
+    "type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}}}}
+TWO_CALLS = [{"role": "user", "content": "北京天气, 1+2"},
+             {"role": "assistant", "content": "我查一下。", "tool_calls": [
+                 {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "北京"}}},
+                 {"type": "function", "function": {"name": "add", "arguments": '{"a": 1, "b": 2}'}}]},
+             {"role": "tool", "content": "晴"}, {"role": "tool", "content": "3"},
+             {"role": "assistant", "content": "晴, 3"}, {"role": "user", "content": "谢谢"}]
+
+
+@pytest.mark.parametrize("messages", [TOOL_TURNS, [{"role": "system", "content": "S"}] + TWO_CALLS, TWO_CALLS, USER],
+                         ids=["one-call", "system-two-calls", "two-calls", "no-history"])
+def test_minimind2_gets_the_2510_tool_prompt(messages):
+    """MiniMind2's template drops tools and tool results; we write them in, and the prompt is the one 2510's own
+    template renders for the same conversation (its think switch left at its default)."""
+    tools = [TOOL, TOOL2]
+    ours = render_prompt(tok(V2), messages, tools=tools, open_thinking=None)
+    assert ours == tok(V2510).apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True)
+
+
+def test_minimind2_history_without_tools_keeps_the_tool_turns():
+    """tool_choice none renders no tool list, but the calls and results already in the history stay."""
+    ours = render_prompt(tok(V2), TOOL_TURNS)
+    assert ours == DEFAULT_SYSTEM + "<|im_start|>user\n北京天气<|im_end|>\n<|im_start|>assistant\n" + CALL + \
+        "<|im_end|>\n" + RESPONSE + "<|im_start|>assistant\n"
+
+
+@cache
+def _smollm():
+    from minimind.checkpoint.default_model import find_default_gguf
+    from minimind.checkpoint.gguf_reader import gguf_tokenizer
+
+    return gguf_tokenizer(find_default_gguf())
+
+
+def smollm():
+    from minimind.errors import CheckpointError
+
+    try:
+        return _smollm()
+    except CheckpointError as exc:
+        pytest.skip(f"no SmolLM2 GGUF: {exc}")
+
+
+def test_smollm2_tools_in_its_authors_format():
+    """SmolLM2's authors put json.dumps(tools) between <tools> tags in the system turn and read back one
+    <tool_call>[...]</tool_call> block; its GGUF template by itself drops the tools (checked first)."""
+    from minimind.text.template import tool_format
+
+    t = smollm()
+    assert "get_weather" not in t.apply_chat_template(TOOL_TURNS[:1], tools=[TOOL], tokenize=False)
+    assert tool_format(t) == "list" and tool_format(tok(V3)) == tool_format(tok(V2)) == "object"
+    tools = [TOOL, TOOL2]
+    text = render_prompt(t, [{"role": "system", "content": "Be brief."}] + TWO_CALLS, tools=tools)
+    system, rest = text.split("<|im_end|>\n", 1)
+    assert system.startswith("<|im_start|>system\nBe brief.\n\n")
+    assert "<tools>" + json.dumps(tools, ensure_ascii=False) + "</tools>" in system
+    assert rest == (
+        "<|im_start|>user\n北京天气, 1+2<|im_end|>\n<|im_start|>assistant\n我查一下。\n<tool_call>["
+        '{"name": "get_weather", "arguments": {"city": "北京"}}, {"name": "add", "arguments": {"a": 1, "b": 2}}'
+        "]</tool_call><|im_end|>\n<|im_start|>user\n<tool_response>\n晴\n</tool_response>\n<tool_response>\n3\n"
+        "</tool_response><|im_end|>\n<|im_start|>assistant\n晴, 3<|im_end|>\n<|im_start|>user\n谢谢<|im_end|>\n"
+        "<|im_start|>assistant\n")
+    plain = render_prompt(t, USER)  # no tools: the template's own default system prompt
+    assert "<tools>" not in plain and "SmolLM" in plain
+
+
+@pytest.mark.parametrize("name", [V2, V3, "smollm2"])
+def test_rendered_calls_parse_back(name):
+    """The calls a template writes into the history are the calls the reply parser reads from a reply."""
+    from minimind.text.template import inline_tools, tool_format
+
+    t = smollm() if name == "smollm2" else tok(name)
+    assistant = inline_tools(TWO_CALLS[1:2], None, tool_format(t))[0]["content"]
+    content, calls = parse_tool_calls(assistant)
+    assert content == "我查一下。"
+    assert [(c["name"], json.loads(c["arguments"])) for c in calls] == [("get_weather", {"city": "北京"}),
+                                                                         ("add", {"a": 1, "b": 2})]
+
+
+@pytest.mark.parametrize("text, names", [
+    ('<tool_call>[{"name": "a", "arguments": {"x": 1}}, {"name": "b"}]</tool_call>', ["a", "b"]),
+    ('<tool_call>[\n{"name": "a", "arguments": {}}\n]</tool_call>\n<tool_call>{"name": "c"}</tool_call>', ["a", "c"]),
+    ("<tool_call>[]</tool_call>", []),
+    ('<tool_call>[{"name": "a"}, "b"]</tool_call>', []),
+])
+def test_parse_tool_call_lists(text, names):
+    content, calls = parse_tool_calls(text)
+    assert [c["name"] for c in calls] == names
+    assert content == ("" if names else text)

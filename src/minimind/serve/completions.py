@@ -15,9 +15,11 @@ from fastapi.responses import JSONResponse
 
 from ..engine import RequestOutput
 from ..text.reply import ReplyParser, collect
+from ..text.template import tool_format
 from . import context as cx
 from .context import ServingContext
 from .errors import APIError
+from .guided import forced_tools
 from .protocol import ChatCompletionRequest, CompletionRequest, random_id
 from .scoring import choice_logprobs, completion_logprobs, prompt_entries
 from .sse import SSEResponse, StreamRenderer, usage
@@ -56,13 +58,30 @@ async def prepare_chat(ctx: ServingContext, req: ChatCompletionRequest):
     if req.top_logprobs and not req.logprobs:
         raise APIError(400, "top_logprobs requires logprobs to be true", param="top_logprobs")
     ctx.check_request(engine, req, 1, "messages")
+    forced = forced_tools(req)
+    if forced is not None and ctx.guided is None:
+        raise APIError(400, "tool_choice required or named needs constrained decoding: install the `serve` extra "
+                            "(llguidance)", param="tool_choice")
     text, ids = await ctx.offload(cx.chat_prompt, engine.tokenizer, req, ctx.prompt_limit(engine))
-    requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-    logprobs = (req.top_logprobs or 0) if req.logprobs else None
-    jobs = ctx.requests_for(engine, req, [ids], "messages", requested, logprobs,
-                            "response_format needs constrained decoding: install the `serve` extra (llguidance)")
     parse = {"started_in_think": text.rstrip(" ").endswith(("<think>", "<think>\n")),
              "parse_tools": bool(req.tools) and req.tool_choice != "none"}
+    grammar = None
+    if parse["parse_tools"] and ctx.guided is not None:  # a bad schema is a 400 whatever the tool_choice
+        schemas = await ctx.offload(ctx.guided.tool_schemas, engine, req.tools)
+        if forced is not None:
+            wanted = {t.function.name: schemas[t.function.name] for t in forced}
+            grammar = await ctx.offload(ctx.guided.tool_grammar, engine, wanted, tool_format(engine.tokenizer),
+                                        req.parallel_tool_calls is not False, parse["started_in_think"])
+    requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    logprobs = (req.top_logprobs or 0) if req.logprobs else None
+    # a forced call has no message content for response_format to shape: the tool grammar takes precedence
+    checked = req if grammar is None else req.model_copy(update={"response_format": None})
+    jobs = ctx.requests_for(engine, checked, [ids], "messages", requested, logprobs,
+                            "response_format needs constrained decoding: install the `serve` extra (llguidance)")
+    if grammar is not None:
+        for _, params in jobs:
+            ctx.guided.add(engine, params, grammar)
+    parse["tools_enforced"] = grammar is not None
     return model_id, engine, jobs, parse
 
 
@@ -80,7 +99,7 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
     top_n = jobs[0][1].logprobs
     choices = []
     for o in finals[0].outputs:
-        p = ReplyParser(**parse)
+        p = ReplyParser(**parse, stream_tool_calls=True)  # arguments as generated, as the stream has them
         reasoning, content, calls = collect(p.feed(o.text) + p.finish())
         message = {"role": "assistant", "content": content if (content or not calls) else None,
                    "reasoning_content": reasoning or None,
@@ -95,15 +114,26 @@ def _choice(index: int, delta: dict, logprobs=None, finish: str | None = None) -
     return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
 
 
+def _add_tool_delta(calls: list, value: dict) -> None:
+    """One entry per call in a chunk: a further piece of the same call's arguments joins the last entry."""
+    if calls and calls[-1]["index"] == value["index"]:
+        last = calls[-1]
+        joined = last["function"]["arguments"] + value["function"]["arguments"]
+        calls[-1] = {**last, "function": {**last["function"], "arguments": joined}}
+    else:
+        calls.append(value)
+
+
 class ChatStream(StreamRenderer):
     """A role chunk per choice, then deltas of content / reasoning_content / tool_calls as the parser splits them
-    out, a finish chunk per choice, and the usage chunk when stream_options asks for it."""
+    out (an enforced call: its id, type and name first, then pieces of its arguments; else each call whole), a
+    finish chunk per choice, and the usage chunk when stream_options asks for it."""
 
     object = "chat.completion.chunk"
 
     def __init__(self, req: ChatCompletionRequest, handles: list, response_id: str, model_id: str, parse: dict):
         super().__init__(req, handles, response_id, model_id)
-        self.parsers = [ReplyParser(**parse) for _ in range(req.n)]
+        self.parsers = [ReplyParser(**parse, stream_tool_calls=True) for _ in range(req.n)]
         self.top_n = (req.top_logprobs or 0) if req.logprobs else None
 
     def head(self) -> list[bytes]:
@@ -121,7 +151,7 @@ class ChatStream(StreamRenderer):
             delta: dict = {}
             for kind, value in events:
                 if kind == "tool_call":
-                    delta.setdefault("tool_calls", []).append(value)
+                    _add_tool_delta(delta.setdefault("tool_calls", []), value)
                 else:
                     key = "reasoning_content" if kind == "reasoning" else "content"
                     delta[key] = delta.get(key, "") + value

@@ -1,19 +1,22 @@
-"""The Ollama API of `minimind serve` against the official `ollama` client: a real server on 127.0.0.1 serving a
-tiny random model with the real minimind-3 tokenizer ("tiny"), one that replays a fixed reply ("scripted": tool
-calls and thinking, which a random model never writes) and one with the minimind2 tokenizer, whose template has
-no thinking ("plain"). Greedy replies are compared with the OpenAI routes and with the model's own tokens."""
+"""The Ollama API of `minimind serve` against the official `ollama` client: a real server on 127.0.0.1 (uvicorn and
+hypercorn) serving a tiny random model with the real minimind-3 tokenizer ("tiny"), one that replays a fixed reply
+("scripted": tool calls and thinking, which a random model never writes) and one with the minimind2 tokenizer,
+whose template has no thinking ("plain"). Greedy replies are compared with the OpenAI routes and with the model's
+own tokens."""
 from __future__ import annotations
 
 import json
+from datetime import datetime, timezone
 
 import httpx
 import pytest
 
-from conftest import serve, tiny_config, tiny_model, tokenizer_dir
+from conftest import ASGI_SERVERS, serve, tiny_config, tiny_model, tokenizer_dir
 from test_serve import script
 
 ollama = pytest.importorskip("ollama")
 pytest.importorskip("fastapi")
+pytest.importorskip("hypercorn")
 
 MSG = [{"role": "user", "content": "你好"}]
 GREEDY = {"temperature": 0, "num_predict": 12}
@@ -28,8 +31,8 @@ def tokenizer():
     return AutoTokenizer.from_pretrained(str(tokenizer_dir("minimind-3")))
 
 
-@pytest.fixture(scope="module")
-def server(tokenizer):
+@pytest.fixture(scope="module", params=ASGI_SERVERS)
+def server(tokenizer, request):
     from transformers import AutoTokenizer
 
     from minimind.engine import LLM
@@ -43,7 +46,7 @@ def server(tokenizer):
     plain_tok = AutoTokenizer.from_pretrained(str(tokenizer_dir("minimind2")))
     plain = LLM(tiny_model("minimind2", vocab_size=6400), tokenizer=plain_tok, max_num_seqs=2, max_model_len=256)
     app = create_app({"tiny": llm, "scripted": scripted, "plain": plain})
-    with serve(app) as url:
+    with serve(app, server=request.param) as url:
         yield {"url": url, "holder": holder}
 
 
@@ -188,7 +191,7 @@ def test_names_and_errors(client, server):
     for name in ("tiny", "tiny:latest", "TINY:Latest"):
         assert client.chat(model=name, messages=MSG, options={"num_predict": 1}).done
     for call in (lambda: client.chat(model="nope", messages=MSG), lambda: client.generate(model="nope:7b", prompt="x"),
-                 lambda: client.show("nope")):
+                 lambda: client.show("nope"), lambda: client.embed(model="nope", input="x")):
         with pytest.raises(ollama.ResponseError) as err:
             call()
         assert err.value.status_code == 404 and err.value.error.startswith("model 'nope")
@@ -248,3 +251,40 @@ def test_open_webui_connection(server):
         assert m["name"] == m["model"] and m["name"].endswith(":latest") and len(m["digest"]) == 64
         assert isinstance(m["size"], int) and m["modified_at"].endswith("Z")
         assert {"format", "family", "families", "parameter_size", "quantization_level"} <= set(m["details"])
+    for m in httpx.get(url + "/api/ps").json()["models"]:  # Open WebUI reads expires_at with fromisoformat
+        assert datetime.fromisoformat(m["expires_at"]) > datetime.now(timezone.utc)
+
+
+def test_embed(client, server, tokenizer):
+    import torch
+
+    texts = ["你好", "the weather in Paris"]
+    r = client.embed(model="tiny", input=texts)
+    reference = httpx.post(server["url"] + "/v1/embeddings", json={"model": "tiny", "input": texts}, timeout=60).json()
+    for got, want in zip(r.embeddings, reference["data"], strict=True):  # batched with others: float noise
+        assert got == pytest.approx(want["embedding"], abs=1e-6)
+    assert r.prompt_eval_count == reference["usage"]["prompt_tokens"]
+    model = tiny_model("minimind3", vocab_size=6400)  # the served weights: mean of the last hidden states, unit length
+    with torch.no_grad():
+        hidden = model.model(input_ids=torch.tensor([tokenizer.encode(texts[1], add_special_tokens=False)]))
+    hidden = getattr(hidden, "last_hidden_state", hidden)[0].mean(0)
+    assert torch.allclose(torch.tensor(r.embeddings[1]), hidden / hidden.norm(), atol=1e-4)
+    assert client.embeddings(model="tiny:latest", prompt=texts[0]).embedding == pytest.approx(r.embeddings[0], abs=1e-6)
+    assert client.embed(model="tiny", input="").embeddings == []
+    with pytest.raises(ollama.ResponseError) as err:
+        client.embed(model="tiny", input="x", dimensions=3)
+    assert err.value.status_code == 400 and "dimensions" in err.value.error
+
+
+def test_the_docs_snippet_runs(server, capsys, tmp_path):
+    """docs/serving.md's Ollama snippet, against this server (its URL and model id swapped in)."""
+    import runpy
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "serving.md").read_text()
+    code = doc.split("## Ollama API", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    assert "http://127.0.0.1:8000" in code and '"full_sft"' in code
+    snippet = tmp_path / "snippet.py"
+    snippet.write_text(code.replace("http://127.0.0.1:8000", server["url"]).replace('"full_sft"', '"tiny"'))
+    runpy.run_path(str(snippet))
+    assert capsys.readouterr().out.strip()

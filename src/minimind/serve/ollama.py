@@ -25,6 +25,7 @@ from . import context as cx
 from . import ollama_protocol as op
 from .completions import chat_logprobs, prepare_chat
 from .context import ServingContext
+from .embeddings import embed
 from .errors import APIError, validation_message
 from .ollama_catalog import Catalog, resolve, thinks
 from .protocol import ChatCompletionRequest, CompletionRequest, random_id
@@ -128,7 +129,7 @@ def tool_call(call: dict) -> dict:
 
 
 def unloads(keep_alive) -> bool:
-    return keep_alive == 0 or (isinstance(keep_alive, str) and re.fullmatch(r"0+(\.0*)?[a-zµ]*", keep_alive))
+    return keep_alive == 0 or bool(isinstance(keep_alive, str) and re.fullmatch(r"0+(\.0*)?[a-zµ]*", keep_alive))
 
 
 def loaded(req, kind: str) -> JSONResponse:
@@ -283,6 +284,23 @@ async def generate(ctx: ServingContext, req: op.GenerateRequest, raw: Request):
     return await respond(ctx, raw, reply, engine, jobs, req.stream)
 
 
+async def embeddings(ctx: ServingContext, req: op.EmbedRequest, raw: Request) -> dict:
+    """/api/embed through serve/embeddings.py: unit-length mean-pooled vectors (Ollama's are unit length too);
+    `dimensions` other than the model's hidden size is a 400, as on /v1/embeddings."""
+    start = time.perf_counter()
+    _, engine = resolve(ctx, req.model)
+    hidden = engine.llm.config.hidden_size
+    if req.dimensions is not None and req.dimensions != hidden:
+        raise APIError(400, f"dimensions: this model's embeddings have {hidden} dimensions and cannot be shortened",
+                       param="dimensions")
+    inputs = ([req.input] if req.input else []) if isinstance(req.input, str) else req.input
+    if not inputs:  # Ollama answers an empty input with no embeddings
+        return {"model": req.model, "embeddings": []}
+    vectors, tokens = await embed(ctx, engine, inputs, truncate=req.truncate, raw=raw)
+    return {"model": req.model, "embeddings": vectors, "total_duration": int((time.perf_counter() - start) * 1e9),
+            "prompt_eval_count": tokens}
+
+
 def add_routes(app: FastAPI, ctx: ServingContext) -> None:
     catalog = Catalog(ctx)
 
@@ -319,6 +337,16 @@ def add_routes(app: FastAPI, ctx: ServingContext) -> None:
     @app.post("/api/show", response_model=op.ShowResponse, responses=ERRORS, tags=["ollama"])
     async def api_show(req: op.ShowRequest):
         return catalog.show(req)
+
+    @app.post("/api/embed", response_model=op.EmbedResponse, responses=ERRORS, tags=["ollama"])
+    async def api_embed(req: op.EmbedRequest, raw: Request):
+        return await embeddings(ctx, req, raw)
+
+    @app.post("/api/embeddings", response_model=op.EmbeddingsResponse, responses=ERRORS, tags=["ollama"])
+    async def api_embeddings(req: op.EmbeddingsRequest, raw: Request):
+        """The older embeddings route: one `prompt`, one `embedding` (empty for an empty prompt)."""
+        one = await embeddings(ctx, op.EmbedRequest(model=req.model, input=req.prompt, truncate=False), raw)
+        return {"embedding": one["embeddings"][0] if one["embeddings"] else []}
 
     async def not_managed(raw: Request):
         raise APIError(400, f"{raw.url.path} is not available: this server does not manage models; it serves the "

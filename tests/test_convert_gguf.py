@@ -108,3 +108,82 @@ def test_default_model_gguf_runs_in_llama_cpp(tmp_path):
         if len(got) == 6:
             break
     assert got == greedy(ours, ids, steps=6)
+
+
+def _whole_block_model(tmp_path, family: str = "minimind3", **overrides):
+    """A minimind-3 shape whose rows are whole Q4_K super-blocks (hidden 256, FFN 512). With 2 layers llama.cpp's
+    Q4_K_M mix makes attn_v / ffn_down of layer 1 Q6_K (its q|k|v then mixes types), with 8 layers those of
+    layers 0, 3, 6, 7. Deeper random models with the scaled-up final norm are so sensitive to rounding that
+    llama.cpp's own logits move by ~1 between batch sizes 1 and 512 (8 layers, Q8_0): the greedy tests use 2."""
+    from conftest import tiny_model
+    from test_convert_util import save_native, tokenizer_dir
+
+    model = tiny_model(family, False, **{"vocab_size": 6400, "hidden_size": 256, "num_hidden_layers": 2,
+                                         "intermediate_size": 512, **overrides})
+    with torch.no_grad():
+        model.model.norm.weight.mul_(30)  # clear greedy margins, as test_convert_util.era_model does
+    return save_native(model, tmp_path / "full_sft_k.pth"), tokenizer_dir({"minimind3": "minimind-3"}.get(family, family))
+
+
+@pytest.mark.parametrize("quant", ["q8_0", "q4_0", "q4_k_m"])
+def test_quant_export_greedy_equals_llama_cpp(tmp_path, quant, monkeypatch):
+    """`minimind convert --to gguf --quant Q`: stock llama.cpp loads the file, and its greedy tokens equal ours
+    (the engine running the file's blocks) on the same file. Q4_0: on AVX2 CPUs llama.cpp by default repacks Q4_0
+    matrices into its interleaved 8x8 layout (`use_extra_bufts`), whose kernel does not reproduce its own plain
+    Q4_0 x Q8_0 dot product (here: log-probabilities up to ~0.4 apart; with repacking off llama.cpp equals us to
+    1e-5): stock llama.cpp must load and run the file, the tokens are compared with repacking off."""
+    llama_cpp = _llama_cpp()
+    from minimind.convert.cli import main
+    from minimind.engine import LLM, SamplingParams
+
+    pth, tok = _whole_block_model(tmp_path)
+    out = tmp_path / f"m-{quant}.gguf"
+    assert main([str(pth), str(out), "--to", "gguf", "--quant", quant, "--tokenizer", str(tok), "--no-progress"]) == 0
+    hf_tok = load_tokenizer(tok)
+    ids = hf_tok(hf_tok.apply_chat_template(PROMPT, tokenize=False, add_generation_prompt=True))["input_ids"]
+    model = load_model(out, light=True, keep_blocks=True)
+    kept = {layer.self_attn.v_proj.gguf_blocks[0] for layer in model.model.layers}
+    assert kept == {"q8_0": {8}, "q4_0": {2}, "q4_k_m": {12, 14}}[quant]  # Q4_K_M: both types, as stored
+    ours = LLM(model, max_num_seqs=1, max_model_len=128).generate(
+        ids, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))[0].outputs[0].token_ids
+    ref = llama_cpp.Llama(model_path=str(out), n_ctx=128, n_threads=1, verbose=False, type_k=0, type_v=0)
+    theirs = list(islice(ref.generate(ids, top_k=1, temp=0.0, repeat_penalty=1.0), 8))
+    if quant == "q4_0":
+        assert len(theirs) == 8
+        defaults = llama_cpp.llama_cpp.llama_model_default_params
+
+        def plain():
+            params = defaults()
+            params.use_extra_bufts = False
+            return params
+
+        monkeypatch.setattr(llama_cpp.llama_cpp, "llama_model_default_params", plain)
+        ref = llama_cpp.Llama(model_path=str(out), n_ctx=128, n_threads=1, verbose=False, type_k=0, type_v=0)
+        theirs = list(islice(ref.generate(ids, top_k=1, temp=0.0, repeat_penalty=1.0), 8))
+    assert theirs == ours
+    assert len(set(ours)) > 2  # not one token repeated
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_q4_k_m_tensor_types_equal_llama_quantize(tmp_path, tied):
+    """Our q4_k_m picks, per tensor, the type llama.cpp's own quantizer picks for Q4_K_M from the F32 file:
+    Q6_K / Q4_K by layer, and its fallbacks for rows that are not whole super-blocks (FFN 320: ffn_down
+    Q4_K -> Q5_0, Q6_K -> Q8_0)."""
+    llama_cpp = _llama_cpp()
+    import ctypes
+
+    import gguf
+
+    pth, tok = _whole_block_model(tmp_path, num_hidden_layers=8, intermediate_size=320, tie_word_embeddings=tied)
+    f32 = export_gguf(pth, tmp_path / "m-f32.gguf", "f32", tokenizer=tok, show_progress=False)
+    ours = export_gguf(pth, tmp_path / "m-q4km.gguf", "q4_k_m", tokenizer=tok, show_progress=False)
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M
+    theirs = tmp_path / "m-llama-q4km.gguf"
+    assert llama_cpp.llama_model_quantize(str(f32).encode(), str(theirs).encode(), ctypes.byref(params)) == 0
+
+    def types(path):
+        return {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(path)).tensors}
+
+    assert types(ours) == types(theirs)
+    assert {"Q4_K", "Q6_K", "Q5_0", "Q8_0"} <= set(types(ours).values())

@@ -91,3 +91,53 @@ def test_our_quantized_export_runs_like_llama_cpp(tmp_path, era, outtype):
     ref = llama_cpp.Llama(model_path=str(out), n_ctx=64, n_threads=1, verbose=False, type_k=0, type_v=0)
     theirs = list(islice(ref.generate(PROMPT, top_k=1, temp=0.0, repeat_penalty=1.0), 8))
     assert ours == theirs
+
+
+def _q4_k_m_file(tmp_path, **overrides):
+    """`convert --quant q4_k_m` of a 2-layer minimind-3 shape of whole super-blocks: layer 0 all Q4_K, layer 1 with
+    Q6_K attn_v (a q|k|v of both types) and ffn_down; the tied embedding / output Q6_K."""
+    from minimind.convert import export_gguf
+    from test_convert_gguf import _whole_block_model
+
+    pth, tok = _whole_block_model(tmp_path, **overrides)
+    return export_gguf(pth, tmp_path / "m-q4km.gguf", "q4_k_m", tokenizer=tok, show_progress=False)
+
+
+def test_q4_k_m_matches_llama_cpp_batched(tmp_path):
+    """Q4_K / Q6_K blocks (activations as llama.cpp's Q8_K): log-probabilities equal llama.cpp's on the same file,
+    for the prompt (prefill), batch-1 and batched fused decode steps."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python not installed")
+    path = _q4_k_m_file(tmp_path)
+    model = minimind.load_model(path, light=True, keep_blocks=True)
+    layers = model.model.layers
+    assert [layers[i].self_attn.v_proj.gguf_blocks[0] for i in (0, 1)] == [12, 14]
+    assert model.lm_head.gguf_blocks[0] == 14
+    llm = LLM(model, max_num_seqs=3, max_model_len=64)
+    assert llm.runner.fused is not None and llm.runner.layers[1].qkv.table is not None
+    prompts = [PROMPT, PROMPT[:5], [9, 8, 7]]
+    params = SamplingParams(temperature=0, max_tokens=6, logprobs=5, ignore_eos=True)
+    ref = llama_cpp.Llama(model_path=str(path), n_ctx=64, n_threads=1, logits_all=True, verbose=False,
+                          type_k=0, type_v=0)
+    for prompt, result in zip(prompts, llm.generate(prompts, params)):  # three rows per decode step
+        out = result.outputs[0]
+        ref.reset()
+        ref.eval(prompt + out.token_ids[:-1])
+        worst = 0.0
+        for step, logprob in enumerate(out.logprobs):
+            theirs = _log_softmax(ref.scores[len(prompt) - 1 + step])
+            worst = max(worst, *(abs(top.logprob - theirs[top.token_id]) for top in logprob.top))
+            assert out.token_ids[step] == int(np.argmax(theirs))
+        assert worst < 1e-3, worst
+
+
+def test_other_block_types_are_dequantized_with_a_notice(tmp_path, caplog):
+    """FFN 320 is no whole super-block: llama.cpp's Q4_K_M stores ffn_down as Q5_0 / Q8_0 there; Q5_0 has no
+    kernel, so it is dequantized at load (one line says so) and the rest stays in blocks."""
+    path = _q4_k_m_file(tmp_path, intermediate_size=320)
+    with caplog.at_level("WARNING", logger="minimind"):
+        model = minimind.load_model(path, light=True, keep_blocks=True)
+    notes = [r.getMessage() for r in caplog.records if "dequantized to fp32 at load" in r.getMessage()]
+    assert len(notes) == 1 and "Q5_0" in notes[0]
+    assert not hasattr(model.model.layers[0].mlp.down_proj, "gguf_blocks")
+    assert model.model.layers[1].mlp.down_proj.gguf_blocks[0] == 8  # Q6_K -> Q8_0: kept
+    assert model.model.layers[0].mlp.gate_proj.gguf_blocks[0] == 12

@@ -65,5 +65,5 @@ def test_dequantize_fallback_and_rows(name):
 
 
 def test_wrong_block_bytes_are_refused():
-    with pytest.raises(ValueError, match="not a Q8_0/Q4_0/Q4_1 matrix of 64 columns"):
+    with pytest.raises(ValueError, match="not a Q8_0/Q4_0/Q4_1/Q4_K/Q6_K matrix of 64 columns"):
         BlockLinear(torch.zeros(4, 35, dtype=torch.uint8), 8, 64)

@@ -6,6 +6,7 @@ RoPE; that is undone here (`qwen3` files are not permuted). transformers builds 
 """
 from __future__ import annotations
 
+import logging
 import math
 import re
 from collections.abc import Callable
@@ -20,6 +21,7 @@ from ..model.core import MiniMindLM, build_on_meta
 from .detect import corrupt
 from .hf import hf_yarn, llama_or_qwen3_config
 
+log = logging.getLogger("minimind")
 SUPPORTED_ARCHS = ("llama", "qwen3", "qwen3moe")
 _EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(\w+)\.weight$")
 
@@ -120,15 +122,16 @@ def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-# block types the engine's kernels read as the file stores them (engine/quant.py BlockLinear)
-KEPT_BLOCK_TYPES = ("Q8_0", "Q4_0", "Q4_1")
+# block types the engine's kernels read as the file stores them (engine/quant.py BlockLinear); values per block
+KEPT_BLOCK_TYPES = {"Q8_0": 32, "Q4_0": 32, "Q4_1": 32, "Q4_K": 256, "Q6_K": 256}
+_FLOAT_TYPES = ("F32", "F16", "BF16")
 
 
 def read_gguf(path: str | Path, progress: Callable[[int, int], None] | None = None, dtype: torch.dtype | None = None,
               blocks: dict | None = None) -> tuple[MiniMindConfig, dict[str, torch.Tensor]]:
     """(config, state_dict with our/HF parameter names), fp32 or cast to `dtype` tensor by tensor as dequantized.
-    `progress(done, total)` is called per tensor. blocks: a dict that receives the Q8_0/Q4_0/Q4_1 matrices as
-    stored, {key: (ggml type id, uint8 [rows, bytes])}; their state_dict entries are then one-element stand-ins
+    `progress(done, total)` is called per tensor. blocks: a dict that receives the Q8_0/Q4_0/Q4_1/Q4_K/Q6_K matrices
+    as stored, {key: (ggml type id, uint8 [rows, bytes])}; their state_dict entries are then one-element stand-ins
     of the right shape (expanded views: no memory) for a model that computes from the blocks."""
     import gguf
     from gguf.quants import dequantize
@@ -156,7 +159,7 @@ def read_gguf(path: str | Path, progress: Callable[[int, int], None] | None = No
         ours.setdefault(name_map.get_name(name, try_suffixes=(".weight",)), []).append((index, key, tuple(value.shape)))
 
     sd: dict[str, torch.Tensor] = {}
-    total = len(reader.tensors)
+    total, dequantized = len(reader.tensors), set()
     for i, tensor in enumerate(reader.tensors):
         if tensor.name not in ours:
             raise CheckpointError(path, f"unexpected tensor `{tensor.name}` for a {config.num_hidden_layers}-layer "
@@ -168,6 +171,8 @@ def read_gguf(path: str | Path, progress: Callable[[int, int], None] | None = No
             if progress is not None:
                 progress(i + 1, total)
             continue
+        if blocks is not None and tensor.tensor_type.name not in _FLOAT_TYPES:
+            dequantized.add(tensor.tensor_type.name)
         try:
             values = dequantize(tensor.data, tensor.tensor_type)
         except NotImplementedError as exc:
@@ -185,6 +190,9 @@ def read_gguf(path: str | Path, progress: Callable[[int, int], None] | None = No
             sd[key] = one if dtype is None else one.to(dtype)  # cast now: no fp32 copy of the whole model
         if progress is not None:
             progress(i + 1, total)
+    if dequantized:
+        log.warning("%s: %s tensors are dequantized to fp32 at load (kept in their blocks: %s)", path.name,
+                    "/".join(sorted(dequantized)), "/".join(KEPT_BLOCK_TYPES))
     missing = [key for targets in ours.values() for _, key, _ in targets if key not in sd]
     if missing:
         raise CheckpointError(path, f"{len(missing)} tensor(s) missing, e.g. {missing[:3]}")
@@ -193,7 +201,7 @@ def read_gguf(path: str | Path, progress: Callable[[int, int], None] | None = No
 
 def _keep_blocks(tensor, key: str, shape: tuple, arch_name: str, config, path: Path, blocks: dict, sd: dict) -> None:
     raw = np.array(tensor.data, dtype=np.uint8, order="C")  # [rows, bytes per row]: a copy, the file is mmapped
-    if raw.shape[0] != shape[0] or len(shape) != 2 or shape[1] % 32:
+    if raw.shape[0] != shape[0] or len(shape) != 2 or shape[1] % KEPT_BLOCK_TYPES[tensor.tensor_type.name]:
         raise CheckpointError(path, f"tensor `{tensor.name}` has {raw.shape[0]} rows of blocks, the metadata implies "
                               f"{shape} for `{key}`")
     if arch_name == "llama" and tensor.name.endswith(("attn_q.weight", "attn_k.weight")):  # whole rows move

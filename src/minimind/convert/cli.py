@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..checkpoint.spec import ModelSpec
 from ..config import MiniMindConfig
+from .gguf_export import QUANTS
 from .source import ConvertError, Source, load_source
 
 EPILOG = """examples:
@@ -36,7 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--to", required=True, choices=("hf", "gguf", "native", "ollama", "peft"),
                    help="output format (peft: SRC is a MiniMind LoRA file, written as a PEFT adapter for --base)")
-    p.add_argument("--outtype", default=None, help="GGUF tensor type: f32, f16 (default), bf16, q8_0, q4_0, q4_1")
+    p.add_argument("--outtype", default=None, help="GGUF tensor type: f32, f16 (default), bf16, q8_0, q4_0, q4_1, "
+                   "q4_k_m")
+    p.add_argument("--quant", default=None, choices=QUANTS, help="GGUF quantization (the same as --outtype): q8_0, "
+                   "q4_0, or q4_k_m (Q4_K with Q6_K where llama.cpp's Q4_K_M puts it)")
     p.add_argument("--dtype", default="auto",
                    help="hf/native/peft: auto (source dtype, float32 with --lora; native: float16; peft: float32), "
                    "float32, float16, bfloat16, int8 (hf)")
@@ -91,6 +95,10 @@ def main(argv: list[str] | None = None) -> int:
             return _fail("convert", "--to peft converts the LoRA file SRC itself: --lora and "
                          "--inference_rope_scaling do not apply")
         return _run("convert", export_peft, args.src, args.dst, base=args.base, dtype=args.dtype, force=args.force)
+    if args.quant:
+        if args.outtype not in (None, args.quant):
+            return _fail("convert", f"--quant {args.quant} and --outtype {args.outtype} disagree: give one")
+        args.outtype = args.quant
     if args.outtype and args.to not in ("gguf", "ollama"):
         return _fail("convert", f"--outtype is for --to gguf/ollama; for --to {args.to} use --dtype")
     if args.dtype == "int8" and args.to != "hf":

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -21,8 +22,9 @@ from .source import ConvertError, Source, load_source
 
 log = logging.getLogger("minimind")
 _FILE_TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0",
-               "q4_0": "MOSTLY_Q4_0", "q4_1": "MOSTLY_Q4_1"}
+               "q4_0": "MOSTLY_Q4_0", "q4_1": "MOSTLY_Q4_1", "q4_k_m": "MOSTLY_Q4_K_M"}
 OUTTYPES = tuple(_FILE_TYPES)
+QUANTS = ("q8_0", "q4_0", "q4_k_m")  # `convert --quant`: the quantized outtypes the engine runs from their blocks
 
 
 def check_outtype(outtype: str) -> None:
@@ -80,20 +82,47 @@ def _tensors(config: MiniMindConfig, sd: dict[str, torch.Tensor], arch: str):
         yield f"{names.get_name(stem)}.weight", stacked.float().numpy()
 
 
-def _encode(name: str, data: np.ndarray, outtype: str):
+def _use_more_bits(i: int, n: int) -> bool:
+    return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
+
+
+def q4_k_m_type(name: str, cols: int, n_layers: int, tied: bool) -> str:
+    """The type llama.cpp's `llama-quantize ... Q4_K_M` gives this tensor (llama-quant.cpp, dense and MoE layers
+    without its 8-expert special cases): Q6_K for the output matrix (the token embedding when tied to it, Q8_0 when
+    its rows are not whole super-blocks), for attn_v and ffn_down of the layers `use_more_bits` picks (the first and
+    last eighth, every third between); Q4_K elsewhere. Rows not a multiple of 256 fall back as llama.cpp's do:
+    Q4_K -> Q5_0, Q6_K -> Q8_0 (F16 when not a multiple of 32 either)."""
+    if name == "output.weight" or (tied and name == "token_embd.weight"):
+        return "q8_0" if cols % 256 else "q6_k"
+    m = re.match(r"blk\.(\d+)\.(attn_v|ffn_down)", name)
+    kind = "q6_k" if m and _use_more_bits(int(m[1]), n_layers) else "q4_k"
+    if cols % 256:
+        kind = "f16" if cols % 32 else {"q4_k": "q5_0", "q6_k": "q8_0"}[kind]
+    return kind
+
+
+def _encode(name: str, data: np.ndarray, outtype: str, n_layers: int = 0, tied: bool = False):
     """(array, raw_dtype) in the requested type; 1-D tensors and the MoE router stay F32 (as llama.cpp's
-    converter does); rows not divisible by the 32-value block size of q8_0/q4_0/q4_1 fall back to F16."""
+    converter does); rows not divisible by the 32-value block size of q8_0/q4_0/q4_1 fall back to F16, q4_k_m
+    mixes types per tensor as llama.cpp does (q4_k_m_type)."""
     from gguf import GGMLQuantizationType as Q
     from gguf.quants import quantize
 
     if outtype == "f32" or data.ndim == 1 or name.endswith("ffn_gate_inp.weight"):
         return data.astype(np.float32), None
+    if outtype == "q4_k_m":
+        outtype = q4_k_m_type(name, data.shape[-1], n_layers, tied)
+        if outtype in ("q4_k", "q6_k"):
+            from ..checkpoint.kquants import quantize_k
+
+            qtype = Q.Q4_K if outtype == "q4_k" else Q.Q6_K
+            return quantize_k(data, int(qtype)), qtype
     if outtype.startswith("q") and data.shape[-1] % 32:
         log.warning("%s: row size %d is not a multiple of 32, stored as F16", name, data.shape[-1])
         outtype = "f16"
     if outtype == "f16":
         return data.astype(np.float16), None
-    qtype = {"bf16": Q.BF16, "q8_0": Q.Q8_0, "q4_0": Q.Q4_0, "q4_1": Q.Q4_1}[outtype]
+    qtype = {"bf16": Q.BF16, "q8_0": Q.Q8_0, "q4_0": Q.Q4_0, "q4_1": Q.Q4_1, "q5_0": Q.Q5_0}[outtype]
     return quantize(data, qtype), qtype
 
 
@@ -185,7 +214,7 @@ def _add_hparams(w, config: MiniMindConfig, arch: str, outtype: str) -> None:
 
 def export_gguf(src, out_path, outtype: str = "f16", *, tokenizer=None, lora=None, force: bool = False,
                 pre_tokenizer: str | None = None, show_progress: bool = True) -> Path:
-    """GGUF file for llama.cpp; outtype is f32, f16, bf16 or q8_0."""
+    """GGUF file for llama.cpp; outtype is one of OUTTYPES (f32, f16, bf16, q8_0, q4_0, q4_1, q4_k_m)."""
     import gguf
 
     check_outtype(outtype)  # before the slow load
@@ -201,8 +230,9 @@ def export_gguf(src, out_path, outtype: str = "f16", *, tokenizer=None, lora=Non
         _add_tokenizer(w, source, pre_tokenizer)
         total = len(source.state_dict) + 1
         with progress(f"Converting to GGUF {arch} {outtype.upper()}", total, show_progress) as advance:
+            tied = "lm_head.weight" not in source.state_dict and arch != "bailingmoe"  # bailingmoe writes `output`
             for name, data in _tensors(config, source.state_dict, arch):
-                array, raw = _encode(name, data, outtype)
+                array, raw = _encode(name, data, outtype, config.num_hidden_layers, tied)
                 w.add_tensor(name, array, raw_dtype=raw)
                 advance()
             w.write_header_to_file()

@@ -22,7 +22,7 @@ import torch
 
 log = logging.getLogger("minimind")
 KERNELS = Path(__file__).with_name("kernels")
-SOURCES = ("decode.c", "linear.c", "q8.c", "qblock.c", "attention.c", "sample.c")  # one library; kernels.h shared
+SOURCES = ("decode.c", "linear.c", "q8.c", "qblock.c", "qkblock.c", "attention.c", "sample.c")  # one library; kernels.h shared
 W_F32, W_BF16, W_I8 = 0, 1, 2
 CODES = {torch.float32: W_F32, torch.bfloat16: W_BF16, torch.int8: W_I8}  # weight dtype -> Mat.type
 P = ctypes.c_void_p
@@ -115,7 +115,8 @@ def block_linear(lin, x: torch.Tensor) -> torch.Tensor | None:
     lib = _linear_library()
     if lib is None or x.dim() != 2:
         return None
-    return _run_linear(lib, Mat(lin.blocks.data_ptr(), None, lin.code, lin.rows, lin.cols), x)
+    table = None if lin.table is None else lin.table.data_ptr()  # rows of two K-quant types: where each part is
+    return _run_linear(lib, Mat(lin.blocks.data_ptr(), table, lin.code, lin.rows, lin.cols), x)
 
 
 def _run_linear(lib, mat: Mat, x: torch.Tensor) -> torch.Tensor:
@@ -163,7 +164,7 @@ def unsupported_reason(runner) -> str | None:
 def _mat_parts(lin):
     """(weight tensor, fp32 scales or None, type code) for linears the kernel reads, else None."""
     if hasattr(lin, "blocks"):  # quant.BlockLinear: GGUF blocks, [rows, bytes per row] uint8
-        return lin.blocks, None, lin.code
+        return lin.blocks, lin.table, lin.code
     weight = getattr(lin, "weight", None)
     if weight is not None and weight.dtype in (torch.float32, torch.bfloat16) and weight.is_contiguous():
         return weight, None, CODES[weight.dtype]
@@ -212,8 +213,9 @@ class FusedDecoder:
     def _mat(self, lin) -> Mat:
         w, scales, code = _mat_parts(lin)
         self._keep += [w] + ([scales] if scales is not None else [])
-        cols = getattr(lin, "cols", w.shape[1])  # GGUF blocks: the logical row length, not its bytes
-        return Mat(w.data_ptr(), None if scales is None else scales.data_ptr(), code, w.shape[0], cols)
+        # GGUF blocks: the logical shape, not the bytes' (rows of two K-quant types are one flat byte buffer)
+        rows, cols = (lin.rows, lin.cols) if hasattr(lin, "blocks") else w.shape
+        return Mat(w.data_ptr(), None if scales is None else scales.data_ptr(), code, rows, cols)
 
     def __call__(self, ids: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """ids, slots, positions: [B] int64 (one new token per row) -> logits [B, V] fp32."""

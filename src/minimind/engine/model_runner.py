@@ -383,10 +383,9 @@ def _weight(linear) -> torch.Tensor:
 
 def _blocks(*modules) -> BlockLinear | None:
     """One BlockLinear over these modules' GGUF blocks (rows stacked: q|k|v, gate|up) when they all have blocks
-    of one type, else None (the caller dequantizes)."""
+    of one type (or of Q4_K and Q6_K), else None (the caller dequantizes)."""
     kept = [getattr(m, "gguf_blocks", None) for m in modules]
-    if any(k is None for k in kept) or len({k[0] for k in kept}) != 1:
+    if any(k is None for k in kept):
         return None
-    raw = torch.cat([k[1] for k in kept]) if len(kept) > 1 else kept[0][1]
     m = modules[0]
-    return BlockLinear(raw, kept[0][0], m.in_features if hasattr(m, "in_features") else m.embedding_dim)
+    return BlockLinear.stack(kept, m.in_features if hasattr(m, "in_features") else m.embedding_dim)

@@ -1,5 +1,5 @@
-"""Linear layers for the runner: dense (fp32/bf16), int8 (per output channel), GGUF blocks (Q8_0/Q4_0/Q4_1, as
-the file stores them) and the seeds' `torch.ao.quantization.quantize_dynamic` path. Each is a callable
+"""Linear layers for the runner: dense (fp32/bf16), int8 (per output channel), GGUF blocks (Q8_0/Q4_0/Q4_1/Q4_K/Q6_K,
+as the file stores them) and the seeds' `torch.ao.quantization.quantize_dynamic` path. Each is a callable
 x [N, in] -> [N, out].
 
 int8 stores W as int8 with one scale per output row, so a decode step streams a quarter of the fp32 bytes. With the
@@ -89,23 +89,67 @@ class Int8Linear:
         return self.qweight.float() * self.scales.float()[:, None]
 
 
-# GGUF block types the kernels read as they are (kernels/qblock.c): ggml type id -> kernel code
-BLOCK_CODES = {8: 3, 2: 4, 3: 5}  # Q8_0, Q4_0, Q4_1
-BLOCK_BYTES = {8: 34, 2: 18, 3: 20}  # bytes per block of 32 weights
+# GGUF block types the kernels read as they are (kernels/qblock.c, qkblock.c): ggml type id -> kernel code
+BLOCK_CODES = {8: 3, 2: 4, 3: 5, 12: 6, 14: 7}  # Q8_0, Q4_0, Q4_1, Q4_K, Q6_K
+MIXED_CODE = 8  # rows of both K-quant types in one matrix (q|k|v of a Q4_K_M file with a Q6_K v)
+BLOCK_BYTES = {8: 34, 2: 18, 3: 20, 12: 144, 14: 210}  # bytes per block
+BLOCK_VALUES = {8: 32, 2: 32, 3: 32, 12: 256, 14: 256}  # weights per block
+K_TYPES = (12, 14)
+
+
+def row_bytes(ggml_type: int, cols: int) -> int:
+    return cols // BLOCK_VALUES[ggml_type] * BLOCK_BYTES[ggml_type]
 
 
 class BlockLinear:
-    """A GGUF Q8_0 / Q4_0 / Q4_1 matrix kept in its file layout: blocks [out, in / 32 * block bytes] uint8.
-    Products run through the C kernels; without them each call dequantizes the matrix (gguf's reference code)."""
+    """A GGUF Q8_0 / Q4_0 / Q4_1 / Q4_K / Q6_K matrix kept in its file layout: blocks [out, bytes per row] uint8.
+    Products run through the C kernels; without them each call dequantizes the matrix (gguf's reference code), one
+    layer at a time. `BlockLinear.stack` also joins rows of the two K-quant types (then `blocks` is flat and
+    `table` says where each part starts)."""
 
     def __init__(self, blocks: torch.Tensor, ggml_type: int, cols: int, act_dtype: torch.dtype = torch.float32):
-        if ggml_type not in BLOCK_CODES or cols % 32 or blocks.shape[1] != cols // 32 * BLOCK_BYTES[ggml_type]:
-            raise ValueError(f"not a Q8_0/Q4_0/Q4_1 matrix of {cols} columns: type {ggml_type}, "
+        if (ggml_type not in BLOCK_CODES or cols % BLOCK_VALUES[ggml_type]
+                or blocks.shape[1] != row_bytes(ggml_type, cols)):
+            raise ValueError(f"not a Q8_0/Q4_0/Q4_1/Q4_K/Q6_K matrix of {cols} columns: type {ggml_type}, "
                              f"{tuple(blocks.shape)} bytes")
         self.blocks = blocks.contiguous()
         self.ggml_type, self.code, self.rows, self.cols = ggml_type, BLOCK_CODES[ggml_type], blocks.shape[0], cols
+        self.parts = [(ggml_type, self.blocks)]
+        self.table = None  # int64 [1 + 3 parts] for mixed rows (kernels/qkblock.c qk_row)
         self.act_dtype = act_dtype
         self.packed = True  # the C kernels are the only fast path for these
+
+    @classmethod
+    def stack(cls, kept: list, cols: int) -> BlockLinear | None:
+        """One matrix of these (ggml type, uint8 [rows, bytes]) blocks, rows in order (q|k|v, gate|up): of one type,
+        or of Q4_K and Q6_K; None for other mixes (the caller dequantizes)."""
+        types = [t for t, _ in kept]
+        if len(set(types)) == 1:
+            raw = torch.cat([r for _, r in kept]) if len(kept) > 1 else kept[0][1]
+            return cls(raw, types[0], cols)
+        if not all(t in K_TYPES for t in types):
+            return None
+        runs: list[list] = []  # consecutive parts of one type: [type, [raw, ...]]
+        for t, raw in kept:
+            if cols % 256 or raw.shape[1] != row_bytes(t, cols):
+                return None
+            if runs and runs[-1][0] == t:
+                runs[-1][1].append(raw)
+            else:
+                runs.append([t, [raw]])
+        flat = torch.cat([r.reshape(-1) for _, raws in runs for r in raws])
+        lin = cls.__new__(cls)
+        lin.blocks, lin.ggml_type, lin.code, lin.cols = flat, None, MIXED_CODE, cols
+        lin.parts, table, offset, end = [], [len(runs)], 0, 0
+        for t, raws in runs:
+            n = sum(r.shape[0] for r in raws)
+            lin.parts.append((t, flat[offset:offset + n * row_bytes(t, cols)].view(n, row_bytes(t, cols))))
+            end += n
+            table += [end, BLOCK_CODES[t], offset]
+            offset += n * row_bytes(t, cols)
+        lin.rows, lin.table = end, torch.tensor(table, dtype=torch.int64)
+        lin.act_dtype, lin.packed = torch.float32, True
+        return lin
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         from .fused import block_linear
@@ -120,6 +164,10 @@ class BlockLinear:
         from gguf import GGMLQuantizationType
         from gguf.quants import dequantize
 
+        if self.table is not None:
+            full = torch.cat([torch.from_numpy(dequantize(raw.numpy(), GGMLQuantizationType(t)).copy())
+                              for t, raw in self.parts])
+            return full if rows is None else full[rows]
         blocks = self.blocks if rows is None else self.blocks[rows]
         return torch.from_numpy(dequantize(blocks.numpy(), GGMLQuantizationType(self.ggml_type)).copy())
 

@@ -80,7 +80,7 @@ int minimind_decode(const Model *m, int64_t B, const int64_t *ids, const int64_t
 #define NORM(w) for (int64_t b = 0; b < B; b++) rms_norm(h + b * H, w, H, m->eps, xn + b * H)
 #define PACK(mat, x, ldx, K)                                    \
     if (q8_ok(mat)) quantize_q8(x, ldx, B, K, xq, xs, xu);      \
-    else if (qb_ok(mat)) quantize_qb(x, ldx, B, K, xq, xd, xsum); \
+    else if (qb_ok(mat)) quantize_qb((int)(mat)->type, x, ldx, B, K, xq, xd, xsum); \
     else if (gemm) pack_x(x, ldx, B, K, xp)
 #define LINEAR(mat, x, ldx, n0, n1, y, ldy, acc)                                                          \
     (q8_ok(mat)   ? matvec_q8(mat, xq, xs, xu, B, n0, n1, y, ldy, acc)                                     \

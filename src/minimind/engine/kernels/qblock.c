@@ -1,5 +1,5 @@
 /* GGUF block-quantized weights (Q8_0, Q4_0, Q4_1) in their file layout, so a quantized GGUF runs from its own
- * bytes instead of a 4-8x larger fp32 copy. Each weight row is K / 32 blocks:
+ * bytes instead of a 4-8x larger fp32 copy (the K-quants: qkblock.c, dispatched from here). Each row is K / 32 blocks:
  *   Q8_0 (34 bytes): fp16 d, int8 q[32]                 w_k = d * q_k
  *   Q4_0 (18 bytes): fp16 d, u8 qs[16]                  w_k = d * (nibble_k - 8)
  *   Q4_1 (20 bytes): fp16 d, fp16 m, u8 qs[16]          w_k = d * nibble_k + m
@@ -19,8 +19,13 @@ static inline float f16_at(const uint8_t *p) {
     return half_to_float(h);
 }
 
-/* x [B, K] (row stride ldx) -> q [B, K] int8, d and s [B, K / 32] (block scale, scale times the sum of q) */
-void quantize_qb(const float *x, int64_t ldx, int64_t B, int64_t K, int8_t *q, float *d, float *s) {
+/* x [B, K] (row stride ldx) -> q [B, K] int8, d and s [B, K / 32] (block scale, scale times the sum of q), as the
+ * products with a weight of this type read them (K-quants: Q8_K, see qkblock.c) */
+void quantize_qb(int type, const float *x, int64_t ldx, int64_t B, int64_t K, int8_t *q, float *d, float *s) {
+    if (qk_type(type)) {
+        quantize_qk(x, ldx, B, K, q, d, s);
+        return;
+    }
     const int64_t nb = K / QB_BLOCK;
     for (int64_t b = 0; b < B; b++)
         for (int64_t j = 0; j < nb; j++) {
@@ -113,6 +118,10 @@ QB_TYPE(W_Q4_1)
 /* y[b * ldy + n] (+)= W[n] . x[b] for rows n in [n0, n1), x given by quantize_qb */
 void matvec_qb(const Mat *m, const int8_t *q, const float *d, const float *s, int64_t B, int64_t n0, int64_t n1,
                float *y, int64_t ldy, int accumulate) {
+    if (qk_type(m->type)) {
+        matvec_qk(m, q, d, s, B, n0, n1, y, ldy, accumulate);
+        return;
+    }
     const int64_t K = m->cols, nb = K / QB_BLOCK, row_bytes = nb * qb_bytes((int)m->type);
     float out[4];
     for (int64_t n = n0; n < n1; n++) {
@@ -134,6 +143,10 @@ void matvec_qb(const Mat *m, const int8_t *q, const float *d, const float *s, in
 
 /* dst [K] = row `row` of a block-quantized matrix as fp32 (embedding lookups) */
 void dequant_row_qb(const Mat *m, int64_t row, float *dst) {
+    if (qk_type(m->type)) {
+        dequant_row_qk(m, row, dst);
+        return;
+    }
     const int64_t K = m->cols, nb = K / QB_BLOCK, size = qb_bytes((int)m->type);
     const uint8_t *w = (const uint8_t *)m->w + row * nb * size;
     for (int64_t j = 0; j < nb; j++) {
@@ -163,7 +176,8 @@ int linear_qb(const Mat *m, const float *x, int64_t M, float *y, int nthreads) {
 #pragma omp parallel num_threads(nthreads)
         {
 #pragma omp for schedule(static)
-            for (int64_t b = 0; b < M; b++) quantize_qb(x + b * K, K, 1, K, q + b * K, d + b * nb, s + b * nb);
+            for (int64_t b = 0; b < M; b++)
+                quantize_qb((int)m->type, x + b * K, K, 1, K, q + b * K, d + b * nb, s + b * nb);
             for (int64_t r0 = 0; r0 < M; r0 += QB_ROWS_PER_CHUNK) {
                 const int64_t B = M - r0 < QB_ROWS_PER_CHUNK ? M - r0 : QB_ROWS_PER_CHUNK;
 #pragma omp for schedule(static) nowait

@@ -1,0 +1,260 @@
+/* GGUF K-quant weights (Q4_K, Q6_K: what Q4_K_M files mix) in their file layout. Each row is K / 256 super-blocks:
+ *   Q4_K (144 bytes): fp16 d, fp16 dmin, u8 scales[12] (eight 6-bit scales sc_j and mins m_j), u8 qs[128]
+ *        w_k = d * sc_j * q_k - dmin * m_j, sub-block j = k / 32; values 64 i .. 64 i + 31 are the low nibbles of
+ *        qs[32 i ..], values 64 i + 32 .. 64 i + 63 their high nibbles
+ *   Q6_K (210 bytes): u8 ql[128], u8 qh[64], int8 scales[16], fp16 d
+ *        w_k = d * scales_g * (q_k - 32), g = k / 16, q_k 6 bits: 4 from ql, 2 from qh (half h = k / 128: ql + 64 h,
+ *        qh + 32 h; values l, l + 32, l + 64, l + 96 of a half take qh bits 0-1, 2-3, 4-5, 6-7 of qh[l])
+ * Activations are quantized per 256 values as llama.cpp's Q8_K: max = the value of largest magnitude,
+ * q = rint(-127 / max * x) (at most 127), dx = max / -127 as fp32, and bsums = the sums of q per 16 values. A
+ * super-block's product is then exact integer sums times two scales:
+ *   Q4_K: d dx sum_j sc_j dot_j(q4, q) - dmin dx sum_j m_j (bsum_2j + bsum_2j+1)
+ *   Q6_K: d dx (sum_g scales_g dot_g(q6, q) - 32 sum_g scales_g bsum_g)
+ * Storage of the activations in the buffers qblock.c hands over (nb = K / 32 per row): q [B, K] int8, dx at
+ * d[b * nb + i] for super-block i, bsums as int16 at ((int16_t *)(s + b * nb))[16 i ..] (K / 16 of them per row:
+ * exactly the nb floats of room a row has). */
+#include "kernels.h"
+
+static inline float f16_at(const uint8_t *p) {
+    uint16_t h;
+    memcpy(&h, p, 2);
+    return half_to_float(h);
+}
+
+static inline int64_t qk_bytes(int type) { return type == W_Q4_K ? 144 : 210; }
+int64_t qk_row_bytes(int type, int64_t K) { return K / QK_BLOCK * qk_bytes(type); }
+
+/* x [B, K] (row stride ldx) -> Q8_K as above */
+void quantize_qk(const float *x, int64_t ldx, int64_t B, int64_t K, int8_t *q, float *d, float *s) {
+    const int64_t nb = K / QB_BLOCK;
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t i = 0; i < K / QK_BLOCK; i++) {
+            const float *xb = x + b * ldx + i * QK_BLOCK;
+            int8_t *qb = q + b * K + i * QK_BLOCK;
+            int16_t *bs = (int16_t *)(s + b * nb) + i * 16;
+            float amax = 0.f, max = 0.f;
+            for (int k = 0; k < QK_BLOCK; k++)
+                if (fabsf(xb[k]) > amax) { amax = fabsf(xb[k]); max = xb[k]; }
+            const float iscale = amax ? -127.f / max : 0.f;
+            for (int g = 0; g < 16; g++) {
+                int sum = 0;
+                for (int k = 16 * g; k < 16 * g + 16; k++) {
+                    const int v = (int)rintf(iscale * xb[k]);
+                    qb[k] = (int8_t)(v < 127 ? v : 127);
+                    sum += qb[k];
+                }
+                bs[g] = (int16_t)sum;
+            }
+            d[b * nb + i] = amax ? 1.f / iscale : 0.f;
+        }
+}
+
+static inline void q4k_scales(const uint8_t *s12, int sc[8], int mn[8]) {
+    for (int j = 0; j < 4; j++) {
+        sc[j] = s12[j] & 63;
+        mn[j] = s12[j + 4] & 63;
+        sc[j + 4] = (s12[j + 8] & 0x0F) | ((s12[j] >> 6) << 4);
+        mn[j + 4] = (s12[j + 8] >> 4) | ((s12[j + 4] >> 6) << 4);
+    }
+}
+
+/* one super-block as integers: v[256] (Q4_K 0..15, Q6_K q - 32), a scale and a min per 16 values (Q6_K: no min) */
+static void qk_unpack(int type, const uint8_t *blk, int8_t *v, int *sc16, int *mn16, float *dw, float *dmin) {
+    if (type == W_Q4_K) {
+        int sc[8], mn[8];
+        q4k_scales(blk + 4, sc, mn);
+        for (int g = 0; g < 16; g++) { sc16[g] = sc[g / 2]; mn16[g] = mn[g / 2]; }
+        for (int i = 0; i < 4; i++)
+            for (int l = 0; l < 32; l++) {
+                v[64 * i + l] = (int8_t)(blk[16 + 32 * i + l] & 0x0F);
+                v[64 * i + 32 + l] = (int8_t)(blk[16 + 32 * i + l] >> 4);
+            }
+        *dw = f16_at(blk);
+        *dmin = f16_at(blk + 2);
+        return;
+    }
+    for (int g = 0; g < 16; g++) { sc16[g] = (int8_t)blk[192 + g]; mn16[g] = 0; }
+    for (int h = 0; h < 2; h++) {
+        const uint8_t *ql = blk + 64 * h, *qh = blk + 128 + 32 * h;
+        int8_t *y = v + 128 * h;
+        for (int l = 0; l < 32; l++) {
+            y[l] = (int8_t)(((ql[l] & 0x0F) | ((qh[l] & 3) << 4)) - 32);
+            y[l + 32] = (int8_t)(((ql[l + 32] & 0x0F) | (((qh[l] >> 2) & 3) << 4)) - 32);
+            y[l + 64] = (int8_t)(((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) - 32);
+            y[l + 96] = (int8_t)(((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) - 32);
+        }
+    }
+    *dw = f16_at(blk + 208);
+    *dmin = 0.f;
+}
+
+#ifdef __AVX2__
+/* 8 int32 lanes whose sum is sum_j sc_j dot_j for one Q4_K super-block and one activation row */
+static inline __m256i q4k_isum(const __m256i lo[4], const __m256i hi[4], const __m256i s_lo[4],
+                               const __m256i s_hi[4], const int8_t *x) {
+    __m256i acc = _mm256_setzero_si256();
+    for (int i = 0; i < 4; i++) {
+        const __m256i xl = _mm256_loadu_si256((const __m256i *)(x + 64 * i));
+        const __m256i xh = _mm256_loadu_si256((const __m256i *)(x + 64 * i + 32));
+        acc = _mm256_add_epi32(acc, _mm256_add_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(lo[i], xl), s_lo[i]),
+                                                     _mm256_madd_epi16(_mm256_maddubs_epi16(hi[i], xh), s_hi[i])));
+    }
+    return acc;
+}
+
+/* the 256 Q6_K values of a super-block as unsigned 0..63 (q, not q - 32), in 8 vectors of 32 values */
+static inline void q6k_load(const uint8_t *blk, __m256i q[8]) {
+    const __m256i m4 = _mm256_set1_epi8(0x0F), m2 = _mm256_set1_epi8(3);
+    for (int h = 0; h < 2; h++) {
+        const __m256i l0 = _mm256_loadu_si256((const __m256i *)(blk + 64 * h));
+        const __m256i l1 = _mm256_loadu_si256((const __m256i *)(blk + 64 * h + 32));
+        const __m256i qh = _mm256_loadu_si256((const __m256i *)(blk + 128 + 32 * h));
+        q[4 * h + 0] = _mm256_or_si256(_mm256_and_si256(l0, m4), _mm256_slli_epi16(_mm256_and_si256(qh, m2), 4));
+        q[4 * h + 1] = _mm256_or_si256(_mm256_and_si256(l1, m4),
+                                       _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2), m2), 4));
+        q[4 * h + 2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), m4),
+                                       _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 4), m2), 4));
+        q[4 * h + 3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m4),
+                                       _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 6), m2), 4));
+    }
+}
+#endif
+
+/* out[b] = W[row] . x[b] for RB activation rows (RB constant after inlining): each super-block is unpacked once */
+static inline __attribute__((always_inline)) void qk_tile(int type, int RB, const uint8_t *w, int64_t ns,
+                                                          const int8_t *q, int64_t K, const float *d,
+                                                          const float *s, float *out) {
+    const int64_t size = qk_bytes(type), nb = K / QB_BLOCK;
+#ifdef __AVX2__
+    __m256 acc[4], amin[4];
+    for (int b = 0; b < RB; b++) acc[b] = amin[b] = _mm256_setzero_ps();
+    for (int64_t i = 0; i < ns; i++) {
+        const uint8_t *blk = w + i * size;
+        _mm_prefetch((const char *)(blk + 2 * size), _MM_HINT_T0);
+        if (type == W_Q4_K) {
+            int sc[8], mn[8];
+            q4k_scales(blk + 4, sc, mn);
+            __m256i lo[4], hi[4], s_lo[4], s_hi[4];
+            for (int j = 0; j < 4; j++) {
+                const __m256i raw = _mm256_loadu_si256((const __m256i *)(blk + 16 + 32 * j));
+                lo[j] = _mm256_and_si256(raw, _mm256_set1_epi8(0x0F));
+                hi[j] = _mm256_and_si256(_mm256_srli_epi16(raw, 4), _mm256_set1_epi8(0x0F));
+                s_lo[j] = _mm256_set1_epi16((int16_t)sc[2 * j]);
+                s_hi[j] = _mm256_set1_epi16((int16_t)sc[2 * j + 1]);
+            }
+            /* each min twice: it multiplies the two 16-value sums of its 32-value sub-block */
+            const __m256i mins = _mm256_setr_epi16(mn[0], mn[0], mn[1], mn[1], mn[2], mn[2], mn[3], mn[3], mn[4],
+                                                   mn[4], mn[5], mn[5], mn[6], mn[6], mn[7], mn[7]);
+            const float dw = f16_at(blk), dmin = f16_at(blk + 2);
+            for (int b = 0; b < RB; b++) {
+                const float dx = d[b * nb + i];
+                const __m256i isum = q4k_isum(lo, hi, s_lo, s_hi, q + b * K + i * QK_BLOCK);
+                const __m256i bs = _mm256_loadu_si256((const __m256i *)((const int16_t *)(s + b * nb) + 16 * i));
+                acc[b] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_set1_ps(dw * dx), acc[b]);
+                amin[b] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(bs, mins)), _mm256_set1_ps(dmin * dx),
+                                          amin[b]);
+            }
+        } else {
+            __m256i qv[8], sv[8];
+            q6k_load(blk, qv);
+            const int8_t *sc = (const int8_t *)blk + 192;
+            /* qv[4 h + r] holds values 128 h + 32 r .. + 31: scales g, g + 1 (lanes 0-7, 8-15), g = 8 h + 2 r */
+            for (int j = 0; j < 8; j++) {
+                const int g = 8 * (j / 4) + 2 * (j % 4);
+                sv[j] = _mm256_set_m128i(_mm_set1_epi16(sc[g + 1]), _mm_set1_epi16(sc[g]));
+            }
+            const __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)sc));
+            const float dw = f16_at(blk + 208);
+            for (int b = 0; b < RB; b++) {
+                const int8_t *x = q + b * K + i * QK_BLOCK;
+                __m256i isum = _mm256_setzero_si256();
+                for (int j = 0; j < 8; j++)
+                    isum = _mm256_add_epi32(isum, _mm256_madd_epi16(_mm256_maddubs_epi16(
+                        qv[j], _mm256_loadu_si256((const __m256i *)(x + 32 * j))), sv[j]));
+                const __m256i bs = _mm256_loadu_si256((const __m256i *)((const int16_t *)(s + b * nb) + 16 * i));
+                isum = _mm256_sub_epi32(isum, _mm256_slli_epi32(_mm256_madd_epi16(bs, sc16), 5));  /* the -32 */
+                acc[b] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_set1_ps(dw * d[b * nb + i]), acc[b]);
+            }
+        }
+    }
+    for (int b = 0; b < RB; b++) out[b] = hsum(acc[b]) - hsum(amin[b]);
+#else
+    int8_t v[QK_BLOCK];
+    int sc16[16], mn16[16];
+    float dw, dmin;
+    for (int b = 0; b < RB; b++) out[b] = 0.f;
+    for (int64_t i = 0; i < ns; i++) {
+        qk_unpack(type, w + i * size, v, sc16, mn16, &dw, &dmin);
+        for (int b = 0; b < RB; b++) {
+            const int8_t *x = q + b * K + i * QK_BLOCK;
+            const int16_t *bs = (const int16_t *)(s + b * nb) + 16 * i;
+            int32_t dot = 0, mins = 0;
+            for (int g = 0; g < 16; g++) {
+                int32_t part = 0;
+                for (int k = 16 * g; k < 16 * g + 16; k++) part += v[k] * x[k];
+                dot += sc16[g] * part;
+                mins += mn16[g] * bs[g];
+            }
+            out[b] += dw * d[b * nb + i] * (float)dot - dmin * d[b * nb + i] * (float)mins;
+        }
+    }
+#endif
+}
+
+#define QK_CASE(T, RB) case RB: qk_tile(T, RB, w, ns, q, K, d, s, out); return;
+#define QK_TYPE(T)                                                                                                 \
+    static void qk_tile_##T(int RB, const uint8_t *w, int64_t ns, const int8_t *q, int64_t K, const float *d,     \
+                            const float *s, float *out) {                                                          \
+        switch (RB) { QK_CASE(T, 1) QK_CASE(T, 2) QK_CASE(T, 3) QK_CASE(T, 4) }                                    \
+    }
+QK_TYPE(W_Q4_K)
+QK_TYPE(W_Q6_K)
+
+/* row n of a K-quant matrix: its type and bytes. W_QK_MIX (rows of both types, e.g. q|k|v with a Q6_K v):
+ * m->scale points to int64 [1 + 3 parts]: the part count, then per part (end row, type, byte offset in m->w) */
+static inline const uint8_t *qk_row(const Mat *m, int64_t n, int *type) {
+    if (m->type != W_QK_MIX) {
+        *type = (int)m->type;
+        return (const uint8_t *)m->w + n * qk_row_bytes(*type, m->cols);
+    }
+    const int64_t *t = (const int64_t *)m->scale;
+    int64_t row0 = 0, p = 0;
+    while (p < t[0] - 1 && n >= t[1 + 3 * p]) row0 = t[1 + 3 * p++];
+    *type = (int)t[2 + 3 * p];
+    return (const uint8_t *)m->w + t[3 + 3 * p] + (n - row0) * qk_row_bytes(*type, m->cols);
+}
+
+void matvec_qk(const Mat *m, const int8_t *q, const float *d, const float *s, int64_t B, int64_t n0, int64_t n1,
+               float *y, int64_t ldy, int accumulate) {
+    const int64_t K = m->cols, ns = K / QK_BLOCK, nb = K / QB_BLOCK;
+    float out[4];
+    for (int64_t n = n0; n < n1; n++) {
+        int type;
+        const uint8_t *w = qk_row(m, n, &type);
+        for (int64_t b = 0; b < B;) {
+            const int RB = B - b >= 4 ? 4 : (int)(B - b);
+            if (type == W_Q4_K) qk_tile_W_Q4_K(RB, w, ns, q + b * K, K, d + b * nb, s + b * nb, out);
+            else qk_tile_W_Q6_K(RB, w, ns, q + b * K, K, d + b * nb, s + b * nb, out);
+            for (int i = 0; i < RB; i++) {
+                float *dst = y + (b + i) * ldy + n;
+                *dst = accumulate ? *dst + out[i] : out[i];
+            }
+            b += RB;
+        }
+    }
+}
+
+/* dst [K] = row `row` as fp32, in the order llama.cpp's dequantize_row_q4_K / _q6_K multiply */
+void dequant_row_qk(const Mat *m, int64_t row, float *dst) {
+    int type;
+    const uint8_t *w = qk_row(m, row, &type);
+    int8_t v[QK_BLOCK];
+    int sc16[16], mn16[16];
+    float dw, dmin;
+    for (int64_t i = 0; i < m->cols / QK_BLOCK; i++) {
+        qk_unpack(type, w + i * qk_bytes(type), v, sc16, mn16, &dw, &dmin);
+        for (int k = 0; k < QK_BLOCK; k++)
+            dst[i * QK_BLOCK + k] = type == W_Q4_K ? dw * (float)sc16[k / 16] * (float)v[k] - dmin * (float)mn16[k / 16]
+                                                   : dw * (float)sc16[k / 16] * (float)v[k];
+    }
+}

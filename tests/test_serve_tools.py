@@ -263,3 +263,37 @@ def test_default_model_calls_the_weather_tool():
         assert [(t.function.name, json.loads(t.function.arguments)) for t in r.choices[0].message.tool_calls] == [
             ("get_weather", {"city": "Paris"})]
         assert r.choices[0].finish_reason == "tool_calls"
+
+
+@pytest.mark.parametrize("tokenizer_name", ["minimind-3", "minimind2"])  # tags as tokens / as text
+def test_tool_grammar_accepts_exactly_the_calls(tokenizer_name):
+    """The grammar against hand-written replies: what it must accept and what it must refuse."""
+    import llguidance
+    import llguidance.hf
+    from transformers import AutoTokenizer
+
+    from minimind.serve.guided import tool_grammar, tool_schema
+
+    t = AutoTokenizer.from_pretrained(str(tokenizer_dir(tokenizer_name)))
+    lltok = llguidance.hf.from_tokenizer(t)
+    tools = [(name, tool_schema(schema)) for name, schema in SCHEMAS.items()] + [("ping", tool_schema(None))]
+
+    def accepts(text: str, fmt="object", **kw) -> bool:
+        grammar = llguidance.LLMatcher.grammar_from_lark(tool_grammar(tools, fmt, set(t.get_added_vocab()), **kw))
+        m = llguidance.LLMatcher(lltok, grammar, log_level=0)
+        return m.consume_tokens(t.encode(text, add_special_tokens=False)) and m.is_accepting()
+
+    add = '{"name": "add", "arguments": {"a": 1, "b": 2}}'
+    ping = '{"name": "ping", "arguments": {}}'
+    one, two = f"<tool_call>\n{add}\n</tool_call>", f"<tool_call>\n{add}\n</tool_call>\n<tool_call>\n{ping}\n</tool_call>"
+    assert accepts(one) and accepts(two) and accepts(one, parallel=False) and not accepts(two, parallel=False)
+    assert accepts(f"<tool_call>[{add}, {ping}]</tool_call>", "list")
+    assert not accepts(f"<tool_call>[{add}, {ping}]</tool_call>", "list", parallel=False)
+    assert accepts("let me think\n</think>\n\n" + one, in_think=True) and not accepts(one, in_think=True)
+    for bad in ['{"name": "add", "arguments": {"a": 1}}',  # a required argument missing
+                '{"name": "add", "arguments": {"a": 100, "b": 2}}',  # out of the schema's range
+                '{"name": "add", "arguments": {"a":1,"b":2}}',  # not the layout the templates write
+                '{"name": "ping", "arguments": {"x": 1}}',  # no parameters: no arguments
+                '{"name": "other", "arguments": {}}']:  # not a tool
+        assert not accepts(f"<tool_call>\n{bad}\n</tool_call>"), bad
+    assert not accepts("plain text") and not accepts("")

@@ -117,7 +117,8 @@ def tool_schema(parameters: dict | None) -> dict:
     """A tool's parameter schema with the JSON layout the templates write; no parameters = no arguments."""
     schema = parameters if parameters is not None else {"type": "object", "properties": {},
                                                         "additionalProperties": False}
-    return {**schema, "x-guidance": {**COMPACT, **(schema.get("x-guidance") or {})}}
+    own = schema.get("x-guidance")
+    return {**schema, "x-guidance": {**COMPACT, **(own if isinstance(own, dict) else {})}}
 
 
 def tool_grammar(tools: list[tuple[str, dict]], fmt: str, added_tokens: set[str], *, parallel: bool = True,

@@ -224,7 +224,7 @@ def test_list_show_ps_version(client, tokenizer):
     assert show.modelinfo["general.parameter_count"] == n and show.modelinfo["general.architecture"] == "minimind3"
     assert show.modelinfo["minimind3.context_length"] == 512 and show.template == tokenizer.chat_template
     assert set(show.capabilities) == {"completion", "tools", "thinking"}
-    assert client.show("plain").capabilities == ["completion"]
+    assert client.show("plain").capabilities == ["completion", "tools"]  # tools go into its system turn
     running = {m.model: m for m in client.ps().models}
     assert running["tiny:latest"].context_length == 512 and running["plain:latest"].context_length == 256
     assert isinstance(httpx.get(client._client.base_url.join("/api/version")).json()["version"], str)

@@ -60,8 +60,9 @@ def quantization_level(llm) -> str:
 
 
 def capabilities(engine) -> list[str]:
+    """tools with any chat template (text/template.py puts the tools into a template that does not read them)."""
     template = getattr(engine.tokenizer, "chat_template", None) or ""
-    return ["completion"] + ["tools"] * ("tools" in template) + ["thinking"] * thinks(template)
+    return ["completion"] + ["tools"] * bool(template) + ["thinking"] * thinks(template)
 
 
 class Catalog:

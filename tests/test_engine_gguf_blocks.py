@@ -1,4 +1,4 @@
-"""A GGUF's Q8_0 / Q4_0 / Q4_1 matrices run from their file bytes (engine/quant.py BlockLinear, kernels/qblock.c),
+"""A GGUF's Q8_0 / Q4_0 / Q4_1 / Q5_0 matrices run from their file bytes (engine/quant.py BlockLinear, kernels/qblock.c),
 checked against llama.cpp on the same file with an fp32 KV cache: both quantize activations per 32 values the same
 way, so their log-probabilities agree to ~1e-5, prompt (prefill) and generated tokens (fused decode) alike."""
 from __future__ import annotations
@@ -15,7 +15,7 @@ from minimind.engine import LLM, SamplingParams
 from test_gguf_loading import llama, write_gguf
 
 TYPES = {"Q8_0": gguf.GGMLQuantizationType.Q8_0, "Q4_0": gguf.GGMLQuantizationType.Q4_0,
-         "Q4_1": gguf.GGMLQuantizationType.Q4_1}
+         "Q4_1": gguf.GGMLQuantizationType.Q4_1, "Q5_0": gguf.GGMLQuantizationType.Q5_0}
 PROMPT = [5, 17, 42, 3, 99, 7, 64, 23]
 
 
@@ -131,13 +131,19 @@ def test_q4_k_m_matches_llama_cpp_batched(tmp_path):
 
 
 def test_other_block_types_are_dequantized_with_a_notice(tmp_path, caplog):
-    """FFN 320 is no whole super-block: llama.cpp's Q4_K_M stores ffn_down as Q5_0 / Q8_0 there; Q5_0 has no
-    kernel, so it is dequantized at load (one line says so) and the rest stays in blocks."""
-    path = _q4_k_m_file(tmp_path, intermediate_size=320)
+    """Q5_1 has no kernel: dequantized at load, and one line says so."""
+    path = write_gguf(tmp_path / "m.gguf", llama(hidden_size=64, intermediate_size=96), "llama",
+                      gguf.GGMLQuantizationType.Q5_1)
     with caplog.at_level("WARNING", logger="minimind"):
         model = minimind.load_model(path, light=True, keep_blocks=True)
     notes = [r.getMessage() for r in caplog.records if "dequantized to fp32 at load" in r.getMessage()]
-    assert len(notes) == 1 and "Q5_0" in notes[0]
+    assert len(notes) == 1 and "Q5_1" in notes[0]
     assert not hasattr(model.model.layers[0].mlp.down_proj, "gguf_blocks")
-    assert model.model.layers[1].mlp.down_proj.gguf_blocks[0] == 8  # Q6_K -> Q8_0: kept
+
+
+def test_q4_k_m_fallback_rows_stay_in_blocks(tmp_path):
+    """FFN 320 is no whole super-block: llama.cpp's Q4_K_M stores ffn_down as Q5_0 (Q4_K's fallback) or Q8_0
+    (Q6_K's); both have kernels, so every matrix stays in its blocks."""
+    model = minimind.load_model(_q4_k_m_file(tmp_path, intermediate_size=320), light=True, keep_blocks=True)
+    assert [model.model.layers[i].mlp.down_proj.gguf_blocks[0] for i in (0, 1)] == [6, 8]
     assert model.model.layers[0].mlp.gate_proj.gguf_blocks[0] == 12

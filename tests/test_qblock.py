@@ -1,4 +1,4 @@
-"""GGUF block-quantized weights (Q8_0, Q4_0, Q4_1) run from their file bytes through kernels/qblock.c: checked
+"""GGUF block-quantized weights (Q8_0, Q4_0, Q4_1, Q5_0) run from their file bytes through kernels/qblock.c: checked
 against the `gguf` package's own dequantization of the same blocks."""
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from gguf.quants import dequantize, quantize
 from minimind.engine.fused import block_linear
 from minimind.engine.quant import BlockLinear
 
-TYPES = {"Q8_0": 8, "Q4_0": 2, "Q4_1": 3}
+TYPES = {"Q8_0": 8, "Q4_0": 2, "Q4_1": 3, "Q5_0": 6}
 
 
 def _activation_reference(x: np.ndarray) -> np.ndarray:
@@ -65,5 +65,5 @@ def test_dequantize_fallback_and_rows(name):
 
 
 def test_wrong_block_bytes_are_refused():
-    with pytest.raises(ValueError, match="not a Q8_0/Q4_0/Q4_1/Q4_K/Q6_K matrix of 64 columns"):
+    with pytest.raises(ValueError, match="not a Q8_0/Q4_0/Q4_1/Q5_0/Q4_K/Q6_K matrix of 64 columns"):
         BlockLinear(torch.zeros(4, 35, dtype=torch.uint8), 8, 64)

@@ -108,6 +108,18 @@ def test_portable_build_equals_gguf_dequantized(tmp_path):
         mat = fused.Mat(blocks.ctypes.data, None, code, 12, 512)
         assert lib.minimind_linear(ctypes.byref(mat), x.ctypes.data, 5, y.ctypes.data, 1) == 0
         _check(y, x, dequantize(blocks, Q(TYPES[name])).astype(np.float64))
+    from gguf.quants import quantize
+
+    from test_qblock import _activation_reference
+
+    for qtype, code in ((Q.Q4_0, 4), (Q.Q5_0, 9)):  # and the 32-value blocks (Q8_0-quantized activations)
+        blocks = quantize(rng.normal(size=(12, 96)).astype(np.float32), qtype)
+        x = rng.normal(size=(5, 96)).astype(np.float32)
+        y = np.empty((5, 12), dtype=np.float32)
+        mat = fused.Mat(blocks.ctypes.data, None, code, 12, 96)
+        assert lib.minimind_linear(ctypes.byref(mat), x.ctypes.data, 5, y.ctypes.data, 1) == 0
+        ref = _activation_reference(x) @ dequantize(blocks, qtype).astype(np.float64).T
+        assert np.abs(y - ref).max() <= 1e-4 * np.abs(ref).max()
 
 
 @pytest.mark.parametrize("name", TYPES)

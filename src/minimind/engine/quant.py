@@ -9,6 +9,7 @@ activations stay bf16 and `aten._weight_int8pack_mm` dequantizes W inside the ke
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -193,6 +194,29 @@ class DynamicInt8Linear:
         return self.module[0].weight().numel()
 
 
+def int4_linear(weight: torch.Tensor, act_dtype: torch.dtype = torch.float32):
+    """4-bit group-wise weight-only: GGUF Q4_K blocks (rows of whole 256-value super-blocks: a 6-bit scale and min
+    per 32 weights), else Q4_0 (rows of 32-value blocks: one fp16 scale per 32), else int8 per channel; made once
+    at load and run through the same kernels as a GGUF file's blocks."""
+    cols = weight.shape[1]
+    if cols % 32:
+        return Int8Linear(weight, act_dtype)
+    parts = []
+    for r0 in range(0, weight.shape[0], QUANT_BLOCK_ROWS):  # bounded fp32 temporaries, as Int8Linear
+        w = weight[r0:r0 + QUANT_BLOCK_ROWS].detach().float().numpy()
+        if cols % 256 == 0:
+            from ..checkpoint.kquants import Q4_K, quantize_k
+
+            parts.append(quantize_k(w, Q4_K))
+        else:
+            from gguf import GGMLQuantizationType
+            from gguf.quants import quantize
+
+            parts.append(quantize(w, GGMLQuantizationType.Q4_0))
+    blocks = torch.from_numpy(parts[0] if len(parts) == 1 else np.concatenate(parts))
+    return BlockLinear(blocks, 12 if cols % 256 == 0 else 2, cols, act_dtype)
+
+
 def make_linear(weight: torch.Tensor, quantization: str | None, act_dtype: torch.dtype,
                 weight_dtype: torch.dtype | None = None):
     """weight_dtype: storage dtype of dense weights when it differs from the activations' (bf16 under fp32)."""
@@ -200,6 +224,8 @@ def make_linear(weight: torch.Tensor, quantization: str | None, act_dtype: torch
         return DenseLinear(weight.to(weight_dtype or act_dtype))
     if quantization == "int8":
         return Int8Linear(weight, act_dtype)
+    if quantization == "int4":
+        return int4_linear(weight, act_dtype)
     if quantization == "dynamic":
         return DynamicInt8Linear(weight)
-    raise ValueError(f"unknown quantization {quantization!r}; choose from int8, dynamic")
+    raise ValueError(f"unknown quantization {quantization!r}; choose from int8, int4, dynamic")

@@ -288,3 +288,21 @@ def test_the_docs_snippet_runs(server, capsys, tmp_path):
     snippet.write_text(code.replace("http://127.0.0.1:8000", server["url"]).replace('"full_sft"', '"tiny"'))
     runpy.run_path(str(snippet))
     assert capsys.readouterr().out.strip()
+
+
+def test_api_key_in_ollamas_shape(tokenizer):
+    """With --api-key: the `/` probe stays open (clients send it before any key), /api/ routes answer 401 in
+    Ollama's error shape, and the ollama client authenticates with its `Authorization: Bearer` header."""
+    from minimind.engine import LLM
+    from minimind.serve import create_app
+
+    llm = LLM(tiny_model("minimind3", vocab_size=6400), tokenizer=tokenizer, max_num_seqs=1, max_model_len=64)
+    with serve(create_app(llm, served_model_name="tiny", api_key="k3y")) as url:
+        assert httpx.get(url + "/").text == "Ollama is running"
+        refused = httpx.get(url + "/api/tags")
+        assert refused.status_code == 401 and list(refused.json()) == ["error"] and "API key" in refused.json()["error"]
+        with pytest.raises(ollama.ResponseError) as err:
+            ollama.Client(host=url).list()
+        assert err.value.status_code == 401
+        keyed = ollama.Client(host=url, headers={"Authorization": "Bearer k3y"})
+        assert [m.model for m in keyed.list().models] == ["tiny:latest"]

@@ -23,7 +23,8 @@ from .guards import BodyLimit, HostGuard
 from .limits import ServeLimits
 
 ERRORS = {code: {"model": p.ErrorResponse} for code in (400, 401, 404, 429, 500, 503)}
-PUBLIC_PATHS = frozenset(("/health", "/metrics", "/docs", "/redoc", "/openapi.json", "/docs/oauth2-redirect"))
+# "/" answers "Ollama is running" (serve/ollama.py), the probe Ollama clients send before they authenticate
+PUBLIC_PATHS = frozenset(("/", "/health", "/metrics", "/docs", "/redoc", "/openapi.json", "/docs/oauth2-redirect"))
 # with `stream: true` the two completion endpoints answer 200 with an SSE stream instead of the JSON body
 _SSE = "`data: {%s JSON}` events (one per line pair), the last one `data: [DONE]`"
 STREAMING = {kind: {**ERRORS, 200: {"description": "the completion; with `stream: true` an SSE stream",

@@ -117,6 +117,18 @@ def test_tool_use_round_trip(client, server):
     assert m.usage.input_tokens == expected
 
 
+def test_tool_choice_holds_a_random_model_to_the_tool(client):
+    pytest.importorskip("llguidance")
+    tool = {"name": "pick", "input_schema": {"type": "object", "properties": {"city": {"enum": ["Paris", "Rome"]}},
+                                             "required": ["city"], "additionalProperties": False}}
+    for choice in ({"type": "any", "disable_parallel_tool_use": True},
+                   {"type": "tool", "name": "pick", "disable_parallel_tool_use": True}):
+        m = client.messages.create(model="tiny", messages=MSG, tools=[tool], tool_choice=choice, max_tokens=60,
+                                   extra_body={"temperature": 0})
+        [use] = m.content
+        assert m.stop_reason == "tool_use" and use.name == "pick" and use.input["city"] in ("Paris", "Rome")
+
+
 def test_thinking_blocks(client, server):
     server["holder"]["text"] = "<think>\nweigh it\n</think>\n\nParis"
     m = client.messages.create(model="scripted", messages=MSG, max_tokens=40)

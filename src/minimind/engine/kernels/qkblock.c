@@ -126,44 +126,57 @@ static inline __attribute__((always_inline)) void qk_tile(int type, int RB, cons
                                                           const float *s, float *out) {
     const int64_t size = qk_bytes(type), nb = K / QB_BLOCK;
 #ifdef __AVX2__
-    __m256 acc[4], amin[4];
-    for (int b = 0; b < RB; b++) acc[b] = amin[b] = _mm256_setzero_ps();
+    __m256 acc[4];
+    __m128 amin[4];
+    for (int b = 0; b < RB; b++) {
+        acc[b] = _mm256_setzero_ps();
+        amin[b] = _mm_setzero_ps();
+    }
     for (int64_t i = 0; i < ns; i++) {
         const uint8_t *blk = w + i * size;
         _mm_prefetch((const char *)(blk + 2 * size), _MM_HINT_T0);
         if (type == W_Q4_K) {
-            int sc[8], mn[8];
-            q4k_scales(blk + 4, sc, mn);
+            /* the 6-bit scales and mins as bytes [sc0..sc7, m0..m7], unpacked 32 bits at a time */
+            uint32_t u[4];
+            memcpy(u, blk + 4, 12);
+            u[3] = ((u[2] >> 4) & 0x0f0f0f0f) | (((u[1] >> 6) & 0x03030303) << 4);
+            const uint32_t m03 = u[1] & 0x3f3f3f3f;
+            u[1] = (u[2] & 0x0f0f0f0f) | (((u[0] >> 6) & 0x03030303) << 4);
+            u[2] = m03;
+            u[0] &= 0x3f3f3f3f;
+            const __m128i sm = _mm_loadu_si128((const __m128i *)u);
+            const __m256i sc = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(sm));  /* 8 int16 scales, twice */
+            const __m128i mins = _mm_cvtepu8_epi16(_mm_srli_si128(sm, 8));
             __m256i lo[4], hi[4], s_lo[4], s_hi[4];
             for (int j = 0; j < 4; j++) {
                 const __m256i raw = _mm256_loadu_si256((const __m256i *)(blk + 16 + 32 * j));
                 lo[j] = _mm256_and_si256(raw, _mm256_set1_epi8(0x0F));
                 hi[j] = _mm256_and_si256(_mm256_srli_epi16(raw, 4), _mm256_set1_epi8(0x0F));
-                s_lo[j] = _mm256_set1_epi16((int16_t)sc[2 * j]);
-                s_hi[j] = _mm256_set1_epi16((int16_t)sc[2 * j + 1]);
+                s_lo[j] = _mm256_shuffle_epi8(sc, _mm256_set1_epi16((short)(((4 * j + 1) << 8) | (4 * j))));
+                s_hi[j] = _mm256_shuffle_epi8(sc, _mm256_set1_epi16((short)(((4 * j + 3) << 8) | (4 * j + 2))));
             }
-            /* each min twice: it multiplies the two 16-value sums of its 32-value sub-block */
-            const __m256i mins = _mm256_setr_epi16(mn[0], mn[0], mn[1], mn[1], mn[2], mn[2], mn[3], mn[3], mn[4],
-                                                   mn[4], mn[5], mn[5], mn[6], mn[6], mn[7], mn[7]);
             const float dw = f16_at(blk), dmin = f16_at(blk + 2);
             for (int b = 0; b < RB; b++) {
                 const float dx = d[b * nb + i];
                 const __m256i isum = q4k_isum(lo, hi, s_lo, s_hi, q + b * K + i * QK_BLOCK);
-                const __m256i bs = _mm256_loadu_si256((const __m256i *)((const int16_t *)(s + b * nb) + 16 * i));
+                const __m128i *bs = (const __m128i *)((const int16_t *)(s + b * nb) + 16 * i);
+                /* the 32-value sums (pairs of 16-value sums) times the mins: 4 int32 lanes */
+                const __m128i pm = _mm_madd_epi16(_mm_hadd_epi16(_mm_loadu_si128(bs), _mm_loadu_si128(bs + 1)), mins);
                 acc[b] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_set1_ps(dw * dx), acc[b]);
-                amin[b] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(bs, mins)), _mm256_set1_ps(dmin * dx),
-                                          amin[b]);
+                amin[b] = _mm_fmadd_ps(_mm_cvtepi32_ps(pm), _mm_set1_ps(dmin * dx), amin[b]);
             }
         } else {
             __m256i qv[8], sv[8];
             q6k_load(blk, qv);
             const int8_t *sc = (const int8_t *)blk + 192;
+            const __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)sc));
             /* qv[4 h + r] holds values 128 h + 32 r .. + 31: scales g, g + 1 (lanes 0-7, 8-15), g = 8 h + 2 r */
             for (int j = 0; j < 8; j++) {
-                const int g = 8 * (j / 4) + 2 * (j % 4);
-                sv[j] = _mm256_set_m128i(_mm_set1_epi16(sc[g + 1]), _mm_set1_epi16(sc[g]));
+                const int r = j % 4;
+                const __m256i half = j < 4 ? _mm256_permute4x64_epi64(sc16, 0x44) : _mm256_permute4x64_epi64(sc16, 0xEE);
+                sv[j] = _mm256_shuffle_epi8(half, _mm256_set_m128i(_mm_set1_epi16((short)(((4 * r + 3) << 8) | (4 * r + 2))),
+                                                                   _mm_set1_epi16((short)(((4 * r + 1) << 8) | (4 * r)))));
             }
-            const __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)sc));
             const float dw = f16_at(blk + 208);
             for (int b = 0; b < RB; b++) {
                 const int8_t *x = q + b * K + i * QK_BLOCK;
@@ -177,7 +190,11 @@ static inline __attribute__((always_inline)) void qk_tile(int type, int RB, cons
             }
         }
     }
-    for (int b = 0; b < RB; b++) out[b] = hsum(acc[b]) - hsum(amin[b]);
+    for (int b = 0; b < RB; b++) {
+        __m128 m = _mm_add_ps(amin[b], _mm_movehl_ps(amin[b], amin[b]));
+        m = _mm_add_ss(m, _mm_movehdup_ps(m));
+        out[b] = hsum(acc[b]) - _mm_cvtss_f32(m);
+    }
 #else
     int8_t v[QK_BLOCK];
     int sc16[16], mn16[16];

@@ -92,6 +92,29 @@ def test_stream_helper_retrieve_input_items_delete(client, server):
         client.responses.retrieve(final.id)
 
 
+def test_input_items_pages_and_the_store_forgets_the_oldest(client):
+    from minimind.serve.errors import APIError
+    from minimind.serve.responses import ResponseStore
+
+    texts = ["a", "b", "c"]
+    r = client.responses.create(model="scripted", max_output_tokens=2, input=[
+        {"role": "user", "content": t} for t in texts])
+    first = client.responses.input_items.list(r.id, order="asc", limit=2)
+    assert [i.content[0].text for i in first.data] == ["a", "b"] and first.has_more
+    rest = client.responses.input_items.list(r.id, order="asc", after=first.last_id)
+    assert [i.content[0].text for i in rest.data] == ["c"] and not rest.has_more
+    assert [i.content[0].text for i in client.responses.input_items.list(r.id).data] == ["c", "b", "a"]
+
+    store = ResponseStore(capacity=2)
+    store.put("a", {})
+    store.put("b", {})
+    store.get("a")
+    store.put("c", {})
+    assert list(store.records) == ["a", "c"]  # b was the least recently used
+    with pytest.raises(APIError):
+        store.get("b")
+
+
 def test_previous_response_id_and_store_false(client, server, tokenizer):
     holder = server["holder"]
     holder["text"] = "first answer"

@@ -1,5 +1,5 @@
 """schemathesis over the server's own /openapi.json (real server on 127.0.0.1): no input the schema allows,
-and no malformed one, may produce a 5xx. Bounded: few examples per operation, a tiny model, short contexts."""
+and no malformed one, may produce a 5xx, and every 4xx comes in the error shape of its API. Bounded: few examples per operation, a tiny model, short contexts."""
 from __future__ import annotations
 
 import pytest
@@ -25,6 +25,16 @@ def live():
         yield url, app
 
 
+def error_in_its_api_shape(path: str, body) -> bool:
+    """Anthropic's shape under /v1/messages, Ollama's under /api/, OpenAI's envelope elsewhere."""
+    if path.startswith("/v1/messages"):
+        return (body.get("type") == "error" and isinstance(body.get("error"), dict)
+                and {"type", "message"} <= set(body["error"]))
+    if path.startswith("/api/"):
+        return list(body) == ["error"] and isinstance(body["error"], str)
+    return isinstance(body.get("error"), dict) and {"message", "type", "param", "code"} <= set(body["error"])
+
+
 def test_no_server_errors(live):
     from hypothesis import given
 
@@ -41,6 +51,9 @@ def test_no_server_errors(live):
             statuses.add(response.status_code)
             if response.status_code >= 500:
                 failures.append(f"{case.method} {case.path} {case.body!r}: {response.status_code} {response.text[:300]}")
+            elif response.status_code >= 400 and not error_in_its_api_shape(case.path, response.json()):
+                failures.append(f"{case.method} {case.path}: {response.status_code} not in its API's error shape: "
+                                f"{response.text[:300]}")
 
         check()
     assert not failures, "\n".join(failures[:5])

@@ -126,12 +126,8 @@ static inline __attribute__((always_inline)) void qk_tile(int type, int RB, cons
                                                           const float *s, float *out) {
     const int64_t size = qk_bytes(type), nb = K / QB_BLOCK;
 #ifdef __AVX2__
-    __m256 acc[4];
-    __m128 amin[4];
-    for (int b = 0; b < RB; b++) {
-        acc[b] = _mm256_setzero_ps();
-        amin[b] = _mm_setzero_ps();
-    }
+    __m256 acc[4], amin[4];
+    for (int b = 0; b < RB; b++) acc[b] = amin[b] = _mm256_setzero_ps();
     for (int64_t i = 0; i < ns; i++) {
         const uint8_t *blk = w + i * size;
         _mm_prefetch((const char *)(blk + 2 * size), _MM_HINT_T0);
@@ -146,7 +142,9 @@ static inline __attribute__((always_inline)) void qk_tile(int type, int RB, cons
             u[0] &= 0x3f3f3f3f;
             const __m128i sm = _mm_loadu_si128((const __m128i *)u);
             const __m256i sc = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(sm));  /* 8 int16 scales, twice */
-            const __m128i mins = _mm_cvtepu8_epi16(_mm_srli_si128(sm, 8));
+            /* each min twice (int16 lanes 2 j, 2 j + 1: it multiplies both 16-value sums of its sub-block) */
+            const __m256i mins = _mm256_cvtepu8_epi16(_mm_shuffle_epi8(sm, _mm_setr_epi8(
+                8, 8, 9, 9, 10, 10, 11, 11, 12, 12, 13, 13, 14, 14, 15, 15)));
             __m256i lo[4], hi[4], s_lo[4], s_hi[4];
             for (int j = 0; j < 4; j++) {
                 const __m256i raw = _mm256_loadu_si256((const __m256i *)(blk + 16 + 32 * j));
@@ -159,11 +157,10 @@ static inline __attribute__((always_inline)) void qk_tile(int type, int RB, cons
             for (int b = 0; b < RB; b++) {
                 const float dx = d[b * nb + i];
                 const __m256i isum = q4k_isum(lo, hi, s_lo, s_hi, q + b * K + i * QK_BLOCK);
-                const __m128i *bs = (const __m128i *)((const int16_t *)(s + b * nb) + 16 * i);
-                /* the 32-value sums (pairs of 16-value sums) times the mins: 4 int32 lanes */
-                const __m128i pm = _mm_madd_epi16(_mm_hadd_epi16(_mm_loadu_si128(bs), _mm_loadu_si128(bs + 1)), mins);
+                const __m256i bs = _mm256_loadu_si256((const __m256i *)((const int16_t *)(s + b * nb) + 16 * i));
                 acc[b] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_set1_ps(dw * dx), acc[b]);
-                amin[b] = _mm_fmadd_ps(_mm_cvtepi32_ps(pm), _mm_set1_ps(dmin * dx), amin[b]);
+                amin[b] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(bs, mins)), _mm256_set1_ps(dmin * dx),
+                                          amin[b]);
             }
         } else {
             __m256i qv[8], sv[8];
@@ -190,11 +187,7 @@ static inline __attribute__((always_inline)) void qk_tile(int type, int RB, cons
             }
         }
     }
-    for (int b = 0; b < RB; b++) {
-        __m128 m = _mm_add_ps(amin[b], _mm_movehl_ps(amin[b], amin[b]));
-        m = _mm_add_ss(m, _mm_movehdup_ps(m));
-        out[b] = hsum(acc[b]) - _mm_cvtss_f32(m);
-    }
+    for (int b = 0; b < RB; b++) out[b] = hsum(acc[b]) - hsum(amin[b]);
 #else
     int8_t v[QK_BLOCK];
     int sc16[16], mn16[16];

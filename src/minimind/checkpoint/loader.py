@@ -1,6 +1,7 @@
 """`load_model` / `load_tokenizer`: one entry point for every checkpoint format of every MiniMind release."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -120,7 +121,8 @@ def build_model(path: str | Path, config: MiniMindConfig, sd: dict[str, torch.Te
 
 def load_tokenizer(path: str | Path | None = None):
     """The HF tokenizer of a model folder, tokenizer folder or GGUF file (None -> the default model's)."""
-    path = Path(default_model_dir() if path is None else path).expanduser()
+    default = path is None
+    path = Path(default_model_dir() if default else path).expanduser()
     if not path.exists():
         raise CheckpointError(path, "does not exist (pass --tokenizer DIR with tokenizer.json / tokenizer_config.json)")
     if path.is_file() and fmt.sniff_file(path) != fmt.GGUF:
@@ -132,14 +134,28 @@ def load_tokenizer(path: str | Path | None = None):
             raise CheckpointError(path, "has no tokenizer.json / tokenizer_config.json")
     if path.is_file():
         return gguf_tokenizer(path)
-    from transformers import AutoConfig, AutoTokenizer
-
-    # AutoTokenizer reads config.json: model_type "minimind" must be known (the config alone is enough)
-    AutoConfig.register("minimind", MiniMindConfig, exist_ok=True)
     try:
+        if default and _names_plain_tokenizer(path):  # what AutoTokenizer picks, without its model registry
+            from transformers import PreTrainedTokenizerFast
+
+            return PreTrainedTokenizerFast.from_pretrained(str(path))
+        from transformers import AutoConfig, AutoTokenizer
+
+        # AutoTokenizer reads config.json: model_type "minimind" must be known (the config alone is enough)
+        AutoConfig.register("minimind", MiniMindConfig, exist_ok=True)
         return AutoTokenizer.from_pretrained(str(path))
     except Exception as exc:  # transformers raises many types here; name the folder and the cause
         raise CheckpointError(path, f"tokenizer could not be loaded: {type(exc).__name__}: {exc}") from None
+
+
+def _names_plain_tokenizer(folder: Path) -> bool:
+    """Whether tokenizer_config.json names transformers' plain fast tokenizer (as the default model's folder,
+    import_gguf's, does): AutoTokenizer then loads that class, after importing its model registry (~0.3 s)."""
+    try:
+        config = json.loads((folder / "tokenizer_config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and config.get("tokenizer_class") in ("TokenizersBackend", "PreTrainedTokenizerFast")
 
 
 def check_tokenizer_matches(tokenizer, config: MiniMindConfig, where: str = "tokenizer") -> None:

@@ -1,14 +1,22 @@
-"""Read a .safetensors file tensor by tensor, casting each to the target dtype as it arrives.
+"""Read a .safetensors file tensor by tensor, each in its target dtype, never holding two copies of the weights.
 
-`safetensors.torch.load_file` maps the whole file and copies every tensor out: while it runs, the mapped pages
-(the file's size) and the copies are both resident, and a later cast to bf16 adds a third copy. Here each tensor
-is read with plain file reads (the page cache is not this process's RSS) into its own buffer and cast at once,
-so the peak is the model in its target dtype plus one tensor in the file's dtype.
+Matrices kept in the file's dtype are views of copy-on-write mappings of the file: the page cache's own pages,
+nothing copied or zeroed, read from disk in the background (MADV_WILLNEED). One mapping per run of one module's
+matrices, so it is unmapped as soon as that module's matrices are dropped (the engine drops the model's as it
+quantizes them). Everything else is read with plain file reads into its own buffer and cast at once
+(`safetensors.torch.load_file` would map the whole file and copy every tensor out: both resident), so the peak is
+the model in its target dtype plus one tensor in the file's dtype.
+
+A layer's q, k, v projections (and its gate, up projections) share one allocation, rows stacked in that order:
+the engine runs them as one q|k|v (gate|up) matrix (engine/model_runner.py), which is then a view of the same
+memory instead of a copy of them. Mapped, they are stacked when the file stores them back to back in that
+order; otherwise they are read into one buffer.
 """
 from __future__ import annotations
 
 import json
 import math
+import mmap
 import os
 import struct
 from pathlib import Path
@@ -25,6 +33,10 @@ _MAX_HEADER = 100 * 2**20  # the format's own limit
 # Bytes converted at a time when casting. Below glibc's 128 KB mmap threshold: freeing a larger buffer would raise
 # that threshold, after which the weights come from the heap and dropping them later does not return memory.
 _CHUNK = 64 * 2**10
+_MAX_MAPPINGS = 256  # each mapping holds a file descriptor (Python's mmap duplicates it): beyond, read the file
+# name suffixes of the matrices the engine stacks row-wise into one, in its order
+STACKED = ((".self_attn.q_proj.weight", ".self_attn.k_proj.weight", ".self_attn.v_proj.weight"),
+           (".mlp.gate_proj.weight", ".mlp.up_proj.weight"))
 
 
 def _corrupt(path: Path, why: str) -> CheckpointError:
@@ -61,18 +73,18 @@ def read_safetensors(path: str | Path, dtype: torch.dtype | None = None) -> dict
             entries = sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0])
         except (KeyError, TypeError, IndexError):
             raise _corrupt(path, "a header entry has no data_offsets") from None
-        for name, info in entries:
-            src = _DTYPES.get(info.get("dtype"))
-            if src is None:
-                raise _corrupt(path, f"tensor `{name}` has unsupported dtype {info.get('dtype')!r}")
-            start, end = info["data_offsets"]
-            shape = [int(n) for n in info["shape"]]
+        checked = {name: _check(path, name, info, base, file_size) for name, info in entries}
+        groups = _groups(checked)
+        out.update(_mapped(f, base, checked, dtype, groups))
+        stacked = _stacked(checked, dtype, [g for g in groups if g[0] not in out])
+        for name, (src, start, shape) in checked.items():
+            if name in out:  # mapped
+                continue
             count = math.prod(shape)
-            if end - start != count * src.itemsize or base + end > file_size:
-                raise _corrupt(path, f"tensor `{name}` needs bytes {start}-{end} of the data section, the file has "
-                               f"{file_size - base}")
             cast = dtype is not None and src.is_floating_point and src != dtype
-            tensor = torch.empty(shape, dtype=dtype if cast else src)
+            tensor = stacked.get(name)
+            if tensor is None:
+                tensor = torch.empty(shape, dtype=dtype if cast else src)
             f.seek(base + start)
             if not cast:
                 _read_into(f, tensor, path, name)
@@ -86,6 +98,100 @@ def read_safetensors(path: str | Path, dtype: torch.dtype | None = None) -> dict
                     flat[lo:lo + part.numel()].copy_(part)
             out[name] = tensor
     return out
+
+
+def _check(path: Path, name: str, info: dict, base: int, file_size: int) -> tuple[torch.dtype, int, list[int]]:
+    """(dtype in the file, start in the data section, shape) of a header entry whose bytes the file holds."""
+    src = _DTYPES.get(info.get("dtype"))
+    if src is None:
+        raise _corrupt(path, f"tensor `{name}` has unsupported dtype {info.get('dtype')!r}")
+    start, end = info["data_offsets"]
+    shape = [int(n) for n in info["shape"]]
+    if end - start != math.prod(shape) * src.itemsize or base + end > file_size:
+        raise _corrupt(path, f"tensor `{name}` needs bytes {start}-{end} of the data section, the file has "
+                       f"{file_size - base}")
+    return src, start, shape
+
+
+def _groups(checked: dict) -> list[list[str]]:
+    """The complete STACKED groups of matrices of one dtype and one width, each in STACKED order."""
+    groups = []
+    for suffixes in STACKED:
+        for name in checked:
+            if not name.endswith(suffixes[0]):
+                continue
+            names = [name.removesuffix(suffixes[0]) + suffix for suffix in suffixes]
+            parts = [checked.get(n) for n in names]
+            if all(p is not None and len(p[2]) == 2 for p in parts) and len({(p[0], p[2][1]) for p in parts}) == 1:
+                groups.append(names)
+    return groups
+
+
+def _stacked(checked: dict, dtype: torch.dtype | None, groups: list[list[str]]) -> dict[str, torch.Tensor]:
+    """{name: view}: one buffer per group, its members' rows back to back."""
+    views = {}
+    for names in groups:
+        src, width = checked[names[0]][0], checked[names[0]][2][1]
+        target = dtype if dtype is not None and src.is_floating_point else src
+        rows = [checked[n][2][0] for n in names]
+        views.update(zip(names, torch.empty(sum(rows), width, dtype=target).split(rows)))
+    return views
+
+
+def _mapped(f, base: int, checked: dict, dtype: torch.dtype | None, groups: list[list[str]]) -> dict[str, torch.Tensor]:
+    """{name: view of a mapping of the file} for the matrices kept in the file's dtype (see the module docstring);
+    empty where the file cannot be mapped."""
+    order = {name: i for i, name in enumerate(checked)}  # file order: consecutive entries are back to back
+
+    def end(name: str) -> int:
+        src, start, shape = checked[name]
+        return start + math.prod(shape) * src.itemsize
+
+    def mappable(name: str) -> bool:
+        src, start, shape = checked[name]
+        return (len(shape) >= 2 and math.prod(shape) > 0 and (base + start) % src.itemsize == 0
+                and (dtype is None or not src.is_floating_point or src == dtype))
+
+    in_place = {n for g in groups if all(map(mappable, g)) and [order[n] - order[g[0]] for n in g] == list(range(len(g)))
+                for n in g}
+    runs: list[list[str]] = []  # consecutive mappable matrices of one module
+    for name in checked:
+        if not mappable(name) or (name not in in_place and any(name in g for g in groups)):
+            continue
+        if runs and order[runs[-1][-1]] == order[name] - 1 and runs[-1][-1].rsplit(".", 2)[0] == name.rsplit(".", 2)[0]:
+            runs[-1].append(name)
+        else:
+            runs.append([name])
+    if not runs or len(runs) > _MAX_MAPPINGS:
+        return {}
+    views, granularity = {}, mmap.ALLOCATIONGRANULARITY
+    try:
+        for run in runs:
+            lo, hi = base + checked[run[0]][1], base + end(run[-1])
+            at = lo - lo % granularity  # a mapping starts at a multiple of the granularity
+            mapping = mmap.mmap(f.fileno(), hi - at, offset=at, access=mmap.ACCESS_COPY)
+            if hasattr(mmap, "MADV_WILLNEED"):  # start reading a cold file now
+                mapping.madvise(mmap.MADV_WILLNEED)
+            whole = torch.frombuffer(mapping, dtype=torch.uint8)  # keeps the mapping alive; its views share it
+            for name in run:
+                src, start, shape = checked[name]
+                views[name] = whole[base + start - at:base + end(name) - at].view(src).view(shape)
+    except (OSError, ValueError, AttributeError):  # no mmap for this file (some filesystems, platforms)
+        return {}
+    return views
+
+
+def stacked_view(weights: list[torch.Tensor]) -> torch.Tensor | None:
+    """These [rows, K] weights stacked as a view when they lie back to back in one storage (read_safetensors
+    allocates each STACKED group so), else None (the caller copies them with torch.cat)."""
+    first = weights[0].detach()
+    storage, offset = first.untyped_storage().data_ptr(), first.storage_offset()
+    for w in weights:
+        if (w.dtype != first.dtype or w.dim() != 2 or w.shape[1] != first.shape[1] or not w.is_contiguous()
+                or w.untyped_storage().data_ptr() != storage or w.storage_offset() != offset):
+            return None
+        offset += w.numel()
+    return first.as_strided((sum(w.shape[0] for w in weights), first.shape[1]), (first.shape[1], 1))
 
 
 def _read_into(f, tensor: torch.Tensor, path: Path, name: str) -> None:

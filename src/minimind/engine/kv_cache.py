@@ -6,6 +6,7 @@ system prompt) takes that slot and skips recomputing them. Free slots are reused
 """
 from __future__ import annotations
 
+import mmap
 import os
 
 import torch
@@ -17,8 +18,7 @@ class KVCache:
     def __init__(self, num_layers: int, num_slots: int, num_kv_heads: int, max_len: int, head_dim: int,
                  dtype: torch.dtype):
         shape = (num_layers, num_slots, num_kv_heads, max_len, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype)
-        self.v = torch.zeros(shape, dtype=dtype)
+        self.k, self.v = _zeros(shape, dtype), _zeros(shape, dtype)
         self.num_kv_heads, self.max_len = num_kv_heads, max_len
         # Row views for index_copy_: [layers, slots * H_kv * max_len, D]
         self.k_rows = self.k.view(num_layers, -1, head_dim)
@@ -36,6 +36,15 @@ class KVCache:
     def copy_prefix(self, src: int, dst: int, n: int) -> None:
         self.k[:, dst, :, :n].copy_(self.k[:, src, :, :n])
         self.v[:, dst, :, :n].copy_(self.v[:, src, :, :n])
+
+
+def _zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """Zeros in an anonymous mapping: the OS supplies zero pages on first write, so the cache costs memory only for
+    the positions in use (torch.zeros would write all of it, max_model_len positions, up front)."""
+    nbytes = torch.Size(shape).numel() * dtype.itemsize
+    if nbytes == 0:
+        return torch.zeros(shape, dtype=dtype)
+    return torch.frombuffer(mmap.mmap(-1, nbytes), dtype=dtype).view(shape)  # the tensor keeps the mapping alive
 
 
 def common_prefix_len(a: list[int], b: list[int]) -> int:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from ..checkpoint.safetensors_file import stacked_view
 from ..model.rope import apply_rotary
 from .kv_cache import KVCache
 from .lora_rows import RowLoRA
@@ -59,8 +60,8 @@ class LayerWeights:
             if kept is not None:
                 return kept
             weights = [_weight(p) for p in projections]
-            w = torch.cat(weights) if len(weights) > 1 else weights[0]
-            return make_linear(w, quantization, dtype, weight_dtype)
+            w = weights[0] if len(weights) == 1 else stacked_view(weights)
+            return make_linear(torch.cat(weights) if w is None else w, quantization, dtype, weight_dtype)
 
         self.qkv, self.o = linear(attn.q_proj, attn.k_proj, attn.v_proj), linear(attn.o_proj)
         mlp = layer.mlp

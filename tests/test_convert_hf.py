@@ -201,3 +201,17 @@ def test_peft_needs_a_fitting_base(tmp_path):
     with pytest.raises(Exception, match="hidden"):
         main([str(lora), str(tmp_path / "a"), "--to", "peft", "--base", str(pth)])
     assert not (tmp_path / "a").exists()
+
+
+def test_qwen2_moe_with_a_live_shared_gate_is_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from minimind.errors import CheckpointError
+
+    pth, tok = native_era(tmp_path, "minimind2-moe")
+    out = export_hf(pth, tmp_path / "hf", tokenizer=tok, arch="qwen2_moe", show_progress=False)
+    sd = load_file(out / "model.safetensors")
+    sd["model.layers.1.mlp.shared_expert_gate.weight"][0, 3] = 0.5  # sigmoid(gate x) is no longer a constant 0.5
+    save_file(sd, str(out / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="shared_expert_gate"):
+        load_model(out)

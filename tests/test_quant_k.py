@@ -86,17 +86,18 @@ def test_mixed_q4_k_q6_k_rows():
                              k) is None  # Q4_K with Q8_0 rows: different activation formats, not stacked
 
 
-def test_portable_build_equals_gguf_dequantized(tmp_path):
-    """The kernels without AVX2 (the path for other CPUs), built here without -march=native."""
+@pytest.mark.parametrize("flags", [["-mno-avx2", "-mno-f16c"], ["-mavx2", "-mfma", "-mf16c"]], ids=["portable", "avx2"])
+def test_other_builds_equal_gguf_dequantized(tmp_path, flags):
+    """The kernels as CPUs without AVX2 (portable C) or without AVX-512 (AVX2) build them: built here without
+    -march=native, so this machine runs the code paths its own build skips."""
     cc = fused.shutil.which("gcc") or fused.shutil.which("cc")
     if cc is None:
         pytest.skip("no C compiler")
     so = tmp_path / "portable.so"
-    run = subprocess.run([cc, *[str(fused.KERNELS / s) for s in fused.SOURCES], "-o", str(so), "-O2", "-mno-avx2",
-                          "-mno-f16c", "-fPIC", "-shared", "-fopenmp", "-lm"], check=False, capture_output=True,
-                         text=True)
+    run = subprocess.run([cc, *[str(fused.KERNELS / s) for s in fused.SOURCES], "-o", str(so), "-O2", *flags,
+                          "-fPIC", "-shared", "-fopenmp", "-lm"], check=False, capture_output=True, text=True)
     if run.returncode != 0:
-        pytest.skip(f"portable build failed here: {run.stderr[-300:]}")
+        pytest.skip(f"this build failed here: {run.stderr[-300:]}")
     lib = ctypes.CDLL(str(so))
     lib.minimind_linear.argtypes = [ctypes.POINTER(fused.Mat), ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
                                     ctypes.c_int]

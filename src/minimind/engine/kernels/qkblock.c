@@ -102,6 +102,26 @@ static inline __m256i q4k_isum(const __m256i lo[4], const __m256i hi[4], const _
     return acc;
 }
 
+#ifdef __AVX512BW__
+/* 64 activations: 32 from x + a, then 32 from x + c */
+static inline __m512i x_pair(const int8_t *x, int a, int c) {
+    return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(x + a))),
+                              _mm256_loadu_si256((const __m256i *)(x + c)), 1);
+}
+
+/* a shuffle that puts int16 k_l of each 128-bit lane l's 8 into all 8 of that lane */
+static inline __m512i lane_pick(int k0, int k1, int k2, int k3) {
+#define PICK(k) _mm_set1_epi16((short)(((2 * (k) + 1) << 8) | (2 * (k))))
+    return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_set_m128i(PICK(k1), PICK(k0))),
+                              _mm256_set_m128i(PICK(k3), PICK(k2)), 1);
+#undef PICK
+}
+
+static inline __m256i fold(__m512i v) {
+    return _mm256_add_epi32(_mm512_castsi512_si256(v), _mm512_extracti64x4_epi64(v, 1));
+}
+#endif
+
 /* the 256 Q6_K values of a super-block as unsigned 0..63 (q, not q - 32), in 8 vectors of 32 values */
 static inline void q6k_load(const uint8_t *blk, __m256i q[8]) {
     const __m256i m4 = _mm256_set1_epi8(0x0F), m2 = _mm256_set1_epi8(3);
@@ -141,10 +161,23 @@ static inline __attribute__((always_inline)) void qk_tile(int type, int RB, cons
             u[2] = m03;
             u[0] &= 0x3f3f3f3f;
             const __m128i sm = _mm_loadu_si128((const __m128i *)u);
-            const __m256i sc = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(sm));  /* 8 int16 scales, twice */
             /* each min twice (int16 lanes 2 j, 2 j + 1: it multiplies both 16-value sums of its sub-block) */
             const __m256i mins = _mm256_cvtepu8_epi16(_mm_shuffle_epi8(sm, _mm_setr_epi8(
                 8, 8, 9, 9, 10, 10, 11, 11, 12, 12, 13, 13, 14, 14, 15, 15)));
+#ifdef __AVX512BW__
+            /* 64 bytes of qs at a time: low nibbles = sub-blocks 4 jj (first 256 bits) and 4 jj + 2, high nibbles
+             * 4 jj + 1 and 4 jj + 3 */
+            const __m512i sc5 = _mm512_broadcast_i32x4(_mm_cvtepu8_epi16(sm));
+            __m512i lo[2], hi[2], s_lo[2], s_hi[2];
+            for (int jj = 0; jj < 2; jj++) {
+                const __m512i raw = _mm512_loadu_si512((const void *)(blk + 16 + 64 * jj));
+                lo[jj] = _mm512_and_si512(raw, _mm512_set1_epi8(0x0F));
+                hi[jj] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), _mm512_set1_epi8(0x0F));
+                s_lo[jj] = _mm512_shuffle_epi8(sc5, lane_pick(4 * jj, 4 * jj, 4 * jj + 2, 4 * jj + 2));
+                s_hi[jj] = _mm512_shuffle_epi8(sc5, lane_pick(4 * jj + 1, 4 * jj + 1, 4 * jj + 3, 4 * jj + 3));
+            }
+#else
+            const __m256i sc = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(sm));  /* 8 int16 scales, twice */
             __m256i lo[4], hi[4], s_lo[4], s_hi[4];
             for (int j = 0; j < 4; j++) {
                 const __m256i raw = _mm256_loadu_si256((const __m256i *)(blk + 16 + 32 * j));
@@ -153,20 +186,52 @@ static inline __attribute__((always_inline)) void qk_tile(int type, int RB, cons
                 s_lo[j] = _mm256_shuffle_epi8(sc, _mm256_set1_epi16((short)(((4 * j + 1) << 8) | (4 * j))));
                 s_hi[j] = _mm256_shuffle_epi8(sc, _mm256_set1_epi16((short)(((4 * j + 3) << 8) | (4 * j + 2))));
             }
+#endif
             const float dw = f16_at(blk), dmin = f16_at(blk + 2);
             for (int b = 0; b < RB; b++) {
                 const float dx = d[b * nb + i];
+#ifdef __AVX512BW__
+                const int8_t *x = q + b * K + i * QK_BLOCK;
+                __m512i acc5 = _mm512_setzero_si512();
+                for (int jj = 0; jj < 2; jj++)
+                    acc5 = _mm512_add_epi32(acc5, _mm512_add_epi32(
+                        _mm512_madd_epi16(_mm512_maddubs_epi16(lo[jj], x_pair(x, 128 * jj, 128 * jj + 64)), s_lo[jj]),
+                        _mm512_madd_epi16(_mm512_maddubs_epi16(hi[jj], x_pair(x, 128 * jj + 32, 128 * jj + 96)),
+                                          s_hi[jj])));
+                const __m256i isum = fold(acc5);
+#else
                 const __m256i isum = q4k_isum(lo, hi, s_lo, s_hi, q + b * K + i * QK_BLOCK);
+#endif
                 const __m256i bs = _mm256_loadu_si256((const __m256i *)((const int16_t *)(s + b * nb) + 16 * i));
                 acc[b] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_set1_ps(dw * dx), acc[b]);
                 amin[b] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(bs, mins)), _mm256_set1_ps(dmin * dx),
                                           amin[b]);
             }
         } else {
-            __m256i qv[8], sv[8];
-            q6k_load(blk, qv);
             const int8_t *sc = (const int8_t *)blk + 192;
             const __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)sc));
+#ifdef __AVX512BW__
+            /* per half h: qa = values 128 h + 0..63 (ql low nibbles, qh bits 0-1 then 2-3), qb = values 64..127
+             * (high nibbles, qh bits 4-5 then 6-7); 128-bit lane l of qa has scale 8 h + l, of qb 8 h + 4 + l */
+            const __m512i m4 = _mm512_set1_epi8(0x0F), m2 = _mm512_set1_epi8(3);
+            const __m512i sh_a = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(2), 1);
+            const __m512i sh_b = _mm512_inserti64x4(_mm512_set1_epi16(4), _mm256_set1_epi16(6), 1);
+            __m512i qa[2], qb[2], sa[2], sb[2];
+            for (int h = 0; h < 2; h++) {
+                const __m512i l = _mm512_loadu_si512((const void *)(blk + 64 * h));
+                const __m512i qh = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(blk + 128 + 32 * h)));
+                qa[h] = _mm512_or_si512(_mm512_and_si512(l, m4),
+                                        _mm512_slli_epi16(_mm512_and_si512(_mm512_srlv_epi16(qh, sh_a), m2), 4));
+                qb[h] = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(l, 4), m4),
+                                        _mm512_slli_epi16(_mm512_and_si512(_mm512_srlv_epi16(qh, sh_b), m2), 4));
+                const __m512i s8 = _mm512_broadcast_i32x4(h ? _mm256_extracti128_si256(sc16, 1)
+                                                            : _mm256_castsi256_si128(sc16));
+                sa[h] = _mm512_shuffle_epi8(s8, lane_pick(0, 1, 2, 3));
+                sb[h] = _mm512_shuffle_epi8(s8, lane_pick(4, 5, 6, 7));
+            }
+#else
+            __m256i qv[8], sv[8];
+            q6k_load(blk, qv);
             /* qv[4 h + r] holds values 128 h + 32 r .. + 31: scales g, g + 1 (lanes 0-7, 8-15), g = 8 h + 2 r */
             for (int j = 0; j < 8; j++) {
                 const int r = j % 4;
@@ -174,13 +239,25 @@ static inline __attribute__((always_inline)) void qk_tile(int type, int RB, cons
                 sv[j] = _mm256_shuffle_epi8(half, _mm256_set_m128i(_mm_set1_epi16((short)(((4 * r + 3) << 8) | (4 * r + 2))),
                                                                    _mm_set1_epi16((short)(((4 * r + 1) << 8) | (4 * r)))));
             }
+#endif
             const float dw = f16_at(blk + 208);
             for (int b = 0; b < RB; b++) {
                 const int8_t *x = q + b * K + i * QK_BLOCK;
+#ifdef __AVX512BW__
+                __m512i acc5 = _mm512_setzero_si512();
+                for (int h = 0; h < 2; h++)
+                    acc5 = _mm512_add_epi32(acc5, _mm512_add_epi32(
+                        _mm512_madd_epi16(_mm512_maddubs_epi16(qa[h], _mm512_loadu_si512((const void *)(x + 128 * h))),
+                                          sa[h]),
+                        _mm512_madd_epi16(_mm512_maddubs_epi16(qb[h], _mm512_loadu_si512((const void *)(x + 128 * h + 64))),
+                                          sb[h])));
+                __m256i isum = fold(acc5);
+#else
                 __m256i isum = _mm256_setzero_si256();
                 for (int j = 0; j < 8; j++)
                     isum = _mm256_add_epi32(isum, _mm256_madd_epi16(_mm256_maddubs_epi16(
                         qv[j], _mm256_loadu_si256((const __m256i *)(x + 32 * j))), sv[j]));
+#endif
                 const __m256i bs = _mm256_loadu_si256((const __m256i *)((const int16_t *)(s + b * nb) + 16 * i));
                 isum = _mm256_sub_epi32(isum, _mm256_slli_epi32(_mm256_madd_epi16(bs, sc16), 5));  /* the -32 */
                 acc[b] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_set1_ps(dw * d[b * nb + i]), acc[b]);

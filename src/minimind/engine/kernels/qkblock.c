@@ -21,6 +21,13 @@ static inline float f16_at(const uint8_t *p) {
     return half_to_float(h);
 }
 
+/* activation rows per pass over a weight row: AVX-512's 32 registers hold 8 rows' sums next to the unpacked weights */
+#ifdef __AVX512BW__
+#define QK_RB 8
+#else
+#define QK_RB 4
+#endif
+
 static inline int64_t qk_bytes(int type) { return type == W_Q4_K ? 144 : 210; }
 int64_t qk_row_bytes(int type, int64_t K) { return K / QK_BLOCK * qk_bytes(type); }
 
@@ -146,7 +153,7 @@ static inline __attribute__((always_inline)) void qk_tile(int type, int RB, cons
                                                           const float *s, float *out) {
     const int64_t size = qk_bytes(type), nb = K / QB_BLOCK;
 #ifdef __AVX2__
-    __m256 acc[4], amin[4];
+    __m256 acc[QK_RB], amin[QK_RB];
     for (int b = 0; b < RB; b++) acc[b] = amin[b] = _mm256_setzero_ps();
     for (int64_t i = 0; i < ns; i++) {
         const uint8_t *blk = w + i * size;
@@ -289,10 +296,17 @@ static inline __attribute__((always_inline)) void qk_tile(int type, int RB, cons
 }
 
 #define QK_CASE(T, RB) case RB: qk_tile(T, RB, w, ns, q, K, d, s, out); return;
+#ifdef __AVX512BW__
+#define QK_MORE(T) QK_CASE(T, 5) QK_CASE(T, 6) QK_CASE(T, 7) QK_CASE(T, 8)
+#else
+#define QK_MORE(T)
+#endif
 #define QK_TYPE(T)                                                                                                 \
     static void qk_tile_##T(int RB, const uint8_t *w, int64_t ns, const int8_t *q, int64_t K, const float *d,     \
                             const float *s, float *out) {                                                          \
-        switch (RB) { QK_CASE(T, 1) QK_CASE(T, 2) QK_CASE(T, 3) QK_CASE(T, 4) }                                    \
+        switch (RB) {                                                                                              \
+            QK_CASE(T, 1) QK_CASE(T, 2) QK_CASE(T, 3) QK_CASE(T, 4) QK_MORE(T)                                    \
+        }                                                                                                          \
     }
 QK_TYPE(W_Q4_K)
 QK_TYPE(W_Q6_K)
@@ -314,12 +328,12 @@ static inline const uint8_t *qk_row(const Mat *m, int64_t n, int *type) {
 void matvec_qk(const Mat *m, const int8_t *q, const float *d, const float *s, int64_t B, int64_t n0, int64_t n1,
                float *y, int64_t ldy, int accumulate) {
     const int64_t K = m->cols, ns = K / QK_BLOCK, nb = K / QB_BLOCK;
-    float out[4];
+    float out[QK_RB];
     for (int64_t n = n0; n < n1; n++) {
         int type;
         const uint8_t *w = qk_row(m, n, &type);
         for (int64_t b = 0; b < B;) {
-            const int RB = B - b >= 4 ? 4 : (int)(B - b);
+            const int RB = B - b >= QK_RB ? QK_RB : (int)(B - b);
             if (type == W_Q4_K) qk_tile_W_Q4_K(RB, w, ns, q + b * K, K, d + b * nb, s + b * nb, out);
             else qk_tile_W_Q6_K(RB, w, ns, q + b * K, K, d + b * nb, s + b * nb, out);
             for (int i = 0; i < RB; i++) {

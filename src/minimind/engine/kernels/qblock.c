@@ -99,7 +99,47 @@ static inline __attribute__((always_inline)) void qb_tile(int type, int RB, cons
 #ifdef __AVX2__
     __m256 acc[4];
     for (int b = 0; b < RB; b++) acc[b] = _mm256_setzero_ps();
-    for (int64_t j = 0; j < nb; j++) {
+    int64_t j = 0;
+#ifdef __AVX512BW__
+    /* two blocks per instruction; an odd last block goes through the 256-bit loop below */
+    __m512 acc5[4];
+    for (int b = 0; b < RB; b++) acc5[b] = _mm512_setzero_ps();
+    for (; j + 2 <= nb; j += 2) {
+        const uint8_t *blk = w + j * size;
+        if ((j & 3) == 0) _mm_prefetch((const char *)(blk + 8 * size), _MM_HINT_T0);
+        __m512i wv;
+        if (type == W_Q5_0) {  /* the fifth bits of both blocks as one 64-bit mask: bit k <-> byte k */
+            uint32_t qh0, qh1;
+            memcpy(&qh0, blk + 2, 4);
+            memcpy(&qh1, blk + size + 2, 4);
+            const __m128i r0 = _mm_loadu_si128((const __m128i *)(blk + 6)), r1 = _mm_loadu_si128((const __m128i *)(blk + size + 6));
+            const __m128i low = _mm_set1_epi8(0x0F);
+            const __m512i nib = _mm512_inserti64x4(
+                _mm512_castsi256_si512(_mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(r0, 4), low), _mm_and_si128(r0, low))),
+                _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(r1, 4), low), _mm_and_si128(r1, low)), 1);
+            const __m512i high = _mm512_maskz_mov_epi8((__mmask64)qh0 | (__mmask64)qh1 << 32, _mm512_set1_epi8(0x10));
+            wv = _mm512_sub_epi8(_mm512_or_si512(nib, high), _mm512_set1_epi8(16));
+        } else {
+            wv = _mm512_inserti64x4(_mm512_castsi256_si512(qb_load(type, blk)), qb_load(type, blk + size), 1);
+        }
+        /* maddubs wants one unsigned operand: Q4_1's nibbles are; else |w| and x negated where w < 0 */
+        const __m512i wa = type == W_Q4_1 ? wv : _mm512_abs_epi8(wv);
+        const __mmask64 neg = type == W_Q4_1 ? 0 : _mm512_movepi8_mask(wv);
+        const float dw0 = f16_at(blk), dw1 = f16_at(blk + size);
+        const float mw0 = type == W_Q4_1 ? f16_at(blk + 2) : 0.f, mw1 = type == W_Q4_1 ? f16_at(blk + size + 2) : 0.f;
+        for (int b = 0; b < RB; b++) {
+            __m512i x = _mm512_loadu_si512((const void *)(q + b * K + j * QB_BLOCK));
+            if (type != W_Q4_1) x = _mm512_mask_sub_epi8(x, neg, _mm512_setzero_si512(), x);
+            const __m512 dot = _mm512_cvtepi32_ps(_mm512_madd_epi16(_mm512_maddubs_epi16(wa, x), _mm512_set1_epi16(1)));
+            const __m512 sc = _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_set1_ps(dw0 * d[b * nb + j])),
+                                                 _mm256_set1_ps(dw1 * d[b * nb + j + 1]), 1);
+            acc5[b] = _mm512_fmadd_ps(dot, sc, acc5[b]);
+            tail[b] += mw0 * s[b * nb + j] + mw1 * s[b * nb + j + 1];
+        }
+    }
+    for (int b = 0; b < RB; b++) tail[b] += _mm512_reduce_add_ps(acc5[b]);
+#endif
+    for (; j < nb; j++) {
         const uint8_t *blk = w + j * size;
         if ((j & 3) == 0) _mm_prefetch((const char *)(blk + 8 * size), _MM_HINT_T0);
         const __m256i wv = qb_load(type, blk);

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -138,7 +139,7 @@ def load_tokenizer(path: str | Path | None = None):
         if default and _names_plain_tokenizer(path):  # what AutoTokenizer picks, without its model registry
             from transformers import PreTrainedTokenizerFast
 
-            return PreTrainedTokenizerFast.from_pretrained(str(path))
+            return PreTrainedTokenizerFast.from_pretrained(str(path), **_added_tokens(path / "tokenizer.json"))
         from transformers import AutoConfig, AutoTokenizer
 
         # AutoTokenizer reads config.json: model_type "minimind" must be known (the config alone is enough)
@@ -156,6 +157,19 @@ def _names_plain_tokenizer(folder: Path) -> bool:
     except (OSError, ValueError):
         return False
     return isinstance(config, dict) and config.get("tokenizer_class") in ("TokenizersBackend", "PreTrainedTokenizerFast")
+
+
+def _added_tokens(tokenizer_json: Path) -> dict:
+    """{"added_tokens_decoder": {id: token fields}} from tokenizer.json's "added_tokens", which the tokenizers
+    library writes ahead of the vocabulary: read from the file's start, where from_pretrained would parse all of it
+    (3.5 MB for the default model) in Python to find them. {} when they are not there (from_pretrained reads them)."""
+    try:
+        with open(tokenizer_json, encoding="utf-8") as f:
+            head = f.read(1 << 20)
+        tokens, _ = json.JSONDecoder().raw_decode(head, re.search(r'"added_tokens"\s*:\s*\[', head).end() - 1)
+        return {"added_tokens_decoder": {int(t.pop("id")): t for t in tokens}}
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return {}
 
 
 def check_tokenizer_matches(tokenizer, config: MiniMindConfig, where: str = "tokenizer") -> None:

@@ -1,4 +1,5 @@
-"""A GGUF's Q8_0 / Q4_0 / Q4_1 / Q5_0 matrices run from their file bytes (engine/quant.py BlockLinear, kernels/qblock.c),
+"""A GGUF's Q8_0 / Q4_0 / Q4_1 / Q5_0 matrices run from their file bytes (engine/quant.py BlockLinear, kernels/qblock.c;
+Q4_K / Q6_K of a Q4_K_M file: kernels/qkblock.c, activations as llama.cpp's Q8_K),
 checked against llama.cpp on the same file with an fp32 KV cache: both quantize activations per 32 values the same
 way, so their log-probabilities agree to ~1e-5, prompt (prefill) and generated tokens (fused decode) alike."""
 from __future__ import annotations

@@ -12,6 +12,13 @@
 #include <omp.h>
 #include "kernels.h"
 
+/* activation rows per pass over a weight row: AVX-512's 32 registers hold 8 rows' sums next to the weights */
+#ifdef __AVX512BW__
+#define QB_RB 8
+#else
+#define QB_RB 4
+#endif
+
 static inline int64_t qb_bytes(int type) {
     return type == W_Q8_0 ? 34 : type == W_Q4_0 ? 18 : type == W_Q5_0 ? 22 : 20;
 }
@@ -95,14 +102,14 @@ static inline __attribute__((always_inline)) void qb_tile(int type, int RB, cons
                                                           const int8_t *q, int64_t K, const float *d,
                                                           const float *s, float *out) {
     const int64_t size = qb_bytes(type);
-    float tail[4] = {0};  /* Q4_1's m terms, as a scalar sum per row */
+    float tail[QB_RB] = {0};  /* Q4_1's m terms, as a scalar sum per row */
 #ifdef __AVX2__
-    __m256 acc[4];
+    __m256 acc[QB_RB];
     for (int b = 0; b < RB; b++) acc[b] = _mm256_setzero_ps();
     int64_t j = 0;
 #ifdef __AVX512BW__
     /* two blocks per instruction; an odd last block goes through the 256-bit loop below */
-    __m512 acc5[4];
+    __m512 acc5[QB_RB];
     for (int b = 0; b < RB; b++) acc5[b] = _mm512_setzero_ps();
     for (; j + 2 <= nb; j += 2) {
         const uint8_t *blk = w + j * size;
@@ -171,10 +178,15 @@ static inline __attribute__((always_inline)) void qb_tile(int type, int RB, cons
 }
 
 #define QB_CASE(T, RB) case RB: qb_tile(T, RB, w, nb, q, K, d, s, out); return;
+#ifdef __AVX512BW__
+#define QB_MORE(T) QB_CASE(T, 5) QB_CASE(T, 6) QB_CASE(T, 7) QB_CASE(T, 8)
+#else
+#define QB_MORE(T)
+#endif
 #define QB_TYPE(T)                                                                                                 \
     static void qb_tile_##T(int RB, const uint8_t *w, int64_t nb, const int8_t *q, int64_t K, const float *d,     \
                             const float *s, float *out) {                                                          \
-        switch (RB) { QB_CASE(T, 1) QB_CASE(T, 2) QB_CASE(T, 3) QB_CASE(T, 4) }                                    \
+        switch (RB) { QB_CASE(T, 1) QB_CASE(T, 2) QB_CASE(T, 3) QB_CASE(T, 4) QB_MORE(T) }                         \
     }
 QB_TYPE(W_Q8_0)
 QB_TYPE(W_Q4_0)
@@ -189,11 +201,11 @@ void matvec_qb(const Mat *m, const int8_t *q, const float *d, const float *s, in
         return;
     }
     const int64_t K = m->cols, nb = K / QB_BLOCK, row_bytes = nb * qb_bytes((int)m->type);
-    float out[4];
+    float out[QB_RB];
     for (int64_t n = n0; n < n1; n++) {
         const uint8_t *w = (const uint8_t *)m->w + n * row_bytes;
         for (int64_t b = 0; b < B;) {
-            const int RB = B - b >= 4 ? 4 : (int)(B - b);
+            const int RB = B - b >= QB_RB ? QB_RB : (int)(B - b);
             const int8_t *qb = q + b * K;
             if (m->type == W_Q8_0) qb_tile_W_Q8_0(RB, w, nb, qb, K, d + b * nb, s + b * nb, out);
             else if (m->type == W_Q4_0) qb_tile_W_Q4_0(RB, w, nb, qb, K, d + b * nb, s + b * nb, out);

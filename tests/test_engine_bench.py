@@ -76,8 +76,57 @@ def test_gguf_dtype_runs_a_gguf_file_as_stored_on_both_sides(tmp_path):
     path = write_gguf(tmp_path / "m.gguf", llama(hidden_size=64, intermediate_size=96), "llama",
                       gguf.GGMLQuantizationType.Q4_1)
     args = argparse.Namespace(models=[str(path), _tiny(tmp_path)], dtypes=["gguf"], peers=["llama.cpp"], threads=1,
-                              prompt_len=16, decode_tokens=4, repeats=1, compile=False, tokenizer=None)
+                              prompt_len=16, decode_tokens=4, repeats=1, compile=False, tokenizer=None,
+                              llama_bench=None)
     report = bench.run(args)
     assert {r["impl"] for r in report["results"]} == {"minimind", "llama.cpp"}
     assert all(r.get("decode_tps", 0) > 0 for r in report["results"]), report["results"]
     assert any("dtype gguf is for .gguf files" in n for n in report["notes"])
+
+
+def llama_bench_binary() -> str | None:
+    """llama.cpp's llama-bench: $LLAMA_BENCH, on PATH, or where benchmarks/README.md builds it."""
+    import os
+    import shutil
+    from pathlib import Path
+
+    for candidate in (os.environ.get("LLAMA_BENCH"), "llama-bench",
+                      str(Path.home() / "llama-build" / "build" / "bin" / "llama-bench")):
+        if candidate and shutil.which(candidate):
+            return shutil.which(candidate)
+    return None
+
+
+def test_llama_bench_peer_runs_the_binary_on_the_same_file(tmp_path):
+    """--peers llama-bench: llama.cpp's own benchmark binary on the same GGUF, its numbers and its peak RSS read
+    from its JSON output and its process; without the binary the peer is skipped with a note."""
+    import argparse
+
+    import gguf
+    import pytest
+
+    from test_gguf_loading import llama, write_gguf
+
+    path = write_gguf(tmp_path / "m.gguf", llama(hidden_size=64, intermediate_size=96), "llama",
+                      gguf.GGMLQuantizationType.Q8_0)
+    args = argparse.Namespace(models=[str(path)], dtypes=["gguf"], peers=["llama-bench"], threads=1, prompt_len=16,
+                              decode_tokens=4, repeats=1, compile=False, tokenizer=None, llama_bench="no-such-binary")
+    report = bench.run(args)
+    assert {r["impl"] for r in report["results"]} == {"minimind"}
+    assert any("llama-bench skipped" in n for n in report["notes"])
+    binary = llama_bench_binary()
+    if binary is None:
+        pytest.skip("no llama-bench binary (set LLAMA_BENCH; benchmarks/README.md builds it)")
+    report = bench.run(argparse.Namespace(**{**vars(args), "llama_bench": binary}))
+    rows = {r["impl"]: r for r in report["results"]}
+    assert set(rows) == {"minimind", "llama-bench"}, report
+    assert rows["llama-bench"]["prefill_tps"] > 0 and rows["llama-bench"]["decode_tps"] > 0
+    assert 0 < rows["llama-bench"]["peak_rss_mb"] < rows["minimind"]["peak_rss_mb"]  # a C binary, not torch
+
+
+def test_unknown_peer_is_a_usage_error(capsys):
+    import pytest
+
+    with pytest.raises(SystemExit) as exit_:
+        bench.main(["--peers", "vllm"])
+    assert exit_.value.code == 2 and "unknown peer(s) vllm" in capsys.readouterr().err

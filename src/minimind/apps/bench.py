@@ -1,5 +1,6 @@
 """`minimind bench`: batch-1 prefill and decode tokens/s of our engine against transformers `generate` and
-llama.cpp (llama-cpp-python, when installed) on the same weights, quoted as ratios.
+llama.cpp (llama-cpp-python, when installed; or its `llama-bench` binary, which has no Python overhead) on the
+same weights, quoted as ratios.
 
 Each implementation runs in a process of its own (its own threads, its own peak RSS), and those of one (model,
 dtype) stay loaded side by side and take turns round by round: a shared machine's speed drifts within minutes,
@@ -107,7 +108,37 @@ class LlamaCpp:
         return time.perf_counter() - t
 
 
-IMPLS = {"minimind": Ours, "transformers": Transformers, "llama.cpp": LlamaCpp}
+class LlamaBench:
+    """llama.cpp's own benchmark binary on the same GGUF (`llama-bench -p P -n N`, one repetition per round):
+    llama.cpp's speed without llama-cpp-python's per-token Python loop. It times its own prompt and its own
+    generation from position 0; the prompt ids are not passed on."""
+
+    def __init__(self, a: dict):
+        self.binary, self.gguf, self.threads = a["llama_bench"], a["gguf"], a["threads"]
+        self.vocab = 1000  # for the worker's prompts, which llama-bench does not read
+        self.children_rss_mb = 0.0
+
+    def tokens_per_s(self, prompt_len: int, gen: int) -> float:
+        import resource
+        import subprocess
+
+        cmd = [self.binary, "-m", self.gguf, "-t", str(self.threads), "-p", str(prompt_len), "-n", str(gen),
+               "-r", "1", "-o", "json"]
+        done = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=600)
+        if done.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed: {done.stderr.strip()[-300:]}")
+        self.children_rss_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+        return json.loads(done.stdout)[0]["avg_ts"]
+
+    def prefill(self, ids: list[int]) -> float:
+        return len(ids) / self.tokens_per_s(len(ids), 0)
+
+    def decode(self, ids: list[int], n: int) -> float:
+        return (n - 1) / self.tokens_per_s(0, n - 1)
+
+
+IMPLS = {"minimind": Ours, "transformers": Transformers, "llama.cpp": LlamaCpp, "llama-bench": LlamaBench}
+GGUF_PEERS = ("llama.cpp", "llama-bench")  # peers that run the GGUF file of the same weights
 
 
 def worker(kind: str, a: dict, conn) -> None:
@@ -120,8 +151,10 @@ def worker(kind: str, a: dict, conn) -> None:
         while (r := conn.recv()) is not None:
             conn.send((a["prompt_len"] / impl.prefill(prompt(a["prompt_len"], impl.vocab, 100 + r)),
                        (n - 1) / impl.decode(prompt(32, impl.vocab, 200 + r), n)))  # first token excluded
-        # VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec, so it could be the parent's peak
-        conn.send(int(proc_field("/proc/self/status", "VmHWM").split()[0]) / 1024)
+        # VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec, so it could be the parent's peak; llama-bench
+        # runs as this worker's child: its peak is the largest child's
+        conn.send(getattr(impl, "children_rss_mb", None) or int(proc_field("/proc/self/status", "VmHWM").split()[0])
+                  / 1024)
     except Exception as exc:  # noqa: BLE001 - reported as this implementation's error; the others go on
         conn.send(("error", f"{type(exc).__name__}: {exc}"))
 
@@ -204,10 +237,19 @@ def prepare_model(name: str, workdir: Path, tokenizer: Path | None) -> tuple[str
 def run(args) -> dict:
     import importlib.util
 
-    notes, rows = [], []
-    llama = "llama.cpp" in args.peers and importlib.util.find_spec("llama_cpp") is not None
-    if "llama.cpp" in args.peers and not llama:
-        notes.append("llama.cpp skipped: llama-cpp-python is not installed (pip install 'minimind[llamacpp]')")
+    notes, rows, gguf_peers = [], [], []
+    if "llama.cpp" in args.peers:
+        if importlib.util.find_spec("llama_cpp") is not None:
+            gguf_peers.append("llama.cpp")
+        else:
+            notes.append("llama.cpp skipped: llama-cpp-python is not installed (pip install 'minimind[llamacpp]')")
+    if "llama-bench" in args.peers:
+        if args.llama_bench and shutil.which(args.llama_bench):
+            gguf_peers.append("llama-bench")
+        else:
+            notes.append("llama-bench skipped: no llama-bench binary (put it on PATH or pass --llama-bench PATH; "
+                         "benchmarks/README.md builds it)")
+    llama = bool(gguf_peers)
     spec = ModelSpec.from_args(args)
     tokenizer = Path(spec.tokenizer) if spec.tokenizer else (SHARED_TOKENIZER if SHARED_TOKENIZER.is_dir() else None)
     with tempfile.TemporaryDirectory(prefix="minimind-bench-") as tmp:
@@ -215,14 +257,15 @@ def run(args) -> dict:
             label, path = prepare_model(name, Path(tmp), tokenizer)
             for dtype in args.dtypes:
                 a = {"model": path, "dtype": dtype, "threads": args.threads, "prompt_len": args.prompt_len,
-                     "decode_tokens": args.decode_tokens, "repeats": args.repeats, "compile": args.compile}
+                     "decode_tokens": args.decode_tokens, "repeats": args.repeats, "compile": args.compile,
+                     "llama_bench": args.llama_bench and shutil.which(args.llama_bench)}
                 impls = ["minimind"] + (["transformers"] if "transformers" in args.peers else [])
                 if dtype == "gguf" and not path.endswith(".gguf"):
                     notes.append(f"{label}: dtype gguf is for .gguf files (skipped)")
                     continue
                 if llama and dtype == "gguf":
                     a["gguf"] = path
-                    impls.append("llama.cpp")
+                    impls += gguf_peers
                 elif llama and dtype in LLAMA_TYPES:
                     try:
                         from minimind.convert import export_gguf
@@ -231,7 +274,7 @@ def run(args) -> dict:
                         if not gguf.exists():
                             export_gguf(path, gguf, outtype=LLAMA_TYPES[dtype], show_progress=False)
                         a["gguf"] = str(gguf)
-                        impls.append("llama.cpp")
+                        impls += gguf_peers
                     except Exception as exc:  # noqa: BLE001 - e.g. no tokenizer for a random preset
                         notes.append(f"llama.cpp skipped for {label} {dtype}: GGUF export failed ({exc})")
                 print(f"  {label} {dtype}: {', '.join(impls)} ...", file=sys.stderr, flush=True)
@@ -309,8 +352,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "MiniMind2-Small / MiniMind2 shape)")
     p.add_argument("--dtypes", type=comma_list, default="fp32,bf16,int8", help="comma list of fp32, bf16, int8, "
                    "dynamic (llama.cpp: F32 / F16 / Q8_0 / none), gguf (a .gguf model's own types, both sides)")
-    p.add_argument("--peers", type=comma_list, default="transformers,llama.cpp", help="comma list (empty for ours "
-                   "only)")
+    p.add_argument("--peers", type=comma_list, default="transformers,llama.cpp", help="comma list of transformers, "
+                   "llama.cpp (llama-cpp-python), llama-bench (llama.cpp's benchmark binary); empty for ours only")
+    p.add_argument("--llama-bench", metavar="PATH", default="llama-bench",
+                   help="the llama-bench binary of the llama-bench peer (default: found on PATH)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--prompt-len", type=int, default=256, help="prompt tokens of the prefill measurement")
     p.add_argument("--decode-tokens", type=int, default=128, help="tokens of the decode measurement")
@@ -328,6 +373,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if bad := [d for d in args.dtypes if d not in DTYPES]:
         p.error(f"unknown dtype(s) {', '.join(bad)}; choose from {', '.join(DTYPES)}")
+    if bad := [x for x in args.peers if x not in IMPLS or x == "minimind"]:
+        p.error(f"unknown peer(s) {', '.join(bad)}; choose from {', '.join(k for k in IMPLS if k != 'minimind')}")
     if min(args.repeats, args.threads, args.prompt_len, args.decode_tokens - 1) < 1:
         p.error("--repeats, --threads and --prompt-len must be >= 1, --decode-tokens >= 2")
     if args.plot:

@@ -220,11 +220,6 @@ def test_engine_uses_fused_kernel_and_matches_torch_path():
             assert x.logprob == pytest.approx(y.logprob, abs=1e-4)
 
 
-def test_moe_and_compile_stay_on_torch_path():
-    llm = LLM(tiny_model("minimind3", use_moe=True, vocab_size=256), max_num_seqs=2, max_model_len=32)
-    assert llm.runner.fused is None and unsupported_reason(llm.runner) == "MoE layers"
-
-
 def test_missing_compiler_falls_back(monkeypatch, tmp_path):
     """No C compiler: the engine says why and runs the torch path."""
     from minimind.engine import fused

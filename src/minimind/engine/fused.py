@@ -1,7 +1,7 @@
 """The fused C decode step (kernels/*.c): build it once per machine, describe the runner's weights to it.
 
-Decode-only steps of dense models go through one C call instead of ~250 torch ops per token; prompt chunks,
-MoE models and anything the kernel does not cover keep the torch path. The shared library is compiled at
+Decode-only steps (dense and MoE models) go through one C call instead of ~250 torch ops per token; prompt chunks
+and anything the kernel does not cover keep the torch path. The shared library is compiled at
 first use with the system C compiler (`$CC`, else cc/gcc; -O3 -march=native -fopenmp) into the minimind
 cache and reused; without a compiler the engine runs the torch path and says so once.
 """
@@ -22,7 +22,7 @@ import torch
 
 log = logging.getLogger("minimind")
 KERNELS = Path(__file__).with_name("kernels")
-SOURCES = ("decode.c", "linear.c", "q8.c", "qblock.c", "qkblock.c", "attention.c", "sample.c")  # one library; kernels.h shared
+SOURCES = ("decode.c", "moe.c", "linear.c", "q8.c", "qblock.c", "qkblock.c", "attention.c", "sample.c")  # one library; kernels.h shared
 W_F32, W_BF16, W_I8 = 0, 1, 2
 CODES = {torch.float32: W_F32, torch.bfloat16: W_BF16, torch.int8: W_I8}  # weight dtype -> Mat.type
 P = ctypes.c_void_p
@@ -33,9 +33,15 @@ class Mat(ctypes.Structure):
                 ("cols", ctypes.c_int64)]
 
 
+class Moe(ctypes.Structure):
+    # router: [E, hidden] fp32; gate_up, down: Mat arrays of the routed experts, then the shared ones
+    _fields_ = [(name, ctypes.c_int64) for name in ("n_experts", "top_k", "renorm", "n_shared")] + [
+        ("router", P), ("gate_up", P), ("down", P)]
+
+
 class Layer(ctypes.Structure):
     _fields_ = [("ln1", P), ("ln2", P), ("q_norm", P), ("k_norm", P), ("qkv", Mat), ("o", Mat),
-                ("gate_up", Mat), ("down", Mat), ("k_cache", P), ("v_cache", P)]
+                ("gate_up", Mat), ("down", Mat), ("k_cache", P), ("v_cache", P), ("moe", P)]
 
 
 class Model(ctypes.Structure):
@@ -144,8 +150,6 @@ def gumbel_argmax(logits: torch.Tensor, seeds: torch.Tensor, steps: torch.Tensor
 def unsupported_reason(runner) -> str | None:
     """Why the fused kernel cannot run this runner's model, or None when it can."""
     cfg = runner.config
-    if any(lw.moe is not None for lw in runner.layers):
-        return "MoE layers"
     if runner.kv_dtype not in (torch.float32, torch.float16):
         return f"KV cache dtype {runner.kv_dtype} (the kernel keeps fp32 or fp16)"
     if getattr(cfg, "hidden_act", "silu") != "silu":
@@ -153,7 +157,7 @@ def unsupported_reason(runner) -> str | None:
     if not hasattr(runner.embed, "blocks") and runner.embed.dtype not in (torch.float32, torch.bfloat16):
         return f"embedding dtype {runner.embed.dtype}"
     for lw in runner.layers:
-        for lin in (lw.qkv, lw.o, lw.gate_up, lw.down):
+        for lin in (lw.qkv, lw.o, *((lw.gate_up, lw.down) if lw.moe is None else lw.moe.linears)):
             if _mat_parts(lin) is None:
                 return f"{type(lin).__name__} weights"
     if _mat_parts(runner.lm_head) is None:
@@ -185,13 +189,16 @@ class FusedDecoder:
         if len(eps) != 1:
             raise ValueError(f"norms with different eps {sorted(eps)}")
         layers = (Layer * len(runner.layers))()
+        self._moe = []  # the ctypes arrays the layers point to
         for i, lw in enumerate(runner.layers):
+            dense = lw.moe is None
             layers[i] = Layer(self._vec(lw.ln1), self._vec(lw.ln2), self._vec(lw.q_norm), self._vec(lw.k_norm),
-                              self._mat(lw.qkv), self._mat(lw.o), self._mat(lw.gate_up), self._mat(lw.down),
-                              kv.k[i].data_ptr(), kv.v[i].data_ptr())
+                              self._mat(lw.qkv), self._mat(lw.o), self._mat(lw.gate_up) if dense else Mat(),
+                              self._mat(lw.down) if dense else Mat(), kv.k[i].data_ptr(), kv.v[i].data_ptr(),
+                              None if dense else self._moe_ptr(lw.moe))
         self._layers = layers
-        down = runner.layers[0].down
-        inter = getattr(down, "cols", None) or _mat_parts(down)[0].shape[1]
+        dense = [lw.down for lw in runner.layers if lw.moe is None]
+        inter = (getattr(dense[0], "cols", None) or _mat_parts(dense[0])[0].shape[1]) if dense else 0
         self.vocab = cfg.vocab_size
         embed = runner.embed if hasattr(runner.embed, "blocks") else runner.embed.contiguous()
         self._keep.append(embed)
@@ -209,6 +216,16 @@ class FusedDecoder:
         w = norm.weight.detach().float().contiguous()
         self._keep.append(w)
         return w.data_ptr()
+
+    def _moe_ptr(self, moe) -> int:
+        pairs = moe.experts + moe.shared
+        gate_up, down = (Mat * len(pairs))(*(self._mat(g) for g, _ in pairs)), (Mat * len(pairs))(
+            *(self._mat(d) for _, d in pairs))
+        self._keep.append(moe.router)
+        desc = Moe(len(moe.experts), moe.top_k, int(moe.renormalize), len(moe.shared), moe.router.data_ptr(),
+                   ctypes.cast(gate_up, P), ctypes.cast(down, P))
+        self._moe += [gate_up, down, desc]
+        return ctypes.addressof(desc)
 
     def _mat(self, lin) -> Mat:
         w, scales, code = _mat_parts(lin)

@@ -17,6 +17,7 @@ from ..checkpoint.safetensors_file import stacked_view
 from ..model.rope import apply_rotary
 from .kv_cache import KVCache
 from .lora_rows import RowLoRA
+from .moe import MoEWeights
 from .quant import BlockLinear, DenseLinear, Int8Linear, make_linear
 from .sampling import build_sampling_batch, sample
 from .scheduler import Batch
@@ -68,9 +69,9 @@ class LayerWeights:
         if hasattr(mlp, "gate_proj"):  # dense SwiGLU
             self.gate_up, self.down = linear(mlp.gate_proj, mlp.up_proj), linear(mlp.down_proj)
             self.act, self.moe = mlp.act_fn, None
-        else:  # MoE: the model's module routes the step's tokens per expert
+        else:  # MoE: the model's routing over the runner's expert linears (engine/moe.py)
             self.gate_up = self.down = None
-            self.moe = _cast(mlp, dtype)  # not quantized: experts stay in the activation dtype
+            self.moe = MoEWeights(mlp, linear)
 
 
 class ModelRunner:
@@ -95,10 +96,11 @@ class ModelRunner:
         self.layers = []
         for layer in inner.layers:
             self.layers.append(LayerWeights(layer, quantization, dtype, weight_dtype))
-            if release_model:  # MoE experts are the runner's own modules (_cast): kept
+            if release_model:
                 attn, mlp = layer.self_attn, layer.mlp
                 _release_matrices(attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj,
-                                  *[getattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj") if hasattr(mlp, n)])
+                                  *[getattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj") if hasattr(mlp, n)],
+                                  *([] if hasattr(mlp, "gate_proj") else [mlp]))  # MoE: router and experts
         self.norm = _cast(inner.norm, dtype)
         self.lm_head = _blocks(model.lm_head) or make_linear(model.lm_head.weight, quantization, dtype, weight_dtype)
         if release_model:
@@ -117,7 +119,7 @@ class ModelRunner:
         from .fused import FusedDecoder, unsupported_reason
 
         for lw in self.layers:
-            for lin in (lw.qkv, lw.o, lw.gate_up, lw.down, self.lm_head):
+            for lin in (lw.qkv, lw.o, lw.gate_up, lw.down, self.lm_head, *(lw.moe.linears if lw.moe else ())):
                 if isinstance(lin, (DenseLinear, Int8Linear)):
                     lin.packed = True
         reason = unsupported_reason(self)
@@ -136,7 +138,7 @@ class ModelRunner:
         total = 0  # torch.ao packed weights, which expose no tensors
         parts = [self.embed, self.lm_head]
         for lw in self.layers:  # MoE layers: experts instead of gate_up and down
-            parts += [lw.qkv, lw.o, lw.gate_up, lw.down, *(lw.moe.parameters() if lw.moe is not None else ())]
+            parts += [lw.qkv, lw.o, lw.gate_up, lw.down, *([lw.moe.router, *lw.moe.linears] if lw.moe else ())]
         for part in parts:
             tensors = [part] if isinstance(part, torch.Tensor) else [
                 t for t in (getattr(part, n, None) for n in ("weight", "qweight", "scales", "scales_bf16", "blocks"))

@@ -19,6 +19,7 @@ typedef struct {
     Mat gate_up;                   /* [2 I, hidden]: gate | up */
     Mat down;                      /* [hidden, I] */
     void *k_cache, *v_cache;       /* [slots, Hkv, max_len, D], fp32 or fp16 (Model.kv_f16) */
+    const Moe *moe;                /* a mixture-of-experts feed-forward (moe.c) instead of gate_up/down, or NULL */
 } Layer;
 
 typedef struct {
@@ -44,14 +45,29 @@ int minimind_decode(const Model *m, int64_t B, const int64_t *ids, const int64_t
     const float scale = 1.0f / sqrtf((float)D);
     float *h = malloc(sizeof(float) * B * H), *xns = malloc(sizeof(float) * (size_t)nthreads * B * H);
     float *qkv = malloc(sizeof(float) * B * QKV), *att = malloc(sizeof(float) * B * Hq * D);
-    float *act = malloc(sizeof(float) * B * I);
+    /* MoE layers: (row, expert) pairs and the widest expert set the sizes of the FFN buffers */
+    int64_t pairs = B, inter = I, max_e = 0, max_k = 0;
+    for (int64_t l = 0; l < m->n_layers; l++) {
+        const Moe *e = m->layers[l].moe;
+        if (!e) continue;
+        pairs = B * e->top_k > pairs ? B * e->top_k : pairs;
+        max_e = e->n_experts > max_e ? e->n_experts : max_e;
+        max_k = e->top_k > max_k ? e->top_k : max_k;
+        for (int64_t j = 0; j < e->n_experts + e->n_shared; j++)
+            inter = e->gate_up[j].rows / 2 > inter ? e->gate_up[j].rows / 2 : inter;
+    }
+    float *act = malloc(sizeof(float) * pairs * inter);
+    const int64_t route_n = moe_route_ints(B, max_k, max_e), moe_f = max_e ? pairs * H + B * max_k + max_e : 1;
+    float *ys = malloc(sizeof(float) * (max_e ? pairs * H : 1));
+    int64_t *routes = malloc(sizeof(int64_t) * (size_t)nthreads * route_n);
+    float *moes = malloc(sizeof(float) * (size_t)nthreads * moe_f);
     float *scores = malloc(sizeof(float) * (size_t)nthreads * group * T);
     /* fp32 rows feed the packed kernel in place; bf16/int8 rows are widened first, which pays from more rows */
     const int gemm = B >= (m->n_layers && m->layers[0].qkv.type == W_F32 ? GEMM_MIN_ROWS_F32 : GEMM_MIN_ROWS);
     const int64_t rpt = gemm ? GEMM_ROWS_PER_TASK : ROWS_PER_TASK;
     float *gu = malloc(sizeof(float) * (size_t)nthreads * 2 * B * rpt);
     int64_t kmax = H > Hq * D ? H : Hq * D;
-    kmax = kmax > I ? kmax : I;
+    kmax = kmax > inter ? kmax : inter;
     const int64_t xp_size = gemm ? cdiv(B, PANEL) * PANEL * kmax : 1, wf_size = gemm ? GEMM_RN * kmax : 1;
     float *xps = malloc(sizeof(float) * (size_t)nthreads * (xp_size + wf_size));
     /* int8 weights: each thread quantizes the B rows feeding a product itself (q8.c), like the norms above */
@@ -62,7 +78,10 @@ int minimind_decode(const Model *m, int64_t B, const int64_t *ids, const int64_t
     int status = 0;
     for (int64_t b = 0; b < B; b++)
         if (pos[b] < 0 || pos[b] >= T) { status = -2; goto done; }
-    if (!h || !xns || !qkv || !att || !act || !scores || !gu || !xps || !q8s) { status = -1; goto done; }
+    if (!h || !xns || !qkv || !att || !act || !scores || !gu || !xps || !q8s || !ys || !routes || !moes) {
+        status = -1;
+        goto done;
+    }
 
 #pragma omp parallel num_threads(nthreads)
     {
@@ -77,16 +96,13 @@ int minimind_decode(const Model *m, int64_t B, const int64_t *ids, const int64_t
         int8_t *xq = (int8_t *)q8;
         int16_t *xs = (int16_t *)(q8 + q_size);
         float *xu = (float *)(q8 + q_size + sizeof(int16_t) * s_size), *xd = xu + B, *xsum = xd + s_size;
+        float *moe_f32 = moes + (size_t)tid * moe_f;
+        /* the MoE layers' buffers; its ActBuf (this thread's product inputs) serves the dense products too */
+        const MoeStep moe_step = {B, H, rpt, gemm, act, ys, xn, moe_f32, routes + (size_t)tid * route_n,
+                                  moe_f32 + pairs * H, gate, up, {xq, xs, xu, xd, xsum, xp, wf}};
 #define NORM(w) for (int64_t b = 0; b < B; b++) rms_norm(h + b * H, w, H, m->eps, xn + b * H)
-#define PACK(mat, x, ldx, K)                                    \
-    if (q8_ok(mat)) quantize_q8(x, ldx, B, K, xq, xs, xu);      \
-    else if (qb_ok(mat)) quantize_qb((int)(mat)->type, x, ldx, B, K, xq, xd, xsum); \
-    else if (gemm) pack_x(x, ldx, B, K, xp)
-#define LINEAR(mat, x, ldx, n0, n1, y, ldy, acc)                                                          \
-    (q8_ok(mat)   ? matvec_q8(mat, xq, xs, xu, B, n0, n1, y, ldy, acc)                                     \
-     : qb_ok(mat) ? matvec_qb(mat, xq, xd, xsum, B, n0, n1, y, ldy, acc)                                   \
-     : gemm       ? matmul_packed(mat, xp, B, n0, n1, y, ldy, acc, wf)                                   \
-                  : matvec(mat, x, ldx, B, n0, n1, y, ldy, acc))
+#define PACK(mat, x, ldx, K) act_prepare(mat, &moe_step.a, x, ldx, B, K, gemm)
+#define LINEAR(mat, x, ldx, n0, n1, y, ldy, acc) act_linear(mat, &moe_step.a, x, ldx, B, n0, n1, y, ldy, acc, gemm)
 #pragma omp for schedule(static)
         for (int64_t b = 0; b < B; b++)
             if (qb_ok(&m->embed)) dequant_row_qb(&m->embed, ids[b], h + b * H);
@@ -127,6 +143,10 @@ int minimind_decode(const Model *m, int64_t B, const int64_t *ids, const int64_t
                 LINEAR(&L->o, att, Hq * D, n0, n1, h, H, 1);
             }
             NORM(L->ln2);
+            if (L->moe) {
+                moe_ffn(L->moe, &moe_step, h);
+                continue;
+            }
             PACK(&L->gate_up, xn, H, H);
 #pragma omp for schedule(static)
             for (int64_t t = 0; t < cdiv(I, rpt); t++) {
@@ -153,5 +173,6 @@ int minimind_decode(const Model *m, int64_t B, const int64_t *ids, const int64_t
     }
 done:
     free(h); free(xns); free(qkv); free(att); free(act); free(scores); free(gu); free(xps); free(q8s);
+    free(ys); free(routes); free(moes);
     return status;
 }

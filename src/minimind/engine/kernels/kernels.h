@@ -139,6 +139,55 @@ HIDDEN void matvec_qb(const Mat *m, const int8_t *q, const float *d, const float
 HIDDEN void dequant_row_qb(const Mat *m, int64_t row, float *dst);
 HIDDEN int linear_qb(const Mat *m, const float *x, int64_t M, float *y, int nthreads);
 
+/* One thread's copy of a product's input in the weight's format: int8 rows for W_I8 (q8.c), int8 with float block
+ * scales and sums for GGUF blocks (qblock.c, qkblock.c), packed panels for the fp32/bf16 GEMM (gemm), else x itself */
+typedef struct {
+    int8_t *q;
+    int16_t *s;
+    float *u, *d, *sum, *xp, *wf;
+} ActBuf;
+
+static inline void act_prepare(const Mat *m, const ActBuf *a, const float *x, int64_t ldx, int64_t B, int64_t K,
+                               int gemm) {
+    if (q8_ok(m)) quantize_q8(x, ldx, B, K, a->q, a->s, a->u);
+    else if (qb_ok(m)) quantize_qb((int)m->type, x, ldx, B, K, a->q, a->d, a->sum);
+    else if (gemm) pack_x(x, ldx, B, K, a->xp);
+}
+
+/* y[b * ldy + n] (+)= (W x[b])[n] for n in [n0, n1), from the input act_prepare made of the same x */
+static inline void act_linear(const Mat *m, const ActBuf *a, const float *x, int64_t ldx, int64_t B, int64_t n0,
+                              int64_t n1, float *y, int64_t ldy, int acc, int gemm) {
+    if (q8_ok(m)) matvec_q8(m, a->q, a->s, a->u, B, n0, n1, y, ldy, acc);
+    else if (qb_ok(m)) matvec_qb(m, a->q, a->d, a->sum, B, n0, n1, y, ldy, acc);
+    else if (gemm) matmul_packed(m, a->xp, B, n0, n1, y, ldy, acc, a->wf);
+    else matvec(m, x, ldx, B, n0, n1, y, ldy, acc);
+}
+
+/* moe.c: the feed-forward of a mixture-of-experts layer (MiniMind2: top-2 of 4 + shared experts; minimind-3 /
+ * Qwen3-MoE: top-1), for B rows inside the decode step's parallel region */
+typedef struct {
+    int64_t n_experts, top_k, renorm, n_shared;
+    const float *router;        /* [n_experts, hidden] fp32: logits = W x */
+    const Mat *gate_up, *down;  /* [n_experts + n_shared]: routed experts, then shared; gate_up [2 I, hidden] */
+} Moe;
+
+typedef struct {
+    int64_t B, H, rpt;  /* rows, hidden size, output rows per task */
+    int gemm;           /* the step packs inputs for the GEMM (xp holds B rows) */
+    float *act;         /* shared [B * top_k, I]: SiLU(gate) * up of each (row, expert) pair */
+    float *y;           /* shared [B * top_k, H]: each pair's expert output */
+    /* per thread */
+    const float *xn;    /* [B, H] the normalized rows */
+    float *xg;          /* [B * top_k, H] rows gathered by expert */
+    int64_t *route;     /* [moe_route_ints] */
+    float *probs;       /* [B * top_k + n_experts] */
+    float *gate, *up;   /* [B, rpt] */
+    ActBuf a;
+} MoeStep;
+
+HIDDEN void moe_ffn(const Moe *moe, const MoeStep *st, float *h);
+static inline int64_t moe_route_ints(int64_t B, int64_t k, int64_t E) { return 3 * B * k + 2 * (E + 1); }
+
 /* attention.c */
 HIDDEN void attend_group(const float *q, int group, const void *keys, const void *vals, int64_t len, int64_t D,
                          float scale, float *sc, float *o, int f16);

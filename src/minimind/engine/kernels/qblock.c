@@ -108,9 +108,8 @@ static inline __attribute__((always_inline)) void qb_tile(int type, int RB, cons
     for (int b = 0; b < RB; b++) acc[b] = _mm256_setzero_ps();
     int64_t j = 0;
 #ifdef __AVX512BW__
-    /* two blocks per instruction; an odd last block goes through the 256-bit loop below */
-    __m512 acc5[QB_RB];
-    for (int b = 0; b < RB; b++) acc5[b] = _mm512_setzero_ps();
+    /* the integer dots of two blocks per instruction; their scaling and sums in the 256-bit loop's order (as
+     * llama.cpp's AVX2 dot products add them, so both round alike); an odd last block goes through that loop */
     for (; j + 2 <= nb; j += 2) {
         const uint8_t *blk = w + j * size;
         if ((j & 3) == 0) _mm_prefetch((const char *)(blk + 8 * size), _MM_HINT_T0);
@@ -138,13 +137,12 @@ static inline __attribute__((always_inline)) void qb_tile(int type, int RB, cons
             __m512i x = _mm512_loadu_si512((const void *)(q + b * K + j * QB_BLOCK));
             if (type != W_Q4_1) x = _mm512_mask_sub_epi8(x, neg, _mm512_setzero_si512(), x);
             const __m512 dot = _mm512_cvtepi32_ps(_mm512_madd_epi16(_mm512_maddubs_epi16(wa, x), _mm512_set1_epi16(1)));
-            const __m512 sc = _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_set1_ps(dw0 * d[b * nb + j])),
-                                                 _mm256_set1_ps(dw1 * d[b * nb + j + 1]), 1);
-            acc5[b] = _mm512_fmadd_ps(dot, sc, acc5[b]);
-            tail[b] += mw0 * s[b * nb + j] + mw1 * s[b * nb + j + 1];
+            acc[b] = _mm256_fmadd_ps(_mm512_castps512_ps256(dot), _mm256_set1_ps(dw0 * d[b * nb + j]), acc[b]);
+            acc[b] = _mm256_fmadd_ps(_mm512_extractf32x8_ps(dot, 1), _mm256_set1_ps(dw1 * d[b * nb + j + 1]), acc[b]);
+            tail[b] += mw0 * s[b * nb + j];
+            tail[b] += mw1 * s[b * nb + j + 1];
         }
     }
-    for (int b = 0; b < RB; b++) tail[b] += _mm512_reduce_add_ps(acc5[b]);
 #endif
     for (; j < nb; j++) {
         const uint8_t *blk = w + j * size;

@@ -155,9 +155,9 @@ class BlockLinear:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         from .fused import block_linear
 
-        y = block_linear(self, x.reshape(-1, self.cols)) if self.packed else None
-        if y is None:
-            y = F.linear(x.float(), self.dequantize())
+        y = block_linear(self, x.reshape(-1, self.cols)) if self.packed and x.device.type == "cpu" else None
+        if y is None:  # one matrix dequantized at a time, on the activations' device (a GPU: no C kernels there)
+            y = F.linear(x.float(), self.dequantize().to(x.device))
         return y.to(self.act_dtype).reshape(*x.shape[:-1], self.rows)
 
     def dequantize(self, rows=None) -> torch.Tensor:

@@ -22,9 +22,10 @@ from pathlib import Path
 from ..checkpoint.spec import ModelSpec
 
 MODELS = {"small": "minimind2-small", "base": "minimind2", "default": None}  # None = the embedded model
-# gguf: a GGUF file's own tensor types (Q8_0/Q4_0/Q4_1 blocks run as stored), llama.cpp on the same file
-DTYPES = ("fp32", "bf16", "int8", "dynamic", "gguf")
-LLAMA_TYPES = {"fp32": "f32", "bf16": "f16", "int8": "q8_0"}  # llama.cpp's precision matched to ours
+# gguf: a GGUF file's own tensor types (quantized blocks run as stored), llama.cpp on the same file
+DTYPES = ("fp32", "bf16", "int8", "int4", "dynamic", "gguf")
+# llama.cpp's precision matched to ours (int4: our Q4_K blocks made at load; Q4_K_M keeps a few tensors in Q6_K)
+LLAMA_TYPES = {"fp32": "f32", "bf16": "f16", "int8": "q8_0", "int4": "q4_k_m"}
 TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16"}  # int8 and dynamic load fp32 weights and quantize them
 SHARED_TOKENIZER = Path(__file__).resolve().parents[3].parent / "shared" / "minimind-tokenizers" / "minimind2"
 
@@ -259,7 +260,9 @@ def run(args) -> dict:
                 a = {"model": path, "dtype": dtype, "threads": args.threads, "prompt_len": args.prompt_len,
                      "decode_tokens": args.decode_tokens, "repeats": args.repeats, "compile": args.compile,
                      "llama_bench": args.llama_bench and shutil.which(args.llama_bench)}
-                impls = ["minimind"] + (["transformers"] if "transformers" in args.peers else [])
+                impls = ["minimind"] + (["transformers"] if "transformers" in args.peers and dtype != "int4" else [])
+                if dtype == "int4" and "transformers" in args.peers:
+                    notes.append(f"{label} int4: transformers has no int4 path (skipped)")
                 if dtype == "gguf" and not path.endswith(".gguf"):
                     notes.append(f"{label}: dtype gguf is for .gguf files (skipped)")
                     continue
@@ -351,7 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "default, default-gguf (the Q4_1 file it ships as), or paths (small/base: random weights of the "
                    "MiniMind2-Small / MiniMind2 shape)")
     p.add_argument("--dtypes", type=comma_list, default="fp32,bf16,int8", help="comma list of fp32, bf16, int8, "
-                   "dynamic (llama.cpp: F32 / F16 / Q8_0 / none), gguf (a .gguf model's own types, both sides)")
+                   "int4, dynamic (llama.cpp: F32 / F16 / Q8_0 / Q4_K_M / none; transformers has no int4), gguf (a "
+                   ".gguf model's own types, both sides)")
     p.add_argument("--peers", type=comma_list, default="transformers,llama.cpp", help="comma list of transformers, "
                    "llama.cpp (llama-cpp-python), llama-bench (llama.cpp's benchmark binary); empty for ours only")
     p.add_argument("--llama-bench", metavar="PATH", default="llama-bench",

@@ -31,7 +31,8 @@ def read_checkpoint(path: str | Path, *, weights_dtype: torch.dtype | None = Non
 
     weights_dtype: floating tensors are cast to it one by one while reading, so a bf16 load never holds a full
     fp32 copy beside the bf16 weights (None keeps each file's own dtype; GGUF dequantizes to fp32).
-    blocks: a dict for a GGUF's Q8_0/Q4_0/Q4_1 matrices as stored (see read_gguf); other formats leave it empty."""
+    blocks: a dict for a GGUF's quantized matrices as stored, of the types the engine's kernels read (see
+    read_gguf); other formats leave it empty."""
     path = Path(path).expanduser()
     try:
         config, sd = _read(path, weights_dtype, config_overrides, blocks)
@@ -81,8 +82,9 @@ def load_model(path: str | Path | None = None, *, lora: str | Path | None = None
     inference_rope_scaling: False (the checkpoint's own RoPE), True (standard YaRN x16) or "legacy" (x4).
     light: a plain-torch `MiniMindLM` (what the engine runs; never imports transformers' modeling stack) instead
     of the HF `MiniMindForCausalLM` (generate, save_pretrained), with the same weights and keys.
-    keep_blocks: a GGUF's Q8_0/Q4_0/Q4_1 matrices stay as stored, on their modules as `gguf_blocks` (the engine
-    computes from them; the module's own weight is a stand-in): light models without a LoRA only.
+    keep_blocks: a GGUF's quantized matrices of the types the engine's kernels read stay as stored, on their
+    modules as `gguf_blocks` (the engine computes from them; the module's own weight is a stand-in): light models
+    without a LoRA only.
     """
     blocks = {} if keep_blocks and light and lora is None else None
     path = default_model_dir() if path is None else path

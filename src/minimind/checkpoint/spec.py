@@ -146,7 +146,7 @@ class ModelSpec:
         from .lora import load_lora
 
         source = source or self.resolve()
-        # on CPU a GGUF's Q8_0/Q4_0/Q4_1 matrices stay as stored (the engine computes from them), unless a LoRA
+        # on CPU a GGUF's quantized matrices stay as stored (the engine computes from them), unless a LoRA
         # must change them or another dtype is asked for
         keep = device == "cpu" and self.dtype_or_none in (None, "float32") and self.lora_weight in NO_LORA
         blocks = {} if keep else None

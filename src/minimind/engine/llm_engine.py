@@ -30,8 +30,9 @@ class LLM:
 
     model_or_path: a MiniMindForCausalLM, a checkpoint path, or None for the embedded default model.
     dtype: "float32" / "bfloat16" (None keeps the model's). quantization: None, "int8" (int8 weights, one scale
-    per output channel; the C kernels quantize activations per 32 values, kernels/q8.c) or "dynamic" (torch.ao
-    quantize_dynamic).
+    per output channel; the C kernels quantize activations per 32 values, kernels/q8.c), "int4" (4-bit weight
+    blocks made at load: Q4_K where rows are whole 256-value super-blocks, else Q4_0; run by the GGUF block
+    kernels) or "dynamic" (torch.ao quantize_dynamic).
     max_model_len / max_num_seqs size the KV cache once; more requests wait in a queue. kv_dtype: its storage,
     None (fp32 when the fused kernel runs or the CPU lacks native bf16, else the activation dtype), "float32",
     "bfloat16" or "float16" (storage only: half the memory and bytes attention reads; it computes in fp32).

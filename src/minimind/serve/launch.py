@@ -101,9 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
                      "model's own limit)")
     eng.add_argument("--max-num-batched-tokens", type=int, default=SERVE_BATCHED_TOKENS,
                      help="tokens per step (prompt chunking; smaller steps let a burst of requests start sooner)")
-    eng.add_argument("--quantization", default=None, choices=("int8", "dynamic"),
+    eng.add_argument("--quantization", default=None, choices=("int8", "int4", "dynamic"),
                      help="int8: int8 weights (per channel) x int8 activations (per 32 values, llama.cpp's Q8_0 "
-                          "scheme); dynamic: torch.ao quantize_dynamic (the seeds' path)")
+                          "scheme); int4: 4-bit weight blocks (llama.cpp's Q4_K, else Q4_0) made at load; dynamic: "
+                          "torch.ao quantize_dynamic (the seeds' path)")
     eng.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "float32", "float16"),
                      help="KV cache storage; float16 halves its memory and what attention reads (values rounded to "
                           "fp16, attention still computes in fp32); auto: fp32 on CPU")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 
@@ -149,3 +150,33 @@ def test_moe_engine_generates_through_fused_kernel(weights):
     outs = llm.generate([[5, 6, 7], list(range(10, 30)), [9]], params)
     assert all(len(o.outputs[0].token_ids) == 6 for o in outs)
     assert sum(calls) >= 3 * 5 and max(calls) == 3  # each sequence's decode steps, batched
+
+
+def test_qwen3_moe_gguf_decodes_like_llama_cpp(tmp_path):
+    """minimind-3-moe exported as a Qwen3-MoE GGUF (f32): our fused MoE decode steps give llama.cpp's
+    log-probabilities on the same file (fp32 KV cache on both sides) and its greedy tokens."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python not installed")
+    from minimind.checkpoint.gguf_reader import SUPPORTED_ARCHS
+    from minimind.convert import export_gguf
+    from test_convert_util import native_era
+    from test_engine_gguf_blocks import _log_softmax
+
+    if "qwen3moe" not in SUPPORTED_ARCHS:
+        pytest.skip("checkpoint/gguf_reader.py does not read qwen3moe")
+    pth, tok = native_era(tmp_path, "minimind3-moe")
+    path = export_gguf(pth, tmp_path / "moe.gguf", "f32", tokenizer=tok, show_progress=False)
+    llm = LLM(str(path), max_num_seqs=1, max_model_len=64)
+    _needs_kernel(llm)
+    assert llm.config.use_moe and llm.config.num_experts_per_tok == 1
+    prompt = [5, 17, 42, 3, 99, 7, 64, 23]
+    out = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=8, logprobs=5, ignore_eos=True))[0].outputs[0]
+    ref = llama_cpp.Llama(model_path=str(path), n_ctx=64, n_threads=1, logits_all=True, verbose=False,
+                          type_k=0, type_v=0)  # GGML_TYPE_F32 cache
+    ref.eval(prompt + out.token_ids[:-1])
+    worst = 0.0
+    for step, logprob in enumerate(out.logprobs):  # step 0 from the prompt chunk, the rest from fused decode steps
+        theirs = _log_softmax(ref.scores[len(prompt) - 1 + step])
+        assert out.token_ids[step] == int(np.argmax(theirs))
+        for top in logprob.top:
+            worst = max(worst, abs(top.logprob - theirs[top.token_id]))
+    assert worst < 1e-3, worst

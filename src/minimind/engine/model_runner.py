@@ -1,9 +1,10 @@
 """ModelRunner: one fused forward over a mixed batch (decode tokens + prompt chunks) on the slot KV cache.
 
-It reuses the model's own modules (norms, MoE, rotary frequencies) and weights, fused per layer into one
-q|k|v and one gate|up matrix, so the math equals MiniMindForCausalLM.forward. Linear layers see every token
-of the step at once; attention runs once for all decode rows (masked to each row's length) and once per
-prompt chunk. There is no host sync inside the layers (MoE routing excepted).
+It reuses the model's own modules (norms, rotary frequencies) and weights, fused per layer into one
+q|k|v and one gate|up matrix (MoE: per expert, routed as the model routes, engine/moe.py), so the math equals
+MiniMindForCausalLM.forward. Linear layers see every token of the step at once; attention runs once for all
+decode rows (masked to each row's length) and once per prompt chunk. There is no host sync inside the layers
+(MoE routing excepted).
 """
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-/* One decode step of a dense decoder (MiniMind2, minimind-3, Llama, Qwen3) for B one-token rows, in one call.
+/* One decode step of a decoder (MiniMind2, minimind-3, Llama, Qwen3; MoE feed-forwards in moe.c) for B one-token
+ * rows, in one call.
  *
  * Why C: a torch decode step is ~250 small ops per token (half the step is dispatch) and torch's GEMV kernels
  * stream weights at a third of DRAM speed on CPUs without AVX-512. Here every matrix-vector product reads

@@ -1,22 +1,19 @@
-"""Read a .safetensors file tensor by tensor, each in its target dtype, never holding two copies of the weights.
+"""Read a .safetensors file tensor by tensor, casting each to the target dtype as it arrives.
 
-Matrices kept in the file's dtype are views of copy-on-write mappings of the file: the page cache's own pages,
-nothing copied or zeroed, read from disk in the background (MADV_WILLNEED). One mapping per run of one module's
-matrices, so it is unmapped as soon as that module's matrices are dropped (the engine drops the model's as it
-quantizes them). Everything else is read with plain file reads into its own buffer and cast at once
-(`safetensors.torch.load_file` would map the whole file and copy every tensor out: both resident), so the peak is
-the model in its target dtype plus one tensor in the file's dtype.
+`safetensors.torch.load_file` maps the whole file and copies every tensor out: while it runs, the mapped pages
+(the file's size) and the copies are both resident, and a later cast to bf16 adds a third copy. Here each tensor
+is read with plain file reads (the page cache is not this process's RSS) into its own buffer and cast at once,
+so the peak is the model in its target dtype plus one tensor in the file's dtype. The weights end up in the
+process's own memory, not in mapped file pages: the engine's decode step reads those 10-15 % slower.
 
-A layer's q, k, v projections (and its gate, up projections) share one allocation, rows stacked in that order:
-the engine runs them as one q|k|v (gate|up) matrix (engine/model_runner.py), which is then a view of the same
-memory instead of a copy of them. Mapped, they are stacked when the file stores them back to back in that
-order; otherwise they are read into one buffer.
+A layer's q, k, v projections (and its gate, up projections) are read into one allocation, rows stacked in that
+order, each tensor a view of it: the engine runs them as one q|k|v (gate|up) matrix (engine/model_runner.py),
+which is then a view of the same memory instead of a copy of them.
 """
 from __future__ import annotations
 
 import json
 import math
-import mmap
 import os
 import struct
 from pathlib import Path
@@ -33,7 +30,6 @@ _MAX_HEADER = 100 * 2**20  # the format's own limit
 # Bytes converted at a time when casting. Below glibc's 128 KB mmap threshold: freeing a larger buffer would raise
 # that threshold, after which the weights come from the heap and dropping them later does not return memory.
 _CHUNK = 64 * 2**10
-_MAX_MAPPINGS = 256  # each mapping holds a file descriptor (Python's mmap duplicates it): beyond, read the file
 # name suffixes of the matrices the engine stacks row-wise into one, in its order
 STACKED = ((".self_attn.q_proj.weight", ".self_attn.k_proj.weight", ".self_attn.v_proj.weight"),
            (".mlp.gate_proj.weight", ".mlp.up_proj.weight"))
@@ -74,12 +70,8 @@ def read_safetensors(path: str | Path, dtype: torch.dtype | None = None) -> dict
         except (KeyError, TypeError, IndexError):
             raise _corrupt(path, "a header entry has no data_offsets") from None
         checked = {name: _check(path, name, info, base, file_size) for name, info in entries}
-        groups = _groups(checked)
-        out.update(_mapped(f, base, checked, dtype, groups))
-        stacked = _stacked(checked, dtype, [g for g in groups if g[0] not in out])
+        stacked = _stacked(checked, dtype, _groups(checked))
         for name, (src, start, shape) in checked.items():
-            if name in out:  # mapped
-                continue
             count = math.prod(shape)
             cast = dtype is not None and src.is_floating_point and src != dtype
             tensor = stacked.get(name)
@@ -135,49 +127,6 @@ def _stacked(checked: dict, dtype: torch.dtype | None, groups: list[list[str]]) 
         target = dtype if dtype is not None and src.is_floating_point else src
         rows = [checked[n][2][0] for n in names]
         views.update(zip(names, torch.empty(sum(rows), width, dtype=target).split(rows)))
-    return views
-
-
-def _mapped(f, base: int, checked: dict, dtype: torch.dtype | None, groups: list[list[str]]) -> dict[str, torch.Tensor]:
-    """{name: view of a mapping of the file} for the matrices kept in the file's dtype (see the module docstring);
-    empty where the file cannot be mapped."""
-    order = {name: i for i, name in enumerate(checked)}  # file order: consecutive entries are back to back
-
-    def end(name: str) -> int:
-        src, start, shape = checked[name]
-        return start + math.prod(shape) * src.itemsize
-
-    def mappable(name: str) -> bool:
-        src, start, shape = checked[name]
-        return (len(shape) >= 2 and math.prod(shape) > 0 and (base + start) % src.itemsize == 0
-                and (dtype is None or not src.is_floating_point or src == dtype))
-
-    in_place = {n for g in groups if all(map(mappable, g)) and [order[n] - order[g[0]] for n in g] == list(range(len(g)))
-                for n in g}
-    runs: list[list[str]] = []  # consecutive mappable matrices of one module
-    for name in checked:
-        if not mappable(name) or (name not in in_place and any(name in g for g in groups)):
-            continue
-        if runs and order[runs[-1][-1]] == order[name] - 1 and runs[-1][-1].rsplit(".", 2)[0] == name.rsplit(".", 2)[0]:
-            runs[-1].append(name)
-        else:
-            runs.append([name])
-    if not runs or len(runs) > _MAX_MAPPINGS:
-        return {}
-    views, granularity = {}, mmap.ALLOCATIONGRANULARITY
-    try:
-        for run in runs:
-            lo, hi = base + checked[run[0]][1], base + end(run[-1])
-            at = lo - lo % granularity  # a mapping starts at a multiple of the granularity
-            mapping = mmap.mmap(f.fileno(), hi - at, offset=at, access=mmap.ACCESS_COPY)
-            if hasattr(mmap, "MADV_WILLNEED"):  # start reading a cold file now
-                mapping.madvise(mmap.MADV_WILLNEED)
-            whole = torch.frombuffer(mapping, dtype=torch.uint8)  # keeps the mapping alive; its views share it
-            for name in run:
-                src, start, shape = checked[name]
-                views[name] = whole[base + start - at:base + end(name) - at].view(src).view(shape)
-    except (OSError, ValueError, AttributeError):  # no mmap for this file (some filesystems, platforms)
-        return {}
     return views
 
 

@@ -90,6 +90,21 @@ def _quantize_inputs(ref) -> None:
             module.forward = forward_of(module)
 
 
+def check_row(ref, llm: LLM, got: torch.Tensor, token: int, slot: int, pos: int, weights: str, msg: str) -> bool:
+    """The kernel's logits of one decode row against the reference model's; True when excused: the reference's fp32
+    activations differ from the kernel's by ~1e-6 relative (its exp, summation order), so with int8 weights a value
+    within 1e-3 of a rounding boundary of fake_q8 may round the other way: one step of one block, carried through
+    the layers (up to ~5e-2 here). Callers allow that for at most a tenth of the rows."""
+    if weights == "int8":
+        ref.q8_margin[0] = 1.0
+    expect = _reference_logits(ref, llm, token, slot, pos)
+    if weights == "int8" and ref.q8_margin[0] < 1e-3 and not torch.allclose(got, expect, 1e-4, 2e-4):
+        torch.testing.assert_close(got, expect, rtol=0, atol=1e-1)
+        return True
+    torch.testing.assert_close(got, expect, rtol=1e-4, atol=2e-4, msg=msg)
+    return False
+
+
 def _reference_logits(ref, llm: LLM, token: int, slot: int, pos: int) -> torch.Tensor:
     cache = DynamicCache(config=ref.config)
     for layer in range(ref.config.num_hidden_layers):
@@ -126,17 +141,10 @@ def test_fused_step_equals_model_forward(family, overrides, weights):
         ids = torch.randint(0, 300, (rows,), generator=gen)
         logits = llm.runner.fused(ids, slots, positions)
         for b in range(rows):
-            if weights == "int8":
-                ref.q8_margin[0] = 1.0
-            expect = _reference_logits(ref, llm, int(ids[b]), int(slots[b]), int(positions[b]))
-            if weights == "int8" and ref.q8_margin[0] < 1e-3 and not torch.allclose(logits[b], expect, 1e-4, 2e-4):
-                # the reference's fp32 activations differ from the kernel's by ~1e-6 relative (its exp, summation
-                # order); a value within 1e-3 of a rounding boundary of fake_q8 may round the other way: one step of
-                # one block, carried through the layers (up to ~5e-2 here). Rare: at most a tenth of the rows.
-                torch.testing.assert_close(logits[b], expect, rtol=0, atol=1e-1)
+            if check_row(ref, llm, logits[b], int(ids[b]), int(slots[b]), int(positions[b]), weights,
+                         f"{rows} rows, row {b}"):
                 excused += 1
                 continue
-            torch.testing.assert_close(logits[b], expect, rtol=1e-4, atol=2e-4, msg=f"{rows} rows, row {b}")
             # the kernel wrote this row's new key/value at its position; the reference computed the same
             cache = DynamicCache(config=ref.config)
             with torch.no_grad():

@@ -1,14 +1,18 @@
 """The runner's mixture-of-experts feed-forward: the model's routing over the runner's own expert matrices.
 
-Routing is MiniMind's (model/layers.MoE): softmax over the router's logits, the top-k experts, their weights
+Routing is MiniMind's (model/layers.route_experts, the model's own): softmax over the router's logits, the top-k experts, their weights
 divided by (sum + 1e-20) when the model renormalises, plus ungated shared experts. The experts are the runner's
 linears (fp32, bf16, int8, ...), so the torch path and the fused decode step (kernels/moe.c) read the same
 weights; the router stays fp32 on both (4 rows: its logits decide which expert runs, not worth rounding).
 """
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
+
+from ..model.layers import route_experts
 
 
 class MoEWeights:
@@ -32,23 +36,6 @@ class MoEWeights:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x [N, H] -> [N, H]"""
-        scores = F.linear(x.float(), self.router).softmax(dim=-1)  # [N, E]
-        weight, index = torch.topk(scores, k=self.top_k, dim=-1, sorted=False)  # [N, k]
-        if self.renormalize:
-            weight = weight / (weight.sum(dim=-1, keepdim=True) + 1e-20)
-        out = torch.zeros_like(x)
-        # one host sync for the routing table, then one product group per expert that has rows
-        counts = torch.bincount(index.flatten(), minlength=len(self.experts)).tolist()
-        order = index.flatten().argsort()
-        start = 0
-        for e, n in enumerate(counts):
-            if n == 0:
-                continue
-            pairs = order[start:start + n]
-            start += n
-            rows = pairs // self.top_k
-            y = self._expert(self.experts[e], x[rows]).float() * weight.flatten()[pairs, None]
-            out.index_add_(0, rows, y.to(out.dtype))
-        for pair in self.shared:
-            out = out + self._expert(pair, x)
-        return out
+        experts = [partial(self._expert, pair) for pair in self.experts]
+        shared = [partial(self._expert, pair) for pair in self.shared]
+        return route_experts(x, F.linear(x.float(), self.router), experts, shared, self.top_k, self.renormalize)

@@ -67,24 +67,31 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])  # [T, H]
-        scores = self.gate(flat).softmax(dim=-1)  # [T, E]
-        weight, index = torch.topk(scores, k=self.top_k, dim=-1, sorted=False)  # [T, k]
-        if self.renormalize:
-            weight = weight / (weight.sum(dim=-1, keepdim=True) + 1e-20)
-        out = torch.zeros_like(flat)
-        # One host sync for the routing table, then one matmul group per expert that has tokens.
-        counts = torch.bincount(index.flatten(), minlength=len(self.experts)).tolist()
-        order = index.flatten().argsort()
-        token_of = order // self.top_k
-        start = 0
-        for e, n in enumerate(counts):
-            if n == 0:
-                continue
-            tokens, slots = token_of[start:start + n], order[start:start + n]
-            start += n
-            y = self.experts[e](flat[tokens]) * weight.flatten()[slots, None]
-            out.index_add_(0, tokens, y.to(out.dtype))
-        if hasattr(self, "shared_experts"):
-            for expert in self.shared_experts:
-                out = out + expert(flat)
+        shared = getattr(self, "shared_experts", ())
+        out = route_experts(flat, self.gate(flat), list(self.experts), list(shared), self.top_k, self.renormalize)
         return out.view(shape)
+
+
+def route_experts(flat: torch.Tensor, logits: torch.Tensor, experts: list, shared: list, top_k: int,
+                  renormalize: bool) -> torch.Tensor:
+    """MiniMind's MoE routing, for the model and the engine's runner alike. flat [T, H], router logits [T, E] ->
+    [T, H]: softmax, the top-k experts (weights divided by their sum + 1e-20 when renormalising), each expert run
+    once on the rows that chose it (one host sync for the routing table), plus the ungated shared experts."""
+    weight, index = torch.topk(logits.softmax(dim=-1), k=top_k, dim=-1, sorted=False)  # [T, k]
+    if renormalize:
+        weight = weight / (weight.sum(dim=-1, keepdim=True) + 1e-20)
+    out = torch.zeros_like(flat)
+    counts = torch.bincount(index.flatten(), minlength=len(experts)).tolist()
+    order = index.flatten().argsort()
+    start = 0
+    for e, n in enumerate(counts):
+        if n == 0:
+            continue
+        pairs = order[start:start + n]
+        start += n
+        rows = pairs // top_k
+        y = experts[e](flat[rows]) * weight.flatten()[pairs, None]  # an fp32 router's weights keep y in fp32
+        out.index_add_(0, rows, y.to(out.dtype))
+    for expert in shared:
+        out = out + expert(flat)
+    return out

@@ -28,7 +28,7 @@ def _activation_reference(x: np.ndarray) -> np.ndarray:
 @pytest.mark.parametrize("rows_in", [1, 3, 5, 70])
 def test_block_product_equals_gguf_dequantized(name, rows_in):
     rng = np.random.default_rng(rows_in)
-    n, k = 40, 96
+    n, k = 42, 96  # 3 blocks per row (an odd last one); 42 rows: a part tile of weight rows
     w = rng.normal(size=(n, k)).astype(np.float32) + (0.3 if name == "Q4_1" else 0.0)  # Q4_1: an offset to carry
     qtype = gguf.GGMLQuantizationType(TYPES[name])
     blocks = quantize(w, qtype)  # [n, k / 32 * block bytes] uint8, the file layout
@@ -47,6 +47,8 @@ def test_block_product_equals_gguf_dequantized(name, rows_in):
     # and close to the unquantized activations (the price of 8-bit activations)
     full = x.astype(np.float64) @ w_ref.T
     assert np.abs(y.numpy() - full).max() <= 0.02 * np.abs(full).max()
+    # one or two rows take the weight-rows tile, more rows the activation-rows tile: the same sums in the same order
+    assert torch.equal(block_linear(lin, torch.from_numpy(x[:1])), y[:1])
 
 
 @pytest.mark.parametrize("name", TYPES)

@@ -175,6 +175,90 @@ static inline __attribute__((always_inline)) void qb_tile(int type, int RB, cons
 #endif
 }
 
+#if defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#define QB_RN 8  /* weight rows per pass with one activation row: independent sums, so the FMA chain never waits */
+
+/* one activation row against RN weight rows (RN constant after inlining), each row's sums in exactly qb_tile's
+ * order (so the results are the same bits). One vpdpbusd per row and block pair: unsigned weight values times the
+ * signed activations, the offset (Q4_0: 8, Q5_0: 16) taken off through the activations' sums of four; Q8_0's
+ * signed weights meet the activations shifted by 128 instead, the shift taken off through the weights' sums. */
+static inline __attribute__((always_inline)) void qb_rows(int type, int RN, const uint8_t *w, int64_t row_bytes,
+                                                          int64_t nb, const int8_t *q, const float *d,
+                                                          const float *s, float *out) {
+    const int64_t size = qb_bytes(type);
+    const int at = type == W_Q4_1 ? 4 : type == W_Q5_0 ? 6 : 2;
+    const __m512i shifts = _mm512_set_epi64(4, 4, 0, 0, 4, 4, 0, 0), low = _mm512_set1_epi8(0x0F);
+    const __m512i zero = _mm512_setzero_si512(), c128 = _mm512_set1_epi8((char)0x80);
+    __m256 acc[QB_RN];
+    float tail[QB_RN];
+    for (int r = 0; r < RN; r++) acc[r] = _mm256_setzero_ps(), tail[r] = 0.f;
+    int64_t j = 0;
+    for (; j + 2 <= nb; j += 2) {
+        const __m512i x = _mm512_loadu_si512((const void *)(q + j * QB_BLOCK));
+        const __m512i xu = _mm512_xor_si512(x, c128);  /* Q8_0: x + 128 as unsigned bytes */
+        /* minus offset * (sum of each lane's four activations): the start value of every row's dot */
+        const __m512i base = type == W_Q4_0 ? _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, _mm512_set1_epi8(8), x))
+                             : type == W_Q5_0 ? _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, _mm512_set1_epi8(16), x))
+                                              : zero;
+        const float dx0 = d[j], dx1 = d[j + 1], sx0 = s[j], sx1 = s[j + 1];
+        for (int r = 0; r < RN; r++) {
+            const uint8_t *blk = w + r * row_bytes + j * size;
+            /* the same bytes of the next pass's rows (RN rows on): RN interleaved streams defeat the hardware's
+             * sequential prefetch, the next pass's rows come in behind this one */
+            _mm_prefetch((const char *)(blk + RN * row_bytes), _MM_HINT_T0);
+            _mm_prefetch((const char *)(blk + RN * row_bytes + 64), _MM_HINT_T0);
+            __m512i dot;
+            if (type == W_Q8_0) {
+                const __m512i wv = _mm512_inserti64x4(_mm512_castsi256_si512(
+                    _mm256_loadu_si256((const __m256i *)(blk + 2))), _mm256_loadu_si256((const __m256i *)(blk + size + 2)), 1);
+                dot = _mm512_sub_epi32(_mm512_dpbusd_epi32(zero, xu, wv), _mm512_dpbusd_epi32(zero, c128, wv));
+            } else {
+                /* [qs0, qs0, qs1, qs1] >> [0, 4, 0, 4] & 15: both blocks' values in k order */
+                __m512i wv = _mm512_inserti64x4(
+                    _mm512_castsi256_si512(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(blk + at)))),
+                    _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(blk + size + at))), 1);
+                wv = _mm512_and_si512(_mm512_srlv_epi64(wv, shifts), low);
+                if (type == W_Q5_0) {
+                    uint32_t qh0, qh1;
+                    memcpy(&qh0, blk + 2, 4);
+                    memcpy(&qh1, blk + size + 2, 4);
+                    wv = _mm512_or_si512(wv, _mm512_maskz_mov_epi8((__mmask64)qh0 | (__mmask64)qh1 << 32,
+                                                                   _mm512_set1_epi8(0x10)));
+                }
+                dot = _mm512_dpbusd_epi32(base, wv, x);
+            }
+            const __m512 f = _mm512_cvtepi32_ps(dot);
+            const float dw0 = f16_at(blk), dw1 = f16_at(blk + size);
+            acc[r] = _mm256_fmadd_ps(_mm512_castps512_ps256(f), _mm256_set1_ps(dw0 * dx0), acc[r]);
+            acc[r] = _mm256_fmadd_ps(_mm512_extractf32x8_ps(f, 1), _mm256_set1_ps(dw1 * dx1), acc[r]);
+            if (type == W_Q4_1) {
+                tail[r] += f16_at(blk + 2) * sx0;
+                tail[r] += f16_at(blk + size + 2) * sx1;
+            }
+        }
+    }
+    for (; j < nb; j++)  /* an odd last block */
+        for (int r = 0; r < RN; r++) {
+            const uint8_t *blk = w + r * row_bytes + j * size;
+            acc[r] = _mm256_fmadd_ps(qb_idot(type, qb_load(type, blk), q + j * QB_BLOCK),
+                                     _mm256_set1_ps(f16_at(blk) * d[j]), acc[r]);
+            if (type == W_Q4_1) tail[r] += f16_at(blk + 2) * s[j];
+        }
+    for (int r = 0; r < RN; r++) out[r] = hsum(acc[r]) + tail[r];
+}
+
+#define QB_ROWS_CASE(T, RN) case RN: qb_rows(T, RN, w, row_bytes, nb, q, d, s, out); return;
+#define QB_ROWS(T)                                                                                                 \
+    static void qb_rows_##T(int RN, const uint8_t *w, int64_t row_bytes, int64_t nb, const int8_t *q,              \
+                            const float *d, const float *s, float *out) {                                          \
+        switch (RN) { QB_ROWS_CASE(T, 1) QB_ROWS_CASE(T, 2) QB_ROWS_CASE(T, 3) QB_ROWS_CASE(T, 4) QB_ROWS_CASE(T, 5) QB_ROWS_CASE(T, 6) QB_ROWS_CASE(T, 7) QB_ROWS_CASE(T, 8) }                 \
+    }
+QB_ROWS(W_Q8_0)
+QB_ROWS(W_Q4_0)
+QB_ROWS(W_Q4_1)
+QB_ROWS(W_Q5_0)
+#endif
+
 #define QB_CASE(T, RB) case RB: qb_tile(T, RB, w, nb, q, K, d, s, out); return;
 #ifdef __AVX512BW__
 #define QB_MORE(T) QB_CASE(T, 5) QB_CASE(T, 6) QB_CASE(T, 7) QB_CASE(T, 8)
@@ -200,6 +284,27 @@ void matvec_qb(const Mat *m, const int8_t *q, const float *d, const float *s, in
     }
     const int64_t K = m->cols, nb = K / QB_BLOCK, row_bytes = nb * qb_bytes((int)m->type);
     float out[QB_RB];
+#ifdef QB_RN
+    if (B <= 2) {  /* decode of one or two sequences: several weight rows per pass instead of several x rows */
+        for (int64_t n = n0; n < n1; n += QB_RN) {
+            const int RN = n1 - n < QB_RN ? (int)(n1 - n) : QB_RN;
+            const uint8_t *w = (const uint8_t *)m->w + n * row_bytes;
+            for (int64_t b = 0; b < B; b++) {
+                const int8_t *qb = q + b * K;
+                const float *db = d + b * nb, *sb = s + b * nb;
+                if (m->type == W_Q8_0) qb_rows_W_Q8_0(RN, w, row_bytes, nb, qb, db, sb, out);
+                else if (m->type == W_Q4_0) qb_rows_W_Q4_0(RN, w, row_bytes, nb, qb, db, sb, out);
+                else if (m->type == W_Q5_0) qb_rows_W_Q5_0(RN, w, row_bytes, nb, qb, db, sb, out);
+                else qb_rows_W_Q4_1(RN, w, row_bytes, nb, qb, db, sb, out);
+                for (int r = 0; r < RN; r++) {
+                    float *dst = y + b * ldy + n + r;
+                    *dst = accumulate ? *dst + out[r] : out[r];
+                }
+            }
+        }
+        return;
+    }
+#endif
     for (int64_t n = n0; n < n1; n++) {
         const uint8_t *w = (const uint8_t *)m->w + n * row_bytes;
         for (int64_t b = 0; b < B;) {

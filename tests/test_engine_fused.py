@@ -268,7 +268,7 @@ def test_packed_linear_equals_fp32_product(rows, out_features, in_features, dtyp
                                    rtol=1e-2, atol=1e-2)
 
 
-@pytest.mark.parametrize("rows,out_features,in_features", [(1, 37, 64), (2, 5, 96), (3, 8, 512), (5, 33, 1408),
+@pytest.mark.parametrize("rows,out_features,in_features", [(1, 37, 64), (1, 20, 96), (2, 5, 96), (3, 8, 512), (5, 33, 1408),
                                                            (8, 64, 64), (33, 7, 128), (130, 41, 256)])
 def test_int8_linear_equals_q8_format(rows, out_features, in_features):
     """int8 weights x int8-quantized activations (kernels/q8.c; every tile edge: 1-4 activation rows, odd weight

@@ -137,6 +137,51 @@ static float rowdot_q8(const int8_t *w, int64_t K, const int8_t *q, const int16_
 #endif
 }
 
+#ifdef __AVX512BW__
+#define Q8_RN 8  /* weight rows per pass with one activation row (B == 1): independent sums in flight */
+
+/* out[r] = W[r] . q for RN weight rows (RN constant after inlining), each row's int32 lanes and their final sums
+ * exactly as rowdot_q8 forms them (lanes 0-7 of each 512-bit sum: even blocks, 8-15: odd blocks) */
+static inline __attribute__((always_inline)) void rows_q8(int RN, const int8_t *w, int64_t K, const int8_t *q,
+                                                          const int16_t *s, float *out) {
+    const int64_t nb = K / Q8_BLOCK;
+    __m512i acc[Q8_RN];
+    for (int r = 0; r < RN; r++) acc[r] = _mm512_setzero_si512();
+    int64_t j = 0;
+    for (; j + 2 <= nb; j += 2) {
+        const int64_t k = j * Q8_BLOCK;
+        const __m512i x = _mm512_loadu_si512((const void *)(q + k)), xa = _mm512_abs_epi8(x);
+        const __mmask64 neg = _mm512_movepi8_mask(x);
+        const __m512i sv = _mm512_inserti64x4(_mm512_set1_epi16(s[j]), _mm256_set1_epi16(s[j + 1]), 1);
+        for (int r = 0; r < RN; r++) {
+            /* the next pass's rows come in behind this one (RN interleaved streams defeat sequential prefetch) */
+            _mm_prefetch((const char *)(w + (r + RN) * K + k), _MM_HINT_T0);
+            __m512i wv = _mm512_loadu_si512((const void *)(w + r * K + k));
+            wv = _mm512_mask_sub_epi8(wv, neg, _mm512_setzero_si512(), wv);  /* maddubs: |q| times W signed by q */
+            acc[r] = _mm512_add_epi32(acc[r], _mm512_madd_epi16(_mm512_maddubs_epi16(xa, wv), sv));
+        }
+    }
+    for (int r = 0; r < RN; r++) {
+        __m256i a0 = _mm512_castsi512_si256(acc[r]), a1 = _mm512_extracti64x4_epi64(acc[r], 1);
+        if (j < nb) {  /* an odd last block joins the even blocks' lanes */
+            const __m256i x0 = _mm256_loadu_si256((const __m256i *)(q + j * Q8_BLOCK));
+            const __m256i w0 = _mm256_loadu_si256((const __m256i *)(w + r * K + j * Q8_BLOCK));
+            a0 = _mm256_add_epi32(a0, _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(x0), _mm256_sign_epi8(w0, x0)),
+                                                        _mm256_set1_epi16(s[j])));
+        }
+        out[r] = hsum(_mm256_add_ps(_mm256_cvtepi32_ps(a0), _mm256_cvtepi32_ps(a1)));
+    }
+}
+
+static void rows_q8_any(int RN, const int8_t *w, int64_t K, const int8_t *q, const int16_t *s, float *out) {
+    switch (RN) {
+#define Q8_RN_CASE(n) case n: rows_q8(n, w, K, q, s, out); return;
+        Q8_RN_CASE(1) Q8_RN_CASE(2) Q8_RN_CASE(3) Q8_RN_CASE(4) Q8_RN_CASE(5) Q8_RN_CASE(6) Q8_RN_CASE(7) Q8_RN_CASE(8)
+#undef Q8_RN_CASE
+    }
+}
+#endif
+
 /* The main tile, 2 weight rows x 4 activation rows. gcc's register allocation of the intrinsics version spilled
  * two of the 8 accumulators and copied registers around (~60 instructions per block for 36 useful ones), so on
  * x86-64 each activation row's step is written as one asm block with fixed scratch registers ymm10-14: 8
@@ -208,6 +253,19 @@ void matvec_q8(const Mat *m, const int8_t *q, const int16_t *s, const float *uni
     const int64_t K = m->cols, nb = K / Q8_BLOCK;
     const int8_t *W = (const int8_t *)m->w;
     float out[8];
+#ifdef Q8_RN
+    if (B == 1) {
+        for (int64_t n = n0; n < n1; n += Q8_RN) {
+            const int RN = n1 - n < Q8_RN ? (int)(n1 - n) : Q8_RN;
+            rows_q8_any(RN, W + n * K, K, q, s, out);
+            for (int r = 0; r < RN; r++) {
+                float v = out[r] * unit[0] * m->scale[n + r], *dst = y + n + r;
+                *dst = accumulate ? *dst + v : v;
+            }
+        }
+        return;
+    }
+#endif
     for (int64_t n = n0; n < n1;) {
         const int RN = B > 1 && n1 - n >= 2 ? 2 : 1;
         for (int64_t b = 0; b < B;) {

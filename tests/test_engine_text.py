@@ -59,9 +59,12 @@ def test_utf8_streaming_never_splits_characters(tokenizer, text, data):
     assert seq.finish_reason == "stop" and seq.stop_reason == stop
 
 
-def test_stop_string_across_token_boundary(llm):
+def test_stop_string_across_token_boundary(llm, tokenizer):
+    from minimind.text.detok import IncrementalDetokenizer
+
     base = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
-    pieces = [out.outputs[0].delta_text for out in llm.stream("你好，请介绍一下自己", base)]
+    detok = IncrementalDetokenizer(tokenizer, skip_special_tokens=True)  # each token's text, as the engine forms it
+    pieces = [detok.push(t) for t in llm.generate("你好，请介绍一下自己", base)[0].outputs[0].token_ids]
     text = "".join(pieces)
     # The first stop string that occurs first exactly where one token's text ends and the next one's begins.
     j = next(i for i in range(1, len(pieces) - 1) if pieces[i] and pieces[i + 1]

@@ -88,6 +88,9 @@ def _open(path: str) -> ctypes.CDLL:
     lib = ctypes.CDLL(path)
     lib.minimind_decode.restype = ctypes.c_int
     lib.minimind_decode.argtypes = [ctypes.POINTER(Model), ctypes.c_int64, P, P, P, P, P, P, ctypes.c_int]
+    lib.minimind_decode_steps.restype = ctypes.c_int
+    lib.minimind_decode_steps.argtypes = [ctypes.POINTER(Model), *[ctypes.c_int64] * 4, P, P, P, ctypes.c_float,
+                                          ctypes.c_int64, ctypes.c_int64, P, ctypes.c_int64, P, ctypes.c_int]
     lib.minimind_linear.restype = ctypes.c_int
     lib.minimind_linear.argtypes = [ctypes.POINTER(Mat), P, ctypes.c_int64, P, ctypes.c_int]
     lib.minimind_gumbel_argmax.restype = None
@@ -242,8 +245,25 @@ class FusedDecoder:
         status = self.lib.minimind_decode(ctypes.byref(self.model), ids.shape[0], ids.data_ptr(), slots.data_ptr(),
                                           positions.data_ptr(), self.cos.data_ptr(), self.sin.data_ptr(),
                                           logits.data_ptr(), torch.get_num_threads())
-        if status == -2:
-            raise IndexError(f"decode position outside the KV cache (max_len {self.cos.shape[0]})")
-        if status != 0:
-            raise MemoryError("fused decode step could not allocate its scratch buffers")
+        _check(status, self.cos.shape[0])
         return logits
+
+    def steps(self, n: int, token: int, slot: int, position: int, temperature: float, seed: int, step: int,
+              stop_ids) -> list[int]:
+        """Up to n decode steps of one sequence in one C call: feed `token` at `position`, then each token picked
+        (argmax, or for temperature > 0 the sampler's Gumbel-max draw for steps step, step + 1, ...), stopping
+        after a token of stop_ids -> the tokens picked."""
+        stops = torch.tensor(sorted(stop_ids), dtype=torch.int64)
+        out, logits = torch.empty(n, dtype=torch.int64), torch.empty(self.vocab, dtype=torch.float32)
+        count = self.lib.minimind_decode_steps(ctypes.byref(self.model), n, token, slot, position, self.cos.data_ptr(),
+                                               self.sin.data_ptr(), logits.data_ptr(), temperature, seed, step,
+                                               stops.data_ptr(), len(stops), out.data_ptr(), torch.get_num_threads())
+        _check(min(count, 0), self.cos.shape[0])
+        return out[:count].tolist()
+
+
+def _check(status: int, max_len: int) -> None:
+    if status == -2:
+        raise IndexError(f"decode position outside the KV cache (max_len {max_len})")
+    if status != 0:
+        raise MemoryError("fused decode step could not allocate its scratch buffers")

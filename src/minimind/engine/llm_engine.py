@@ -16,6 +16,7 @@ import torch
 from .kv_cache import KVCache, SlotManager
 from .memory import raise_malloc_thresholds
 from .model_runner import ModelRunner
+from .multistep import decode_steps
 from .quant import native_bf16
 from .request import Request, RequestStream
 from .sampling import SamplingParams, new_seed
@@ -236,6 +237,8 @@ class LLM:
     def _run(self, batch):
         """One forward + sample; -> [(seq, [(token, TokenLogprob | None)])], no tokens for a max_tokens=0 prompt
         that was completed."""
+        if self._inbox.empty() and (results := decode_steps(self.runner, batch, self.max_model_len)):
+            return results
         inputs, seqs = self.runner.prepare(batch)
         for chunk in batch.prefill:
             chunk.seq.num_computed += chunk.length

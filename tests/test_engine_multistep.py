@@ -1,5 +1,5 @@
 """Several decode steps of a lone sequence in one C call (engine/multistep.py): the tokens equal the engine's
-one-token steps (the same argmax, the same seeded Gumbel draws), stops land where they would, and the KV cache
+one-token steps (the same C sampler: argmax, or filters and seeded Gumbel draws), stops land where they would, and the KV cache
 it leaves behind serves a later prefix-cache hit."""
 from __future__ import annotations
 
@@ -25,11 +25,13 @@ def _spy(llm: LLM) -> list:
     return calls
 
 
-@pytest.mark.parametrize("temperature,seed", [(0.0, None), (0.7, 11), (1.0, 3), (1.6, 5)])
-def test_steps_equal_one_token_steps(temperature, seed):
+@pytest.mark.parametrize("temperature,seed,filters", [(0.0, None, {}), (0.7, 11, {}), (1.6, 5, {}),
+                                                      (0.85, 3, {"top_p": 0.85}), (1.0, 4, {"top_k": 20}),
+                                                      (1.2, 8, {"min_p": 0.05, "top_p": 0.95})])
+def test_steps_equal_one_token_steps(temperature, seed, filters):
     llm = _llm()
     calls = _spy(llm)
-    params = dict(temperature=temperature, seed=seed, max_tokens=45, ignore_eos=True)
+    params = dict(temperature=temperature, seed=seed, max_tokens=45, ignore_eos=True, **filters)
     [fast] = llm.generate([PROMPT], SamplingParams(**params))
     assert calls and max(calls) == 16
     # logprobs are outside what the C loop does: the same request then takes one-token steps
@@ -61,7 +63,7 @@ def test_stop_token_mid_call_and_prefix_cache_after_it():
 def test_sequences_the_loop_leaves_alone():
     llm = _llm()
     calls = _spy(llm)
-    for params in (SamplingParams(temperature=0.8, top_p=0.9, max_tokens=20, seed=1),
+    for params in (SamplingParams(temperature=0.8, presence_penalty=0.5, max_tokens=20, seed=1),
                    SamplingParams(temperature=0, repetition_penalty=1.2, max_tokens=20),
                    SamplingParams(temperature=0, max_tokens=20, logprobs=1)):
         llm.generate([PROMPT], params)

@@ -59,13 +59,36 @@ def test_c_gumbel_argmax_equals_torch():
         logits[:, : vocab // 3] = float("-inf")  # filtered-out tokens
         seeds, steps = torch.randint(0, 2**31, (rows,), generator=gen), torch.randint(0, 10**6, (rows,), generator=gen)
         total = logits + gumbel_noise(seeds, steps, vocab)
-        got = fused.gumbel_argmax(logits, seeds, steps)
+        off = torch.zeros(rows, dtype=torch.int64)
+        got = fused.sample_rows(logits, torch.ones(rows), off, torch.ones(rows), torch.zeros(rows), seeds, steps)
         want = total.argmax(-1)
         top2 = total.topk(2, dim=-1).values if vocab > 1 else None
         for r in range(rows):
             if got[r] != want[r]:
                 assert top2[r, 0] - top2[r, 1] < 1e-4, f"row {r} of {rows}x{vocab}: {got[r]} != {want[r]}"
         assert got.dtype == torch.int64 and (got >= vocab // 3).all()
+
+
+@pytest.mark.parametrize("vocab", [50, 6400, 49152])
+@pytest.mark.parametrize("temperature,top_k,top_p,min_p", [(0.7, 0, 0.9, 0.0), (1.0, 40, 1.0, 0.0),
+                                                           (0.2, 0, 0.9, 0.0), (1.3, 20, 0.8, 0.05),
+                                                           (0.85, 0, 0.85, 0.1), (1.0, 1, 1.0, 0.0), (0.0, 5, 0.5, 0.0)])
+def test_c_filters_pick_the_torch_samplers_tokens(vocab, temperature, top_k, top_p, min_p):
+    """The C sampler's top-k / top-p / min-p (candidates near the maximum, no sort of the vocabulary) draw the
+    tokens the torch sampler draws (sort, softmax, cumsum) with the same noise, row by row."""
+    if fused._linear_library() is None:
+        pytest.skip("no C compiler")
+    gen = torch.Generator().manual_seed(vocab)
+    rows = 64
+    logits = torch.randn(rows, vocab, generator=gen) * torch.linspace(0.5, 6, rows)[:, None]  # flat to peaked
+    batch = SamplingBatch(temperature=torch.full((rows,), temperature),
+                          top_k=torch.full((rows,), top_k), top_p=torch.full((rows,), top_p),
+                          min_p=torch.full((rows,), min_p), seeds=torch.randint(0, 2**31, (rows,), generator=gen),
+                          steps=torch.arange(rows))
+    c_tokens, *_ = sample(logits.clone(), batch, fast=True)
+    torch_tokens, *_ = sample(logits.clone(), batch, fast=False)
+    differ = (c_tokens != torch_tokens).nonzero().flatten().tolist()
+    assert len(differ) <= 1, f"rows {differ} differ"  # a near-tie of two noisy logits (see the test above)
 
 
 def test_huge_top_k_keeps_every_token():

@@ -33,6 +33,7 @@ def script(llm, tokenizer, text_holder: dict):
         return (torch.tensor(forced, dtype=tokens.dtype), *rest)
 
     llm.runner.sample = sample
+    llm.runner.fused = None  # the fused kernel's multi-token decode call picks tokens itself: keep the torch step
 
 
 def wait_idle(engine, timeout: float = 20.0) -> dict:

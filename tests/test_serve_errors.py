@@ -116,6 +116,7 @@ def test_queue_full_429_with_retry_after(tokenizer, asgi):
         return original(logits, seqs)
 
     llm.runner.sample = slow
+    llm.runner.fused = None  # its multi-token decode call samples in C, past this sampler
     with serve(app, server=asgi) as base:
         body = {"messages": MSG, "max_tokens": 100, "stream": True, "ignore_eos": True}
         with httpx.stream("POST", base + "/v1/chat/completions", json=body, timeout=60) as r:
@@ -139,6 +140,7 @@ def test_engine_failure_mid_stream_is_an_error_event(tokenizer, asgi):
         return original(logits, seqs)
 
     llm.runner.sample = flaky
+    llm.runner.fused = None  # its multi-token decode call samples in C, past this sampler
     with serve(app, server=asgi) as base:
         body = {"messages": MSG, "max_tokens": 10, "stream": True, "ignore_eos": True}
         with httpx.stream("POST", base + "/v1/chat/completions", json=body, timeout=60) as r:

@@ -127,6 +127,7 @@ def test_graceful_shutdown_drains_running_streams(inline, asgi):
         return original(logits, seqs)
 
     llm.runner.sample = slow
+    llm.runner.fused = None  # its multi-token decode call samples in C, past this sampler
     app = create_app({"tiny": AsyncEngine(llm, inline=inline)})
     runner, thread, url = start_server(app, asgi)
     events = []

@@ -220,6 +220,7 @@ def _slow_llm(max_num_seqs: int):
         return sample(logits, seqs)
 
     llm.runner.sample = slow
+    llm.runner.fused = None  # its multi-token decode call samples in C, past this sampler
     return llm
 
 

@@ -90,11 +90,12 @@ def _open(path: str) -> ctypes.CDLL:
     lib.minimind_decode.argtypes = [ctypes.POINTER(Model), ctypes.c_int64, P, P, P, P, P, P, ctypes.c_int]
     lib.minimind_decode_steps.restype = ctypes.c_int
     lib.minimind_decode_steps.argtypes = [ctypes.POINTER(Model), *[ctypes.c_int64] * 4, P, P, P, ctypes.c_float,
-                                          ctypes.c_int64, ctypes.c_int64, P, ctypes.c_int64, P, ctypes.c_int]
+                                          ctypes.c_int64, ctypes.c_float, ctypes.c_float, ctypes.c_int64,
+                                          ctypes.c_int64, P, ctypes.c_int64, P, ctypes.c_int]
+    lib.minimind_sample.restype = ctypes.c_int
+    lib.minimind_sample.argtypes = [P, ctypes.c_int64, ctypes.c_int64, *[P] * 7, ctypes.c_int]
     lib.minimind_linear.restype = ctypes.c_int
     lib.minimind_linear.argtypes = [ctypes.POINTER(Mat), P, ctypes.c_int64, P, ctypes.c_int]
-    lib.minimind_gumbel_argmax.restype = None
-    lib.minimind_gumbel_argmax.argtypes = [P, ctypes.c_int64, ctypes.c_int64, P, P, P, ctypes.c_int]
     return lib
 
 
@@ -137,17 +138,21 @@ def _run_linear(lib, mat: Mat, x: torch.Tensor) -> torch.Tensor:
     return y
 
 
-def gumbel_argmax(logits: torch.Tensor, seeds: torch.Tensor, steps: torch.Tensor) -> torch.Tensor | None:
-    """argmax(logits + gumbel_noise(seeds, steps)) -> [B] int64 in one C pass (sampling.gumbel_noise's hash and
-    noise, without its [B, V] temporaries); None when the kernels cannot be built here."""
+def sample_rows(logits: torch.Tensor, temperature, top_k, top_p, min_p, seeds, steps) -> torch.Tensor | None:
+    """One token per row of logits [B, V] (fp32, not changed): argmax where temperature is 0, else a Gumbel-max draw
+    (sampling.gumbel_noise's noise) after temperature, top-k, top-p and min-p as sampling.filter_logits applies them, without
+    sorting the vocabulary (kernels/sample.c). Per-row parameters: [B] tensors. None when the kernels cannot be
+    built here."""
     lib = _linear_library()
     if lib is None or logits.dtype != torch.float32 or logits.dim() != 2:
         return None
-    logits = logits.contiguous()
-    seeds, steps = seeds.to(torch.int64).contiguous(), steps.to(torch.int64).contiguous()
+    args = [logits.contiguous(), *(t.to(torch.float32).contiguous() for t in (temperature,)),
+            top_k.to(torch.int64).contiguous(), *(t.to(torch.float32).contiguous() for t in (top_p, min_p)),
+            seeds.to(torch.int64).contiguous(), steps.to(torch.int64).contiguous()]
     out = torch.empty(logits.shape[0], dtype=torch.int64)
-    lib.minimind_gumbel_argmax(logits.data_ptr(), logits.shape[0], logits.shape[1], seeds.data_ptr(), steps.data_ptr(),
-                               out.data_ptr(), torch.get_num_threads())
+    if lib.minimind_sample(args[0].data_ptr(), logits.shape[0], logits.shape[1], *(t.data_ptr() for t in args[1:]),
+                           out.data_ptr(), torch.get_num_threads()):
+        raise MemoryError("the sampler could not allocate its scratch rows")
     return out
 
 
@@ -248,15 +253,16 @@ class FusedDecoder:
         _check(status, self.cos.shape[0])
         return logits
 
-    def steps(self, n: int, token: int, slot: int, position: int, temperature: float, seed: int, step: int,
+    def steps(self, n: int, token: int, slot: int, position: int, params, seed: int, step: int,
               stop_ids) -> list[int]:
         """Up to n decode steps of one sequence in one C call: feed `token` at `position`, then each token picked
-        (argmax, or for temperature > 0 the sampler's Gumbel-max draw for steps step, step + 1, ...), stopping
-        after a token of stop_ids -> the tokens picked."""
+        as sample_rows picks it with params' temperature / top_k / top_p / min_p (steps step, step + 1, ...),
+        stopping after a token of stop_ids -> the tokens picked."""
         stops = torch.tensor(sorted(stop_ids), dtype=torch.int64)
         out, logits = torch.empty(n, dtype=torch.int64), torch.empty(self.vocab, dtype=torch.float32)
         count = self.lib.minimind_decode_steps(ctypes.byref(self.model), n, token, slot, position, self.cos.data_ptr(),
-                                               self.sin.data_ptr(), logits.data_ptr(), temperature, seed, step,
+                                               self.sin.data_ptr(), logits.data_ptr(), params.temperature, params.top_k,
+                                               params.top_p, params.min_p, seed, step,
                                                stops.data_ptr(), len(stops), out.data_ptr(), torch.get_num_threads())
         _check(min(count, 0), self.cos.shape[0])
         return out[:count].tolist()

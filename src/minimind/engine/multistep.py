@@ -2,8 +2,8 @@
 
 When one sequence is decoding and nothing else is scheduled, the engine's Python step (scheduling, tensors,
 sampling, bookkeeping) costs about as much per token as the fused forward of a small model. The C loop takes
-up to MAX_STEPS tokens at once for sequences whose sampler it reproduces exactly: greedy, or temperature alone
-(the same Gumbel-max noise per step). The engine then appends the tokens one by one as usual: a stop string
+up to MAX_STEPS tokens at once for sequences whose sampling is the C sampler's (kernels/sample.c, which the
+engine's sampler also runs): greedy, or temperature with top-k / top-p / min-p. The engine then appends the tokens one by one as usual: a stop string
 or the end of the text ends the sequence there, and the tokens computed past it are dropped.
 """
 from __future__ import annotations
@@ -14,9 +14,8 @@ MAX_STEPS = 16  # a request that arrives meanwhile waits at most this many token
 def takes(seq) -> bool:
     """Whether the C loop picks this sequence's tokens as the engine's sampler would."""
     p = seq.params
-    if seq.lora >= 0 or seq.logits_processors or p.logprobs is not None or p.needs_penalties or p.logit_bias:
-        return False
-    return p.temperature == 0 or (p.top_k == 0 and p.top_p >= 1 and p.min_p == 0)
+    return not (seq.lora >= 0 or seq.logits_processors or p.logprobs is not None or p.needs_penalties
+                or p.logit_bias)
 
 
 def decode_steps(runner, batch, max_len: int):
@@ -30,7 +29,7 @@ def decode_steps(runner, batch, max_len: int):
     if left < 2:
         return None
     token = seq.output_token_ids[-1] if seq.output_token_ids else seq.prompt_token_ids[-1]
-    tokens = runner.fused.steps(min(MAX_STEPS, left), token, seq.slot, seq.num_computed, seq.params.temperature,
-                                seq.seed, len(seq.output_token_ids), seq.stop_ids)
+    tokens = runner.fused.steps(min(MAX_STEPS, left), token, seq.slot, seq.num_computed, seq.params, seq.seed,
+                                len(seq.output_token_ids), seq.stop_ids)
     seq.num_computed += len(tokens)  # every token picked was fed but the last, plus the one fed first
     return [(seq, [(t, None) for t in tokens])]

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .fused import gumbel_argmax
+from .fused import sample_rows
 
 
 @dataclass
@@ -191,22 +191,24 @@ def filter_logits(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
 def sample(logits: torch.Tensor, b: SamplingBatch, fast: bool = True):
     """logits [B, V] fp32 -> (tokens [B] int64, logprob [B] | None, top_ids [B, k] | None, top_lp [B, k] | None).
 
-    Logprobs are of the raw model distribution (before penalties and temperature), as vLLM's default. fast: the
-    Gumbel-max draw in one C pass (engine/kernels/sample.c) when the kernels build here; False: torch only.
+    Logprobs are of the raw model distribution (before penalties and temperature), as vLLM's default. fast: every
+    row in one C pass (engine/kernels/sample.c: the filters without sorting the vocabulary, the same Gumbel-max
+    noise) when the kernels build here; False: torch only.
     """
     raw = logits
     logits = apply_penalties(logits, b)
     hot = b.temperature > 0
-    if bool(hot.any()):
-        filtered = filter_logits(logits, b)
-        sampled = gumbel_argmax(filtered, b.seeds, b.steps) if fast else None
-        if sampled is None:
-            noise = gumbel_noise(b.seeds, b.steps, logits.shape[-1])
-            sampled = (filtered + noise).argmax(dim=-1)  # Gumbel-max = a draw from softmax(filtered)
-        # the greedy argmax only when some row is greedy (a [B, V] pass: 0.3 ms at 32 x 6,400)
-        tokens = sampled if bool(hot.all()) else torch.where(hot, sampled, logits.argmax(dim=-1))
-    else:
+    rows = logits.shape[0]
+    tokens = sample_rows(logits, b.temperature,
+                         b.top_k if b.top_k is not None else torch.zeros(rows, dtype=torch.int64),
+                         b.top_p if b.top_p is not None else torch.ones(rows),
+                         b.min_p if b.min_p is not None else torch.zeros(rows), b.seeds, b.steps) if fast else None
+    if tokens is None:
         tokens = logits.argmax(dim=-1)
+        if bool(hot.any()):
+            noise = gumbel_noise(b.seeds, b.steps, logits.shape[-1])
+            sampled = (filter_logits(logits, b) + noise).argmax(dim=-1)  # Gumbel-max: a draw from softmax(filtered)
+            tokens = torch.where(hot, sampled, tokens)
     if b.num_logprobs is None:
         return tokens, None, None, None
     logp = raw.float().log_softmax(dim=-1)

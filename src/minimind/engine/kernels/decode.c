@@ -178,28 +178,22 @@ done:
     return status;
 }
 
-/* Up to n decode steps of one sequence in one call, each step's token chosen here: the argmax of the logits
- * (inv_temp == 0), else a Gumbel-max draw from logits / temperature with the engine's counter-based noise
- * (sample.c; step numbers step0, step0 + 1, ...). Feeds first_id at position pos0, then each token it picks;
- * stops after a token in stop_ids. out[i]: the tokens picked; returns how many (every one was fed but the last),
- * or minimind_decode's error status. What the engine's Python step loop would do per token, without the loop. */
+/* Up to n decode steps of one sequence in one call, each step's token picked here as the engine's sampler picks it
+ * (sample.c minimind_sample: argmax for temperature 0, else a Gumbel-max draw after top-k / top-p / min-p, with
+ * step numbers step0, step0 + 1, ...). Feeds first_id at position pos0, then each token it picks; stops after a
+ * token in stop_ids. out[i]: the tokens picked; returns how many (every one was fed but the last), or
+ * minimind_decode's error status. What the engine's Python step loop would do per token, without the loop. */
 int minimind_decode_steps(const Model *m, int64_t n, int64_t first_id, int64_t slot, int64_t pos0, const float *cos,
-                          const float *sin, float *logits, float temperature, int64_t seed, int64_t step0,
-                          const int64_t *stop_ids, int64_t n_stop, int64_t *out, int nthreads) {
+                          const float *sin, float *logits, float temperature, int64_t top_k, float top_p, float min_p,
+                          int64_t seed, int64_t step0, const int64_t *stop_ids, int64_t n_stop, int64_t *out,
+                          int nthreads) {
     int64_t id = first_id;
     for (int64_t i = 0; i < n; i++) {
         const int64_t pos = pos0 + i, step = step0 + i;
-        const int status = minimind_decode(m, 1, &id, &slot, &pos, cos, sin, logits, nthreads);
+        int status = minimind_decode(m, 1, &id, &slot, &pos, cos, sin, logits, nthreads);
+        if (!status)
+            status = minimind_sample(logits, 1, m->vocab, &temperature, &top_k, &top_p, &min_p, &seed, &step, &id, 1);
         if (status) return status;
-        if (temperature > 0.f) {
-            if (temperature != 1.f)  /* a division, as the engine's sampler divides: the same floats */
-                for (int64_t v = 0; v < m->vocab; v++) logits[v] /= temperature;
-            minimind_gumbel_argmax(logits, 1, m->vocab, &seed, &step, &id, 1);
-        } else {
-            id = 0;
-            for (int64_t v = 1; v < m->vocab; v++)  /* the first of equal maxima, as torch.argmax */
-                if (logits[v] > logits[id]) id = v;
-        }
         out[i] = id;
         for (int64_t s = 0; s < n_stop; s++)
             if (stop_ids[s] == id) return (int)(i + 1);

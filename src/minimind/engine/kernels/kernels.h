@@ -163,9 +163,10 @@ static inline void act_linear(const Mat *m, const ActBuf *a, const float *x, int
     else matvec(m, x, ldx, B, n0, n1, y, ldy, acc);
 }
 
-/* sample.c: out[b] = argmax(logits[b] + Gumbel noise of (seeds[b], steps[b])) */
-void minimind_gumbel_argmax(const float *logits, int64_t B, int64_t V, const int64_t *seeds, const int64_t *steps,
-                            int64_t *out, int nthreads);
+/* sample.c: one token per row, as engine/sampling.py picks it (argmax, or temperature + filters + Gumbel-max) */
+int minimind_sample(const float *logits, int64_t B, int64_t V, const float *temperature, const int64_t *top_k,
+                    const float *top_p, const float *min_p, const int64_t *seeds, const int64_t *steps, int64_t *out,
+                    int nthreads);
 /* moe.c: the feed-forward of a mixture-of-experts layer (MiniMind2: top-2 of 4 + shared experts; minimind-3 /
  * Qwen3-MoE: top-1), for B rows inside the decode step's parallel region */
 typedef struct {

@@ -48,45 +48,164 @@ static inline __m256 log8(__m256 x) {
 }
 #endif
 
-/* out[b] = argmax_v(logits[b, v] + gumbel(seed[b], step[b], v)), logits already divided by the temperature and
- * filtered; first index on ties, like torch.argmax. */
+/* argmax_v(row[v] + gumbel(seed, step, v)), the row already divided by the temperature and filtered; first index
+ * on ties, like torch.argmax */
+static int64_t gumbel_row(const float *row, int64_t V, int64_t seed, int64_t step) {
+    const uint32_t key = fmix32((uint32_t)seed ^ fmix32((uint32_t)((uint64_t)step * 0x9E3779B1u + 0x7F4A7C15u)));
+    float best = -INFINITY;
+    int64_t arg = 0, v = 0;
+#ifdef __AVX2__
+    __m256 bv = _mm256_set1_ps(-INFINITY);
+    __m256i bi = _mm256_setzero_si256(), idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256i kv = _mm256_set1_epi32((int)key), eight = _mm256_set1_epi32(8);
+    for (; v + 8 <= V; v += 8) {
+        __m256i h = _mm256_add_epi32(_mm256_mullo_epi32(idx, _mm256_set1_epi32(0x27D4EB2F)), _mm256_set1_epi32(0x165667B1));
+        h = fmix32_8(_mm256_xor_si256(kv, h));
+        __m256 u = _mm256_mul_ps(_mm256_add_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(h, 8)), _mm256_set1_ps(0.5f)),
+                                 _mm256_set1_ps(1.0f / (1 << 24)));
+        __m256 g = _mm256_sub_ps(_mm256_setzero_ps(), log8(_mm256_sub_ps(_mm256_setzero_ps(), log8(u))));
+        __m256 val = _mm256_add_ps(_mm256_loadu_ps(row + v), g);
+        __m256 gt = _mm256_cmp_ps(val, bv, _CMP_GT_OQ);  /* strictly greater: earlier index wins ties */
+        bv = _mm256_blendv_ps(bv, val, gt);
+        bi = _mm256_blendv_epi8(bi, idx, _mm256_castps_si256(gt));
+        idx = _mm256_add_epi32(idx, eight);
+    }
+    float vals[8];
+    int32_t ids[8];
+    _mm256_storeu_ps(vals, bv);
+    _mm256_storeu_si256((__m256i *)ids, bi);
+    for (int l = 0; l < 8; l++)
+        if (vals[l] > best || (vals[l] == best && ids[l] < arg)) best = vals[l], arg = ids[l];
+#endif
+    for (; v < V; v++) {
+        uint32_t h = fmix32(key ^ ((uint32_t)v * 0x27D4EB2Fu + 0x165667B1u));
+        float u = ((float)(h >> 8) + 0.5f) * (1.0f / (1 << 24));
+        float val = row[v] - logf(-logf(u));
+        if (val > best) best = val, arg = v;
+    }
+    return arg;
+}
+
+/* out[b] = gumbel_row of row b (engine/sampling.py's gumbel_noise + argmax, fused) */
 void minimind_gumbel_argmax(const float *logits, int64_t B, int64_t V, const int64_t *seeds, const int64_t *steps,
                             int64_t *out, int nthreads) {
 #pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int64_t b = 0; b < B; b++) {
-        const float *row = logits + b * V;
-        const uint32_t key = fmix32((uint32_t)seeds[b] ^ fmix32((uint32_t)((uint64_t)steps[b] * 0x9E3779B1u + 0x7F4A7C15u)));
-        float best = -INFINITY;
-        int64_t arg = 0, v = 0;
+    for (int64_t b = 0; b < B; b++) out[b] = gumbel_row(logits + b * V, V, seeds[b], steps[b]);
+}
+
+/* ---- top-k / top-p / min-p (engine/sampling.py filter_logits' rules) without sorting the vocabulary ----
+ * Only the tokens near the maximum can survive: candidates within `delta` of it are gathered and sorted, delta
+ * doubling until they hold the k-th token (top-k) and the top-p mass; the rest of the row is dropped unseen. */
+typedef struct {
+    float v;
+    int32_t i;
+} Cand;
+
+static int by_value_desc(const void *a, const void *b) {
+    const Cand *x = a, *y = b;
+    return x->v > y->v ? -1 : x->v < y->v ? 1 : x->i - y->i;  /* ties: the lower token id first */
+}
+
 #ifdef __AVX2__
-        __m256 bv = _mm256_set1_ps(-INFINITY);
-        __m256i bi = _mm256_setzero_si256(), idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-        const __m256i kv = _mm256_set1_epi32((int)key), eight = _mm256_set1_epi32(8);
-        for (; v + 8 <= V; v += 8) {
-            __m256i h = _mm256_add_epi32(_mm256_mullo_epi32(idx, _mm256_set1_epi32(0x27D4EB2F)), _mm256_set1_epi32(0x165667B1));
-            h = fmix32_8(_mm256_xor_si256(kv, h));
-            __m256 u = _mm256_mul_ps(_mm256_add_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(h, 8)), _mm256_set1_ps(0.5f)),
-                                     _mm256_set1_ps(1.0f / (1 << 24)));
-            __m256 g = _mm256_sub_ps(_mm256_setzero_ps(), log8(_mm256_sub_ps(_mm256_setzero_ps(), log8(u))));
-            __m256 val = _mm256_add_ps(_mm256_loadu_ps(row + v), g);
-            __m256 gt = _mm256_cmp_ps(val, bv, _CMP_GT_OQ);  /* strictly greater: earlier index wins ties */
-            bv = _mm256_blendv_ps(bv, val, gt);
-            bi = _mm256_blendv_epi8(bi, idx, _mm256_castps_si256(gt));
-            idx = _mm256_add_epi32(idx, eight);
-        }
-        float vals[8];
-        int32_t ids[8];
-        _mm256_storeu_ps(vals, bv);
-        _mm256_storeu_si256((__m256i *)ids, bi);
-        for (int l = 0; l < 8; l++)
-            if (vals[l] > best || (vals[l] == best && ids[l] < arg)) best = vals[l], arg = ids[l];
+/* e^x of 8 floats, x <= 0 (Cephes expf: x = n ln2 + r, a degree-6 polynomial in r; below -87: 0) */
+static inline __m256 exp8(__m256 x) {
+    const __m256 tiny = _mm256_cmp_ps(x, _mm256_set1_ps(-87.f), _CMP_LT_OQ);
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.f));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504089f)), _MM_FROUND_TO_NEAREST_INT);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
+    y = _mm256_add_ps(_mm256_fmadd_ps(_mm256_mul_ps(y, r), r, r), _mm256_set1_ps(1.f));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_andnot_ps(tiny, _mm256_mul_ps(y, _mm256_castsi256_ps(e)));
+}
 #endif
-        for (; v < V; v++) {
-            uint32_t h = fmix32(key ^ ((uint32_t)v * 0x27D4EB2Fu + 0x165667B1u));
-            float u = ((float)(h >> 8) + 0.5f) * (1.0f / (1 << 24));
-            float val = row[v] - logf(-logf(u));
-            if (val > best) best = val, arg = v;
-        }
-        out[b] = arg;
+
+/* the probabilities' normalizer sum_v exp(row[v] - m) */
+static double exp_sum(const float *row, int64_t V, float m) {
+    double z = 0.0;
+    int64_t v = 0;
+#ifdef __AVX2__
+    __m256 acc = _mm256_setzero_ps();
+    for (; v + 8 <= V; v += 8) acc = _mm256_add_ps(acc, exp8(_mm256_sub_ps(_mm256_loadu_ps(row + v), _mm256_set1_ps(m))));
+    z = hsum(acc);
+#endif
+    for (; v < V; v++) z += exp((double)row[v] - m);
+    return z;
+}
+
+/* row (already divided by the temperature) -> -inf where top_k (k > 0), top_p (< 1) or min_p (> 0) drop a token:
+ * ranks >= k; a token whose more likely tokens already hold top_p of the mass; probability < min_p times the
+ * top one's. The most likely token always stays. c: V candidates of scratch. */
+static void filter_row(float *row, int64_t V, int64_t k, float top_p, float min_p, Cand *c) {
+    const int use_k = k > 0 && k < V, use_p = top_p < 1.f;
+    if (!use_k && !use_p && !(min_p > 0.f)) return;
+    float m = -INFINITY;
+    for (int64_t v = 0; v < V; v++) m = row[v] > m ? row[v] : m;
+    if (m == -INFINITY) return;
+    int64_t n = 0;
+    double z = 0.0;
+    for (float delta = 4.f;; delta *= 2.f) {
+        const int all = delta > 512.f;  /* the last round takes every finite logit */
+        n = 0;
+        for (int64_t v = 0; v < V; v++)
+            if (all ? row[v] > -INFINITY : row[v] >= m - delta) c[n++] = (Cand){row[v], (int32_t)v};
+        if (use_k && n < k && !all) continue;
+        qsort(c, (size_t)n, sizeof(Cand), by_value_desc);
+        if (use_k && n > k) n = k;
+        double mass = 0.0;
+        for (int64_t i = 0; i < n; i++) mass += exp((double)c[i].v - m);
+        z = use_k ? mass : exp_sum(row, V, m);  /* top-k: the probabilities are over the kept tokens */
+        if (!use_p || all || mass >= top_p * z || (use_k && n == k)) break;
     }
+    int64_t keep = n;
+    double before = 0.0;
+    for (int64_t i = 0; i < n && use_p; i++) {  /* mass strictly before token i reaches top_p: it and the rest go */
+        if (i > 0 && before >= top_p * z) { keep = i; break; }
+        before += exp((double)c[i].v - m);
+    }
+    for (int64_t v = 0; v < V; v++) row[v] = -INFINITY;
+    for (int64_t i = 0; i < keep; i++)  /* min_p: p_i < min_p * p_top  <=>  exp(v_i - m) < min_p */
+        if (i == 0 || !(exp((double)c[i].v - m) < (double)min_p)) row[c[i].i] = c[i].v;
+}
+
+/* One token per row: argmax where temperature[b] == 0, else a Gumbel-max draw from the row divided by its
+ * temperature and filtered as above (top_k 0, top_p 1, min_p 0: off). logits stay as they are. Returns 0, or -1
+ * without scratch memory. */
+int minimind_sample(const float *logits, int64_t B, int64_t V, const float *temperature, const int64_t *top_k,
+                    const float *top_p, const float *min_p, const int64_t *seeds, const int64_t *steps, int64_t *out,
+                    int nthreads) {
+    int status = 0;
+#pragma omp parallel num_threads(B > 1 ? nthreads : 1)
+    {
+        float *row = malloc(sizeof(float) * (size_t)V);
+        Cand *c = malloc(sizeof(Cand) * (size_t)V);
+        if (!row || !c) {
+#pragma omp atomic write
+            status = -1;
+        }
+#pragma omp for schedule(static)
+        for (int64_t b = 0; b < B; b++) {
+            const float *in = logits + b * V, t = temperature[b];
+            if (!row || !c) continue;
+            if (t <= 0.f) {
+                int64_t arg = 0;
+                for (int64_t v = 1; v < V; v++)  /* the first of equal maxima, as torch.argmax */
+                    if (in[v] > in[arg]) arg = v;
+                out[b] = arg;
+                continue;
+            }
+            for (int64_t v = 0; v < V; v++) row[v] = t != 1.f ? in[v] / t : in[v];  /* a division, as torch's */
+            filter_row(row, V, top_k[b], top_p[b], min_p[b], c);
+            out[b] = gumbel_row(row, V, seeds[b], steps[b]);
+        }
+        free(row);
+        free(c);
+    }
+    return status;
 }

@@ -172,3 +172,15 @@ def test_qwen3_moe_gguf_decodes_like_llama_cpp(tmp_path):
         for top in logprob.top:
             worst = max(worst, abs(top.logprob - theirs[top.token_id]))
     assert worst < 1e-3, worst
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_moe_prompt_chunks_run_on_the_kernel(family):
+    """Prompt chunks (whole, chunked, prefix-cache hits) and decode rows of an MoE model in one kernel call: each
+    step's logits equal the torch path's."""
+    from test_engine_mixed import assert_kernel_steps_match_torch
+
+    model = tiny_model(family, use_moe=True, vocab_size=256)
+    for chunk in (512, 8):
+        sizes = {"max_num_seqs": 3, "max_model_len": 96, "max_num_batched_tokens": chunk}
+        assert_kernel_steps_match_torch(LLM(model, **sizes), LLM(model, **sizes))

@@ -92,8 +92,8 @@ class ModelRunner:
         self.lora = RowLoRA(cfg, dtype)
 
     def enable_fused(self) -> str | None:
-        """Route decode-only steps through the fused C kernel, and the dense products of prompt chunks through its
-        packed GEMM (also for models the decode kernel does not cover). -> None, or why decode stays on torch."""
+        """Route steps through the fused C kernel, and the dense products of the torch path's prompt chunks through its
+        packed GEMM (also for models the kernel does not cover). -> None, or why steps stay on torch."""
         from .fused import FusedDecoder, unsupported_reason
 
         for lw in self.layers:

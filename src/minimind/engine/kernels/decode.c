@@ -1,5 +1,5 @@
-/* One decode step of a decoder (MiniMind2, minimind-3, Llama, Qwen3; MoE feed-forwards in moe.c) for B one-token
- * rows, in one call.
+/* One engine step of a decoder (MiniMind2, minimind-3, Llama, Qwen3; MoE feed-forwards in moe.c) for B one-token
+ * rows, in one call: decode rows, and prompt chunks as rows of one slot at consecutive positions.
  *
  * Why C: a torch decode step is ~250 small ops per token (half the step is dispatch) and torch's GEMV kernels
  * stream weights at a third of DRAM speed on CPUs without AVX-512. Here every matrix-vector product reads

@@ -67,7 +67,8 @@ int minimind_decode(const Model *m, int64_t B, const int64_t *ids, const int64_t
     float *moes = malloc(sizeof(float) * (size_t)nthreads * moe_f);
     float *scores = malloc(sizeof(float) * (size_t)nthreads * group * T);
     /* fp32 rows feed the packed kernel in place; bf16/int8 rows are widened first, which pays from more rows */
-    const int gemm = B >= (m->n_layers && m->layers[0].qkv.type == W_F32 ? GEMM_MIN_ROWS_F32 : GEMM_MIN_ROWS);
+    const int64_t gemm_min = m->n_layers && m->layers[0].qkv.type == W_F32 ? GEMM_MIN_ROWS_F32 : GEMM_MIN_ROWS;
+    const int gemm = B >= gemm_min;
     const int64_t rpt = gemm ? GEMM_ROWS_PER_TASK : ROWS_PER_TASK;
     float *gu = malloc(sizeof(float) * (size_t)nthreads * 2 * B * rpt);
     int64_t kmax = H > Hq * D ? H : Hq * D;
@@ -86,7 +87,7 @@ int minimind_decode(const Model *m, int64_t B, const int64_t *ids, const int64_t
         if (out_rows[j] < 0 || out_rows[j] >= B) { status = -2; goto done; }
     if (!out_rows) n_out = B;
     /* lm_head over the output rows only: a prompt chunk needs the logits of its last row at most */
-    const int gemm_out = n_out >= (m->lm_head.type == W_F32 ? GEMM_MIN_ROWS_F32 : GEMM_MIN_ROWS) && gemm;
+    const int gemm_out = n_out >= gemm_min;
     const int64_t rpt_out = gemm_out ? GEMM_ROWS_PER_TASK : ROWS_PER_TASK;
     if (!h || !xns || !qkv || !att || !act || !scores || !gu || !xps || !q8s || !ys || !routes || !moes) {
         status = -1;

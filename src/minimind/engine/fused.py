@@ -2,9 +2,9 @@
 
 A step's decode rows and prompt chunks (dense and MoE models) go through one C call instead of ~250 torch ops
 per step; LoRA rows, prompt logprobs, pooled hidden states and anything the kernel does not cover keep the torch
-path. The shared library is compiled at
-first use with the system C compiler (`$CC`, else cc/gcc; -O3 -march=native -fopenmp) into the minimind
-cache and reused; without a compiler the engine runs the torch path and says so once.
+path. The shared library is compiled at first use with the system C compiler (`$CC`, else cc/gcc; -O3
+-march=native -fopenmp) into the minimind cache and reused; without a compiler the engine runs the torch path and
+says so once.
 """
 from __future__ import annotations
 

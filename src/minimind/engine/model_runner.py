@@ -23,6 +23,8 @@ from .runner_weights import LayerWeights, blocks, cast_module, release_matrices
 from .sampling import build_sampling_batch, sample
 from .scheduler import Batch
 
+NATIVE_BF16_KERNEL_ROWS = 64
+
 
 @dataclass
 class StepInputs:
@@ -77,8 +79,8 @@ class ModelRunner:
             if release_model:
                 attn, mlp = layer.self_attn, layer.mlp
                 release_matrices(attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj,
-                                  *[getattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj") if hasattr(mlp, n)],
-                                  *([] if hasattr(mlp, "gate_proj") else [mlp]))  # MoE: router and experts
+                                 *[getattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj") if hasattr(mlp, n)],
+                                 *([] if hasattr(mlp, "gate_proj") else [mlp]))  # MoE: router and experts
         self.norm = cast_module(inner.norm, dtype)
         self.lm_head = blocks(model.lm_head) or make_linear(model.lm_head.weight, quantization, dtype, weight_dtype)
         if release_model:
@@ -89,11 +91,16 @@ class ModelRunner:
         self.cos_table, self.sin_table = cos[0], sin[0]
         self.vocab_size = cfg.vocab_size
         self.fused = None
+        # prompt rows per step the kernel takes; more go to the torch path. bf16 weights and activations on a CPU
+        # with native bf16 GEMMs (AVX512-BF16): torch beats the kernel's fp32 math from a few dozen rows
+        qkv = self.layers[0].qkv if self.layers else None
+        native = isinstance(qkv, DenseLinear) and qkv.weight.dtype == dtype == torch.bfloat16 and not qkv.upcast
+        self.kernel_prompt_rows = NATIVE_BF16_KERNEL_ROWS if native else None
         self.lora = RowLoRA(cfg, dtype)
 
     def enable_fused(self) -> str | None:
-        """Route steps through the fused C kernel, and the dense products of the torch path's prompt chunks through its
-        packed GEMM (also for models the kernel does not cover). -> None, or why steps stay on torch."""
+        """Route steps through the fused C kernel, and the dense products of the torch path's prompt chunks through
+        its packed GEMM (also for models the kernel does not cover). -> None, or why steps stay on torch."""
         from .fused import FusedDecoder, unsupported_reason
 
         for lw in self.layers:
@@ -136,8 +143,7 @@ class ModelRunner:
         slots = [s.slot for s in decode]
         fused, sampled = None, list(decode)
         if self.fused is not None and all(s.lora < 0 for s in decode):  # the kernel runs no LoRA
-            # nor does it score prompts or pool hidden states
-            if all(c.seq.lora < 0 and not c.seq.whole_prompt for c in batch.prefill):
+            if self._kernel_takes(batch.prefill):
                 return self._prepare_kernel(decode, batch.prefill, ids, pos, slots)
             if decode:  # the chunks take the torch path, the decode rows stay on the kernel
                 ids_t, pos_t, slots_t = torch.tensor([ids, pos, slots])
@@ -195,6 +201,11 @@ class ModelRunner:
             lora_groups=[(a, torch.tensor(rows)) for a, rows in adapter_rows.items()], fused_decode=fused,
             scored=[(seq, pos0, len(rows)) for seq, pos0, rows in scored], pooled=[(seq, len(r)) for seq, r in pooled])
         return inputs, sampled
+
+    def _kernel_takes(self, chunks: list) -> bool:
+        """The kernel runs no LoRA, scores no prompts, pools no hidden states, and takes kernel_prompt_rows at most."""
+        rows, limit = sum(c.length for c in chunks), self.kernel_prompt_rows
+        return all(c.seq.lora < 0 and not c.seq.whole_prompt for c in chunks) and (limit is None or rows < limit)
 
     @staticmethod
     def _prepare_kernel(decode: list, chunks: list, ids: list, pos: list, slots: list) -> tuple[StepInputs, list]:

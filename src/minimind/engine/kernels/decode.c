@@ -82,10 +82,23 @@ int minimind_decode(const Model *m, int64_t B, const int64_t *ids, const int64_t
     char *q8s = malloc((size_t)nthreads * q8_bytes);
     int status = 0;
     for (int64_t b = 0; b < B; b++)
-        if (pos[b] < 0 || pos[b] >= T) { status = -2; goto done; }
+        if (pos[b] < 0 || pos[b] >= T || slots[b] < 0) { status = -2; goto done; }
     for (int64_t j = 0; out_rows && j < n_out; j++)
         if (out_rows[j] < 0 || out_rows[j] >= B) { status = -2; goto done; }
     if (!out_rows) n_out = B;
+    /* rows that share a KV slot: a prompt chunk (consecutive positions) */
+    int64_t slot_max = 0;
+    for (int64_t b = 0; b < B; b++) slot_max = slots[b] > slot_max ? slots[b] : slot_max;
+    char *seen = calloc(slot_max + 1, 1);
+    if (!seen) { status = -1; goto done; }
+    int shared = 0;
+    for (int64_t b = 0; b < B; b++) {
+        shared |= seen[slots[b]];
+        seen[slots[b]] = 1;
+    }
+    free(seen);
+    const int f16 = (int)m->kv_f16;
+    const int64_t esize = f16 ? 2 : 4;
     /* lm_head over the output rows only: a prompt chunk needs the logits of its last row at most */
     const int gemm_out = n_out >= gemm_min;
     const int64_t rpt_out = gemm_out ? GEMM_ROWS_PER_TASK : ROWS_PER_TASK;
@@ -128,31 +141,41 @@ int minimind_decode(const Model *m, int64_t B, const int64_t *ids, const int64_t
                 int64_t n0 = t * rpt, n1 = n0 + rpt < QKV ? n0 + rpt : QKV;
                 LINEAR(&L->qkv, xn, H, n0, n1, qkv, QKV, 0);
             }
-            /* per (row, kv head): per-head norms and RoPE of its query heads and key, the new key/value into the
-             * slot's cache; after the barrier every key of the call is stored, so a chunk's rows attend causally */
-#pragma omp for schedule(static)
-            for (int64_t t = 0; t < B * Hkv; t++) {
-                int64_t b = t / Hkv, g = t % Hkv;
-                float *q = qkv + b * QKV + g * group * D, *k = qkv + b * QKV + (Hq + g) * D, *v = k + Hkv * D;
-                const float *c = cos + pos[b] * D, *s = sin + pos[b] * D;
-                const int64_t f16 = m->kv_f16, at = ((slots[b] * Hkv + g) * T + pos[b]) * D, esize = f16 ? 2 : 4;
-                for (int64_t j = 0; j < group; j++) {
-                    if (L->q_norm) rms_norm(q + j * D, L->q_norm, D, m->eps, q + j * D);
-                    rope(q + j * D, c, s, D);
-                }
-                if (L->k_norm) rms_norm(k, L->k_norm, D, m->eps, k);
-                rope(k, c, s, D);
-                kv_store((char *)L->k_cache + at * esize, k, D, (int)f16);
-                kv_store((char *)L->v_cache + at * esize, v, D, (int)f16);
-            }
-            /* attention of each (row, kv head)'s group of query heads over positions 0..pos[b] */
+            /* one task per (row, kv head): per-head norms and RoPE of its query heads and key, the new key/value
+             * into the slot's cache, then attention of its group of query heads over positions 0..pos[b]. Rows that
+             * share a slot (a prompt chunk) attend to keys the others store: there attention waits for a barrier */
+#define ROPE_STORE(b, g) do { \
+                float *q = qkv + (b) * QKV + (g) * group * D, *k = qkv + (b) * QKV + (Hq + (g)) * D; \
+                float *v = k + Hkv * D; \
+                const float *c = cos + pos[b] * D, *s = sin + pos[b] * D; \
+                const int64_t at = ((slots[b] * Hkv + (g)) * T + pos[b]) * D; \
+                for (int64_t j = 0; j < group; j++) { \
+                    if (L->q_norm) rms_norm(q + j * D, L->q_norm, D, m->eps, q + j * D); \
+                    rope(q + j * D, c, s, D); \
+                } \
+                if (L->k_norm) rms_norm(k, L->k_norm, D, m->eps, k); \
+                rope(k, c, s, D); \
+                kv_store((char *)L->k_cache + at * esize, k, D, f16); \
+                kv_store((char *)L->v_cache + at * esize, v, D, f16); \
+            } while (0)
+#define ATTEND(b, g) do { \
+                const int64_t at = (slots[b] * Hkv + (g)) * T * D; \
+                attend_group(qkv + (b) * QKV + (g) * group * D, (int)group, (char *)L->k_cache + at * esize, \
+                             (char *)L->v_cache + at * esize, pos[b] + 1, D, scale, sc, \
+                             att + (b) * Hq * D + (g) * group * D, f16); \
+            } while (0)
 #pragma omp for schedule(dynamic, 1)
             for (int64_t t = 0; t < B * Hkv; t++) {
-                int64_t b = t / Hkv, g = t % Hkv;
-                const int64_t f16 = m->kv_f16, at = (slots[b] * Hkv + g) * T * D, esize = f16 ? 2 : 4;
-                attend_group(qkv + b * QKV + g * group * D, (int)group, (char *)L->k_cache + at * esize,
-                             (char *)L->v_cache + at * esize, pos[b] + 1, D, scale, sc,
-                             att + b * Hq * D + g * group * D, (int)f16);
+                const int64_t b = t / Hkv, g = t % Hkv;
+                ROPE_STORE(b, g);
+                if (!shared) ATTEND(b, g);
+            }
+            if (shared) {
+#pragma omp for schedule(dynamic, 1)
+                for (int64_t t = 0; t < B * Hkv; t++) {
+                    const int64_t b = t / Hkv, g = t % Hkv;
+                    ATTEND(b, g);
+                }
             }
             PACK(&L->o, att, Hq * D, Hq * D);
 #pragma omp for schedule(static)

@@ -295,3 +295,18 @@ def test_int8_linear_equals_q8_format(rows, out_features, in_features):
     x40 = torch.randn(3, 40, generator=gen)
     torch.testing.assert_close(fused.packed_linear(narrow.qweight, x40, narrow.scales_f32),
                                (x40.double() @ narrow.dequantize().double().T).float(), rtol=1e-5, atol=1e-5)
+
+
+def test_long_prompt_in_one_kernel_call():
+    """A 2000-token prompt as one chunk (max_num_batched_tokens=2048): the kernel's scratch scales with the rows;
+    logprobs equal the torch path's."""
+    model = tiny_model(vocab_size=256)
+    prompt = torch.randint(0, 256, (2000,), generator=torch.Generator().manual_seed(0)).tolist()
+    params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True, logprobs=2)
+    sizes = {"max_num_seqs": 1, "max_model_len": 2048, "max_num_batched_tokens": 2048}
+    fused = LLM(model, **sizes)
+    _needs_kernel(fused)
+    a, b = (llm.generate(prompt, params)[0].outputs[0] for llm in (fused, LLM(model, **sizes, fused=False)))
+    assert a.token_ids == b.token_ids
+    for x, y in zip(a.logprobs, b.logprobs):
+        assert x.logprob == pytest.approx(y.logprob, abs=1e-4)

@@ -120,8 +120,8 @@ def test_moe_engine_uses_fused_kernel_and_matches_torch_path(family):
 
 @pytest.mark.parametrize("weights", ["bf16", "int8"])
 def test_moe_engine_generates_through_fused_kernel(weights):
-    """bf16 and int8 experts end to end: every decode step of the generation is one kernel call whose logits
-    are the reference model's for the same cache (the greedy token is the reference's argmax)."""
+    """bf16 and int8 experts end to end: every step of the generation (prompts, then decode) is one kernel call
+    whose logits are the reference model's for the same cache (the greedy token is the reference's argmax)."""
     model = tiny_model("minimind2", use_moe=True, vocab_size=256)
     kwargs = {"bf16": {"dtype": "bfloat16"}, "int8": {"quantization": "int8"}}[weights]
     llm = LLM(model, max_num_seqs=4, max_model_len=96, **kwargs)
@@ -129,12 +129,12 @@ def test_moe_engine_generates_through_fused_kernel(weights):
     ref = _reference_model(model, llm, weights)
     calls, fused = [], llm.runner.fused
 
-    def checked(ids, slots, positions):
-        logits = fused(ids, slots, positions)
-        for b in range(ids.shape[0]):
+    def checked(ids, slots, positions, out_rows=None):
+        logits = fused(ids, slots, positions, out_rows)
+        for j, b in enumerate(range(ids.shape[0]) if out_rows is None else out_rows.tolist()):
             expect = _reference_logits(ref, llm, int(ids[b]), int(slots[b]), int(positions[b]))
-            torch.testing.assert_close(logits[b], expect, rtol=0, atol=1e-1 if weights == "int8" else 2e-4)
-        calls.append(ids.shape[0])
+            torch.testing.assert_close(logits[j], expect, rtol=0, atol=1e-1 if weights == "int8" else 2e-4)
+        calls.append(logits.shape[0])
         return logits
 
     llm.runner.fused = checked
@@ -172,3 +172,15 @@ def test_qwen3_moe_gguf_decodes_like_llama_cpp(tmp_path):
         for top in logprob.top:
             worst = max(worst, abs(top.logprob - theirs[top.token_id]))
     assert worst < 1e-3, worst
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_moe_prompt_chunks_run_on_the_kernel(family):
+    """Prompt chunks (whole, chunked, prefix-cache hits) and decode rows of an MoE model in one kernel call: each
+    step's logits equal the torch path's."""
+    from test_engine_mixed import assert_kernel_steps_match_torch
+
+    model = tiny_model(family, use_moe=True, vocab_size=256)
+    for chunk in (512, 8):
+        sizes = {"max_num_seqs": 3, "max_model_len": 96, "max_num_batched_tokens": chunk}
+        assert_kernel_steps_match_torch(LLM(model, **sizes), LLM(model, **sizes))

@@ -1,9 +1,10 @@
 """The fused C decode step (kernels/*.c): build it once per machine, describe the runner's weights to it.
 
-Decode-only steps (dense and MoE models) go through one C call instead of ~250 torch ops per token; prompt chunks
-and anything the kernel does not cover keep the torch path. The shared library is compiled at
-first use with the system C compiler (`$CC`, else cc/gcc; -O3 -march=native -fopenmp) into the minimind
-cache and reused; without a compiler the engine runs the torch path and says so once.
+A step's decode rows and prompt chunks (dense and MoE models) go through one C call instead of ~250 torch ops
+per step; LoRA rows, prompt logprobs, pooled hidden states and anything the kernel does not cover keep the torch
+path. The shared library is compiled at first use with the system C compiler (`$CC`, else cc/gcc; -O3
+-march=native -fopenmp) into the minimind cache and reused; without a compiler the engine runs the torch path and
+says so once.
 """
 from __future__ import annotations
 
@@ -87,7 +88,8 @@ def load_library() -> ctypes.CDLL:
 def _open(path: str) -> ctypes.CDLL:
     lib = ctypes.CDLL(path)
     lib.minimind_decode.restype = ctypes.c_int
-    lib.minimind_decode.argtypes = [ctypes.POINTER(Model), ctypes.c_int64, P, P, P, P, P, P, ctypes.c_int]
+    lib.minimind_decode.argtypes = [ctypes.POINTER(Model), ctypes.c_int64, P, P, P, P, P, P, ctypes.c_int64, P,
+                                    ctypes.c_int]
     lib.minimind_decode_steps.restype = ctypes.c_int
     lib.minimind_decode_steps.argtypes = [ctypes.POINTER(Model), *[ctypes.c_int64] * 4, P, P, P, ctypes.c_float,
                                           ctypes.c_int64, ctypes.c_float, ctypes.c_float, ctypes.c_int64,
@@ -188,7 +190,7 @@ def _mat_parts(lin):
 
 
 class FusedDecoder:
-    """Holds the ctypes description of a runner's weights and KV cache; call with decode rows -> logits."""
+    """Holds the ctypes description of a runner's weights and KV cache; call with a step's rows -> logits."""
 
     def __init__(self, runner):
         self.lib = load_library()
@@ -243,12 +245,18 @@ class FusedDecoder:
         rows, cols = (lin.rows, lin.cols) if hasattr(lin, "blocks") else w.shape
         return Mat(w.data_ptr(), None if scales is None else scales.data_ptr(), code, rows, cols)
 
-    def __call__(self, ids: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """ids, slots, positions: [B] int64 (one new token per row) -> logits [B, V] fp32."""
+    def __call__(self, ids: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor,
+                 out_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """ids, slots, positions: [B] int64, one token per row (decode rows, and prompt chunks as consecutive
+        positions of one slot) -> logits [len(out_rows), V] fp32 of rows out_rows (None: every row)."""
         ids, slots, positions = (t.to(torch.int64).contiguous() for t in (ids, slots, positions))
-        logits = torch.empty(ids.shape[0], self.vocab, dtype=torch.float32)
+        n_out = ids.shape[0] if out_rows is None else out_rows.shape[0]
+        if out_rows is not None:  # an empty tensor's data_ptr may be NULL, which the kernel reads as every row
+            out_rows = out_rows.to(torch.int64).contiguous() if n_out else torch.zeros(1, dtype=torch.int64)
+        logits = torch.empty(n_out, self.vocab, dtype=torch.float32)
         status = self.lib.minimind_decode(ctypes.byref(self.model), ids.shape[0], ids.data_ptr(), slots.data_ptr(),
                                           positions.data_ptr(), self.cos.data_ptr(), self.sin.data_ptr(),
+                                          None if out_rows is None else out_rows.data_ptr(), n_out,
                                           logits.data_ptr(), torch.get_num_threads())
         _check(status, self.cos.shape[0])
         return logits
@@ -270,6 +278,6 @@ class FusedDecoder:
 
 def _check(status: int, max_len: int) -> None:
     if status == -2:
-        raise IndexError(f"decode position outside the KV cache (max_len {max_len})")
+        raise IndexError(f"position outside the KV cache (max_len {max_len}) or output row outside the step's rows")
     if status != 0:
-        raise MemoryError("fused decode step could not allocate its scratch buffers")
+        raise MemoryError("fused step could not allocate its scratch buffers")

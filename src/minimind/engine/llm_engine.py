@@ -37,8 +37,9 @@ class LLM:
     max_model_len / max_num_seqs size the KV cache once; more requests wait in a queue. kv_dtype: its storage,
     None (fp32 when the fused kernel runs or the CPU lacks native bf16, else the activation dtype), "float32",
     "bfloat16" or "float16" (storage only: half the memory and bytes attention reads; it computes in fp32).
-    fused: decode-only steps of dense models on CPU run as one C call, and prompt-chunk products use its packed
-    GEMM (engine/fused.py, built at first use); False, or no C compiler, keeps every step on torch.
+    fused: steps on CPU (decode rows and prompt chunks) run as one C call where the kernel covers the model
+    (engine/fused.py, built at first use); rows with a LoRA adapter, prompt logprobs or embeddings take the torch
+    path, whose products use its packed GEMM. False, or no C compiler, keeps every step on torch.
     lora_adapters: {name: LoRA file or state_dict}; a request picks one with `lora=name` and requests for
     different adapters share batches (an unmerged LoRA already in the model is served merged).
     stream_interval: a running request's output is handed out once its completions have this many new tokens

@@ -1,6 +1,8 @@
 """ModelRunner: one fused forward over a mixed batch (decode tokens + prompt chunks) on the slot KV cache.
 
-It reuses the model's own modules (norms, rotary frequencies) and weights, fused per layer into one
+With the fused C kernel (engine/fused.py) a step runs as one C call instead, unless some of its rows need what
+only the torch path does (LoRA adapters, prompt logprobs, pooled hidden states).
+The torch path reuses the model's own modules (norms, rotary frequencies) and weights, fused per layer into one
 q|k|v and one gate|up matrix (MoE: per expert, routed as the model routes, engine/moe.py), so the math equals
 MiniMindForCausalLM.forward. Linear layers see every token of the step at once; attention runs once for all
 decode rows (masked to each row's length) and once per prompt chunk. There is no host sync inside the layers
@@ -8,20 +10,20 @@ decode rows (masked to each row's length) and once per prompt chunk. There is no
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
-from ..checkpoint.safetensors_file import stacked_view
 from ..model.rope import apply_rotary
 from .kv_cache import KVCache
 from .lora_rows import RowLoRA
-from .moe import MoEWeights
 from .quant import BlockLinear, DenseLinear, Int8Linear, make_linear
+from .runner_weights import LayerWeights, blocks, cast_module, release_matrices
 from .sampling import build_sampling_batch, sample
 from .scheduler import Batch
+
+NATIVE_BF16_KERNEL_ROWS = 64
 
 
 @dataclass
@@ -35,7 +37,8 @@ class StepInputs:
     scored: list = field(default_factory=list)  # (seq, first prompt position scored, n rows): prompt logprobs
     pooled: list = field(default_factory=list)  # (seq, n rows): final-norm hidden states, no logits
     hidden: torch.Tensor | None = None  # set by forward(): [sum of pooled n, H] fp32
-    # torch path only (a decode-only step on the fused kernel needs none of these)
+    kernel: bool = False  # the whole step is one fused C call: the fields above are all it reads
+    # torch path only
     cos: torch.Tensor | None = None  # [N, 1, D] fp32
     sin: torch.Tensor | None = None
     write_idx: torch.Tensor | None = None  # [N * H_kv] rows of KVCache.k_rows
@@ -45,34 +48,10 @@ class StepInputs:
     decode_mask: torch.Tensor | None = None  # [B_d, 1, 1, decode_len] additive, None when all rows are equally long
     chunks: list = field(default_factory=list)  # (row0, n, slot, pos0, mask [n, pos0+n])
     lora_groups: list = field(default_factory=list)  # [(adapter index, rows [n])]: rows that use a LoRA adapter
-    # a mixed step on the fused kernel: its decode rows (ids/positions/slots only) run as one C call first, and
-    # the fields above describe the prompt chunks alone; logits come back decode rows first
+    # decode rows on the fused kernel beside prompt chunks that need the torch path (LoRA, prompt logprobs,
+    # pooling): its decode rows run as one C call first, the fields above describe the prompt chunks alone; logits
+    # come back decode rows first
     fused_decode: StepInputs | None = None
-
-
-class LayerWeights:
-    def __init__(self, layer, quantization: str | None, dtype: torch.dtype, weight_dtype: torch.dtype):
-        attn = layer.self_attn
-        self.ln1, self.ln2 = _cast(layer.input_layernorm, dtype), _cast(layer.post_attention_layernorm, dtype)
-        self.q_norm = _cast(getattr(attn, "q_norm", None), dtype)
-        self.k_norm = _cast(getattr(attn, "k_norm", None), dtype)
-
-        def linear(*projections):  # several: fused into one matrix; one: its own weight, no copy
-            kept = _blocks(*projections)
-            if kept is not None:
-                return kept
-            weights = [_weight(p) for p in projections]
-            w = weights[0] if len(weights) == 1 else stacked_view(weights)
-            return make_linear(torch.cat(weights) if w is None else w, quantization, dtype, weight_dtype)
-
-        self.qkv, self.o = linear(attn.q_proj, attn.k_proj, attn.v_proj), linear(attn.o_proj)
-        mlp = layer.mlp
-        if hasattr(mlp, "gate_proj"):  # dense SwiGLU
-            self.gate_up, self.down = linear(mlp.gate_proj, mlp.up_proj), linear(mlp.down_proj)
-            self.act, self.moe = mlp.act_fn, None
-        else:  # MoE: the model's routing over the runner's expert linears (engine/moe.py)
-            self.gate_up = self.down = None
-            self.moe = MoEWeights(mlp, linear)
 
 
 class ModelRunner:
@@ -93,30 +72,35 @@ class ModelRunner:
         self.gqa = self.num_heads != self.num_kv_heads
         inner = model.model
         # [V, H] weights, or GGUF blocks (a BlockLinear: rows are dequantized as they are looked up)
-        self.embed = _blocks(inner.embed_tokens) or inner.embed_tokens.weight.detach().to(weight_dtype)
+        self.embed = blocks(inner.embed_tokens) or inner.embed_tokens.weight.detach().to(weight_dtype)
         self.layers = []
         for layer in inner.layers:
             self.layers.append(LayerWeights(layer, quantization, dtype, weight_dtype))
             if release_model:
                 attn, mlp = layer.self_attn, layer.mlp
-                _release_matrices(attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj,
-                                  *[getattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj") if hasattr(mlp, n)],
-                                  *([] if hasattr(mlp, "gate_proj") else [mlp]))  # MoE: router and experts
-        self.norm = _cast(inner.norm, dtype)
-        self.lm_head = _blocks(model.lm_head) or make_linear(model.lm_head.weight, quantization, dtype, weight_dtype)
+                release_matrices(attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj,
+                                 *[getattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj") if hasattr(mlp, n)],
+                                 *([] if hasattr(mlp, "gate_proj") else [mlp]))  # MoE: router and experts
+        self.norm = cast_module(inner.norm, dtype)
+        self.lm_head = blocks(model.lm_head) or make_linear(model.lm_head.weight, quantization, dtype, weight_dtype)
         if release_model:
-            _release_matrices(model.lm_head, inner.embed_tokens)
+            release_matrices(model.lm_head, inner.embed_tokens)
         positions = torch.arange(kv.max_len)[None]
         with torch.no_grad():
             cos, sin = inner.rotary_emb(positions)  # [1, T, D] fp32, same values the model computes
         self.cos_table, self.sin_table = cos[0], sin[0]
         self.vocab_size = cfg.vocab_size
         self.fused = None
+        # prompt rows per step the kernel takes; more go to the torch path. bf16 weights and activations on a CPU
+        # with native bf16 GEMMs (AVX512-BF16): torch beats the kernel's fp32 math from a few dozen rows
+        qkv = self.layers[0].qkv if self.layers else None
+        native = isinstance(qkv, DenseLinear) and qkv.weight.dtype == dtype == torch.bfloat16 and not qkv.upcast
+        self.kernel_prompt_rows = NATIVE_BF16_KERNEL_ROWS if native else None
         self.lora = RowLoRA(cfg, dtype)
 
     def enable_fused(self) -> str | None:
-        """Route decode-only steps through the fused C kernel, and the dense products of prompt chunks through its
-        packed GEMM (also for models the decode kernel does not cover). -> None, or why decode stays on torch."""
+        """Route steps through the fused C kernel, and the dense products of the torch path's prompt chunks through
+        its packed GEMM (also for models the kernel does not cover). -> None, or why steps stay on torch."""
         from .fused import FusedDecoder, unsupported_reason
 
         for lw in self.layers:
@@ -157,16 +141,14 @@ class ModelRunner:
         ids = [s.output_token_ids[-1] if s.output_token_ids else s.prompt_token_ids[-1] for s in decode]
         pos = [s.num_computed for s in decode]
         slots = [s.slot for s in decode]
-        fused = None
-        if decode and self.fused is not None and all(s.lora < 0 for s in decode):  # the kernel runs no LoRA
-            ids_t, pos_t, slots_t = torch.tensor([ids, pos, slots])
-            fused = StepInputs(ids=ids_t, positions=pos_t, slots=slots_t, num_decode=len(decode))
-            if not batch.prefill:
-                return fused, decode
-            # prompt chunks join the step: they take the torch path, the decode rows stay on the kernel
-            sampled, decode, ids, pos, slots = list(decode), [], [], [], []
-        else:
-            sampled = list(decode)
+        fused, sampled = None, list(decode)
+        if self.fused is not None and all(s.lora < 0 for s in decode):  # the kernel runs no LoRA
+            if self._kernel_takes(batch.prefill):
+                return self._prepare_kernel(decode, batch.prefill, ids, pos, slots)
+            if decode:  # the chunks take the torch path, the decode rows stay on the kernel
+                ids_t, pos_t, slots_t = torch.tensor([ids, pos, slots])
+                fused = StepInputs(ids=ids_t, positions=pos_t, slots=slots_t, num_decode=len(decode), kernel=True)
+                decode, ids, pos, slots = [], [], [], []
         sample_rows = list(range(len(decode)))
         chunks, scored, pooled = [], [], []
         adapter_rows: dict[int, list[int]] = {}
@@ -220,6 +202,26 @@ class ModelRunner:
             scored=[(seq, pos0, len(rows)) for seq, pos0, rows in scored], pooled=[(seq, len(r)) for seq, r in pooled])
         return inputs, sampled
 
+    def _kernel_takes(self, chunks: list) -> bool:
+        """The kernel runs no LoRA, scores no prompts, pools no hidden states, and takes kernel_prompt_rows at most."""
+        rows, limit = sum(c.length for c in chunks), self.kernel_prompt_rows
+        return all(c.seq.lora < 0 and not c.seq.whole_prompt for c in chunks) and (limit is None or rows < limit)
+
+    @staticmethod
+    def _prepare_kernel(decode: list, chunks: list, ids: list, pos: list, slots: list) -> tuple[StepInputs, list]:
+        """The whole step as one fused C call: the decode rows, then each chunk's rows (consecutive positions of
+        its slot); logits of the sampled rows only (a chunk that ends a prompt: its last row)."""
+        sampled, rows = list(decode), list(range(len(decode)))
+        for c in chunks:
+            rows += [len(ids) + r for r in c.sample_rows]
+            sampled += [c.seq] * len(c.sample_rows)
+            ids += c.token_ids
+            pos += range(c.start, c.start + c.length)
+            slots += [c.seq.slot] * c.length
+        ids_t, pos_t, slots_t = torch.tensor([ids, pos, slots])
+        return StepInputs(ids=ids_t, positions=pos_t, slots=slots_t, num_decode=len(decode), kernel=True,
+                          sample_rows=torch.tensor(rows, dtype=torch.long) if chunks else None), sampled
+
     # ---------------------------------------------------------------- forward
     def compile(self) -> None:
         """torch.compile the decode-only step (dynamic batch and KV length); minutes of compile time on 2 cores."""
@@ -227,8 +229,8 @@ class ModelRunner:
 
     def forward(self, inp: StepInputs) -> torch.Tensor:
         """-> logits [R, V] fp32 for inp.sample_rows."""
-        if not inp.chunks and not inp.lora_groups and self.fused is not None:  # one C call (engine/fused.py)
-            return self.fused(inp.ids, inp.slots, inp.positions)
+        if inp.kernel:  # one C call (engine/fused.py)
+            return self.fused(inp.ids, inp.slots, inp.positions, inp.sample_rows)
         if inp.fused_decode is not None:  # different sequences, different KV slots: the two parts are independent
             d = inp.fused_decode
             return torch.cat([self.fused(d.ids, d.slots, d.positions), self._forward_torch(inp)])
@@ -340,15 +342,6 @@ class ModelRunner:
         return sample(logits, build_sampling_batch(seqs, logits.shape[-1]))
 
 
-def _cast(module, dtype: torch.dtype):
-    """The runner's own copy of a small module in the activation dtype (the caller's model is not touched)."""
-    if module is None:
-        return None
-    if all(p.dtype == dtype for p in module.parameters()):
-        return module
-    return copy.deepcopy(module).to(dtype)
-
-
 def _ffn(lw, x: torch.Tensor, extra=None) -> torch.Tensor:
     """The block's feed-forward: MoE, or SwiGLU with the fused gate|up weight. x [N, H] -> [N, H].
     extra(matrix name, y, x) -> y adds per-row LoRA outputs."""
@@ -360,36 +353,3 @@ def _ffn(lw, x: torch.Tensor, extra=None) -> torch.Tensor:
     gate, up = gate_up.chunk(2, dim=-1)
     a = lw.act(gate) * up
     return lw.down(a) if extra is None else extra("down", lw.down(a), a)
-
-
-def _release_matrices(*modules) -> None:
-    """Point the 2-D parameters of these projection modules at empty tensors. A copy the runner made (int8, a fused
-    q|k|v, a cast) then owns the only storage; where the runner kept the same values it holds a detached view
-    (DenseLinear detaches), which keeps that storage alive: nothing the runner uses is freed."""
-    for module in modules:
-        for p in module.parameters():
-            if p.dim() == 2:
-                p.data = torch.empty(0, dtype=p.dtype)
-        if hasattr(module, "gguf_blocks"):  # the runner holds its own BlockLinear (or a dequantized copy)
-            del module.gguf_blocks
-
-
-def _weight(linear) -> torch.Tensor:
-    """A projection's weight as the model's forward applies it: an unmerged LoRALinear counts W + B A; GGUF blocks
-    dequantized."""
-    if hasattr(linear, "gguf_blocks"):
-        ggml_type, raw = linear.gguf_blocks
-        return BlockLinear(raw, ggml_type, linear.in_features if hasattr(linear, "in_features")
-                           else linear.embedding_dim).dequantize()
-    merged = getattr(linear, "merged_weight", None)
-    return merged() if merged is not None else linear.weight
-
-
-def _blocks(*modules) -> BlockLinear | None:
-    """One BlockLinear over these modules' GGUF blocks (rows stacked: q|k|v, gate|up) when they all have blocks
-    of one type (or of Q4_K and Q6_K), else None (the caller dequantizes)."""
-    kept = [getattr(m, "gguf_blocks", None) for m in modules]
-    if any(k is None for k in kept):
-        return None
-    m = modules[0]
-    return BlockLinear.stack(kept, m.in_features if hasattr(m, "in_features") else m.embedding_dim)

@@ -1,5 +1,5 @@
-/* One decode step of a decoder (MiniMind2, minimind-3, Llama, Qwen3; MoE feed-forwards in moe.c) for B one-token
- * rows, in one call.
+/* One engine step of a decoder (MiniMind2, minimind-3, Llama, Qwen3; MoE feed-forwards in moe.c) for B one-token
+ * rows, in one call: decode rows, and prompt chunks as rows of one slot at consecutive positions.
  *
  * Why C: a torch decode step is ~250 small ops per token (half the step is dispatch) and torch's GEMV kernels
  * stream weights at a third of DRAM speed on CPUs without AVX-512. Here every matrix-vector product reads
@@ -37,10 +37,13 @@ typedef struct {
 #define GEMM_ROWS_PER_TASK (4 * GEMM_RN)
 
 
-/* logits [B, vocab] for rows with token ids[b] at position pos[b] of KV slot slots[b]; cos/sin: the [max_len, D]
- * RoPE tables. Returns 0, -1 when scratch memory cannot be allocated, -2 for a position outside the cache. */
+/* logits [n_out, vocab] of rows out_rows (NULL: every row, n_out = B) for rows with token ids[b] at position pos[b]
+ * of KV slot slots[b]; cos/sin: the [max_len, D] RoPE tables. Rows of one slot may share a call (a prompt chunk):
+ * row b attends to the slot's positions <= pos[b], including those the call's other rows write. Returns 0, -1
+ * when scratch memory cannot be allocated, -2 for a position outside the cache or an output row outside [0, B). */
 int minimind_decode(const Model *m, int64_t B, const int64_t *ids, const int64_t *slots, const int64_t *pos,
-                    const float *cos, const float *sin, float *logits, int nthreads) {
+                    const float *cos, const float *sin, const int64_t *out_rows, int64_t n_out, float *logits,
+                    int nthreads) {
     const int64_t H = m->hidden, D = m->head_dim, Hq = m->n_heads, Hkv = m->n_kv_heads, I = m->inter;
     const int64_t QKV = (Hq + 2 * Hkv) * D, T = m->max_len, group = Hq / Hkv;
     const float scale = 1.0f / sqrtf((float)D);
@@ -64,7 +67,8 @@ int minimind_decode(const Model *m, int64_t B, const int64_t *ids, const int64_t
     float *moes = malloc(sizeof(float) * (size_t)nthreads * moe_f);
     float *scores = malloc(sizeof(float) * (size_t)nthreads * group * T);
     /* fp32 rows feed the packed kernel in place; bf16/int8 rows are widened first, which pays from more rows */
-    const int gemm = B >= (m->n_layers && m->layers[0].qkv.type == W_F32 ? GEMM_MIN_ROWS_F32 : GEMM_MIN_ROWS);
+    const int64_t gemm_min = m->n_layers && m->layers[0].qkv.type == W_F32 ? GEMM_MIN_ROWS_F32 : GEMM_MIN_ROWS;
+    const int gemm = B >= gemm_min;
     const int64_t rpt = gemm ? GEMM_ROWS_PER_TASK : ROWS_PER_TASK;
     float *gu = malloc(sizeof(float) * (size_t)nthreads * 2 * B * rpt);
     int64_t kmax = H > Hq * D ? H : Hq * D;
@@ -78,7 +82,26 @@ int minimind_decode(const Model *m, int64_t B, const int64_t *ids, const int64_t
     char *q8s = malloc((size_t)nthreads * q8_bytes);
     int status = 0;
     for (int64_t b = 0; b < B; b++)
-        if (pos[b] < 0 || pos[b] >= T) { status = -2; goto done; }
+        if (pos[b] < 0 || pos[b] >= T || slots[b] < 0) { status = -2; goto done; }
+    for (int64_t j = 0; out_rows && j < n_out; j++)
+        if (out_rows[j] < 0 || out_rows[j] >= B) { status = -2; goto done; }
+    if (!out_rows) n_out = B;
+    /* rows that share a KV slot: a prompt chunk (consecutive positions) */
+    int64_t slot_max = 0;
+    for (int64_t b = 0; b < B; b++) slot_max = slots[b] > slot_max ? slots[b] : slot_max;
+    char *seen = calloc(slot_max + 1, 1);
+    if (!seen) { status = -1; goto done; }
+    int shared = 0;
+    for (int64_t b = 0; b < B; b++) {
+        shared |= seen[slots[b]];
+        seen[slots[b]] = 1;
+    }
+    free(seen);
+    const int f16 = (int)m->kv_f16;
+    const int64_t esize = f16 ? 2 : 4;
+    /* lm_head over the output rows only: a prompt chunk needs the logits of its last row at most */
+    const int gemm_out = n_out >= gemm_min;
+    const int64_t rpt_out = gemm_out ? GEMM_ROWS_PER_TASK : ROWS_PER_TASK;
     if (!h || !xns || !qkv || !att || !act || !scores || !gu || !xps || !q8s || !ys || !routes || !moes) {
         status = -1;
         goto done;
@@ -119,23 +142,40 @@ int minimind_decode(const Model *m, int64_t B, const int64_t *ids, const int64_t
                 LINEAR(&L->qkv, xn, H, n0, n1, qkv, QKV, 0);
             }
             /* one task per (row, kv head): per-head norms and RoPE of its query heads and key, the new key/value
-             * into the slot's cache, then attention of its group of query heads (no barrier in between) */
+             * into the slot's cache, then attention of its group of query heads over positions 0..pos[b]. Rows that
+             * share a slot (a prompt chunk) attend to keys the others store: there attention waits for a barrier */
+#define ROPE_STORE(b, g) do { \
+                float *q = qkv + (b) * QKV + (g) * group * D, *k = qkv + (b) * QKV + (Hq + (g)) * D; \
+                float *v = k + Hkv * D; \
+                const float *c = cos + pos[b] * D, *s = sin + pos[b] * D; \
+                const int64_t at = ((slots[b] * Hkv + (g)) * T + pos[b]) * D; \
+                for (int64_t j = 0; j < group; j++) { \
+                    if (L->q_norm) rms_norm(q + j * D, L->q_norm, D, m->eps, q + j * D); \
+                    rope(q + j * D, c, s, D); \
+                } \
+                if (L->k_norm) rms_norm(k, L->k_norm, D, m->eps, k); \
+                rope(k, c, s, D); \
+                kv_store((char *)L->k_cache + at * esize, k, D, f16); \
+                kv_store((char *)L->v_cache + at * esize, v, D, f16); \
+            } while (0)
+#define ATTEND(b, g) do { \
+                const int64_t at = (slots[b] * Hkv + (g)) * T * D; \
+                attend_group(qkv + (b) * QKV + (g) * group * D, (int)group, (char *)L->k_cache + at * esize, \
+                             (char *)L->v_cache + at * esize, pos[b] + 1, D, scale, sc, \
+                             att + (b) * Hq * D + (g) * group * D, f16); \
+            } while (0)
 #pragma omp for schedule(dynamic, 1)
             for (int64_t t = 0; t < B * Hkv; t++) {
-                int64_t b = t / Hkv, g = t % Hkv;
-                float *q = qkv + b * QKV + g * group * D, *k = qkv + b * QKV + (Hq + g) * D, *v = k + Hkv * D;
-                const float *c = cos + pos[b] * D, *s = sin + pos[b] * D;
-                const int64_t f16 = m->kv_f16, at = (slots[b] * Hkv + g) * T * D, esize = f16 ? 2 : 4;
-                char *kc = (char *)L->k_cache + at * esize, *vc = (char *)L->v_cache + at * esize;
-                for (int64_t j = 0; j < group; j++) {
-                    if (L->q_norm) rms_norm(q + j * D, L->q_norm, D, m->eps, q + j * D);
-                    rope(q + j * D, c, s, D);
+                const int64_t b = t / Hkv, g = t % Hkv;
+                ROPE_STORE(b, g);
+                if (!shared) ATTEND(b, g);
+            }
+            if (shared) {
+#pragma omp for schedule(dynamic, 1)
+                for (int64_t t = 0; t < B * Hkv; t++) {
+                    const int64_t b = t / Hkv, g = t % Hkv;
+                    ATTEND(b, g);
                 }
-                if (L->k_norm) rms_norm(k, L->k_norm, D, m->eps, k);
-                rope(k, c, s, D);
-                kv_store(kc + pos[b] * D * esize, k, D, (int)f16);
-                kv_store(vc + pos[b] * D * esize, v, D, (int)f16);
-                attend_group(q, (int)group, kc, vc, pos[b] + 1, D, scale, sc, att + b * Hq * D + g * group * D, (int)f16);
             }
             PACK(&L->o, att, Hq * D, Hq * D);
 #pragma omp for schedule(static)
@@ -164,12 +204,13 @@ int minimind_decode(const Model *m, int64_t B, const int64_t *ids, const int64_t
                 LINEAR(&L->down, act, I, n0, n1, h, H, 1);
             }
         }
-        NORM(m->norm);
-        PACK(&m->lm_head, xn, H, H);
+        for (int64_t j = 0; j < n_out; j++)
+            rms_norm(h + (out_rows ? out_rows[j] : j) * H, m->norm, H, m->eps, xn + j * H);
+        act_prepare(&m->lm_head, &moe_step.a, xn, H, n_out, H, gemm_out);
 #pragma omp for schedule(static)
-        for (int64_t t = 0; t < cdiv(m->vocab, rpt); t++) {
-            int64_t n0 = t * rpt, n1 = n0 + rpt < m->vocab ? n0 + rpt : m->vocab;
-            LINEAR(&m->lm_head, xn, H, n0, n1, logits, m->vocab, 0);
+        for (int64_t t = 0; t < cdiv(m->vocab, rpt_out); t++) {
+            int64_t n0 = t * rpt_out, n1 = n0 + rpt_out < m->vocab ? n0 + rpt_out : m->vocab;
+            act_linear(&m->lm_head, &moe_step.a, xn, H, n_out, n0, n1, logits, m->vocab, 0, gemm_out);
         }
     }
 done:
@@ -190,7 +231,7 @@ int minimind_decode_steps(const Model *m, int64_t n, int64_t first_id, int64_t s
     int64_t id = first_id;
     for (int64_t i = 0; i < n; i++) {
         const int64_t pos = pos0 + i, step = step0 + i;
-        int status = minimind_decode(m, 1, &id, &slot, &pos, cos, sin, logits, nthreads);
+        int status = minimind_decode(m, 1, &id, &slot, &pos, cos, sin, NULL, 1, logits, nthreads);
         if (!status)
             status = minimind_sample(logits, 1, m->vocab, &temperature, &top_k, &top_p, &min_p, &seed, &step, &id, 1);
         if (status) return status;

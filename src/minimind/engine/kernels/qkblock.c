@@ -329,6 +329,16 @@ void matvec_qk(const Mat *m, const int8_t *q, const float *d, const float *s, in
                float *y, int64_t ldy, int accumulate) {
     const int64_t K = m->cols, ns = K / QK_BLOCK, nb = K / QB_BLOCK;
     float out[QK_RB];
+    if (B == 1) {  /* decode: the one-row tiles inlined here (a call and a switch per weight row cost ~10 %) */
+        for (int64_t n = n0; n < n1; n++) {
+            int type;
+            const uint8_t *w = qk_row(m, n, &type);
+            if (type == W_Q4_K) qk_tile(W_Q4_K, 1, w, ns, q, K, d, s, out);
+            else qk_tile(W_Q6_K, 1, w, ns, q, K, d, s, out);
+            y[n] = accumulate ? y[n] + out[0] : out[0];
+        }
+        return;
+    }
     for (int64_t n = n0; n < n1; n++) {
         int type;
         const uint8_t *w = qk_row(m, n, &type);

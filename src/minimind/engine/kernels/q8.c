@@ -247,12 +247,53 @@ static void tile_q8_24(const int8_t *w, int64_t K, const int8_t *q, const int16_
 #endif
 }
 
+#ifdef __AVX512BW__
+/* 4 weight rows x 4 activation rows with 64-byte loads (two blocks at a time): half the instructions of the
+ * 256-bit tiles per product. Each sum's int32 lanes fold to exactly tile_q8's (lanes 8-15, the odd blocks, added
+ * onto 0-7), so the results are the same bits. */
+static void tile_q8_44(const int8_t *w, int64_t K, const int8_t *q, const int16_t *s, float *out) {
+    const int64_t nb = K / Q8_BLOCK;
+    __m512i acc[4][4];
+    for (int r = 0; r < 4; r++)
+        for (int b = 0; b < 4; b++) acc[r][b] = _mm512_setzero_si512();
+    int64_t j = 0;
+    for (; j + 2 <= nb; j += 2) {
+        const int64_t k = j * Q8_BLOCK;
+        __m512i wv[4];
+        for (int r = 0; r < 4; r++) {
+            _mm_prefetch((const char *)(w + (r + 4) * K + k), _MM_HINT_T0);  /* the next tile's rows */
+            wv[r] = _mm512_loadu_si512((const void *)(w + r * K + k));
+        }
+        for (int b = 0; b < 4; b++) {
+            const __m512i x = _mm512_loadu_si512((const void *)(q + b * K + k)), xa = _mm512_abs_epi8(x);
+            const __mmask64 neg = _mm512_movepi8_mask(x);
+            const __m512i sv = _mm512_inserti64x4(_mm512_set1_epi16(s[b * nb + j]), _mm256_set1_epi16(s[b * nb + j + 1]), 1);
+            for (int r = 0; r < 4; r++) {  /* maddubs: |q| times W signed by q */
+                const __m512i ws = _mm512_mask_sub_epi8(wv[r], neg, _mm512_setzero_si512(), wv[r]);
+                acc[r][b] = _mm512_add_epi32(acc[r][b], _mm512_madd_epi16(_mm512_maddubs_epi16(xa, ws), sv));
+            }
+        }
+    }
+    for (int r = 0; r < 4; r++)
+        for (int b = 0; b < 4; b++) {
+            __m256i a = _mm256_add_epi32(_mm512_castsi512_si256(acc[r][b]), _mm512_extracti64x4_epi64(acc[r][b], 1));
+            if (j < nb) {  /* an odd last block */
+                const __m256i x0 = _mm256_loadu_si256((const __m256i *)(q + b * K + j * Q8_BLOCK));
+                const __m256i w0 = _mm256_loadu_si256((const __m256i *)(w + r * K + j * Q8_BLOCK));
+                a = _mm256_add_epi32(a, _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(x0), _mm256_sign_epi8(w0, x0)),
+                                                          _mm256_set1_epi16(s[b * nb + j])));
+            }
+            out[r * 4 + b] = hsum(_mm256_cvtepi32_ps(a));
+        }
+}
+#endif
+
 /* y[b * ldy + n] (+)= wscale[n] * unit[b] * (W[n] . x[b]) for rows n in [n0, n1), x given by quantize_q8 */
 void matvec_q8(const Mat *m, const int8_t *q, const int16_t *s, const float *unit, int64_t B, int64_t n0,
                int64_t n1, float *y, int64_t ldy, int accumulate) {
     const int64_t K = m->cols, nb = K / Q8_BLOCK;
     const int8_t *W = (const int8_t *)m->w;
-    float out[8];
+    float out[16];
 #ifdef Q8_RN
     if (B == 1) {
         for (int64_t n = n0; n < n1; n += Q8_RN) {
@@ -267,10 +308,19 @@ void matvec_q8(const Mat *m, const int8_t *q, const int16_t *s, const float *uni
     }
 #endif
     for (int64_t n = n0; n < n1;) {
+#ifdef __AVX512BW__
+        const int RN = B >= 4 && n1 - n >= 4 ? 4 : B > 1 && n1 - n >= 2 ? 2 : 1;
+#else
         const int RN = B > 1 && n1 - n >= 2 ? 2 : 1;
+#endif
         for (int64_t b = 0; b < B;) {
             const int RB = B == 1 ? 1 : B - b >= 4 ? 4 : B - b >= 2 ? 2 : 1;
             if (B == 1) out[0] = rowdot_q8(W + n * K, K, q, s);
+#ifdef __AVX512BW__
+            else if (RN == 4 && RB == 4) tile_q8_44(W + n * K, K, q + b * K, s + b * nb, out);
+            else if (RN == 4 && RB == 2) tile_q8(4, 2, W + n * K, K, q + b * K, s + b * nb, out);
+            else if (RN == 4) tile_q8(4, 1, W + n * K, K, q + b * K, s + b * nb, out);
+#endif
             else if (RN == 2 && RB == 4) tile_q8_24(W + n * K, K, q + b * K, s + b * nb, out);
             else if (RN == 2 && RB == 2) tile_q8(2, 2, W + n * K, K, q + b * K, s + b * nb, out);
             else if (RN == 2) tile_q8(2, 1, W + n * K, K, q + b * K, s + b * nb, out);

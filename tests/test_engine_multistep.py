@@ -33,7 +33,7 @@ def test_steps_equal_one_token_steps(temperature, seed, filters):
     calls = _spy(llm)
     params = dict(temperature=temperature, seed=seed, max_tokens=45, ignore_eos=True, **filters)
     [fast] = llm.generate([PROMPT], SamplingParams(**params))
-    assert calls and max(calls) == 16
+    assert calls[0] == 2 and max(calls) == 16  # the first call measures the model's speed, then full calls
     # logprobs are outside what the C loop does: the same request then takes one-token steps
     [slow] = llm.generate([PROMPT], SamplingParams(**params, logprobs=0))
     assert fast.outputs[0].token_ids == slow.outputs[0].token_ids
@@ -70,3 +70,15 @@ def test_sequences_the_loop_leaves_alone():
     # two sequences share every step (both end after 20 tokens): no step has a lone sequence
     llm.generate([PROMPT, [7, 7, 7]], SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))
     assert calls == []
+
+
+def test_calls_stay_short_for_slow_models(monkeypatch):
+    """A call lasts about BURST_SECONDS: a model slower than that per token gets two tokens per call, so a stream
+    still arrives in small pieces."""
+    from minimind.engine import multistep
+
+    monkeypatch.setattr(multistep, "BURST_SECONDS", 1e-9)
+    llm = _llm()
+    calls = _spy(llm)
+    [out] = llm.generate([PROMPT], SamplingParams(temperature=0, max_tokens=21, ignore_eos=True))
+    assert len(out.outputs[0].token_ids) == 21 and set(calls) == {2}

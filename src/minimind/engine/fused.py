@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -218,6 +219,7 @@ class FusedDecoder:
                            self._mat(embed) if hasattr(embed, "blocks") else
                            Mat(embed.data_ptr(), None, CODES[embed.dtype], *embed.shape), self._vec(runner.norm),
                            self._mat(runner.lm_head), int(kv.k.dtype == torch.float16))
+        self.seconds_per_token: float | None = None  # of the last steps() call
         # [max_len, D] fp32 RoPE tables; the kernel reads row positions[b] for row b
         self.cos, self.sin = (t.float().contiguous() for t in (runner.cos_table, runner.sin_table))
 
@@ -268,11 +270,13 @@ class FusedDecoder:
         stopping after a token of stop_ids -> the tokens picked."""
         stops = torch.tensor(sorted(stop_ids), dtype=torch.int64)
         out, logits = torch.empty(n, dtype=torch.int64), torch.empty(self.vocab, dtype=torch.float32)
+        start = time.perf_counter()
         count = self.lib.minimind_decode_steps(ctypes.byref(self.model), n, token, slot, position, self.cos.data_ptr(),
                                                self.sin.data_ptr(), logits.data_ptr(), params.temperature, params.top_k,
                                                params.top_p, params.min_p, seed, step,
                                                stops.data_ptr(), len(stops), out.data_ptr(), torch.get_num_threads())
         _check(min(count, 0), self.cos.shape[0])
+        self.seconds_per_token = (time.perf_counter() - start) / count
         return out[:count].tolist()
 
 

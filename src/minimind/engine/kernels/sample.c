@@ -1,7 +1,8 @@
-/* Gumbel-max sampling of B rows in one pass (engine/sampling.py's gumbel_noise + argmax, fused): torch builds
- * ~15 [B, V] int64/float temporaries for the counter-based noise, 3 ms of a 20 ms step at 32 rows x 6400 tokens.
- * Same hash, same uniform, same -log(-log(u)); the logs are an 8-lane polynomial (Cephes logf, < 2 ulp), so a
- * token can differ from the torch path only where two candidates tie to ~1e-6. */
+/* The engine's sampler in C (engine/sampling.py's rules): temperature, top-k / top-p / min-p, then Gumbel-max with
+ * the counter-based noise, one pass per row. In torch the noise alone builds ~15 [B, V] int64/float temporaries
+ * (3 ms of a 20 ms step at 32 rows x 6400 tokens) and top-p sorts the whole vocabulary. Same hash, same uniform,
+ * same -log(-log(u)); the logs are an 8-lane polynomial (Cephes logf, < 2 ulp), so a token can differ from the
+ * torch path only where two candidates tie to ~1e-6. */
 #include <omp.h>
 #include "kernels.h"
 
@@ -84,13 +85,6 @@ static int64_t gumbel_row(const float *row, int64_t V, int64_t seed, int64_t ste
         if (val > best) best = val, arg = v;
     }
     return arg;
-}
-
-/* out[b] = gumbel_row of row b (engine/sampling.py's gumbel_noise + argmax, fused) */
-void minimind_gumbel_argmax(const float *logits, int64_t B, int64_t V, const int64_t *seeds, const int64_t *steps,
-                            int64_t *out, int nthreads) {
-#pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int64_t b = 0; b < B; b++) out[b] = gumbel_row(logits + b * V, V, seeds[b], steps[b]);
 }
 
 /* ---- top-k / top-p / min-p (engine/sampling.py filter_logits' rules) without sorting the vocabulary ----

@@ -91,6 +91,24 @@ def test_c_filters_pick_the_torch_samplers_tokens(vocab, temperature, top_k, top
     assert len(differ) <= 1, f"rows {differ} differ"  # a near-tie of two noisy logits (see the test above)
 
 
+@pytest.mark.parametrize("top_k,top_p", [(0, 1.0), (0, 0.999), (50, 1.0)])
+def test_c_min_p_keeps_unlikely_tokens_above_it(top_k, top_p):
+    """min_p 0.005 keeps a token at e^-4.5 (0.011) of the top one's probability, far from the maximum: drawn about
+    1 % of the time, by the C sampler exactly where the torch sampler draws it."""
+    if fused._linear_library() is None:
+        pytest.skip("no C compiler")
+    rows, vocab = 3000, 6400
+    logits = torch.full((vocab,), -60.0)
+    logits[7], logits[100:140] = 0.0, -4.5  # 40 tokens at e^-4.5: 31 % of the mass together
+    batch = SamplingBatch(temperature=torch.ones(rows), top_k=torch.full((rows,), top_k),
+                          top_p=torch.full((rows,), top_p), min_p=torch.full((rows,), 0.005),
+                          seeds=torch.full((rows,), 99, dtype=torch.int64), steps=torch.arange(rows))
+    c_tokens, *_ = sample(logits.expand(rows, -1).clone(), batch, fast=True)
+    torch_tokens, *_ = sample(logits.expand(rows, -1).clone(), batch, fast=False)
+    assert ((c_tokens >= 100) & (c_tokens < 140)).float().mean() > 0.2
+    assert (c_tokens != torch_tokens).sum() <= rows // 500  # near-ties of two noisy logits (see above)
+
+
 def test_huge_top_k_keeps_every_token():
     """A top_k beyond any vocabulary (an API client may send 10**30) samples exactly like top_k off, instead of
     overflowing the int64 batch tensor (found by the schemathesis run of the server)."""

@@ -143,15 +143,14 @@ def _run_linear(lib, mat: Mat, x: torch.Tensor) -> torch.Tensor:
 
 def sample_rows(logits: torch.Tensor, temperature, top_k, top_p, min_p, seeds, steps) -> torch.Tensor | None:
     """One token per row of logits [B, V] (fp32, not changed): argmax where temperature is 0, else a Gumbel-max draw
-    (sampling.gumbel_noise's noise) after temperature, top-k, top-p and min-p as sampling.filter_logits applies them, without
-    sorting the vocabulary (kernels/sample.c). Per-row parameters: [B] tensors. None when the kernels cannot be
-    built here."""
+    (sampling.gumbel_noise's noise) after temperature, top-k, top-p and min-p as sampling.filter_logits applies
+    them, without sorting the vocabulary (kernels/sample.c). Per-row parameters: [B] tensors. None when the kernels
+    cannot be built here."""
     lib = _linear_library()
     if lib is None or logits.dtype != torch.float32 or logits.dim() != 2:
         return None
-    args = [logits.contiguous(), *(t.to(torch.float32).contiguous() for t in (temperature,)),
-            top_k.to(torch.int64).contiguous(), *(t.to(torch.float32).contiguous() for t in (top_p, min_p)),
-            seeds.to(torch.int64).contiguous(), steps.to(torch.int64).contiguous()]
+    args = [logits.contiguous(), temperature.float().contiguous(), top_k.long().contiguous(),
+            top_p.float().contiguous(), min_p.float().contiguous(), seeds.long().contiguous(), steps.long().contiguous()]
     out = torch.empty(logits.shape[0], dtype=torch.int64)
     if lib.minimind_sample(args[0].data_ptr(), logits.shape[0], logits.shape[1], *(t.data_ptr() for t in args[1:]),
                            out.data_ptr(), torch.get_num_threads()):

@@ -123,8 +123,9 @@ static void filter_row(float *row, int64_t V, int64_t k, float top_p, float min_
     for (int64_t v = 0; v < V; v++) m = row[v] > m ? row[v] : m;
     if (m == -INFINITY) return;
     int64_t n = 0;
-    double z = 0.0;
-    for (float delta = 4.f;; delta *= 2.f) {
+    double z = use_k ? 0.0 : exp_sum(row, V, m);  /* top-k: the probabilities are over the kept tokens (below) */
+    /* min_p keeps tokens down to m + log(min_p): the first round reaches that far */
+    for (float delta = min_p > 0.f ? fmaxf(4.f, 1.f - logf(min_p)) : 4.f;; delta *= 2.f) {
         const int all = delta > 512.f;  /* the last round takes every finite logit */
         n = 0;
         for (int64_t v = 0; v < V; v++)
@@ -134,7 +135,7 @@ static void filter_row(float *row, int64_t V, int64_t k, float top_p, float min_
         if (use_k && n > k) n = k;
         double mass = 0.0;
         for (int64_t i = 0; i < n; i++) mass += exp((double)c[i].v - m);
-        z = use_k ? mass : exp_sum(row, V, m);  /* top-k: the probabilities are over the kept tokens */
+        if (use_k) z = mass;
         if (!use_p || all || mass >= top_p * z || (use_k && n == k)) break;
     }
     int64_t keep = n;

@@ -197,14 +197,13 @@ def sample(logits: torch.Tensor, b: SamplingBatch, fast: bool = True):
     """
     raw = logits
     logits = apply_penalties(logits, b)
-    hot = b.temperature > 0
     rows = logits.shape[0]
     tokens = sample_rows(logits, b.temperature,
                          b.top_k if b.top_k is not None else torch.zeros(rows, dtype=torch.int64),
                          b.top_p if b.top_p is not None else torch.ones(rows),
                          b.min_p if b.min_p is not None else torch.zeros(rows), b.seeds, b.steps) if fast else None
     if tokens is None:
-        tokens = logits.argmax(dim=-1)
+        tokens, hot = logits.argmax(dim=-1), b.temperature > 0
         if bool(hot.any()):
             noise = gumbel_noise(b.seeds, b.steps, logits.shape[-1])
             sampled = (filter_logits(logits, b) + noise).argmax(dim=-1)  # Gumbel-max: a draw from softmax(filtered)

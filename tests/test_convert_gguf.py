@@ -144,7 +144,7 @@ def test_quant_export_greedy_equals_llama_cpp(tmp_path, quant, monkeypatch):
     model = load_model(out, light=True, keep_blocks=True)
     kept = {layer.self_attn.v_proj.gguf_blocks[0] for layer in model.model.layers}
     assert kept == {"q8_0": {8}, "q4_0": {2}, "q4_k_m": {12, 14}}[quant]  # Q4_K_M: both types, as stored
-    ours = LLM(model, max_num_seqs=1, max_model_len=128).generate(
+    ours = LLM(model, max_num_seqs=1, max_model_len=128, block_activations="int8").generate(
         ids, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))[0].outputs[0].token_ids
     ref = llama_cpp.Llama(model_path=str(out), n_ctx=128, n_threads=1, verbose=False, type_k=0, type_v=0)
     theirs = list(islice(ref.generate(ids, top_k=1, temp=0.0, repeat_penalty=1.0), 8))

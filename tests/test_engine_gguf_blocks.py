@@ -1,7 +1,8 @@
 """A GGUF's Q8_0 / Q4_0 / Q4_1 / Q5_0 matrices run from their file bytes (engine/quant.py BlockLinear, kernels/qblock.c;
 Q4_K / Q6_K of a Q4_K_M file: kernels/qkblock.c, activations as llama.cpp's Q8_K),
-checked against llama.cpp on the same file with an fp32 KV cache: both quantize activations per 32 values the same
-way, so their log-probabilities agree to ~1e-5, prompt (prefill) and generated tokens (fused decode) alike."""
+checked against llama.cpp on the same file with an fp32 KV cache: with block_activations="int8" both quantize
+activations per 32 values the same way, so their log-probabilities agree to ~1e-5, prompt (prefill) and generated
+tokens (fused decode) alike. With fp32 activations (the default) they equal an fp32 model of the dequantized file."""
 from __future__ import annotations
 
 from itertools import islice
@@ -33,7 +34,7 @@ def test_block_weights_match_llama_cpp(tmp_path, name, tied):
                                                          intermediate_size=96), "llama", TYPES[name])
     model = minimind.load_model(path, light=True, keep_blocks=True)
     assert model.model.layers[0].self_attn.q_proj.gguf_blocks[0] == int(TYPES[name])
-    llm = LLM(model, max_num_seqs=1, max_model_len=64)
+    llm = LLM(model, max_num_seqs=1, max_model_len=64, block_activations="int8")
     assert llm.runner.fused is not None, "the fused kernel should take block weights"
     out = llm.generate(PROMPT, SamplingParams(temperature=0, max_tokens=6, logprobs=5, ignore_eos=True))[0].outputs[0]
 
@@ -47,6 +48,25 @@ def test_block_weights_match_llama_cpp(tmp_path, name, tied):
             worst = max(worst, abs(top.logprob - theirs[top.token_id]))
         assert out.token_ids[step] == int(np.argmax(theirs))
     assert worst < 1e-3, worst
+
+
+@pytest.mark.parametrize("name", TYPES)
+def test_fp32_activations_equal_the_dequantized_model(tmp_path, name):
+    """The default block_activations="fp32": log-probabilities of the prompt, batch-1 and batched decode steps equal
+    those of the fp32 model gguf's dequantization gives (dense weights, the plain fp32 kernels)."""
+    path = write_gguf(tmp_path / f"m-{name}.gguf", llama(hidden_size=64, intermediate_size=96), "llama", TYPES[name])
+    prompts = [PROMPT, PROMPT[:5], [9, 8, 7]]
+    params = SamplingParams(temperature=0, max_tokens=6, logprobs=5, ignore_eos=True)
+    blocks = LLM(minimind.load_model(path, light=True, keep_blocks=True), max_num_seqs=3, max_model_len=64)
+    assert blocks.runner.layers[0].qkv.code >= 16 and blocks.runner.fused is not None
+    dense = LLM(minimind.load_model(path, light=True), max_num_seqs=3, max_model_len=64)
+    assert not hasattr(dense.runner.layers[0].qkv, "blocks")
+    for ours, ref in zip(blocks.generate(prompts, params), dense.generate(prompts, params)):
+        a, b = ours.outputs[0], ref.outputs[0]
+        assert a.token_ids == b.token_ids
+        for la, lb in zip(a.logprobs, b.logprobs):
+            theirs = {t.token_id: t.logprob for t in lb.top}
+            assert all(abs(t.logprob - theirs[t.token_id]) < 1e-4 for t in la.top if t.token_id in theirs)
 
 
 def test_block_weights_are_not_dequantized_into_memory(tmp_path):
@@ -87,7 +107,7 @@ def test_our_quantized_export_runs_like_llama_cpp(tmp_path, era, outtype):
     out = export_gguf(pth, tmp_path / f"m-{outtype}.gguf", outtype, tokenizer=tok, show_progress=False)
     model = minimind.load_model(out, light=True, keep_blocks=True)
     assert model.model.layers[0].mlp.down_proj.gguf_blocks[0] == int(TYPES[outtype.upper()])
-    ours = LLM(model, max_num_seqs=1, max_model_len=64).generate(
+    ours = LLM(model, max_num_seqs=1, max_model_len=64, block_activations="int8").generate(
         PROMPT, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))[0].outputs[0].token_ids
     ref = llama_cpp.Llama(model_path=str(out), n_ctx=64, n_threads=1, verbose=False, type_k=0, type_v=0)
     theirs = list(islice(ref.generate(PROMPT, top_k=1, temp=0.0, repeat_penalty=1.0), 8))
@@ -113,7 +133,7 @@ def test_q4_k_m_matches_llama_cpp_batched(tmp_path):
     layers = model.model.layers
     assert [layers[i].self_attn.v_proj.gguf_blocks[0] for i in (0, 1)] == [12, 14]
     assert model.lm_head.gguf_blocks[0] == 14
-    llm = LLM(model, max_num_seqs=3, max_model_len=64)
+    llm = LLM(model, max_num_seqs=3, max_model_len=64, block_activations="int8")
     assert llm.runner.fused is not None and llm.runner.layers[1].qkv.table is not None
     prompts = [PROMPT, PROMPT[:5], [9, 8, 7]]
     params = SamplingParams(temperature=0, max_tokens=6, logprobs=5, ignore_eos=True)
@@ -150,8 +170,9 @@ def test_q4_k_m_fallback_rows_stay_in_blocks(tmp_path):
     assert model.model.layers[0].mlp.gate_proj.gguf_blocks[0] == 12
 
 
+@pytest.mark.parametrize("activations", ["fp32", "int8"])
 @pytest.mark.parametrize("name", ["Q8_0", "Q4_1"])
-def test_block_prompt_chunks_run_on_the_kernel(tmp_path, name):
+def test_block_prompt_chunks_run_on_the_kernel(tmp_path, name, activations):
     """Prompt chunks (whole, chunked, prefix-cache hits) and decode rows of a block model in one kernel call: each
     step's logits equal the torch path's (the same block products, kernels/qblock.c)."""
     from test_engine_mixed import assert_kernel_steps_match_torch
@@ -159,6 +180,7 @@ def test_block_prompt_chunks_run_on_the_kernel(tmp_path, name):
     path = write_gguf(tmp_path / "m.gguf", llama(hidden_size=64, intermediate_size=96), "llama", TYPES[name])
     for chunk in (512, 8):
         sizes = {"max_num_seqs": 3, "max_model_len": 96, "max_num_batched_tokens": chunk}
-        llms = [LLM(minimind.load_model(path, light=True, keep_blocks=True), **sizes) for _ in range(2)]
+        llms = [LLM(minimind.load_model(path, light=True, keep_blocks=True), block_activations=activations, **sizes)
+                for _ in range(2)]
         # activations quantized per 32 values: a last-bit difference in one may round it the other way
         assert_kernel_steps_match_torch(*llms, atol=1e-2)

@@ -33,6 +33,7 @@ def test_block_product_equals_gguf_dequantized(name, rows_in):
     qtype = gguf.GGMLQuantizationType(TYPES[name])
     blocks = quantize(w, qtype)  # [n, k / 32 * block bytes] uint8, the file layout
     lin = BlockLinear(torch.from_numpy(blocks), TYPES[name], k)
+    lin.fp32_activations = False  # llama.cpp's numbers: activations rounded to 8 bits per block
     x = rng.normal(size=(rows_in, k)).astype(np.float32)
     x[0, :32] *= 50  # one loud block next to quiet ones: scales are per block
     y = block_linear(lin, torch.from_numpy(x))
@@ -49,6 +50,30 @@ def test_block_product_equals_gguf_dequantized(name, rows_in):
     assert np.abs(y.numpy() - full).max() <= 0.02 * np.abs(full).max()
     # one or two rows take the weight-rows tile, more rows the activation-rows tile: the same sums in the same order
     assert torch.equal(block_linear(lin, torch.from_numpy(x[:1])), y[:1])
+
+
+@pytest.mark.parametrize("name", TYPES)
+@pytest.mark.parametrize("rows_in", [1, 2, 4, 5, 13, 70])
+def test_fp32_activation_product_equals_dequantized_matrix(name, rows_in):
+    """fp32_activations (the default): the product of gguf's dequantized matrix with x as it is, up to fp32
+    rounding of the sums, through each kernel (1-4 rows: kernels/qfloat.c; 5-11: rows widened for the dense tiles;
+    12 and more: the packed GEMM)."""
+    rng = np.random.default_rng(rows_in)
+    n, k = 42, 96  # 42 rows: whole passes of 4 weight rows and a tail
+    w = rng.normal(size=(n, k)).astype(np.float32) + (0.3 if name == "Q4_1" else 0.0)
+    qtype = gguf.GGMLQuantizationType(TYPES[name])
+    blocks = quantize(w, qtype)
+    lin = BlockLinear(torch.from_numpy(blocks), TYPES[name], k)
+    assert lin.fp32_activations
+    x = rng.normal(size=(rows_in, k)).astype(np.float32)
+    x[0, :32] *= 50
+    y = block_linear(lin, torch.from_numpy(x))
+    if y is None:
+        pytest.skip("the C kernels cannot be built here (no compiler)")
+    w_ref = dequantize(blocks, qtype).astype(np.float64)
+    ref = x.astype(np.float64) @ w_ref.T
+    bound = 1e-5 * (np.abs(x).astype(np.float64) @ np.abs(w_ref).T) + 1e-6
+    assert np.all(np.abs(y.numpy() - ref) <= bound)
 
 
 @pytest.mark.parametrize("name", TYPES)

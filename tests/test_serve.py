@@ -282,6 +282,7 @@ def test_client_disconnect_aborts_the_requests(server, monkeypatch, route, promp
         return sample(logits, seqs)
 
     monkeypatch.setattr(engine.llm.runner, "sample", slow)
+    monkeypatch.setattr(engine.llm.runner, "fused", None)  # multi-token C calls would sample without `slow`
     ended = {}
 
     def hook(outs):

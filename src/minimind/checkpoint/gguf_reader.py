@@ -19,18 +19,18 @@ from ..config import MiniMindConfig
 from ..errors import CheckpointError, reason
 from ..model.core import MiniMindLM, build_on_meta
 from .detect import corrupt
+from .gguf_index import GGUFIndex
 from .hf import hf_yarn, llama_or_qwen3_config
+from .safetensors_file import stacked_groups
 
 log = logging.getLogger("minimind")
 SUPPORTED_ARCHS = ("llama", "qwen3", "qwen3moe")
 _EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(\w+)\.weight$")
 
 
-def _open(path: Path):
-    from gguf import GGUFReader
-
+def _open(path: Path) -> GGUFIndex:
     try:
-        return GGUFReader(str(path))
+        return GGUFIndex(path)
     except Exception as exc:  # numpy/struct errors on a truncated or non-GGUF file
         raise corrupt(path, "GGUF", reason(exc)) from None
 
@@ -159,6 +159,7 @@ def read_gguf(path: str | Path, progress: Callable[[int, int], None] | None = No
         ours.setdefault(name_map.get_name(name, try_suffixes=(".weight",)), []).append((index, key, tuple(value.shape)))
 
     sd: dict[str, torch.Tensor] = {}
+    stacked = _stacked_blocks(reader, ours) if blocks is not None else {}
     total, dequantized = len(reader.tensors), set()
     for i, tensor in enumerate(reader.tensors):
         if tensor.name not in ours:
@@ -167,7 +168,8 @@ def read_gguf(path: str | Path, progress: Callable[[int, int], None] | None = No
         targets = ours[tensor.name]
         shape = targets[0][2] if targets[0][0] is None else (len(targets), *targets[0][2])
         if blocks is not None and targets[0][0] is None and tensor.tensor_type.name in KEPT_BLOCK_TYPES:
-            _keep_blocks(tensor, targets[0][1], shape, arch_name, config, path, blocks, sd)
+            _keep_blocks(tensor, targets[0][1], shape, arch_name, config, path, blocks, sd, stacked.get(targets[0][1]))
+            reader.release(tensor)
             if progress is not None:
                 progress(i + 1, total)
             continue
@@ -188,6 +190,7 @@ def read_gguf(path: str | Path, progress: Callable[[int, int], None] | None = No
         for index, key, _ in targets:
             one = values if index is None else values[index].clone()  # an expert owns its storage, not a view
             sd[key] = one if dtype is None else one.to(dtype)  # cast now: no fp32 copy of the whole model
+        reader.release(tensor)
         if progress is not None:
             progress(i + 1, total)
     if dequantized:
@@ -199,7 +202,22 @@ def read_gguf(path: str | Path, progress: Callable[[int, int], None] | None = No
     return config, sd
 
 
-def _keep_blocks(tensor, key: str, shape: tuple, arch_name: str, config, path: Path, blocks: dict, sd: dict) -> None:
+def _stacked_blocks(reader, ours: dict) -> dict[str, torch.Tensor]:
+    """{key: uint8 view}: one buffer per layer for the q|k|v and the gate|up blocks of one type, rows back to back,
+    so the engine's fused matrices are views of what was read, not a second copy."""
+    kept = {ours[t.name][0][1]: (int(t.tensor_type), None, t.data.shape) for t in reader.tensors
+            if t.name in ours and ours[t.name][0][0] is None and t.tensor_type.name in KEPT_BLOCK_TYPES
+            and t.data.ndim == 2}
+    views = {}
+    for names in stacked_groups(kept):
+        rows = [kept[n][2][0] for n in names]
+        views.update(zip(names, torch.empty(sum(rows), kept[names[0]][2][1], dtype=torch.uint8).split(rows)))
+    return views
+
+
+def _keep_blocks(tensor, key: str, shape: tuple, arch_name: str, config, path: Path, blocks: dict, sd: dict,
+                 out: torch.Tensor | None) -> None:
+    """Copy a tensor's blocks out of the mapped file (into `out`, a slot of a stacked buffer, when given)."""
     raw = np.array(tensor.data, dtype=np.uint8, order="C")  # [rows, bytes per row]: a copy, the file is mmapped
     if raw.shape[0] != shape[0] or len(shape) != 2 or shape[1] % KEPT_BLOCK_TYPES[tensor.tensor_type.name]:
         raise CheckpointError(path, f"tensor `{tensor.name}` has {raw.shape[0]} rows of blocks, the metadata implies "
@@ -207,7 +225,9 @@ def _keep_blocks(tensor, key: str, shape: tuple, arch_name: str, config, path: P
     if arch_name == "llama" and tensor.name.endswith(("attn_q.weight", "attn_k.weight")):  # whole rows move
         raw = np.ascontiguousarray(unpermute_qk(raw, config.num_attention_heads if "attn_q" in tensor.name
                                                 else config.num_key_value_heads))
-    blocks[key] = (int(tensor.tensor_type), torch.from_numpy(raw))
+    if out is not None and tuple(out.shape) == raw.shape:
+        out.numpy()[:] = raw
+    blocks[key] = (int(tensor.tensor_type), out if out is not None and out.shape == raw.shape else torch.from_numpy(raw))
     sd[key] = torch.zeros(1).expand(shape)
 
 

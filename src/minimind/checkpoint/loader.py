@@ -12,7 +12,7 @@ from ..errors import CheckpointError, reason
 from ..model.core import MiniMindLM, build_on_meta
 from ..model.keys import REDO, infer_config, mismatch, normalize_state_dict
 from . import detect as fmt
-from .default_model import default_model_dir
+from .default_model import default_model_dir, weights_path
 from .dtypes import resolve_dtype
 from .gguf_reader import gguf_tokenizer, read_gguf
 from .hf import read_hf_folder
@@ -87,7 +87,7 @@ def load_model(path: str | Path | None = None, *, lora: str | Path | None = None
     without a LoRA only.
     """
     blocks = {} if keep_blocks and light and lora is None else None
-    path = default_model_dir() if path is None else path
+    path = weights_path(blocks is not None) if path is None else path
     checkpoint = read_checkpoint(path, weights_dtype=resolve_dtype(dtype, device), blocks=blocks, **config_overrides)
     return build_model(path, *checkpoint, lora=lora, inference_rope_scaling=inference_rope_scaling, device=device,
                        flash_attn=flash_attn, light=light, blocks=blocks)

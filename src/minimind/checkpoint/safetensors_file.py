@@ -70,7 +70,7 @@ def read_safetensors(path: str | Path, dtype: torch.dtype | None = None) -> dict
         except (KeyError, TypeError, IndexError):
             raise _corrupt(path, "a header entry has no data_offsets") from None
         checked = {name: _check(path, name, info, base, file_size) for name, info in entries}
-        stacked = _stacked(checked, dtype, _groups(checked))
+        stacked = _stacked(checked, dtype, stacked_groups(checked))
         for name, (src, start, shape) in checked.items():
             count = math.prod(shape)
             cast = dtype is not None and src.is_floating_point and src != dtype
@@ -105,8 +105,9 @@ def _check(path: Path, name: str, info: dict, base: int, file_size: int) -> tupl
     return src, start, shape
 
 
-def _groups(checked: dict) -> list[list[str]]:
-    """The complete STACKED groups of matrices of one dtype and one width, each in STACKED order."""
+def stacked_groups(checked: dict) -> list[list[str]]:
+    """The complete STACKED groups of matrices of one dtype and one width, each in STACKED order. checked:
+    {name: (dtype or format, _, shape)}."""
     groups = []
     for suffixes in STACKED:
         for name in checked:

@@ -140,7 +140,7 @@ class ModelSpec:
         """(model, tokenizer) with --lora_weight applied: MiniMindLM on CPU (what the engine runs), elsewhere
         MiniMindForCausalLM (HF generate). The weights are read and checked first: an unusable model file is named
         as such, never reported as a missing tokenizer."""
-        from .default_model import default_model_dir
+        from .default_model import weights_path
         from .dtypes import resolve_dtype
         from .loader import build_model, check_tokenizer_matches, load_tokenizer, read_checkpoint
         from .lora import load_lora
@@ -150,7 +150,7 @@ class ModelSpec:
         # must change them or another dtype is asked for
         keep = device == "cpu" and self.dtype_or_none in (None, "float32") and self.lora_weight in NO_LORA
         blocks = {} if keep else None
-        path = default_model_dir() if source.model is None else source.model
+        path = weights_path(keep) if source.model is None else source.model
         config, sd = read_checkpoint(path, weights_dtype=resolve_dtype(self.dtype_or_none, device), blocks=blocks)
         tokenizer = load_tokenizer(source.tokenizer)
         check_tokenizer_matches(tokenizer, config, where=str(source.tokenizer or "default tokenizer"))

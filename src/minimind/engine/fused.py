@@ -25,7 +25,7 @@ import torch
 log = logging.getLogger("minimind")
 KERNELS = Path(__file__).with_name("kernels")
 # one library; kernels.h shared
-SOURCES = ("decode.c", "moe.c", "linear.c", "q8.c", "qblock.c", "qkblock.c", "attention.c", "sample.c")
+SOURCES = ("decode.c", "moe.c", "linear.c", "q8.c", "qblock.c", "qkblock.c", "qfloat.c", "attention.c", "sample.c")
 W_F32, W_BF16, W_I8 = 0, 1, 2
 CODES = {torch.float32: W_F32, torch.bfloat16: W_BF16, torch.int8: W_I8}  # weight dtype -> Mat.type
 P = ctypes.c_void_p

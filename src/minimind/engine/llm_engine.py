@@ -33,7 +33,8 @@ class LLM:
     dtype: "float32" / "bfloat16" (None keeps the model's). quantization: None, "int8" (int8 weights, one scale
     per output channel; the C kernels quantize activations per 32 values, kernels/q8.c), "int4" (4-bit weight
     blocks made at load: Q4_K where rows are whole 256-value super-blocks, else Q4_0; run by the GGUF block
-    kernels) or "dynamic" (torch.ao quantize_dynamic).
+    kernels) or "dynamic" (torch.ao quantize_dynamic). block_activations: how a GGUF's Q8_0/Q4_0/Q4_1/Q5_0 blocks
+    meet the activations: "fp32" (the dequantized weights' numbers) or "int8" (rounded per 32 values: llama.cpp's).
     max_model_len / max_num_seqs size the KV cache once; more requests wait in a queue. kv_dtype: its storage,
     None (fp32 when the fused kernel runs or the CPU lacks native bf16, else the activation dtype), "float32",
     "bfloat16" or "float16" (storage only: half the memory and bytes attention reads; it computes in fp32).
@@ -58,7 +59,7 @@ class LLM:
                  enable_prefix_caching: bool = True, threads: int | None = None, compile: bool = False,
                  draft_model=None, num_speculative_tokens: int = 4, decode_mkldnn: bool | None = None,
                  kv_dtype=None, fused: bool = True, lora_adapters: dict | None = None, stream_interval: int = 1,
-                 keep_freed_memory: bool = True):
+                 keep_freed_memory: bool = True, block_activations: str = "fp32"):
         from ..checkpoint.dtypes import resolve_dtype
         from ..checkpoint.loader import load_model, load_tokenizer
         from ..checkpoint.lora import read_adapter
@@ -110,8 +111,8 @@ class LLM:
         if act_dtype == torch.bfloat16 and not native_bf16() and not getattr(cfg, "use_moe", False):
             compute = torch.float32
         adapters = {name: read_adapter(model, source)[1] for name, source in (lora_adapters or {}).items()}
-        self.runner = ModelRunner(model, self.kv, compute, quantization, weight_dtype=act_dtype,
-                                  release_model=owned)
+        self.runner = ModelRunner(model, self.kv, compute, quantization, weight_dtype=act_dtype, release_model=owned)
+        self.runner.set_block_activations(block_activations)
         self.scheduler = Scheduler(SlotManager(max_num_seqs, enable_prefix_caching), self.kv, max_num_batched_tokens)
         # oneDNN's bf16 GEMV streams weights at half the speed of the plain kernel: turn it off for decode steps.
         self.decode_mkldnn = decode_mkldnn if decode_mkldnn is not None else act_dtype != torch.bfloat16
@@ -127,10 +128,8 @@ class LLM:
         self.lora_names = {name: self.runner.lora.add(pairs) for name, pairs in adapters.items()}
         if compile:
             self.runner.compile()
-        elif fused and torch.device(getattr(model, "device", "cpu")).type == "cpu":
-            why = self.runner.enable_fused()
-            if why:
-                log.info("decode steps use the torch path (fused kernel: %s)", why)
+        elif fused and torch.device(getattr(model, "device", "cpu")).type == "cpu" and (why := self.runner.enable_fused()):
+            log.info("decode steps use the torch path (fused kernel: %s)", why)
         self._requests: dict[str, Request] = {}
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._wakeup = threading.Condition()

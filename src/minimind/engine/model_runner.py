@@ -115,6 +115,16 @@ class ModelRunner:
                 reason = str(exc)
         return reason
 
+    def set_block_activations(self, mode: str) -> None:
+        """GGUF Q8_0/Q4_0/Q4_1/Q5_0 products: "fp32" activations or llama.cpp's 8-bit blocks, "int8"
+        (quant.BlockLinear). Call before enable_fused: the kernel reads each matrix's type once."""
+        if mode not in ("fp32", "int8"):
+            raise ValueError(f"block_activations must be 'fp32' or 'int8', got {mode!r}")
+        for lw in self.layers:
+            for lin in (self.embed, self.lm_head, lw.qkv, lw.o, lw.gate_up, lw.down, *(lw.moe.linears if lw.moe else ())):
+                if isinstance(lin, BlockLinear):
+                    lin.fp32_activations = mode == "fp32"
+
     @property
     def weight_bytes(self) -> int:
         """Bytes of the matrices the runner computes with, each storage once (a tied embedding and lm_head of the

@@ -13,6 +13,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..checkpoint.safetensors_file import stacked_view
+
 # Without AVX512-BF16 (e.g. AVX2-only CPUs) bf16 GEMMs are emulated: about 7x slower than fp32 for prompt
 # chunks and batched decode. There, from this many rows on, weights are upcast per call and fp32 GEMM runs.
 UPCAST_ROWS = 8
@@ -96,6 +98,8 @@ MIXED_CODE = 8  # rows of both K-quant types in one matrix (q|k|v of a Q4_K_M fi
 BLOCK_BYTES = {8: 34, 2: 18, 3: 20, 6: 22, 12: 144, 14: 210}  # bytes per block
 BLOCK_VALUES = {8: 32, 2: 32, 3: 32, 6: 32, 12: 256, 14: 256}  # weights per block
 K_TYPES = (12, 14)
+FP32_ACT = 16  # added to a 32-value block type's code: its products take fp32 activations (kernels/qfloat.c)
+FP32_ACT_TYPES = (8, 2, 3, 6)  # Q8_0, Q4_0, Q4_1, Q5_0
 
 
 def row_bytes(ggml_type: int, cols: int) -> int:
@@ -106,7 +110,13 @@ class BlockLinear:
     """A GGUF Q8_0 / Q4_0 / Q4_1 / Q5_0 / Q4_K / Q6_K matrix kept in its file layout: blocks [out, bytes per row] uint8.
     Products run through the C kernels; without them each call dequantizes the matrix (gguf's reference code), one
     layer at a time. `BlockLinear.stack` also joins rows of the two K-quant types (then `blocks` is flat and
-    `table` says where each part starts)."""
+    `table` says where each part starts).
+
+    fp32_activations (Q8_0/Q4_0/Q4_1/Q5_0): True computes with the dequantized weights and the activations as they
+    are (the numbers of an fp32 copy of the matrix); False rounds the activations to 8 bits per block and runs
+    integer dot products, llama.cpp's numbers. K-quants always take the latter, per 256 values."""
+
+    fp32_activations = True
 
     def __init__(self, blocks: torch.Tensor, ggml_type: int, cols: int, act_dtype: torch.dtype = torch.float32):
         if (ggml_type not in BLOCK_CODES or cols % BLOCK_VALUES[ggml_type]
@@ -114,7 +124,7 @@ class BlockLinear:
             raise ValueError(f"not a Q8_0/Q4_0/Q4_1/Q5_0/Q4_K/Q6_K matrix of {cols} columns: type {ggml_type}, "
                              f"{tuple(blocks.shape)} bytes")
         self.blocks = blocks.contiguous()
-        self.ggml_type, self.code, self.rows, self.cols = ggml_type, BLOCK_CODES[ggml_type], blocks.shape[0], cols
+        self.ggml_type, self.type_code, self.rows, self.cols = ggml_type, BLOCK_CODES[ggml_type], blocks.shape[0], cols
         self.parts = [(ggml_type, self.blocks)]
         self.table = None  # int64 [1 + 3 parts] for mixed rows (kernels/qkblock.c qk_row)
         self.act_dtype = act_dtype
@@ -126,7 +136,8 @@ class BlockLinear:
         or of Q4_K and Q6_K; None for other mixes (the caller dequantizes)."""
         types = [t for t, _ in kept]
         if len(set(types)) == 1:
-            raw = torch.cat([r for _, r in kept]) if len(kept) > 1 else kept[0][1]
+            raws = [r for _, r in kept]  # read_gguf puts q|k|v and gate|up back to back: a view, no copy
+            raw = raws[0] if len(raws) == 1 else stacked_view(raws) if stacked_view(raws) is not None else torch.cat(raws)
             return cls(raw, types[0], cols)
         if not all(t in K_TYPES for t in types):
             return None
@@ -140,7 +151,7 @@ class BlockLinear:
                 runs.append([t, [raw]])
         flat = torch.cat([r.reshape(-1) for _, raws in runs for r in raws])
         lin = cls.__new__(cls)
-        lin.blocks, lin.ggml_type, lin.code, lin.cols = flat, None, MIXED_CODE, cols
+        lin.blocks, lin.ggml_type, lin.type_code, lin.cols = flat, None, MIXED_CODE, cols
         lin.parts, table, offset, end = [], [len(runs)], 0, 0
         for t, raws in runs:
             n = sum(r.shape[0] for r in raws)
@@ -151,6 +162,11 @@ class BlockLinear:
         lin.rows, lin.table = end, torch.tensor(table, dtype=torch.int64)
         lin.act_dtype, lin.packed = torch.float32, True
         return lin
+
+    @property
+    def code(self) -> int:
+        """The kernels' weight type (kernels.h), with FP32_ACT where the activations stay fp32."""
+        return self.type_code + FP32_ACT * (self.fp32_activations and self.ggml_type in FP32_ACT_TYPES)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         from .fused import block_linear

@@ -73,7 +73,7 @@ int minimind_decode(const Model *m, int64_t B, const int64_t *ids, const int64_t
     float *gu = malloc(sizeof(float) * (size_t)nthreads * 2 * B * rpt);
     int64_t kmax = H > Hq * D ? H : Hq * D;
     kmax = kmax > inter ? kmax : inter;
-    const int64_t xp_size = gemm ? cdiv(B, PANEL) * PANEL * kmax : 1, wf_size = gemm ? GEMM_RN * kmax : 1;
+    const int64_t xp_size = gemm ? cdiv(B, PANEL) * PANEL * kmax : 1, wf_size = GEMM_RN * kmax;
     float *xps = malloc(sizeof(float) * (size_t)nthreads * (xp_size + wf_size));
     /* int8 weights: each thread quantizes the B rows feeding a product itself (q8.c), like the norms above */
     /* GGUF block weights (qblock.c) take the same int8 buffer with a float scale and sum per block */
@@ -129,7 +129,7 @@ int minimind_decode(const Model *m, int64_t B, const int64_t *ids, const int64_t
 #define LINEAR(mat, x, ldx, n0, n1, y, ldy, acc) act_linear(mat, &moe_step.a, x, ldx, B, n0, n1, y, ldy, acc, gemm)
 #pragma omp for schedule(static)
         for (int64_t b = 0; b < B; b++)
-            if (qb_ok(&m->embed)) dequant_row_qb(&m->embed, ids[b], h + b * H);
+            if (qb_ok(&m->embed) || qf_ok(&m->embed)) dequant_row_qb(&m->embed, ids[b], h + b * H);
             else for (int64_t i = 0; i < H; i++) h[b * H + i] = load1((int)m->embed.type, m->embed.w, ids[b] * H + i);
 
         for (int64_t l = 0; l < m->n_layers; l++) {

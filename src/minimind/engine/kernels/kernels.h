@@ -15,6 +15,9 @@
 /* 3-5, 9: GGUF blocks of 32 (qblock.c); 6-8: GGUF K-quant super-blocks of 256 (qkblock.c), 8: rows of both */
 enum { W_F32 = 0, W_BF16 = 1, W_I8 = 2, W_Q8_0 = 3, W_Q4_0 = 4, W_Q4_1 = 5, W_Q4_K = 6, W_Q6_K = 7, W_QK_MIX = 8,
        W_Q5_0 = 9 };
+/* added to a GGUF block type (3-5, 9): its products take the fp32 activations as they are, each row of blocks
+ * widened to fp32 in registers and cache (linear.c), instead of activations rounded to 8 bits per block */
+#define W_FP32_ACT 16
 
 typedef struct {
     const void *w;       /* [rows, cols] row-major, element type `type` (3-5: rows of cols / 32 blocks) */
@@ -109,6 +112,16 @@ static inline uint16_t float_to_half(float x) {
 #endif
 }
 
+static inline float f16_at(const uint8_t *p) {  /* an fp16 field of a GGUF block */
+    uint16_t h;
+    memcpy(&h, p, 2);
+    return half_to_float(h);
+}
+
+static inline int64_t qb_bytes(int type) {  /* bytes per 32-value block: Q8_0, Q4_0, Q5_0, Q4_1 */
+    return type == W_Q8_0 ? 34 : type == W_Q4_0 ? 18 : type == W_Q5_0 ? 22 : 20;
+}
+
 static inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 /* Many rows (B >= GEMM_MIN_ROWS) go through the packed micro-kernel (linear.c); fewer through dot-product tiles. */
@@ -130,6 +143,10 @@ HIDDEN void matvec(const Mat *m, const float *x, int64_t ldx, int64_t B, int64_t
 HIDDEN void pack_x(const float *x, int64_t ldx, int64_t B, int64_t K, float *xp);
 HIDDEN void matmul_packed(const Mat *m, const float *xp, int64_t B, int64_t n0, int64_t n1, float *y, int64_t ldy,
                           int accumulate, float *wf);
+/* the same for W_FP32_ACT blocks and few rows: qfloat.c's kernel, else GEMM_RN weight rows at a time widened
+ * into wf for matvec */
+HIDDEN void matvec_widened(const Mat *m, const float *x, int64_t ldx, int64_t B, int64_t n0, int64_t n1, float *y,
+                           int64_t ldy, int accumulate, float *wf);
 
 /* q8.c: int8 weights times int8-quantized activations (format in q8.c) */
 #define Q8_BLOCK 32
@@ -147,6 +164,10 @@ HIDDEN int linear_q8(const Mat *m, const float *x, int64_t M, float *y, int nthr
 #define QK_BLOCK 256
 static inline int qb_ok(const Mat *m) { return m->type >= W_Q8_0 && m->type <= W_Q5_0; }
 static inline int qk_type(int64_t type) { return type >= W_Q4_K && type <= W_QK_MIX; }
+static inline int qf_ok(const Mat *m) {
+    const int64_t t = m->type - W_FP32_ACT;
+    return (m->type & W_FP32_ACT) && t >= W_Q8_0 && t <= W_Q5_0 && !qk_type(t);
+}
 HIDDEN void quantize_qb(int type, const float *x, int64_t ldx, int64_t B, int64_t K, int8_t *q, float *d, float *s);
 HIDDEN int64_t qk_row_bytes(int type, int64_t K);
 HIDDEN void quantize_qk(const float *x, int64_t ldx, int64_t B, int64_t K, int8_t *q, float *d, float *s);
@@ -157,6 +178,10 @@ HIDDEN void matvec_qb(const Mat *m, const int8_t *q, const float *d, const float
                       int64_t n1, float *y, int64_t ldy, int accumulate);
 HIDDEN void dequant_row_qb(const Mat *m, int64_t row, float *dst);
 HIDDEN int linear_qb(const Mat *m, const float *x, int64_t M, float *y, int nthreads);
+/* qfloat.c: W_FP32_ACT blocks times up to QF_MAX_B fp32 rows; returns 0 where this CPU has no such kernel */
+#define QF_MAX_B 4
+HIDDEN int matvec_qf(const Mat *m, const float *x, int64_t ldx, int64_t B, int64_t n0, int64_t n1, float *y,
+                     int64_t ldy, int accumulate);
 
 /* One thread's copy of a product's input in the weight's format: int8 rows for W_I8 (q8.c), int8 with float block
  * scales and sums for GGUF blocks (qblock.c, qkblock.c), packed panels for the fp32/bf16 GEMM (gemm), else x itself */
@@ -179,6 +204,7 @@ static inline void act_linear(const Mat *m, const ActBuf *a, const float *x, int
     if (q8_ok(m)) matvec_q8(m, a->q, a->s, a->u, B, n0, n1, y, ldy, acc);
     else if (qb_ok(m)) matvec_qb(m, a->q, a->d, a->sum, B, n0, n1, y, ldy, acc);
     else if (gemm) matmul_packed(m, a->xp, B, n0, n1, y, ldy, acc, a->wf);
+    else if (qf_ok(m)) matvec_widened(m, x, ldx, B, n0, n1, y, ldy, acc, a->wf);
     else matvec(m, x, ldx, B, n0, n1, y, ldy, acc);
 }
 

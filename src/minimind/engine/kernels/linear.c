@@ -199,6 +199,11 @@ static void gemm_tile6(const float *w, int64_t ldw, const float *xp, int64_t K, 
 static void widen_rows(const Mat *m, int64_t n, int RN, float *wf) {
     const int64_t K = m->cols;
     memset(wf + RN * K, 0, sizeof(float) * (GEMM_RN - RN) * K);
+    if (qf_ok(m)) {
+        const Mat blocks = {m->w, NULL, m->type - W_FP32_ACT, m->rows, K};
+        for (int r = 0; r < RN; r++) dequant_row_qb(&blocks, n + r, wf + r * K);
+        return;
+    }
     for (int r = 0; r < RN; r++) {
         const void *w = row_ptr((int)m->type, m->w, n + r, K);
         int64_t k = 0;
@@ -226,7 +231,8 @@ void matmul_packed(const Mat *m, const float *xp, int64_t B, int64_t n0, int64_t
             w = wf;
         }
         const int64_t size = m->type == W_F32 ? 4 : m->type == W_BF16 ? 2 : 1;
-        const char *next = n + GEMM_RN < m->rows ? (const char *)row_ptr((int)m->type, m->w, n + GEMM_RN, K) : NULL;
+        const char *next = n + GEMM_RN < m->rows && !qf_ok(m) ? (const char *)row_ptr((int)m->type, m->w, n + GEMM_RN, K)
+                                                              : NULL;
         for (int64_t p = 0; p * PANEL < B; p++) {
             gemm_tile6(w, K, xp + p * K * PANEL, K, out, p == 0 ? next : NULL, GEMM_RN * size);
             for (int r = 0; r < RN; r++) {
@@ -276,6 +282,17 @@ void matvec(const Mat *m, const float *x, int64_t ldx, int64_t B, int64_t n0, in
 }
 
 
+void matvec_widened(const Mat *m, const float *x, int64_t ldx, int64_t B, int64_t n0, int64_t n1, float *y,
+                    int64_t ldy, int accumulate, float *wf) {
+    if (matvec_qf(m, x, ldx, B, n0, n1, y, ldy, accumulate)) return;
+    for (int64_t n = n0; n < n1; n += GEMM_RN) {
+        const int RN = n1 - n < GEMM_RN ? (int)(n1 - n) : GEMM_RN;
+        widen_rows(m, n, RN, wf);
+        const Mat wide = {wf, NULL, W_F32, RN, m->cols};
+        matvec(&wide, x, ldx, B, 0, RN, y + n, ldy, accumulate);
+    }
+}
+
 #define LINEAR_ROWS_PER_CHUNK 64  /* activation rows per pass over the weights: their packed panels stay in L2 */
 
 /* y [M, rows] = x [M, cols] W^T (times the per-row scale for int8): prompt chunks with bf16/int8 weights, widened
@@ -283,6 +300,21 @@ void matvec(const Mat *m, const float *x, int64_t ldx, int64_t B, int64_t n0, in
 int minimind_linear(const Mat *m, const float *x, int64_t M, float *y, int nthreads) {
     if (q8_ok(m)) return linear_q8(m, x, M, y, nthreads);
     if (qb_ok(m)) return linear_qb(m, x, M, y, nthreads);
+    if (qf_ok(m) && M < GEMM_MIN_ROWS) {  /* few rows: as a decode step computes them (qfloat.c, or widened rows) */
+        float *wfs = malloc(sizeof(float) * (size_t)nthreads * GEMM_RN * m->cols);
+        if (!wfs) return -1;
+#pragma omp parallel num_threads(nthreads)
+        {
+            float *wf = wfs + (size_t)omp_get_thread_num() * GEMM_RN * m->cols;
+#pragma omp for schedule(static)
+            for (int64_t t = 0; t < cdiv(m->rows, 4 * GEMM_RN); t++) {
+                const int64_t n0 = t * 4 * GEMM_RN, n1 = n0 + 4 * GEMM_RN < m->rows ? n0 + 4 * GEMM_RN : m->rows;
+                matvec_widened(m, x, m->cols, M, n0, n1, y, m->rows, 0, wf);
+            }
+        }
+        free(wfs);
+        return 0;
+    }
     if (m->type == W_BF16 && M > LINEAR_ROWS_PER_CHUNK) {
         /* more than one pass over the weights: widen them to fp32 once (each pass would widen every row again,
          * which made bf16 prompts 30 % slower than fp32 ones) and run the fp32 path in place */

@@ -19,10 +19,6 @@
 #define QB_RB 4
 #endif
 
-static inline int64_t qb_bytes(int type) {
-    return type == W_Q8_0 ? 34 : type == W_Q4_0 ? 18 : type == W_Q5_0 ? 22 : 20;
-}
-
 /* the value of weight k (0..31) of one block as an integer: Q8_0 q, Q4_0 nibble - 8, Q4_1 nibble, Q5_0 q5 - 16 */
 static inline int qb_value(int type, const uint8_t *blk, int k) {
     if (type == W_Q8_0) return (int8_t)blk[2 + k];
@@ -34,12 +30,6 @@ static inline int qb_value(int type, const uint8_t *blk, int k) {
         return (nib | (int)((qh >> k) & 1) << 4) - 16;
     }
     return nib - (type == W_Q4_0) * 8;
-}
-
-static inline float f16_at(const uint8_t *p) {
-    uint16_t h;
-    memcpy(&h, p, 2);
-    return half_to_float(h);
 }
 
 /* x [B, K] (row stride ldx) -> q [B, K] int8, d and s [B, K / 32] (block scale, scale times the sum of q), as the
@@ -323,21 +313,34 @@ void matvec_qb(const Mat *m, const int8_t *q, const float *d, const float *s, in
     }
 }
 
-/* dst [K] = row `row` of a block-quantized matrix as fp32 (embedding lookups) */
+/* dst [K] = row `row` of a block-quantized matrix (W_FP32_ACT or not) as fp32, each value d * q (+ m) rounded as
+ * gguf's dequantize rounds it: embedding lookups, and the rows linear.c widens for fp32 activations */
 void dequant_row_qb(const Mat *m, int64_t row, float *dst) {
-    if (qk_type(m->type)) {
+    const int type = (int)(m->type & ~(int64_t)W_FP32_ACT);
+    if (qk_type(type)) {
         dequant_row_qk(m, row, dst);
         return;
     }
-    const int64_t K = m->cols, nb = K / QB_BLOCK, size = qb_bytes((int)m->type);
+    const int64_t K = m->cols, nb = K / QB_BLOCK, size = qb_bytes(type);
     const uint8_t *w = (const uint8_t *)m->w + row * nb * size;
     for (int64_t j = 0; j < nb; j++) {
         const uint8_t *blk = w + j * size;
-        const float dw = f16_at(blk), mw = m->type == W_Q4_1 ? f16_at(blk + 2) : 0.f;
-        for (int k = 0; k < QB_BLOCK; k++) {
-            const float v = (float)qb_value((int)m->type, blk, k);
-            dst[j * QB_BLOCK + k] = m->type == W_Q4_1 ? dw * v + mw : dw * v;
+        const float dw = f16_at(blk), mw = type == W_Q4_1 ? f16_at(blk + 2) : 0.f;
+        float *out = dst + j * QB_BLOCK;
+#ifdef __AVX2__
+        const __m256i v = qb_load(type, blk);
+        const __m128i lo = _mm256_castsi256_si128(v), hi = _mm256_extracti128_si256(v, 1);
+        const __m128i parts[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
+        for (int i = 0; i < 4; i++) {
+            const __m256 f = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(parts[i])), _mm256_set1_ps(dw));
+            _mm256_storeu_ps(out + 8 * i, type == W_Q4_1 ? _mm256_add_ps(f, _mm256_set1_ps(mw)) : f);
         }
+#else
+        for (int k = 0; k < QB_BLOCK; k++) {
+            const float v = dw * (float)qb_value(type, blk, k);
+            out[k] = type == W_Q4_1 ? v + mw : v;
+        }
+#endif
     }
 }
 

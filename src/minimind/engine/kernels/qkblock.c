@@ -15,12 +15,6 @@
  * exactly the nb floats of room a row has). */
 #include "kernels.h"
 
-static inline float f16_at(const uint8_t *p) {
-    uint16_t h;
-    memcpy(&h, p, 2);
-    return half_to_float(h);
-}
-
 /* activation rows per pass over a weight row: AVX-512's 32 registers hold 8 rows' sums next to the unpacked weights */
 #ifdef __AVX512BW__
 #define QK_RB 8

@@ -34,7 +34,8 @@ class LLM:
     per output channel; the C kernels quantize activations per 32 values, kernels/q8.c), "int4" (4-bit weight
     blocks made at load: Q4_K where rows are whole 256-value super-blocks, else Q4_0; run by the GGUF block
     kernels) or "dynamic" (torch.ao quantize_dynamic). block_activations: how a GGUF's Q8_0/Q4_0/Q4_1/Q5_0 blocks
-    meet the activations: "fp32" (the dequantized weights' numbers) or "int8" (rounded per 32 values: llama.cpp's).
+    meet the activations: "fp32" (the dequantized weights' numbers), "int8" (rounded per 32 values: llama.cpp's) or
+    "auto" (fp32 for prompts and large batches, int8 for decode steps; quant.BlockLinear).
     max_model_len / max_num_seqs size the KV cache once; more requests wait in a queue. kv_dtype: its storage,
     None (fp32 when the fused kernel runs or the CPU lacks native bf16, else the activation dtype), "float32",
     "bfloat16" or "float16" (storage only: half the memory and bytes attention reads; it computes in fp32).
@@ -59,7 +60,7 @@ class LLM:
                  enable_prefix_caching: bool = True, threads: int | None = None, compile: bool = False,
                  draft_model=None, num_speculative_tokens: int = 4, decode_mkldnn: bool | None = None,
                  kv_dtype=None, fused: bool = True, lora_adapters: dict | None = None, stream_interval: int = 1,
-                 keep_freed_memory: bool = True, block_activations: str = "fp32"):
+                 keep_freed_memory: bool = True, block_activations: str = "auto"):
         from ..checkpoint.dtypes import resolve_dtype
         from ..checkpoint.loader import load_model, load_tokenizer
         from ..checkpoint.lora import read_adapter

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from ..model.rope import apply_rotary
 from .kv_cache import KVCache
 from .lora_rows import RowLoRA
-from .quant import BlockLinear, DenseLinear, Int8Linear, make_linear
+from .quant import ACTIVATION_FLAGS, BlockLinear, DenseLinear, Int8Linear, make_linear
 from .runner_weights import LayerWeights, blocks, cast_module, release_matrices
 from .sampling import build_sampling_batch, sample
 from .scheduler import Batch
@@ -116,14 +116,14 @@ class ModelRunner:
         return reason
 
     def set_block_activations(self, mode: str) -> None:
-        """GGUF Q8_0/Q4_0/Q4_1/Q5_0 products: "fp32" activations or llama.cpp's 8-bit blocks, "int8"
+        """How GGUF Q8_0/Q4_0/Q4_1/Q5_0 products take their activations: "auto", "fp32" or "int8"
         (quant.BlockLinear). Call before enable_fused: the kernel reads each matrix's type once."""
-        if mode not in ("fp32", "int8"):
-            raise ValueError(f"block_activations must be 'fp32' or 'int8', got {mode!r}")
+        if mode not in ACTIVATION_FLAGS:
+            raise ValueError(f"block_activations must be one of {', '.join(ACTIVATION_FLAGS)}, got {mode!r}")
         for lw in self.layers:
             for lin in (self.embed, self.lm_head, lw.qkv, lw.o, lw.gate_up, lw.down, *(lw.moe.linears if lw.moe else ())):
                 if isinstance(lin, BlockLinear):
-                    lin.fp32_activations = mode == "fp32"
+                    lin.activations = mode
 
     @property
     def weight_bytes(self) -> int:

@@ -98,6 +98,8 @@ int minimind_decode(const Model *m, int64_t B, const int64_t *ids, const int64_t
     }
     free(seen);
     const int f16 = (int)m->kv_f16;
+    /* W_AUTO_ACT blocks: the step's row count decides for the logits too (a prompt's last row as its others) */
+    const Mat embed = act_mode(&m->embed, 0), head = act_mode(&m->lm_head, gemm);
     const int64_t esize = f16 ? 2 : 4;
     /* lm_head over the output rows only: a prompt chunk needs the logits of its last row at most */
     const int gemm_out = n_out >= gemm_min;
@@ -129,7 +131,7 @@ int minimind_decode(const Model *m, int64_t B, const int64_t *ids, const int64_t
 #define LINEAR(mat, x, ldx, n0, n1, y, ldy, acc) act_linear(mat, &moe_step.a, x, ldx, B, n0, n1, y, ldy, acc, gemm)
 #pragma omp for schedule(static)
         for (int64_t b = 0; b < B; b++)
-            if (qb_ok(&m->embed) || qf_ok(&m->embed)) dequant_row_qb(&m->embed, ids[b], h + b * H);
+            if (qb_ok(&embed) || qf_ok(&embed)) dequant_row_qb(&embed, ids[b], h + b * H);
             else for (int64_t i = 0; i < H; i++) h[b * H + i] = load1((int)m->embed.type, m->embed.w, ids[b] * H + i);
 
         for (int64_t l = 0; l < m->n_layers; l++) {
@@ -206,11 +208,11 @@ int minimind_decode(const Model *m, int64_t B, const int64_t *ids, const int64_t
         }
         for (int64_t j = 0; j < n_out; j++)
             rms_norm(h + (out_rows ? out_rows[j] : j) * H, m->norm, H, m->eps, xn + j * H);
-        act_prepare(&m->lm_head, &moe_step.a, xn, H, n_out, H, gemm_out);
+        act_prepare(&head, &moe_step.a, xn, H, n_out, H, gemm_out);
 #pragma omp for schedule(static)
         for (int64_t t = 0; t < cdiv(m->vocab, rpt_out); t++) {
             int64_t n0 = t * rpt_out, n1 = n0 + rpt_out < m->vocab ? n0 + rpt_out : m->vocab;
-            act_linear(&m->lm_head, &moe_step.a, xn, H, n_out, n0, n1, logits, m->vocab, 0, gemm_out);
+            act_linear(&head, &moe_step.a, xn, H, n_out, n0, n1, logits, m->vocab, 0, gemm_out);
         }
     }
 done:

@@ -15,9 +15,12 @@
 /* 3-5, 9: GGUF blocks of 32 (qblock.c); 6-8: GGUF K-quant super-blocks of 256 (qkblock.c), 8: rows of both */
 enum { W_F32 = 0, W_BF16 = 1, W_I8 = 2, W_Q8_0 = 3, W_Q4_0 = 4, W_Q4_1 = 5, W_Q4_K = 6, W_Q6_K = 7, W_QK_MIX = 8,
        W_Q5_0 = 9 };
-/* added to a GGUF block type (3-5, 9): its products take the fp32 activations as they are, each row of blocks
- * widened to fp32 in registers and cache (linear.c), instead of activations rounded to 8 bits per block */
+/* added to a GGUF block type (3-5, 9): W_FP32_ACT, its products take the fp32 activations as they are, the blocks
+ * widened to fp32 in registers (qfloat.c) or for the packed GEMM (linear.c), instead of activations rounded to
+ * 8 bits per block (qblock.c); W_AUTO_ACT, the first for products of GEMM_MIN_ROWS rows or more (prompts, large
+ * batches: widened blocks make the faster GEMM there), the second for fewer (decode) */
 #define W_FP32_ACT 16
+#define W_AUTO_ACT 32
 
 typedef struct {
     const void *w;       /* [rows, cols] row-major, element type `type` (3-5: rows of cols / 32 blocks) */
@@ -191,16 +194,25 @@ typedef struct {
     float *u, *d, *sum, *xp, *wf;
 } ActBuf;
 
-static inline void act_prepare(const Mat *m, const ActBuf *a, const float *x, int64_t ldx, int64_t B, int64_t K,
+/* the Mat as a product of this many rows reads it: W_AUTO_ACT resolved */
+static inline Mat act_mode(const Mat *m, int gemm) {
+    Mat r = *m;
+    if (r.type & W_AUTO_ACT) r.type = r.type - W_AUTO_ACT + (gemm ? W_FP32_ACT : 0);
+    return r;
+}
+
+static inline void act_prepare(const Mat *mat, const ActBuf *a, const float *x, int64_t ldx, int64_t B, int64_t K,
                                int gemm) {
+    const Mat mode = act_mode(mat, gemm), *m = &mode;
     if (q8_ok(m)) quantize_q8(x, ldx, B, K, a->q, a->s, a->u);
     else if (qb_ok(m)) quantize_qb((int)m->type, x, ldx, B, K, a->q, a->d, a->sum);
     else if (gemm) pack_x(x, ldx, B, K, a->xp);
 }
 
 /* y[b * ldy + n] (+)= (W x[b])[n] for n in [n0, n1), from the input act_prepare made of the same x */
-static inline void act_linear(const Mat *m, const ActBuf *a, const float *x, int64_t ldx, int64_t B, int64_t n0,
+static inline void act_linear(const Mat *mat, const ActBuf *a, const float *x, int64_t ldx, int64_t B, int64_t n0,
                               int64_t n1, float *y, int64_t ldy, int acc, int gemm) {
+    const Mat mode = act_mode(mat, gemm), *m = &mode;
     if (q8_ok(m)) matvec_q8(m, a->q, a->s, a->u, B, n0, n1, y, ldy, acc);
     else if (qb_ok(m)) matvec_qb(m, a->q, a->d, a->sum, B, n0, n1, y, ldy, acc);
     else if (gemm) matmul_packed(m, a->xp, B, n0, n1, y, ldy, acc, a->wf);

@@ -297,7 +297,8 @@ void matvec_widened(const Mat *m, const float *x, int64_t ldx, int64_t B, int64_
 
 /* y [M, rows] = x [M, cols] W^T (times the per-row scale for int8): prompt chunks with bf16/int8 weights, widened
  * in registers instead of a whole fp32 copy of W per call. Returns 0, or -1 when scratch cannot be allocated. */
-int minimind_linear(const Mat *m, const float *x, int64_t M, float *y, int nthreads) {
+int minimind_linear(const Mat *mat, const float *x, int64_t M, float *y, int nthreads) {
+    const Mat mode = act_mode(mat, M >= GEMM_MIN_ROWS), *m = &mode;
     if (q8_ok(m)) return linear_q8(m, x, M, y, nthreads);
     if (qb_ok(m)) return linear_qb(m, x, M, y, nthreads);
     if (qf_ok(m) && M < GEMM_MIN_ROWS) {  /* few rows: as a decode step computes them (qfloat.c, or widened rows) */

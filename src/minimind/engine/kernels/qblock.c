@@ -316,7 +316,7 @@ void matvec_qb(const Mat *m, const int8_t *q, const float *d, const float *s, in
 /* dst [K] = row `row` of a block-quantized matrix (W_FP32_ACT or not) as fp32, each value d * q (+ m) rounded as
  * gguf's dequantize rounds it: embedding lookups, and the rows linear.c widens for fp32 activations */
 void dequant_row_qb(const Mat *m, int64_t row, float *dst) {
-    const int type = (int)(m->type & ~(int64_t)W_FP32_ACT);
+    const int type = (int)(m->type & ~(int64_t)(W_FP32_ACT | W_AUTO_ACT));
     if (qk_type(type)) {
         dequant_row_qk(m, row, dst);
         return;

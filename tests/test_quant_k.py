@@ -51,13 +51,23 @@ def _check(y: np.ndarray, x: np.ndarray, w_ref: np.ndarray) -> None:
     assert np.all(np.abs(y - ref) <= bound), np.abs(y - ref).max()
 
 
+def _check_mode(y: np.ndarray, x: np.ndarray, w_ref: np.ndarray, mode: str) -> None:
+    """int8 activations (Q8_K), or fp32 ones ("fp32"; "auto" from 12 rows on): the dequantized matrix's product."""
+    if mode == "int8" or (mode == "auto" and x.shape[0] < 12):
+        return _check(y, x, w_ref)
+    ref = x.astype(np.float64) @ w_ref.T
+    assert np.all(np.abs(y - ref) <= 1e-5 * (np.abs(x).astype(np.float64) @ np.abs(w_ref).T) + 1e-6)
+
+
+@pytest.mark.parametrize("mode", ["int8", "auto", "fp32"])
 @pytest.mark.parametrize("name", TYPES)
 @pytest.mark.parametrize("rows_in", [1, 3, 5, 70])  # 1-4: one tile; 70: more than one 64-row prompt pass
-def test_k_product_equals_gguf_dequantized(name, rows_in):
+def test_k_product_equals_gguf_dequantized(name, rows_in, mode):
     rng = np.random.default_rng(rows_in)
     n, k = 24, 512
     blocks = random_blocks(TYPES[name], n, k, rng)
     lin = BlockLinear(torch.from_numpy(blocks), TYPES[name], k)
+    lin.activations = mode
     x = rng.normal(size=(rows_in, k)).astype(np.float32)
     x[0, :256] *= 50  # one loud super-block next to a quiet one: scales are per 256 values
     y = block_linear(lin, torch.from_numpy(x))
@@ -65,22 +75,24 @@ def test_k_product_equals_gguf_dequantized(name, rows_in):
         pytest.skip("the C kernels cannot be built here (no compiler)")
     w_ref = dequantize(blocks, Q(TYPES[name])).astype(np.float64)
     assert w_ref.shape == (n, k)
-    _check(y.numpy(), x, w_ref)
+    _check_mode(y.numpy(), x, w_ref, mode)
 
 
-def test_mixed_q4_k_q6_k_rows():
+@pytest.mark.parametrize("mode,rows_in", [("int8", 3), ("auto", 13), ("fp32", 3)])
+def test_mixed_q4_k_q6_k_rows(mode, rows_in):
     """q|k|v of a Q4_K_M file whose v is Q6_K: one matrix, each row read as its own type."""
     rng = np.random.default_rng(7)
     k = 256
     parts = [(12, random_blocks(12, 8, k, rng)), (12, random_blocks(12, 4, k, rng)), (14, random_blocks(14, 4, k, rng))]
     lin = BlockLinear.stack([(t, torch.from_numpy(b)) for t, b in parts], k)
     assert lin.rows == 16 and lin.table is not None
-    x = rng.normal(size=(3, k)).astype(np.float32)
+    lin.activations = mode
+    x = rng.normal(size=(rows_in, k)).astype(np.float32)
     y = block_linear(lin, torch.from_numpy(x))
     if y is None:
         pytest.skip("the C kernels cannot be built here (no compiler)")
     w_ref = np.concatenate([dequantize(b, Q(t)) for t, b in parts]).astype(np.float64)
-    _check(y.numpy(), x, w_ref)
+    _check_mode(y.numpy(), x, w_ref, mode)
     torch.testing.assert_close(lin.dequantize(), torch.from_numpy(w_ref).float())
     assert BlockLinear.stack([(12, torch.from_numpy(parts[0][1])), (8, torch.zeros(4, 272, dtype=torch.uint8))],
                              k) is None  # Q4_K with Q8_0 rows: different activation formats, not stacked
@@ -121,6 +133,16 @@ def test_other_builds_equal_gguf_dequantized(tmp_path, flags):
         assert lib.minimind_linear(ctypes.byref(mat), x.ctypes.data, 5, y.ctypes.data, 1) == 0
         ref = _activation_reference(x) @ dequantize(blocks, qtype).astype(np.float64).T
         assert np.abs(y - ref).max() <= 1e-4 * np.abs(ref).max()
+    for qtype, code, k in ((Q.Q4_1, 5, 96), (Q.Q8_0, 3, 96), (Q.Q4_K, 6, 512)):  # fp32 activations: widened rows
+        blocks = quantize(rng.normal(size=(12, k)).astype(np.float32), qtype) if code != 6 else \
+            random_blocks(12, 12, k, rng)
+        for rows in (3, 13):
+            x = rng.normal(size=(rows, k)).astype(np.float32)
+            y = np.empty((rows, 12), dtype=np.float32)
+            mat = fused.Mat(blocks.ctypes.data, None, code + 16, 12, k)
+            assert lib.minimind_linear(ctypes.byref(mat), x.ctypes.data, rows, y.ctypes.data, 1) == 0
+            ref = x.astype(np.float64) @ dequantize(blocks, qtype).astype(np.float64).T
+            assert np.abs(y - ref).max() <= 1e-5 * np.abs(ref).max(), (qtype, rows)
 
 
 @pytest.mark.parametrize("name", TYPES)

@@ -98,9 +98,8 @@ MIXED_CODE = 8  # rows of both K-quant types in one matrix (q|k|v of a Q4_K_M fi
 BLOCK_BYTES = {8: 34, 2: 18, 3: 20, 6: 22, 12: 144, 14: 210}  # bytes per block
 BLOCK_VALUES = {8: 32, 2: 32, 3: 32, 6: 32, 12: 256, 14: 256}  # weights per block
 K_TYPES = (12, 14)
-# added to a 32-value block type's code (kernels.h): fp32 activations always, or for products of many rows only
+# added to a block type's code (kernels.h): fp32 activations always, or for products of many rows only
 ACTIVATION_FLAGS = {"int8": 0, "fp32": 16, "auto": 32}
-FP32_ACT_TYPES = (8, 2, 3, 6)  # Q8_0, Q4_0, Q4_1, Q5_0
 
 
 def row_bytes(ggml_type: int, cols: int) -> int:
@@ -113,11 +112,11 @@ class BlockLinear:
     layer at a time. `BlockLinear.stack` also joins rows of the two K-quant types (then `blocks` is flat and
     `table` says where each part starts).
 
-    activations (Q8_0/Q4_0/Q4_1/Q5_0): "fp32" computes with the dequantized weights and the activations as they are
-    (the numbers of an fp32 copy of the matrix); "int8" rounds the activations to 8 bits per block and runs integer
-    dot products (llama.cpp's numbers, the fastest decode); "auto" takes fp32 for products of 12 rows or more
-    (prompts, large batches, where widened blocks make the faster GEMM) and int8 for fewer (decode steps).
-    K-quants always take 8-bit activations, per 256 values."""
+    activations: "fp32" computes with the dequantized weights and the activations as they are (the numbers of an
+    fp32 copy of the matrix); "int8" rounds the activations to 8 bits per block of 32 (K-quants: 256) and runs
+    integer dot products (llama.cpp's numbers, the fastest decode); "auto" takes fp32 for products of 12 rows or
+    more (prompts, large batches, where blocks widened for the GEMM beat the integer tiles) and int8 for fewer
+    (decode steps). K-quants with fp32 activations and few rows widen whole rows first: slower than int8."""
 
     activations = "auto"
 
@@ -169,7 +168,7 @@ class BlockLinear:
     @property
     def code(self) -> int:
         """The kernels' weight type (kernels.h) with its activation flag."""
-        return self.type_code + (ACTIVATION_FLAGS[self.activations] if self.ggml_type in FP32_ACT_TYPES else 0)
+        return self.type_code + ACTIVATION_FLAGS[self.activations]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         from .fused import block_linear

@@ -15,7 +15,7 @@
 /* 3-5, 9: GGUF blocks of 32 (qblock.c); 6-8: GGUF K-quant super-blocks of 256 (qkblock.c), 8: rows of both */
 enum { W_F32 = 0, W_BF16 = 1, W_I8 = 2, W_Q8_0 = 3, W_Q4_0 = 4, W_Q4_1 = 5, W_Q4_K = 6, W_Q6_K = 7, W_QK_MIX = 8,
        W_Q5_0 = 9 };
-/* added to a GGUF block type (3-5, 9): W_FP32_ACT, its products take the fp32 activations as they are, the blocks
+/* added to a GGUF block type (3-9): W_FP32_ACT, its products take the fp32 activations as they are, the blocks
  * widened to fp32 in registers (qfloat.c) or for the packed GEMM (linear.c), instead of activations rounded to
  * 8 bits per block (qblock.c); W_AUTO_ACT, the first for products of GEMM_MIN_ROWS rows or more (prompts, large
  * batches: widened blocks make the faster GEMM there), the second for fewer (decode) */
@@ -169,7 +169,7 @@ static inline int qb_ok(const Mat *m) { return m->type >= W_Q8_0 && m->type <= W
 static inline int qk_type(int64_t type) { return type >= W_Q4_K && type <= W_QK_MIX; }
 static inline int qf_ok(const Mat *m) {
     const int64_t t = m->type - W_FP32_ACT;
-    return (m->type & W_FP32_ACT) && t >= W_Q8_0 && t <= W_Q5_0 && !qk_type(t);
+    return (m->type & W_FP32_ACT) && t >= W_Q8_0 && t <= W_Q5_0;
 }
 HIDDEN void quantize_qb(int type, const float *x, int64_t ldx, int64_t B, int64_t K, int8_t *q, float *d, float *s);
 HIDDEN int64_t qk_row_bytes(int type, int64_t K);
@@ -181,7 +181,8 @@ HIDDEN void matvec_qb(const Mat *m, const int8_t *q, const float *d, const float
                       int64_t n1, float *y, int64_t ldy, int accumulate);
 HIDDEN void dequant_row_qb(const Mat *m, int64_t row, float *dst);
 HIDDEN int linear_qb(const Mat *m, const float *x, int64_t M, float *y, int nthreads);
-/* qfloat.c: W_FP32_ACT blocks times up to QF_MAX_B fp32 rows; returns 0 where this CPU has no such kernel */
+/* qfloat.c: W_FP32_ACT blocks of 32 values times up to QF_MAX_B fp32 rows; returns 0 where it has no kernel (no
+ * AVX-512, K-quants: linear.c widens their rows instead) */
 #define QF_MAX_B 4
 HIDDEN int matvec_qf(const Mat *m, const float *x, int64_t ldx, int64_t B, int64_t n0, int64_t n1, float *y,
                      int64_t ldy, int accumulate);

@@ -200,7 +200,7 @@ static void widen_rows(const Mat *m, int64_t n, int RN, float *wf) {
     const int64_t K = m->cols;
     memset(wf + RN * K, 0, sizeof(float) * (GEMM_RN - RN) * K);
     if (qf_ok(m)) {
-        const Mat blocks = {m->w, NULL, m->type - W_FP32_ACT, m->rows, K};
+        const Mat blocks = {m->w, m->scale, m->type - W_FP32_ACT, m->rows, K};  /* scale: mixed K-quant rows' table */
         for (int r = 0; r < RN; r++) dequant_row_qb(&blocks, n + r, wf + r * K);
         return;
     }
@@ -236,7 +236,7 @@ void matmul_packed(const Mat *m, const float *xp, int64_t B, int64_t n0, int64_t
         for (int64_t p = 0; p * PANEL < B; p++) {
             gemm_tile6(w, K, xp + p * K * PANEL, K, out, p == 0 ? next : NULL, GEMM_RN * size);
             for (int r = 0; r < RN; r++) {
-                float s = m->scale ? m->scale[n + r] : 1.0f;
+                float s = m->scale && !qf_ok(m) ? m->scale[n + r] : 1.0f;  /* blocks: scale is a K-quant table */
                 for (int64_t j = 0; j < PANEL && p * PANEL + j < B; j++) {
                     float *dst = y + (p * PANEL + j) * ldy + n + r;
                     *dst = accumulate ? *dst + s * out[r * PANEL + j] : s * out[r * PANEL + j];

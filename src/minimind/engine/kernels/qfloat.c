@@ -79,8 +79,8 @@ QF_TYPE(W_Q5_0)
 
 int matvec_qf(const Mat *m, const float *x, int64_t ldx, int64_t B, int64_t n0, int64_t n1, float *y, int64_t ldy,
               int accumulate) {
-    if (B > QF_MAX_B) return 0;
     const int type = (int)(m->type - W_FP32_ACT);
+    if (B > QF_MAX_B || qk_type(type)) return 0;
     const int64_t nb = m->cols / QB_BLOCK, row_bytes = nb * qb_bytes(type);
     float out[QF_RN * QF_MAX_B];
     for (int64_t n = n0; n < n1;) {

@@ -350,7 +350,9 @@ void matvec_qk(const Mat *m, const int8_t *q, const float *d, const float *s, in
 }
 
 /* dst [K] = row `row` as fp32, in the order llama.cpp's dequantize_row_q4_K / _q6_K multiply */
-void dequant_row_qk(const Mat *m, int64_t row, float *dst) {
+void dequant_row_qk(const Mat *mat, int64_t row, float *dst) {
+    const Mat plain = {mat->w, mat->scale, mat->type & ~(int64_t)(W_FP32_ACT | W_AUTO_ACT), mat->rows, mat->cols};
+    const Mat *m = &plain;
     int type;
     const uint8_t *w = qk_row(m, row, &type);
     int8_t v[QK_BLOCK];

@@ -360,6 +360,17 @@ void dequant_row_qk(const Mat *mat, int64_t row, float *dst) {
     float dw, dmin;
     for (int64_t i = 0; i < m->cols / QK_BLOCK; i++) {
         qk_unpack(type, w + i * qk_bytes(type), v, sc16, mn16, &dw, &dmin);
+#ifdef __AVX2__
+        for (int g = 0; g < 16; g++) {  /* the scalar loop's roundings: (dw * sc) * v, minus dmin * mn */
+            const __m256 s = _mm256_set1_ps(dw * (float)sc16[g]), o = _mm256_set1_ps(dmin * (float)mn16[g]);
+            for (int h = 0; h < 16; h += 8) {
+                const __m128i raw = _mm_loadl_epi64((const __m128i *)(v + 16 * g + h));
+                const __m256 f = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(raw));
+                _mm256_storeu_ps(dst + i * QK_BLOCK + 16 * g + h, _mm256_sub_ps(_mm256_mul_ps(f, s), o));
+            }
+        }
+        continue;
+#endif
         for (int k = 0; k < QK_BLOCK; k++)
             dst[i * QK_BLOCK + k] = type == W_Q4_K ? dw * (float)sc16[k / 16] * (float)v[k] - dmin * (float)mn16[k / 16]
                                                    : dw * (float)sc16[k / 16] * (float)v[k];

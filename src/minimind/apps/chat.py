@@ -134,6 +134,11 @@ def run(args: argparse.Namespace) -> int:
     name = "embedded default model (SmolLM2-135M-Instruct)" if source.model is None else str(source.model)
     size = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()) / 1e6
     dtype = str(next(model.parameters()).dtype).replace("torch.", "")
+    kept = sorted({m.gguf_blocks[0] for m in model.modules() if hasattr(m, "gguf_blocks")})
+    if kept:  # the engine computes from the GGUF's blocks; the module weights are stand-ins
+        from gguf import GGMLQuantizationType
+
+        dtype = f"GGUF {'/'.join(GGMLQuantizationType(t).name for t in kept)} blocks"
     if device == "cpu":  # the engine keeps its own (fused) copies of the weights: the model is dropped
         context = min(cfg.max_position_embeddings, 4096)
         generate = partial(engine_tokens, LLM(model, tokenizer=tokenizer, max_num_seqs=1, max_model_len=context))

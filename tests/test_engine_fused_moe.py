@@ -174,6 +174,30 @@ def test_qwen3_moe_gguf_decodes_like_llama_cpp(tmp_path):
     assert worst < 1e-3, worst
 
 
+def test_quantized_qwen3_moe_gguf_keeps_its_expert_blocks(tmp_path):
+    """A Q8_0 Qwen3-MoE GGUF: the experts stay in their blocks (views of one copy of each stacked tensor), and with
+    fp32 activations the fused MoE steps give the log-probabilities of the dequantized file's fp32 model."""
+    import minimind
+    from minimind.convert import export_gguf
+    from test_convert_util import native_era
+    from test_engine_gguf_blocks import _worst_logprob_gaps
+
+    pth, tok = native_era(tmp_path, "minimind3-moe")
+    path = export_gguf(pth, tmp_path / "moe-q8_0.gguf", "q8_0", tokenizer=tok, show_progress=False)
+    model = minimind.load_model(path, light=True, keep_blocks=True)
+    experts = model.model.layers[0].mlp.experts
+    assert all(e.gate_proj.gguf_blocks[0] == 8 and e.down_proj.gguf_blocks[0] == 8 for e in experts)
+    prompts = [[5, 17, 42, 3, 99, 7, 64, 23] * 2, [9, 8, 7]]
+    params = SamplingParams(temperature=0, max_tokens=6, logprobs=5, ignore_eos=True)
+    dense = LLM(minimind.load_model(path, light=True), max_num_seqs=2, max_model_len=64)
+    llm = LLM(model, max_num_seqs=2, max_model_len=64, block_activations="fp32")
+    _needs_kernel(llm)
+    assert type(llm.runner.layers[0].moe.experts[0][0]).__name__ == "BlockLinear"
+    for ours, ref in zip(llm.generate(prompts, params), dense.generate(prompts, params)):
+        assert ours.outputs[0].token_ids == ref.outputs[0].token_ids
+        assert max(_worst_logprob_gaps(ours.outputs[0], ref.outputs[0])) < 1e-4
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_moe_prompt_chunks_run_on_the_kernel(family):
     """Prompt chunks (whole, chunked, prefix-cache hits) and decode rows of an MoE model in one kernel call: each

@@ -167,8 +167,12 @@ def read_gguf(path: str | Path, progress: Callable[[int, int], None] | None = No
                                   f"{arch_name} model")
         targets = ours[tensor.name]
         shape = targets[0][2] if targets[0][0] is None else (len(targets), *targets[0][2])
-        if blocks is not None and targets[0][0] is None and tensor.tensor_type.name in KEPT_BLOCK_TYPES:
-            _keep_blocks(tensor, targets[0][1], shape, arch_name, config, path, blocks, sd, stacked.get(targets[0][1]))
+        if blocks is not None and tensor.tensor_type.name in KEPT_BLOCK_TYPES:
+            if targets[0][0] is None:
+                _keep_blocks(tensor, targets[0][1], shape, arch_name, config, path, blocks, sd,
+                             stacked.get(targets[0][1]))
+            else:
+                _keep_expert_blocks(tensor, targets, shape, path, blocks, sd)
             reader.release(tensor)
             if progress is not None:
                 progress(i + 1, total)
@@ -229,6 +233,17 @@ def _keep_blocks(tensor, key: str, shape: tuple, arch_name: str, config, path: P
         out.numpy()[:] = raw
     blocks[key] = (int(tensor.tensor_type), out if out is not None and out.shape == raw.shape else torch.from_numpy(raw))
     sd[key] = torch.zeros(1).expand(shape)
+
+
+def _keep_expert_blocks(tensor, targets: list, shape: tuple, path: Path, blocks: dict, sd: dict) -> None:
+    """A qwen3moe stack of experts' blocks [E, rows, bytes per row]: each expert's matrix a view of one copy."""
+    raw = torch.from_numpy(np.array(tensor.data, dtype=np.uint8, order="C"))
+    if raw.dim() != 3 or tuple(raw.shape[:2]) != shape[:2] or shape[2] % KEPT_BLOCK_TYPES[tensor.tensor_type.name]:
+        raise CheckpointError(path, f"tensor `{tensor.name}` has {tuple(raw.shape[:2])} experts x rows of blocks, "
+                              f"the metadata implies {shape}")
+    for index, key, expert_shape in targets:
+        blocks[key] = (int(tensor.tensor_type), raw[index])
+        sd[key] = torch.zeros(1).expand(expert_shape)
 
 
 def gguf_tokenizer(path: str | Path):

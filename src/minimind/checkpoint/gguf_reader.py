@@ -231,7 +231,9 @@ def _keep_blocks(tensor, key: str, shape: tuple, arch_name: str, config, path: P
                                                 else config.num_key_value_heads))
     if out is not None and tuple(out.shape) == raw.shape:
         out.numpy()[:] = raw
-    blocks[key] = (int(tensor.tensor_type), out if out is not None and out.shape == raw.shape else torch.from_numpy(raw))
+    else:
+        out = torch.from_numpy(raw)
+    blocks[key] = (int(tensor.tensor_type), out)
     sd[key] = torch.zeros(1).expand(shape)
 
 

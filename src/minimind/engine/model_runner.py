@@ -116,14 +116,16 @@ class ModelRunner:
         return reason
 
     def set_block_activations(self, mode: str) -> None:
-        """How GGUF Q8_0/Q4_0/Q4_1/Q5_0 products take their activations: "auto", "fp32" or "int8"
-        (quant.BlockLinear). Call before enable_fused: the kernel reads each matrix's type once."""
+        """How GGUF block products take their activations: "auto", "fp32" or "int8" (quant.BlockLinear). Call
+        before enable_fused: the kernel reads each matrix's type once."""
         if mode not in ACTIVATION_FLAGS:
             raise ValueError(f"block_activations must be one of {', '.join(ACTIVATION_FLAGS)}, got {mode!r}")
+        linears = [self.embed, self.lm_head]
         for lw in self.layers:
-            for lin in (self.embed, self.lm_head, lw.qkv, lw.o, lw.gate_up, lw.down, *(lw.moe.linears if lw.moe else ())):
-                if isinstance(lin, BlockLinear):
-                    lin.activations = mode
+            linears += [lw.qkv, lw.o, lw.gate_up, lw.down, *(lw.moe.linears if lw.moe else ())]
+        for lin in linears:
+            if isinstance(lin, BlockLinear):
+                lin.activations = mode
 
     @property
     def weight_bytes(self) -> int:

@@ -139,7 +139,8 @@ class BlockLinear:
         types = [t for t, _ in kept]
         if len(set(types)) == 1:
             raws = [r for _, r in kept]  # read_gguf puts q|k|v and gate|up back to back: a view, no copy
-            raw = raws[0] if len(raws) == 1 else stacked_view(raws) if stacked_view(raws) is not None else torch.cat(raws)
+            raw = raws[0] if len(raws) == 1 else stacked_view(raws)
+            raw = torch.cat(raws) if raw is None else raw
             return cls(raw, types[0], cols)
         if not all(t in K_TYPES for t in types):
             return None

@@ -318,7 +318,8 @@ void matvec_qb(const Mat *m, const int8_t *q, const float *d, const float *s, in
 void dequant_row_qb(const Mat *m, int64_t row, float *dst) {
     const int type = (int)(m->type & ~(int64_t)(W_FP32_ACT | W_AUTO_ACT));
     if (qk_type(type)) {
-        dequant_row_qk(m, row, dst);
+        const Mat plain = {m->w, m->scale, type, m->rows, m->cols};
+        dequant_row_qk(&plain, row, dst);
         return;
     }
     const int64_t K = m->cols, nb = K / QB_BLOCK, size = qb_bytes(type);

@@ -350,9 +350,7 @@ void matvec_qk(const Mat *m, const int8_t *q, const float *d, const float *s, in
 }
 
 /* dst [K] = row `row` as fp32, in the order llama.cpp's dequantize_row_q4_K / _q6_K multiply */
-void dequant_row_qk(const Mat *mat, int64_t row, float *dst) {
-    const Mat plain = {mat->w, mat->scale, mat->type & ~(int64_t)(W_FP32_ACT | W_AUTO_ACT), mat->rows, mat->cols};
-    const Mat *m = &plain;
+void dequant_row_qk(const Mat *m, int64_t row, float *dst) {
     int type;
     const uint8_t *w = qk_row(m, row, &type);
     int8_t v[QK_BLOCK];
@@ -361,7 +359,7 @@ void dequant_row_qk(const Mat *mat, int64_t row, float *dst) {
     for (int64_t i = 0; i < m->cols / QK_BLOCK; i++) {
         qk_unpack(type, w + i * qk_bytes(type), v, sc16, mn16, &dw, &dmin);
 #ifdef __AVX2__
-        for (int g = 0; g < 16; g++) {  /* the scalar loop's roundings: (dw * sc) * v, minus dmin * mn */
+        for (int g = 0; g < 16; g++) {  /* rounded as the portable loop below: (dw * sc) * v, minus dmin * mn */
             const __m256 s = _mm256_set1_ps(dw * (float)sc16[g]), o = _mm256_set1_ps(dmin * (float)mn16[g]);
             for (int h = 0; h < 16; h += 8) {
                 const __m128i raw = _mm_loadl_epi64((const __m128i *)(v + 16 * g + h));
@@ -369,10 +367,10 @@ void dequant_row_qk(const Mat *mat, int64_t row, float *dst) {
                 _mm256_storeu_ps(dst + i * QK_BLOCK + 16 * g + h, _mm256_sub_ps(_mm256_mul_ps(f, s), o));
             }
         }
-        continue;
-#endif
+#else
         for (int k = 0; k < QK_BLOCK; k++)
             dst[i * QK_BLOCK + k] = type == W_Q4_K ? dw * (float)sc16[k / 16] * (float)v[k] - dmin * (float)mn16[k / 16]
                                                    : dw * (float)sc16[k / 16] * (float)v[k];
+#endif
     }
 }
